@@ -1,0 +1,29 @@
+#include "cli/commands.hpp"
+#include "tools/scan.hpp"
+
+namespace nanscope::cli {
+
+void add_scan(CLI::App& root, std::vector<Command>& out) {
+  struct Args {
+    std::string model, adapter;
+    bool json = false;
+    int threads = 0;
+  };
+  auto a = std::make_shared<Args>();
+  auto* app = root.add_subcommand("scan", "Static check: structure against config.json and the "
+                                          "value of every tensor (NaN, inf, fp16 range)");
+  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
+  app->add_option("--adapter", a->adapter, "PEFT adapter directory to scan too");
+  app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  app->add_option("--threads", a->threads, "Worker threads (default: all cores)");
+  out.push_back({app, [a] {
+                   ScanOptions opt;
+                   if (!a->adapter.empty()) opt.adapter = a->adapter;
+                   opt.threads = a->threads;
+                   ScanResult r = scan(a->model, opt);
+                   print_out(a->json ? scan_to_json(r).dump(2) : scan_to_text(r));
+                   return r.has_error() ? kProblem : kClean;
+                 }});
+}
+
+}  // namespace nanscope::cli

@@ -1,0 +1,29 @@
+// Each subcommand lives in its own file and registers its flags on the root app; main() parses,
+// runs the chosen one, and is the one place where errors become messages and exit codes.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace nanscope::cli {
+
+enum Exit : int { kClean = 0, kProblem = 1, kBadInput = 2 };
+
+struct Command {
+  CLI::App* app;
+  std::function<int()> run;
+};
+
+void add_scan(CLI::App& root, std::vector<Command>& out);
+void add_trace(CLI::App& root, std::vector<Command>& out);
+void add_tokenize(CLI::App& root, std::vector<Command>& out);
+void add_merge(CLI::App& root, std::vector<Command>& out);
+void add_check(CLI::App& root, std::vector<Command>& out);
+
+// Writes a JSON document or human text to stdout.
+void print_out(const std::string& s);
+
+}  // namespace nanscope::cli

@@ -1,0 +1,54 @@
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <iostream>
+#include <new>
+
+#include "cli/commands.hpp"
+#include "common/error.hpp"
+
+namespace nanscope::cli {
+void print_out(const std::string& s) {
+  std::fwrite(s.data(), 1, s.size(), stdout);
+  if (!s.empty() && s.back() != '\n') std::fputc('\n', stdout);
+  std::fflush(stdout);
+}
+}  // namespace nanscope::cli
+
+int main(int argc, char** argv) {
+  using namespace nanscope::cli;
+  CLI::App app{"nanscope: find where and why a (LoRA-merged) checkpoint produces NaN/inf", "nanscope"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("nanscope 0.1.0"));
+  std::vector<Command> commands;
+  add_scan(app, commands);
+  // add_trace
+  // add_tokenize
+  // add_merge
+  // add_check
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {
+    return app.exit(e);  // --help, --version
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);  // prints the message and usage to stderr
+    return kBadInput;
+  }
+  try {
+    for (auto& c : commands)
+      if (c.app->parsed()) return c.run();
+  } catch (const nanscope::InputError& e) {
+    fmt::print(stderr, "nanscope: error: {}\n", e.what());
+    return kBadInput;
+  } catch (const nanscope::OutputError& e) {
+    fmt::print(stderr, "nanscope: cannot write output: {}\n", e.what());
+    return kBadInput;
+  } catch (const std::bad_alloc&) {
+    fmt::print(stderr, "nanscope: out of memory\n");
+    return kBadInput;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "nanscope: internal error: {} (please report this)\n", e.what());
+    return kBadInput;
+  }
+  return kBadInput;
+}

@@ -1,0 +1,283 @@
+#include "tools/scan.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <set>
+#include <thread>
+
+#include "formats/adapter.hpp"
+#include "model/arch.hpp"
+
+namespace nanscope {
+
+bool ScanResult::has_error() const {
+  return std::any_of(findings.begin(), findings.end(),
+                     [](const Finding& f) { return f.severity == "error"; });
+}
+
+namespace {
+
+bool is_peft_key(std::string_view n) {
+  for (std::string_view marker : {".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
+                                  ".lora_magnitude_vector", ".base_layer.", ".modules_to_save.",
+                                  ".original_module.", "lora_A.weight", "lora_B.weight"})
+    if (n.find(marker) != std::string_view::npos) return true;
+  return n.rfind("base_model.model.", 0) == 0;
+}
+
+// The Hugging Face name a PEFT-saved key stands for ("base_model.model.model.x.base_layer.weight"
+// -> "model.x.weight"), so a missing tensor can be blamed on leftover PEFT wrapping.
+std::string strip_peft(std::string n) {
+  if (n.rfind("base_model.model.", 0) == 0) n = n.substr(17);
+  for (std::string_view marker : {".base_layer", ".modules_to_save.default", ".original_module"}) {
+    auto p = n.find(marker);
+    if (p != std::string::npos) n.erase(p, marker.size());
+  }
+  return n;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+void release_range(const std::byte* p, size_t n) {
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
+  uintptr_t e = (reinterpret_cast<uintptr_t>(p) + n) & ~(page - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+}
+
+}  // namespace
+
+std::vector<Finding> check_structure(const Checkpoint& ck) {
+  const ModelConfig& c = ck.config();
+  std::vector<Finding> out;
+  const auto expected = expected_tensors(c);
+  std::set<std::string, std::less<>> expected_names;
+  for (const auto& e : expected) expected_names.insert(e.name);
+
+  // Leftover PEFT keys, keyed by the model tensor they stand for.
+  std::map<std::string, std::vector<std::string>> peft_for;
+  for (const auto& [name, ref] : ck.tensors())
+    if (is_peft_key(name)) peft_for[strip_peft(name)].push_back(name);
+
+  for (const auto& e : expected) {
+    auto ref = ck.find(e.name);
+    if (!ref) {
+      if (!e.required) continue;
+      if (e.name == "lm_head.weight") {
+        out.push_back({"error", "tied_embeddings", e.name, 0,
+                       "config.json says tie_word_embeddings=false but there is no "
+                       "lm_head.weight: transformers would initialise the output layer at random"});
+        continue;
+      }
+      auto it = peft_for.find(e.name);
+      if (it != peft_for.end()) continue;  // reported below as adapter_keys
+      out.push_back({"error", "missing_tensor", e.name, 0,
+                     fmt::format("expected {} ({}); transformers would initialise it at random "
+                                 "and only warn",
+                                 shape_str(e.shape), c.model_type)});
+      continue;
+    }
+    if (ref->info->shape != e.shape)
+      out.push_back({"error", "shape_mismatch", e.name, 0,
+                     fmt::format("expected {} from config.json, found {}", shape_str(e.shape),
+                                 shape_str(ref->info->shape))});
+  }
+  for (const auto& [name, ref] : ck.tensors()) {
+    if (expected_names.count(name)) continue;
+    if (is_peft_key(name)) {
+      out.push_back({"error", "adapter_keys", name, 0,
+                     name.find("lora_") != std::string::npos
+                         ? "unmerged LoRA tensor left in the model: merge_and_unload() was not "
+                           "called, or the PeftModel's state dict was saved"
+                         : fmt::format("PEFT-wrapped name of {}: transformers will not find it "
+                                       "and initialises that weight at random",
+                                       strip_peft(name))});
+      continue;
+    }
+    if (name == "lm_head.weight" && c.tie_word_embeddings) {
+      auto emb = ck.find("model.embed_tokens.weight");
+      const bool same = emb && emb->info->shape == ref.info->shape &&
+                        emb->info->dtype == ref.info->dtype &&
+                        std::memcmp(emb->bytes().data(), ref.bytes().data(),
+                                    ref.bytes().size()) == 0;
+      if (same)
+        out.push_back({"warning", "tied_embeddings", name, 0,
+                       "config.json ties the embeddings and lm_head.weight is a redundant "
+                       "identical copy"});
+      else
+        out.push_back({"error", "tied_embeddings", name, 0,
+                       "config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                       "model.embed_tokens.weight: transformers ties them and silently drops "
+                       "lm_head.weight (a merge that changed lm_head is lost); set "
+                       "tie_word_embeddings=false"});
+      continue;
+    }
+    out.push_back({"warning", "unexpected_tensor", name, 0,
+                   fmt::format("not part of a {} model with this config; transformers ignores "
+                               "it with a warning",
+                               c.model_type)});
+  }
+  return out;
+}
+
+std::vector<TensorReport> scan_values(
+    const std::vector<std::pair<const SafetensorsFile*, const TensorInfo*>>& tensors,
+    const std::string& source, int threads) {
+  std::vector<TensorReport> reports(tensors.size());
+  struct Chunk {
+    size_t tensor;
+    uint64_t first, count;  // elements
+  };
+  // Chunks small enough to balance the threads when one tensor (the embedding) dominates.
+  constexpr uint64_t kChunkBytes = 32ull << 20;
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorInfo& t = *tensors[i].second;
+    reports[i].name = t.name;
+    reports[i].source = source;
+    reports[i].dtype = t.dtype;
+    reports[i].shape = t.shape;
+    reports[i].computed = is_float_computable(t.dtype);
+    if (!reports[i].computed) continue;
+    const uint64_t n = t.numel(), esz = uint64_t(dtype_bits(t.dtype) / 8);
+    const uint64_t per = std::max<uint64_t>(1, kChunkBytes / esz);
+    for (uint64_t f = 0; f < n; f += per) chunks.push_back({i, f, std::min(per, n - f)});
+  }
+  std::vector<ValueStats> partial(chunks.size());
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t k; (k = next.fetch_add(1)) < chunks.size();) {
+      const Chunk& ch = chunks[k];
+      const auto& [file, info] = tensors[ch.tensor];
+      const size_t esz = size_t(dtype_bits(info->dtype) / 8);
+      const std::byte* p = file->data(*info).data() + ch.first * esz;
+      partial[k] = value_stats(p, ch.count, info->dtype);
+      release_range(p, ch.count * esz);
+    }
+  };
+  int n = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  n = int(std::min<size_t>(size_t(n), std::max<size_t>(1, chunks.size())));
+  std::vector<std::thread> pool;
+  for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  for (size_t k = 0; k < chunks.size(); ++k) reports[chunks[k].tensor].stats.merge(partial[k]);
+  return reports;
+}
+
+namespace {
+void value_findings(const std::vector<TensorReport>& reports, std::vector<Finding>& out) {
+  for (const auto& r : reports) {
+    if (!r.computed) continue;
+    const auto& s = r.stats;
+    if (s.nonfinite())
+      out.push_back({"error", "nonfinite", r.name, s.nonfinite(),
+                     fmt::format("{} NaN and {} inf among {} values ({})", s.nan, s.inf, s.count,
+                                 dtype_name(r.dtype)),
+                     r.source});
+    if (s.fp16_range)
+      out.push_back({"warning", "fp16_range", r.name, s.fp16_range,
+                     fmt::format("{} finite values beyond 65504 (abs max {:.6g}): they become inf "
+                                 "if this tensor is loaded in fp16",
+                                 s.fp16_range, s.abs_max),
+                     r.source});
+  }
+}
+}  // namespace
+
+ScanResult scan(const std::filesystem::path& model_dir, const ScanOptions& opt) {
+  ScanResult r;
+  r.model = model_dir;
+  Checkpoint ck = Checkpoint::open(model_dir);
+  r.model_type = ck.config().model_type;
+  find_architecture(r.model_type);  // unknown architecture: InputError before any work
+  std::optional<Adapter> adapter;
+  if (opt.adapter) adapter = Adapter::open(*opt.adapter);
+
+  r.findings = check_structure(ck);
+  std::vector<std::pair<const SafetensorsFile*, const TensorInfo*>> list;
+  for (const auto& [name, ref] : ck.tensors()) list.emplace_back(ref.file, ref.info);
+  r.tensor_reports = scan_values(list, "model", opt.threads);
+  r.tensors = list.size();
+  r.bytes = ck.total_bytes();
+  if (adapter) {
+    std::vector<std::pair<const SafetensorsFile*, const TensorInfo*>> alist;
+    for (const auto& t : adapter->file().tensors()) alist.emplace_back(&adapter->file(), &t);
+    auto areports = scan_values(alist, "adapter", opt.threads);
+    r.tensors += alist.size();
+    for (const auto& t : adapter->file().tensors()) r.bytes += t.nbytes();
+    r.tensor_reports.insert(r.tensor_reports.end(), areports.begin(), areports.end());
+  }
+  value_findings(r.tensor_reports, r.findings);
+  // Errors first, then by tensor name, so the worst news leads.
+  std::stable_sort(r.findings.begin(), r.findings.end(), [](const Finding& a, const Finding& b) {
+    return (a.severity == "error") > (b.severity == "error");
+  });
+  return r;
+}
+
+nlohmann::json scan_to_json(const ScanResult& r) {
+  nlohmann::json j;
+  j["model"] = r.model.string();
+  j["model_type"] = r.model_type;
+  j["tensors"] = r.tensors;
+  j["bytes"] = r.bytes;
+  j["findings"] = nlohmann::json::array();
+  for (const auto& f : r.findings)
+    j["findings"].push_back({{"severity", f.severity}, {"kind", f.kind}, {"tensor", f.tensor},
+                             {"count", f.count}, {"detail", f.detail}, {"source", f.source}});
+  j["tensor_stats"] = nlohmann::json::array();
+  for (const auto& t : r.tensor_reports) {
+    nlohmann::json e = {{"name", t.name}, {"source", t.source}, {"dtype", dtype_name(t.dtype)},
+                        {"shape", t.shape}};
+    if (t.computed) {
+      e["nan"] = t.stats.nan;
+      e["inf"] = t.stats.inf;
+      e["fp16_range"] = t.stats.fp16_range;
+      e["abs_max"] = t.stats.abs_max;
+    }
+    j["tensor_stats"].push_back(std::move(e));
+  }
+  j["ok"] = !r.has_error();
+  return j;
+}
+
+std::string scan_to_text(const ScanResult& r) {
+  std::string s;
+  size_t errors = 0, warnings = 0;
+  for (const auto& f : r.findings) (f.severity == "error" ? errors : warnings)++;
+  s += fmt::format("{}: {} model, {} tensors, {:.1f} MiB\n", r.model.string(), r.model_type,
+                   r.tensors, double(r.bytes) / (1 << 20));
+  // Group findings of one kind so a model with hundreds of leftover keys stays readable.
+  std::map<std::string, std::vector<const Finding*>> by_kind;
+  std::vector<std::string> order;
+  for (const auto& f : r.findings) {
+    auto key = f.severity + " " + f.kind;
+    if (!by_kind.count(key)) order.push_back(key);
+    by_kind[key].push_back(&f);
+  }
+  for (const auto& key : order) {
+    const auto& v = by_kind[key];
+    s += fmt::format("{} ({}):\n", key, v.size());
+    for (size_t i = 0; i < v.size() && i < 12; ++i) {
+      const Finding& f = *v[i];
+      s += fmt::format("  {}{}: {}\n", f.source == "adapter" ? "[adapter] " : "", f.tensor,
+                       f.detail);
+    }
+    if (v.size() > 12) s += fmt::format("  ... and {} more\n", v.size() - 12);
+  }
+  if (errors == 0)
+    s += fmt::format("OK: structure matches config.json and every value is finite{}\n",
+                     warnings ? fmt::format(" ({} warnings)", warnings) : "");
+  else
+    s += fmt::format("FAIL: {} errors, {} warnings\n", errors, warnings);
+  return s;
+}
+
+}  // namespace nanscope
