@@ -1,0 +1,412 @@
+// The forward pass as a recipe: RMSNorm; Attention; Residual; RMSNorm; MLP; Residual. Every
+// rounding point is the one of transformers' modeling_qwen3.py / modeling_llama.py /
+// modeling_qwen2.py on CPU (docs/forward.md lists them with the code they mirror).
+#pragma GCC optimize("fp-contract=off")
+
+#include "model/forward.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "common/error.hpp"
+#include "model/arch.hpp"
+#include "model/rope.hpp"
+#include "numerics/kernels.hpp"
+#include "numerics/parallel.hpp"
+
+namespace nanscope {
+
+std::string_view attention_name(AttentionProfile a) {
+  return a == AttentionProfile::Eager ? "eager" : "fused";
+}
+
+std::optional<AttentionProfile> parse_attention(std::string_view s) {
+  if (s == "eager") return AttentionProfile::Eager;
+  if (s == "fused" || s == "sdpa") return AttentionProfile::Fused;
+  return std::nullopt;
+}
+
+namespace {
+
+using Vec = std::vector<float>;
+
+struct StopForward {};
+
+double finite_abs_max(std::span<const float> v) {
+  double m = 0;
+  for (float f : v)
+    if (std::isfinite(f)) m = std::max(m, double(std::fabs(f)));
+  return m;
+}
+
+bool all_finite(std::span<const float> v) {
+  for (float f : v)
+    if (!std::isfinite(f)) return false;
+  return true;
+}
+
+class Model {
+ public:
+  Model(const Checkpoint& ck, const ForwardOptions& opt, Observer* obs, int64_t T)
+      : ck_(ck),
+        c_(ck.config()),
+        arch_(find_architecture(c_.model_type)),
+        dt_(opt.dtype),
+        att_(opt.attention),
+        release_(opt.release_pages),
+        obs_(obs),
+        T_(T) {
+    if (!is_float_computable(dt_))
+      fail("forward: run dtype {} is not one of F32, BF16, F16", dtype_name(dt_));
+    if (c_.hidden_act != "silu")
+      fail("{}: hidden_act \"{}\" is not supported (only silu)", ck.dir().string(), c_.hidden_act);
+    H_ = c_.hidden_size, I_ = c_.intermediate_size, D_ = c_.head_dim;
+    nH_ = c_.num_attention_heads, nKV_ = c_.num_key_value_heads;
+    attn_bias_ = arch_.attention_bias_from_config && c_.attention_bias;
+    qkv_bias_ = arch_.qkv_bias_always || attn_bias_;
+    mlp_bias_ = arch_.mlp_bias_from_config && c_.mlp_bias;
+    rope_ = rope_tables(c_, T_, dt_);
+  }
+
+  Vec embed(std::span<const int64_t> ids) {
+    const TensorRef e = get("model.embed_tokens.weight", {c_.vocab_size, H_});
+    const WeightView w = view(e);
+    Vec h(size_t(T_ * H_));
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t id = ids[size_t(t)];
+      if (id < 0 || id >= c_.vocab_size)
+        fail("forward: token id {} (position {}) is out of range: vocab_size is {}", id, t,
+             c_.vocab_size);
+      weight_rows(w, id, 1, dt_, h.data() + t * H_);
+    }
+    site(-1, "model.embed_tokens", h, {T_, H_});
+    release(e);
+    return h;
+  }
+
+  // Decoder layers, final norm and lm_head, from the embeddings h [T, H].
+  Vec run(Vec h) {
+    hidden(0, h);
+    const int64_t N = c_.num_hidden_layers;
+    for (int64_t l = 0; l < N; ++l) {
+      layer(l, h);
+      if (l + 1 < N) hidden(l + 1, h);
+    }
+    const TensorRef nw = get("model.norm.weight", {H_});
+    Vec x = rmsnorm_sites(-1, "model.norm", h, H_, param(nw, H_), T_);
+    hidden(N, x);
+    const bool tied = c_.tie_word_embeddings;
+    const TensorRef lm =
+        get(tied ? "model.embed_tokens.weight" : "lm_head.weight", {c_.vocab_size, H_});
+    Vec logits = linear_site(-1, "lm_head", x, lm, Vec{});
+    release(lm);
+    release(nw);
+    return logits;
+  }
+
+ private:
+  // ---- one decoder layer ----
+  void layer(int64_t l, Vec& h) {
+    const LayerNames n = layer_names(l);
+    std::vector<TensorRef> used;
+    auto W = [&](const std::string& module, std::initializer_list<int64_t> shape) {
+      used.push_back(get(module + ".weight", shape));
+      return used.back();
+    };
+    auto B = [&](bool present, const std::string& module, int64_t size) -> Vec {
+      if (!present) return {};
+      used.push_back(get(module + ".bias", {size}));
+      return param(used.back(), size);
+    };
+
+    // Attention block.
+    Vec x = rmsnorm_sites(l, n.input_layernorm, h, H_, param(W(n.input_layernorm, {H_}), H_), T_);
+    Vec attn = attention(l, n, x, W, B);
+    Vec r(h.size());
+    add_round(h.data(), attn.data(), int64_t(h.size()), dt_, r.data());
+    site(l, n.prefix + "residual_attn", r, {T_, H_});
+    h = std::move(r);
+
+    // MLP block.
+    x = rmsnorm_sites(l, n.post_attention_layernorm, h, H_,
+                      param(W(n.post_attention_layernorm, {H_}), H_), T_);
+    Vec gate =
+        linear_site(l, n.gate_proj, x, W(n.gate_proj, {I_, H_}), B(mlp_bias_, n.gate_proj, I_));
+    Vec up = linear_site(l, n.up_proj, x, W(n.up_proj, {I_, H_}), B(mlp_bias_, n.up_proj, I_));
+    Vec act(gate.size());
+    silu_mul(gate.data(), up.data(), int64_t(gate.size()), dt_, act.data());
+    site(l, n.prefix + "mlp.act", act, {T_, I_});
+    Vec down =
+        linear_site(l, n.down_proj, act, W(n.down_proj, {H_, I_}), B(mlp_bias_, n.down_proj, H_));
+    r.resize(h.size());
+    add_round(h.data(), down.data(), int64_t(h.size()), dt_, r.data());
+    site(l, n.prefix + "residual_mlp", r, {T_, H_});
+    h = std::move(r);
+
+    for (const TensorRef& t : used) release(t);
+  }
+
+  template <typename WFn, typename BFn>
+  Vec attention(int64_t l, const LayerNames& n, const Vec& x, WFn& W, BFn& B) {
+    const int64_t qd = nH_ * D_, kvd = nKV_ * D_;
+    Vec q = linear_site(l, n.q_proj, x, W(n.q_proj, {qd, H_}), B(qkv_bias_, n.q_proj, qd));
+    Vec k = linear_site(l, n.k_proj, x, W(n.k_proj, {kvd, H_}), B(qkv_bias_, n.k_proj, kvd));
+    Vec v = linear_site(l, n.v_proj, x, W(n.v_proj, {kvd, H_}), B(qkv_bias_, n.v_proj, kvd));
+    if (arch_.qk_norm) {  // Qwen3: RMSNorm over each head's D values, before RoPE
+      q = rmsnorm_sites(l, n.q_norm, q, D_, param(W(n.q_norm, {D_}), D_), T_ * nH_, {T_, nH_, D_});
+      k = rmsnorm_sites(l, n.k_norm, k, D_, param(W(n.k_norm, {D_}), D_), T_ * nKV_,
+                        {T_, nKV_, D_});
+    }
+    apply_rope(q.data(), T_, nH_, rope_, dt_);
+    apply_rope(k.data(), T_, nKV_, rope_, dt_);
+    if (obs_) {
+      Vec qk(size_t(T_ * (nH_ + nKV_) * D_));
+      for (int64_t t = 0; t < T_; ++t) {
+        std::copy_n(q.data() + t * qd, qd, qk.data() + t * (qd + kvd));
+        std::copy_n(k.data() + t * kvd, kvd, qk.data() + t * (qd + kvd) + qd);
+      }
+      site(l, n.prefix + "self_attn.rope", qk, {T_, nH_ + nKV_, D_});
+    }
+    Vec ctx = att_ == AttentionProfile::Eager ? eager(l, n, q, k, v) : fused(l, n, q, k, v);
+    const bool ob = attn_bias_;
+    return linear_site(l, n.o_proj, ctx, W(n.o_proj, {H_, qd}), B(ob, n.o_proj, H_));
+  }
+
+  // transformers' eager_attention_forward: s = round(q @ k^T); s = round(s * scaling);
+  // s = round(s + mask) (mask finfo(dt).min above the diagonal, 0 elsewhere);
+  // p = round(softmax_fp32(s)); o = round(p @ v). GQA: head h reads kv head h / (nH / nKV).
+  Vec eager(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
+    const int64_t T = T_, D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
+    const float scaling = float(std::pow(double(D), -0.5));
+    const float mask = dtype_lowest(dt_);
+    Vec s(size_t(nH_ * T * T)), p(s.size()), ctx(size_t(T * qd));
+    std::vector<double> peak(size_t(nH_), 0.0);
+    parallel_for(nH_, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t kvh = h / rep;
+        float* sh = s.data() + h * T * T;
+        float* ph = p.data() + h * T * T;
+        for (int64_t i = 0; i < T; ++i) {
+          const float* qi = q.data() + i * qd + h * D;
+          for (int64_t j = 0; j < T; ++j) {
+            const float raw = dot_f32(qi, k.data() + j * kvd + kvh * D, D);
+            if (j <= i && std::isfinite(raw))
+              peak[size_t(h)] = std::max(peak[size_t(h)], double(std::fabs(raw)));
+            float x = round_to(raw, dt_);
+            x = round_to(x * scaling, dt_);
+            sh[i * T + j] = round_to(x + (j > i ? mask : 0.0f), dt_);
+          }
+          softmax_row(sh + i * T, T, ph + i * T);
+          for (int64_t j = 0; j < T; ++j) ph[i * T + j] = round_to(ph[i * T + j], dt_);
+          for (int64_t d = 0; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < T; ++j) acc += ph[i * T + j] * v[size_t(j * kvd + kvh * D + d)];
+            ctx[size_t(i * qd + h * D + d)] = round_to(acc, dt_);
+          }
+        }
+      }
+    });
+    report_attention(l, n, s, p, ctx, *std::max_element(peak.begin(), peak.end()));
+    return ctx;
+  }
+
+  // SDPA / flash (torch's CPU flash kernel, FlashAttention, SGLang): s = (q @ k^T) * scaling
+  // in fp32, masked positions -inf, m = max, e = exp(s - m), l = sum(e) in fp32; the
+  // unnormalised e is cast to the run dtype for the e @ v product (fp32 accumulation);
+  // o = round((e @ v) / l).
+  Vec fused(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
+    const int64_t T = T_, D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
+    const float scaling = float(std::pow(double(D), -0.5));
+    const float ninf = -std::numeric_limits<float>::infinity();
+    Vec s(size_t(nH_ * T * T)), p(s.size()), ctx(size_t(T * qd));
+    std::vector<double> peak(size_t(nH_), 0.0);
+    parallel_for(nH_, 1, [&](int64_t h0, int64_t h1) {
+      Vec e(static_cast<size_t>(T));
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t kvh = h / rep;
+        float* sh = s.data() + h * T * T;
+        float* ph = p.data() + h * T * T;
+        for (int64_t i = 0; i < T; ++i) {
+          const float* qi = q.data() + i * qd + h * D;
+          float m = ninf;
+          for (int64_t j = 0; j < T; ++j) {
+            float x = ninf;
+            if (j <= i) {
+              x = dot_f32(qi, k.data() + j * kvd + kvh * D, D) * scaling;
+              if (std::isfinite(x))
+                peak[size_t(h)] = std::max(peak[size_t(h)], double(std::fabs(x)));
+            }
+            sh[i * T + j] = x;
+            m = (std::isnan(m) || std::isnan(x)) ? std::numeric_limits<float>::quiet_NaN()
+                                                 : std::max(m, x);
+          }
+          float sum = 0.0f;
+          for (int64_t j = 0; j < T; ++j) {
+            e[size_t(j)] = std::exp(sh[i * T + j] - m);
+            sum += e[size_t(j)];
+          }
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j < T; ++j) ph[i * T + j] = e[size_t(j)] * inv;
+          for (int64_t j = 0; j < T; ++j) e[size_t(j)] = round_to(e[size_t(j)], dt_);
+          for (int64_t d = 0; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < T; ++j) acc += e[size_t(j)] * v[size_t(j * kvd + kvh * D + d)];
+            ctx[size_t(i * qd + h * D + d)] = round_to(acc * inv, dt_);
+          }
+        }
+      }
+    });
+    report_attention(l, n, s, p, ctx, *std::max_element(peak.begin(), peak.end()));
+    return ctx;
+  }
+
+  void report_attention(int64_t l, const LayerNames& n, const Vec& s, const Vec& p, const Vec& ctx,
+                        double score_peak) {
+    if (!obs_) return;
+    const int64_t T = T_;
+    // Masked scores may be -inf (fused, or fp16's min + negative score) without harm.
+    bool finite = true;
+    for (int64_t h = 0; h < nH_ && finite; ++h)
+      for (int64_t i = 0; i < T && finite; ++i)
+        for (int64_t j = 0; j < T; ++j) {
+          const float x = s[size_t((h * T + i) * T + j)];
+          const bool ok = j > i ? !(std::isnan(x) || x == std::numeric_limits<float>::infinity())
+                                : std::isfinite(x);
+          if (!ok) {
+            finite = false;
+            break;
+          }
+        }
+    emit(l, n.prefix + "self_attn.scores", s, {nH_, T, T}, finite, score_peak);
+    site(l, n.prefix + "self_attn.probs", p, {nH_, T, T});
+    site(l, n.prefix + "self_attn.context", ctx, {T, nH_ * D_});
+  }
+
+  // ---- building blocks ----
+  Vec linear_site(int64_t l, const std::string& module, const Vec& x, const TensorRef& w,
+                  const Vec& bias) {
+    const WeightView wv = view(w);
+    Vec out(size_t(T_ * wv.rows));
+    linear(x.data(), T_, wv, bias.empty() ? nullptr : bias.data(), dt_, out.data());
+    site(l, module, out, {T_, wv.rows});
+    return out;
+  }
+
+  Vec rmsnorm_sites(int64_t l, const std::string& module, const Vec& x, int64_t n, const Vec& w,
+                    int64_t rows, std::initializer_list<int64_t> shape = {}) {
+    Vec out(x.size());
+    rmsnorm(x.data(), rows, n, w.data(), c_.rms_norm_eps, dt_, out.data());
+    if (shape.size() == 0)
+      site(l, module, out, {T_, n});
+    else
+      site(l, module, out, shape);
+    return out;
+  }
+
+  TensorRef get(const std::string& name, std::initializer_list<int64_t> shape) {
+    const TensorRef t = ck_.get(name);
+    if (!is_float_computable(t.info->dtype))
+      fail("{}: tensor {} has dtype {}; the forward pass reads F32, BF16 or F16",
+           ck_.dir().string(), name, dtype_name(t.info->dtype));
+    if (!std::equal(shape.begin(), shape.end(), t.info->shape.begin(), t.info->shape.end()))
+      fail("{}: tensor {} has shape [{}], expected [{}] from config.json", ck_.dir().string(), name,
+           fmt::join(t.info->shape, ", "), fmt::join(shape, ", "));
+    return t;
+  }
+
+  WeightView view(const TensorRef& t) const {
+    const auto& s = t.info->shape;
+    return WeightView{t.bytes().data(), t.info->dtype, s.size() == 2 ? s[0] : 1,
+                      s.size() == 2 ? s[1] : (s.empty() ? 1 : s[0])};
+  }
+
+  Vec param(const TensorRef& t, int64_t n) const {
+    Vec out(static_cast<size_t>(n));
+    weight_vector(t.bytes().data(), t.info->dtype, n, dt_, out.data());
+    return out;
+  }
+
+  void release(const TensorRef& t) const {
+    if (release_) t.release();
+  }
+
+  void site(int64_t l, const std::string& name, const Vec& v,
+            std::initializer_list<int64_t> shape) {
+    if (!obs_) return;
+    emit(l, name, v, shape, all_finite(v), finite_abs_max(v));
+  }
+
+  void emit(int64_t l, const std::string& name, const Vec& v, std::initializer_list<int64_t> shape,
+            bool finite, double peak) {
+    if (!obs_) return;
+    const std::vector<int64_t> sh(shape);
+    SiteView sv;
+    sv.layer = l;
+    sv.name = name;
+    sv.values = v;
+    sv.shape = sh;
+    sv.finite = finite;
+    sv.peak_abs = peak;
+    obs_->site(sv);
+    if (obs_->done()) throw StopForward{};
+  }
+
+  void hidden(int64_t index, const Vec& h) {
+    if (obs_) obs_->hidden_state(index, h, T_, H_);
+  }
+
+  const Checkpoint& ck_;
+  const ModelConfig& c_;
+  const Architecture& arch_;
+  DType dt_;
+  AttentionProfile att_;
+  bool release_;
+  Observer* obs_;
+  int64_t T_;
+  int64_t H_ = 0, I_ = 0, D_ = 0, nH_ = 0, nKV_ = 0;
+  bool attn_bias_ = false, qkv_bias_ = false, mlp_bias_ = false;
+  RopeTables rope_;
+};
+
+template <typename Embed>
+ForwardResult run_model(const Checkpoint& ck, int64_t T, const ForwardOptions& opt, Observer* obs,
+                        Embed&& embed) {
+  if (T <= 0) fail("forward: no input tokens");
+  ForwardResult res;
+  res.tokens = T;
+  res.hidden = ck.config().hidden_size;
+  res.vocab = ck.config().vocab_size;
+  Model m(ck, opt, obs, T);
+  try {
+    res.logits = m.run(embed(m));
+  } catch (const StopForward&) {
+    res.stopped_early = true;
+  }
+  return res;
+}
+
+}  // namespace
+
+ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const ForwardOptions& opt,
+                      Observer* obs) {
+  return run_model(ck, int64_t(ids.size()), opt, obs, [&](Model& m) { return m.embed(ids); });
+}
+
+ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> embeddings, int64_t T,
+                                 const ForwardOptions& opt, Observer* obs) {
+  const int64_t H = ck.config().hidden_size;
+  if (T < 0 || int64_t(embeddings.size()) != T * H)
+    fail("forward: input embeddings hold {} values, expected [{}, {}] = {}", embeddings.size(), T,
+         H, T * H);
+  return run_model(ck, T, opt, obs, [&](Model&) {
+    Vec h(embeddings.begin(), embeddings.end());
+    round_inplace(h.data(), h.size(), opt.dtype);
+    return h;
+  });
+}
+
+}  // namespace nanscope

@@ -1,0 +1,52 @@
+// The reference forward pass of a Llama-family decoder (Qwen3, Qwen2, Llama), computed the way
+// transformers computes it on CPU in a run dtype, rounding where it rounds (docs/forward.md),
+// and reporting every intermediate site and hidden state to an Observer (model/observer.hpp).
+//
+// Weights are read from the mapped checkpoint in place, layer by layer, cast to the run dtype
+// as transformers casts them at load; each finished layer's pages are handed back, so the peak
+// memory is about one layer plus the activations.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "formats/checkpoint.hpp"
+#include "model/observer.hpp"
+#include "numerics/dtype.hpp"
+
+namespace nanscope {
+
+enum class AttentionProfile {
+  Eager,  // transformers' eager_attention_forward: scores and probs rounded to the run dtype
+  Fused,  // SDPA / flash / SGLang: scores and softmax in fp32, the output rounded once
+};
+std::string_view attention_name(AttentionProfile a);  // "eager" | "fused"
+std::optional<AttentionProfile> parse_attention(std::string_view s);
+
+struct ForwardOptions {
+  DType dtype = DType::BF16;  // F32, BF16 or F16
+  AttentionProfile attention = AttentionProfile::Eager;
+  bool release_pages = true;  // hand each finished layer's weight pages back to the kernel
+};
+
+struct ForwardResult {
+  int64_t tokens = 0, hidden = 0, vocab = 0;
+  std::vector<float> logits;   // [tokens, vocab], rounded to the run dtype
+  bool stopped_early = false;  // the observer's done() ended the pass (logits then empty)
+};
+
+// Runs the model on token ids. Throws InputError for an id outside [0, vocab_size), a missing
+// or misshapen tensor, an unsupported architecture or rope type.
+ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const ForwardOptions& opt,
+                      Observer* obs = nullptr);
+
+// Runs the model on input embeddings [T, hidden_size] instead of ids (soft tokens, as
+// transformers' `inputs_embeds`): the values are first rounded to the run dtype. No
+// model.embed_tokens site is reported; hidden state 0 is the (rounded) input.
+ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> embeddings, int64_t T,
+                                 const ForwardOptions& opt, Observer* obs = nullptr);
+
+}  // namespace nanscope

@@ -1,0 +1,185 @@
+// Each float32 operation of transformers' rope code is one float operation here, in the same
+// order; Python scalars enter torch ops cast to float32, and `scalar / tensor` is
+// `tensor.reciprocal() * scalar` (torch's __rtruediv__). No contraction into FMA.
+#pragma GCC optimize("fp-contract=off")
+
+#include "model/rope.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numbers>
+
+#include "common/error.hpp"
+
+namespace nanscope {
+
+namespace {
+
+// torch.pow on float32 (Sleef u10 / libm): the correctly rounded result in practice.
+inline float powf_t(float b, float e) {
+  return float(std::pow(double(b), double(e)));
+}
+inline float recip(float x) {
+  return 1.0f / x;
+}
+
+// base ** (arange(0, dim, 2).float() / dim), float32 throughout.
+std::vector<float> pos_freqs(float base, int64_t dim) {
+  std::vector<float> p(size_t(dim / 2));
+  for (int64_t j = 0; j < dim / 2; ++j) p[size_t(j)] = powf_t(base, float(2 * j) / float(dim));
+  return p;
+}
+
+std::vector<float> default_inv_freq(double theta, int64_t dim) {
+  std::vector<float> inv = pos_freqs(float(theta), dim);
+  for (float& v : inv) v = recip(v);
+  return inv;
+}
+
+double get_mscale(double scale, double mscale = 1.0) {
+  if (scale <= 1) return 1.0;
+  return 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+}  // namespace
+
+RopeParameters rope_parameters(const ModelConfig& c, int64_t seq_len) {
+  const RopeConfig& r = c.rope;
+  const double partial = r.partial_rotary_factor.value_or(1.0);
+  if (partial != 1.0)
+    fail("rope: partial_rotary_factor {} is not supported for model_type {} (only 1.0)", partial,
+         c.model_type);
+  const int64_t dim = c.head_dim;
+  RopeParameters out;
+
+  if (r.type == "default") {
+    out.inv_freq = default_inv_freq(r.theta, dim);
+  } else if (r.type == "linear") {
+    out.inv_freq = default_inv_freq(r.theta, dim);
+    for (float& v : out.inv_freq) v = v / float(r.factor);
+  } else if (r.type == "dynamic") {
+    // At init (and while seq_len <= max_position_embeddings) the base is unchanged. Above it,
+    // dynamic_rope_update passes seq_len as an int64 tensor: the base is then a float32 tensor.
+    const int64_t maxpos = c.max_position_embeddings;
+    if (seq_len <= maxpos) {
+      out.inv_freq = default_inv_freq(r.theta, dim);
+    } else {
+      float a = float(r.factor) * float(seq_len);
+      a = a / float(maxpos);
+      a = a - float(r.factor - 1.0);
+      const float p = powf_t(a, float(double(dim) / double(dim - 2)));
+      const float base = float(r.theta) * p;
+      out.inv_freq = pos_freqs(base, dim);
+      for (float& v : out.inv_freq) v = recip(v);
+    }
+  } else if (r.type == "llama3") {
+    if (!r.original_max_position)
+      fail("rope: llama3 needs `original_max_position_embeddings` in the rope parameters");
+    std::vector<float> inv = default_inv_freq(r.theta, dim);
+    const double old_ctx = *r.original_max_position;
+    const float low_wavelen = float(old_ctx / r.low_freq_factor);
+    const float high_wavelen = float(old_ctx / r.high_freq_factor);
+    const float two_pi = float(2 * std::numbers::pi);
+    for (float& f : inv) {
+      const float wavelen = recip(f) * two_pi;
+      float llama = wavelen > low_wavelen ? f / float(r.factor) : f;
+      float smooth = recip(wavelen) * float(old_ctx);
+      smooth = smooth - float(r.low_freq_factor);
+      smooth = smooth / float(r.high_freq_factor - r.low_freq_factor);
+      float a = 1.0f - smooth;
+      a = a * llama;
+      a = a / float(r.factor);
+      const float b = smooth * llama;
+      const float smoothed = a + b;
+      const bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+      if (medium) llama = smoothed;
+      f = llama;
+    }
+    out.inv_freq = std::move(inv);
+  } else if (r.type == "yarn") {
+    const double orig = r.original_max_position.value_or(double(c.max_position_embeddings));
+    const double factor = r.factor;
+    double attention_factor;
+    if (r.attention_factor) {
+      attention_factor = *r.attention_factor;
+    } else if (r.mscale.value_or(0) != 0 && r.mscale_all_dim.value_or(0) != 0) {
+      attention_factor = get_mscale(factor, *r.mscale) / get_mscale(factor, *r.mscale_all_dim);
+    } else {
+      attention_factor = get_mscale(factor);
+    }
+    const double beta_fast = r.beta_fast != 0 ? r.beta_fast : 32.0;
+    const double beta_slow = r.beta_slow != 0 ? r.beta_slow : 1.0;
+    const double base = r.theta;
+    auto correction_dim = [&](double rotations) {
+      return (double(dim) * std::log(orig / (rotations * 2 * std::numbers::pi))) /
+             (2 * std::log(base));
+    };
+    double low = correction_dim(beta_fast), high = correction_dim(beta_slow);
+    if (r.truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, double(dim - 1));
+    if (low == high) high += 0.001;
+    const std::vector<float> pos = pos_freqs(float(base), dim);
+    out.inv_freq.resize(pos.size());
+    for (size_t j = 0; j < pos.size(); ++j) {
+      const float extrapolation = recip(pos[j]);
+      const float interpolation = recip(float(factor) * pos[j]);
+      float ramp = (float(j) - float(low)) / float(high - low);
+      ramp = std::clamp(ramp, 0.0f, 1.0f);
+      const float ext_factor = 1.0f - ramp;
+      const float a = interpolation * (1.0f - ext_factor);
+      const float b = extrapolation * ext_factor;
+      out.inv_freq[j] = a + b;
+    }
+    out.attention_scaling = attention_factor;
+  } else {
+    fail("rope type \"{}\" is not supported (supported: default, linear, dynamic, yarn, llama3)",
+         r.type);
+  }
+  return out;
+}
+
+RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt) {
+  const RopeParameters p = rope_parameters(c, T);
+  RopeTables tab;
+  tab.T = T;
+  tab.D = c.head_dim;
+  const int64_t D = tab.D, half = D / 2;
+  tab.cos.resize(size_t(T * D));
+  tab.sin.resize(size_t(T * D));
+  const float scale = float(p.attention_scaling);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < half; ++j) {
+      // freqs = inv_freq @ position_ids (K = 1: one float product); emb = cat(freqs, freqs).
+      const float f = p.inv_freq[size_t(j)] * float(t);
+      const float cv = round_to(float(std::cos(double(f))) * scale, dt);
+      const float sv = round_to(float(std::sin(double(f))) * scale, dt);
+      tab.cos[size_t(t * D + j)] = tab.cos[size_t(t * D + j + half)] = cv;
+      tab.sin[size_t(t * D + j)] = tab.sin[size_t(t * D + j + half)] = sv;
+    }
+  return tab;
+}
+
+void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt) {
+  const int64_t D = tab.D, half = D / 2;
+  std::vector<float> row(static_cast<size_t>(D));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* cs = tab.cos.data() + t * D;
+    const float* sn = tab.sin.data() + t * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * D;
+      std::copy(v, v + D, row.begin());
+      for (int64_t j = 0; j < D; ++j) {
+        const float rot = j < half ? -row[size_t(j + half)] : row[size_t(j - half)];
+        const float a = round_to(row[size_t(j)] * cs[j], dt);
+        const float b = round_to(rot * sn[j], dt);
+        v[j] = round_to(a + b, dt);
+      }
+    }
+  }
+}
+
+}  // namespace nanscope

@@ -1,0 +1,36 @@
+// Rotary position embeddings exactly as transformers computes them: the inverse frequencies of
+// each rope type (modeling_rope_utils.py, in float32 tensor arithmetic), cos/sin tables in fp32
+// times the attention scaling, cast to the run dtype, and apply_rotary_pos_emb with its three
+// roundings. Supported rope types: default, linear, dynamic, yarn, llama3; any other type is an
+// InputError naming it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "formats/hf_config.hpp"
+#include "numerics/dtype.hpp"
+
+namespace nanscope {
+
+struct RopeParameters {
+  std::vector<float> inv_freq;     // dim / 2 values, float32 as transformers' `inv_freq` buffer
+  double attention_scaling = 1.0;  // multiplies cos and sin (yarn), 1 otherwise
+};
+
+// The inverse frequencies for a forward over positions 0..seq_len-1. Only `dynamic` depends on
+// seq_len: above max_position_embeddings transformers recomputes them (dynamic_rope_update).
+RopeParameters rope_parameters(const ModelConfig& c, int64_t seq_len);
+
+// cos and sin, [T, D] row-major, already cast to the run dtype.
+struct RopeTables {
+  int64_t T = 0, D = 0;
+  std::vector<float> cos, sin;
+};
+RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt);
+
+// In place on x [T, heads, D]: x = round(round(x * cos) + round(rotate_half(x) * sin)),
+// rotate_half(x) = cat(-x[D/2:], x[:D/2]).
+void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt);
+
+}  // namespace nanscope

@@ -1,0 +1,308 @@
+// Kernels of the forward pass. Elementwise expressions here must round exactly where torch
+// rounds, so contraction of a*b+c into one FMA is switched off for this file (the matmul
+// microkernel uses FMA intrinsics on purpose: fp32 accumulation order is free, rounding of the
+// output is not).
+#pragma GCC optimize("fp-contract=off")
+
+#include "numerics/kernels.hpp"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "numerics/parallel.hpp"
+
+namespace nanscope {
+
+namespace {
+
+// ---- weights as the run dtype sees them ----------------------------------------------------
+
+// Scalar: the stored value, rounded to dt when the storage dtype differs (the cast at load).
+inline float cast_weight(float stored, DType storage, DType dt) {
+  if (storage == dt || dt == DType::F32) return stored;
+  return round_to(stored, dt);
+}
+
+// Eight consecutive stored values as fp32, rounded to dt (vector twin of cast_weight).
+inline __m256 load8_stored(const std::byte* p, DType storage) {
+  switch (storage) {
+    case DType::BF16: {
+      __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    }
+    case DType::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    default:
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+
+inline __m256 round8_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  r = _mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u)));
+  // NaN stays NaN (quiet), as f32_to_bf16 does; the add above could carry it into the sign.
+  const __m256 nan_mask = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  const __m256 quiet = _mm256_castsi256_ps(_mm256_and_si256(
+      _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), _mm256_set1_epi32(int(0xffff0000u))));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), quiet, nan_mask);
+}
+
+inline __m256 round8_f16(__m256 v) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+inline __m256 load8_weight(const std::byte* p, DType storage, DType dt) {
+  __m256 v = load8_stored(p, storage);
+  if (storage == dt || dt == DType::F32) return v;
+  return dt == DType::BF16 ? round8_bf16(v) : round8_f16(v);
+}
+
+inline size_t elem_size(DType t) {
+  return t == DType::F32 ? 4 : 2;
+}
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// ---- x @ W^T microkernel: RB weight rows x TB tokens, fp32 tile of converted weights -------
+template <int RB, int TB>
+inline void micro(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t K,
+                  float (&out)[RB][TB]) {
+  __m256 acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm256_loadu_ps(w + r * ldw + k);
+    for (int t = 0; t < TB; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) {
+      float s = hsum(acc[r][t]);
+      for (int64_t k = K8; k < K; ++k) s += w[r * ldw + k] * x[t * ldx + k];
+      out[r][t] = s;
+    }
+}
+
+template <int RB>
+inline void micro_rows(const float* w, int64_t ldw, const float* x, int64_t T, int64_t K,
+                       int64_t row0, const float* bias, DType dt, float* out, int64_t ldo) {
+  int64_t t = 0;
+  auto emit = [&](auto& res, int tb) {
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < tb; ++j) {
+        float v = res[r][j];
+        if (bias) v += bias[row0 + r];
+        out[(t + j) * ldo + row0 + r] = round_to(v, dt);
+      }
+  };
+  for (; t + 2 <= T; t += 2) {
+    float res[RB][2];
+    micro<RB, 2>(w, ldw, x + t * K, K, K, res);
+    emit(res, 2);
+  }
+  if (t < T) {
+    float res[RB][1];
+    micro<RB, 1>(w, ldw, x + t * K, K, K, res);
+    emit(res, 1);
+  }
+}
+
+constexpr int64_t kTileRows = 8;
+
+}  // namespace
+
+float weight_at(const WeightView& w, int64_t r, int64_t c, DType dt) {
+  return cast_weight(load_as_f32(w.data, w.storage, size_t(r * w.cols + c)), w.storage, dt);
+}
+
+void weight_rows(const WeightView& w, int64_t row, int64_t n, DType dt, float* out) {
+  const size_t es = elem_size(w.storage);
+  const int64_t total = n * w.cols;
+  const std::byte* p = w.data + size_t(row * w.cols) * es;
+  int64_t i = 0;
+  for (; i + 8 <= total; i += 8) _mm256_storeu_ps(out + i, load8_weight(p + i * es, w.storage, dt));
+  for (; i < total; ++i) out[i] = cast_weight(load_as_f32(p, w.storage, size_t(i)), w.storage, dt);
+}
+
+void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, float* out) {
+  weight_rows(WeightView{data, storage, 1, n}, 0, 1, dt, out);
+}
+
+void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+            float* out) {
+  const int64_t K = w.cols, N = w.rows;
+  parallel_for(N, kTileRows, [&](int64_t r0, int64_t r1) {
+    std::vector<float> tile(size_t(kTileRows * K));
+    for (int64_t rt = r0; rt < r1; rt += kTileRows) {
+      const int64_t nr = std::min(kTileRows, r1 - rt);
+      weight_rows(w, rt, nr, dt, tile.data());
+      int64_t r = 0;
+      for (; r + 4 <= nr; r += 4)
+        micro_rows<4>(tile.data() + r * K, K, x, T, K, rt + r, bias, dt, out, N);
+      for (; r < nr; ++r) micro_rows<1>(tile.data() + r * K, K, x, T, K, rt + r, bias, dt, out, N);
+    }
+  });
+}
+
+void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                float* out) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < w.rows; ++r) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < w.cols; ++k) s += x[t * w.cols + k] * weight_at(w, r, k, dt);
+      if (bias) s += bias[r];
+      out[t * w.rows + r] = round_to(s, dt);
+    }
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------------
+namespace {
+inline void rmsnorm_finish(const float* x, int64_t n, float var, const float* weight, double eps,
+                           DType dt, float* out) {
+  // torch: variance + eps (eps as float), rsqrt (computed as 1/sqrt), multiply, cast, * weight.
+  const float r = 1.0f / std::sqrt(var + float(eps));
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = round_to(x[i] * r, dt);
+    out[i] = round_to(weight[i] * y, dt);
+  }
+}
+}  // namespace
+
+void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
+             float* out) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * n;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256 a = _mm256_loadu_ps(xr + i), b = _mm256_loadu_ps(xr + i + 8);
+      acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(a, a));
+      acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(b, b));
+    }
+    float s = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) s += xr[i] * xr[i];
+    rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
+  }
+}
+
+void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
+                 float* out) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* xr = x + row * n;
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; ++i) s += xr[i] * xr[i];
+    rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
+  }
+}
+
+// ---- softmax (fp32) --------------------------------------------------------------------------
+namespace {
+// torch's max reduction propagates NaN.
+inline float nan_max(float a, float b) {
+  if (std::isnan(a)) return a;
+  if (std::isnan(b)) return b;
+  return a > b ? a : b;
+}
+}  // namespace
+
+void softmax_row(const float* x, int64_t n, float* out) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = std::exp(x[i] - m);
+    sum += out[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < n; ++i) out[i] *= inv;
+}
+
+void softmax_row_ref(const float* x, int64_t n, float* out) {
+  bool any_nan = false;
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i]))
+      any_nan = true;
+    else if (x[i] > m)
+      m = x[i];
+  }
+  if (any_nan) m = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> e(static_cast<size_t>(n));
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += (e[size_t(i)] = std::exp(x[i] - m));
+  for (int64_t i = 0; i < n; ++i) out[i] = e[size_t(i)] * (1.0f / sum);
+}
+
+// ---- SiLU(gate) * up -------------------------------------------------------------------------
+void silu_mul(const float* gate, const float* up, int64_t n, DType dt, float* out) {
+  parallel_for(n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float g = gate[i];
+      const float s = round_to(g / (1.0f + std::exp(-g)), dt);
+      out[i] = round_to(s * up[i], dt);
+    }
+  });
+}
+
+void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = round_to(gate[i] / (1.0f + std::exp(-gate[i])), dt);
+    out[i] = round_to(s * up[i], dt);
+  }
+}
+
+void add_round(const float* a, const float* b, int64_t n, DType dt, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = round_to(a[i] + b[i], dt);
+}
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+Stats stats(std::span<const float> v) {
+  Stats s;
+  s.count = int64_t(v.size());
+  double mn = std::numeric_limits<double>::infinity(), mx = -mn;
+  for (float f : v) {
+    if (std::isnan(f))
+      ++s.nan;
+    else if (std::isinf(f))
+      ++(f > 0 ? s.posinf : s.neginf);
+    else {
+      mn = std::min(mn, double(f));
+      mx = std::max(mx, double(f));
+      s.any_finite = true;
+    }
+  }
+  if (s.any_finite) {
+    s.min = mn;
+    s.max = mx;
+    s.abs_max = std::max(std::abs(mn), std::abs(mx));
+  }
+  return s;
+}
+
+}  // namespace nanscope

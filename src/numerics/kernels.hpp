@@ -1,0 +1,76 @@
+// The numeric kernels of the forward pass, each as transformers computes it on CPU in a run
+// dtype `dt` (F32, BF16 or F16). Activations are fp32 arrays whose values are already rounded
+// to `dt`; a kernel's output is rounded to `dt` where transformers rounds (docs/forward.md).
+//
+// Each kernel with a fast path (threads, AVX2) has a plain scalar `_ref` twin it is tested
+// against (tests/unit/test_kernels.cpp). Both propagate NaN/inf as IEEE arithmetic does: no
+// kernel skips zeros, clamps or flushes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "numerics/dtype.hpp"
+
+namespace nanscope {
+
+// A weight matrix [rows, cols] (Hugging Face [out, in] layout) as stored in the checkpoint,
+// read in place (bf16, f16 or f32). Reading it as run dtype `dt` applies the cast transformers
+// does at load: the stored value rounded to `dt` (bf16 -> fp16 may overflow to inf).
+struct WeightView {
+  const std::byte* data = nullptr;
+  DType storage = DType::F32;
+  int64_t rows = 0, cols = 0;
+};
+
+// Element (r, c) as the run dtype sees it.
+float weight_at(const WeightView& w, int64_t r, int64_t c, DType dt);
+// Rows [row, row + n) converted to fp32 as the run dtype sees them, into out[n * cols].
+void weight_rows(const WeightView& w, int64_t row, int64_t n, DType dt, float* out);
+// A 1-D parameter (norm weight, bias) of n elements, as the run dtype sees it.
+void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, float* out);
+
+// out[t, r] = round_dt(sum_k x[t, k] * W[r, k] (+ bias[r])) for t < T, r < W.rows: x @ W^T with
+// fp32 accumulation and one rounding of the output, as torch's CPU bf16/fp16 GEMM (and addmm
+// with bias) does. x is [T, W.cols] row-major; bias (nullable) holds W.rows values already in
+// the run dtype. Threaded over output rows; AVX2 converts bf16/f16 weights in registers.
+void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+            float* out);
+void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                float* out);
+
+// RMSNorm over rows of length n (transformers' Qwen3/Llama RMSNorm):
+//   xf = x (fp32); var = mean(xf^2); y = round_dt(xf * (1 / sqrt(var + float(eps))));
+//   out = round_dt(weight * y)
+// `weight` holds n values already in the run dtype. rows x n, in place allowed.
+void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
+             float* out);
+void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
+                 float* out);
+
+// Softmax of one row in fp32 (torch's: max, exp(x - max), sum, multiply by 1/sum). A NaN or
+// +inf anywhere, or a row of only -inf, gives a row of NaN, as in torch.
+void softmax_row(const float* x, int64_t n, float* out);
+void softmax_row_ref(const float* x, int64_t n, float* out);
+
+// out = round_dt(round_dt(silu(gate)) * up), silu(x) = x / (1 + exp(-x)) in fp32.
+void silu_mul(const float* gate, const float* up, int64_t n, DType dt, float* out);
+void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float* out);
+
+// out = round_dt(a + b) elementwise (the residual connection).
+void add_round(const float* a, const float* b, int64_t n, DType dt, float* out);
+
+// Dot product of two fp32 rows with fp32 accumulation (8 lanes), for attention.
+float dot_f32(const float* a, const float* b, int64_t n);
+
+// Statistics of a block of values, NaN and inf counted per element (never from a sum).
+struct Stats {
+  int64_t count = 0, nan = 0, posinf = 0, neginf = 0;
+  double min = 0, max = 0, abs_max = 0;  // over finite elements (0 when there are none)
+  bool any_finite = false;
+  bool finite() const { return nan == 0 && posinf == 0 && neginf == 0; }
+};
+Stats stats(std::span<const float> v);
+
+}  // namespace nanscope

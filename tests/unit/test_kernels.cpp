@@ -1,0 +1,301 @@
+// Every fast kernel against its scalar reference, with a tolerance per run dtype, and NaN/inf
+// propagation checked element by element.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "common/error.hpp"
+#include "model/rope.hpp"
+#include "numerics/kernels.hpp"
+
+namespace nanscope {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// A weight matrix stored in `storage` bytes.
+struct Stored {
+  std::vector<std::byte> bytes;
+  WeightView view;
+};
+
+Stored make_weight(const std::vector<float>& w, int64_t rows, int64_t cols, DType storage) {
+  Stored s;
+  s.bytes.resize(w.size() * (storage == DType::F32 ? 4 : 2));
+  store_from_f32(w.data(), storage, s.bytes.data(), w.size());
+  s.view = WeightView{s.bytes.data(), storage, rows, cols};
+  return s;
+}
+
+std::vector<float> random_vec(size_t n, std::mt19937& rng, float scale, DType round) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& f : v) f = round_to(d(rng), round);
+  return v;
+}
+
+// One unit in the last place of the run dtype at |x| (fp32: 2^-23 relative).
+double ulp(double x, DType dt) {
+  const int mant = dt == DType::BF16 ? 7 : dt == DType::F16 ? 10 : 23;
+  int e;
+  std::frexp(std::max(std::fabs(x), 1e-30), &e);
+  return std::ldexp(1.0, e - 1 - mant);
+}
+
+const DType kRun[] = {DType::F32, DType::BF16, DType::F16};
+const DType kStorage[] = {DType::F32, DType::BF16, DType::F16};
+
+TEST(Kernels, LinearFastMatchesScalarReference) {
+  std::mt19937 rng(7);
+  for (DType storage : kStorage)
+    for (DType dt : kRun)
+      for (int64_t T : {1, 2, 3, 5})
+        for (auto [rows, cols] : {std::pair<int64_t, int64_t>{13, 37}, {64, 64}, {9, 128}}) {
+          auto w = random_vec(size_t(rows * cols), rng, 0.5f, storage);
+          auto x = random_vec(size_t(T * cols), rng, 1.0f, dt);
+          auto b = random_vec(size_t(rows), rng, 0.1f, dt);
+          Stored s = make_weight(w, rows, cols, storage);
+          for (bool with_bias : {false, true}) {
+            std::vector<float> fast(size_t(T * rows)), ref(fast.size());
+            const float* bp = with_bias ? b.data() : nullptr;
+            linear(x.data(), T, s.view, bp, dt, fast.data());
+            linear_ref(x.data(), T, s.view, bp, dt, ref.data());
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t r = 0; r < rows; ++r) {
+                // Accumulation order differs: allow the fp32 error of the sum, and one ulp of
+                // the run dtype when that error flips the rounding.
+                double mag = 0;
+                for (int64_t k = 0; k < cols; ++k)
+                  mag += std::fabs(x[size_t(t * cols + k)] * weight_at(s.view, r, k, dt));
+                const size_t i = size_t(t * rows + r);
+                const double tol = 1e-6 * mag + (dt == DType::F32 ? 0.0 : ulp(ref[i], dt));
+                ASSERT_LE(std::fabs(fast[i] - ref[i]), tol)
+                    << dtype_name(storage) << "->" << dtype_name(dt) << " T=" << T << " r=" << r;
+                ASSERT_EQ(round_to(fast[i], dt), fast[i]) << "output not rounded to the dtype";
+              }
+          }
+        }
+}
+
+TEST(Kernels, LinearPropagatesNaNAndInfFromWeights) {
+  std::mt19937 rng(3);
+  for (DType storage : kStorage)
+    for (DType dt : kRun) {
+      const int64_t rows = 11, cols = 40, T = 3;
+      auto w = random_vec(size_t(rows * cols), rng, 0.5f, storage);
+      w[size_t(4 * cols + 17)] = kNaN;  // row 4: every token's output must be NaN
+      w[size_t(7 * cols + 39)] = kInf;  // row 7 (in the scalar tail): non-finite
+      auto x = random_vec(size_t(T * cols), rng, 1.0f, dt);
+      x[size_t(1 * cols + 17)] = 0.0f;  // 0 * NaN is still NaN: no zero skipping
+      Stored s = make_weight(w, rows, cols, storage);
+      for (auto* fn : {&linear, &linear_ref}) {
+        std::vector<float> out(size_t(T * rows));
+        fn(x.data(), T, s.view, nullptr, dt, out.data());
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t r = 0; r < rows; ++r) {
+            const float v = out[size_t(t * rows + r)];
+            if (r == 4) {
+              EXPECT_TRUE(std::isnan(v)) << "t=" << t;
+            } else if (r == 7) {
+              EXPECT_FALSE(std::isfinite(v)) << "t=" << t;
+            } else {
+              EXPECT_TRUE(std::isfinite(v)) << "t=" << t << " r=" << r;
+            }
+          }
+      }
+    }
+}
+
+TEST(Kernels, WeightCastAtLoadOverflowsToInfInFp16) {
+  // A bf16 checkpoint run in fp16: transformers casts the weights, 7e4 > 65504 becomes inf.
+  std::vector<float> w = {7.0e4f, -7.0e4f, 1.0f, 65504.0f, 65520.0f, 1e-9f, kNaN, 0.1f};
+  Stored s = make_weight(w, 1, 8, DType::BF16);
+  std::vector<float> out(8);
+  weight_rows(s.view, 0, 1, DType::F16, out.data());
+  EXPECT_EQ(out[0], kInf);
+  EXPECT_EQ(out[1], -kInf);
+  EXPECT_EQ(out[2], 1.0f);
+  EXPECT_EQ(out[5], 0.0f);  // below fp16's subnormals
+  EXPECT_TRUE(std::isnan(out[6]));
+  for (int i = 0; i < 8; ++i) {
+    const float scalar = weight_at(s.view, 0, i, DType::F16);
+    if (std::isnan(scalar)) {
+      EXPECT_TRUE(std::isnan(out[size_t(i)]));
+    } else {
+      EXPECT_EQ(scalar, out[size_t(i)]) << i;
+    }
+  }
+  // fp32 storage run in bf16 rounds each weight to nearest even; in fp32 it is exact.
+  Stored f = make_weight({1.00390625f, 1.01171875f, 3.0e38f, kNaN, -0.0f, 1e-40f, 2.5f, 7.0f}, 1, 8,
+                         DType::F32);
+  weight_rows(f.view, 0, 1, DType::BF16, out.data());
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], 1.015625f);
+  EXPECT_TRUE(std::isnan(out[3]));
+  for (int i = 0; i < 8; ++i) {
+    const float scalar = weight_at(f.view, 0, i, DType::BF16);
+    if (!std::isnan(scalar)) {
+      EXPECT_EQ(std::bit_cast<uint32_t>(scalar), std::bit_cast<uint32_t>(out[size_t(i)])) << i;
+    }
+  }
+}
+
+TEST(Kernels, RmsNormFastMatchesReference) {
+  std::mt19937 rng(11);
+  for (DType dt : kRun)
+    for (int64_t n : {16, 37, 64, 2560}) {
+      const int64_t rows = 5;
+      auto x = random_vec(size_t(rows * n), rng, 3.0f, dt);
+      auto w = random_vec(size_t(n), rng, 1.0f, dt);
+      std::vector<float> fast(x.size()), ref(x.size());
+      rmsnorm(x.data(), rows, n, w.data(), 1e-6, dt, fast.data());
+      rmsnorm_ref(x.data(), rows, n, w.data(), 1e-6, dt, ref.data());
+      for (size_t i = 0; i < x.size(); ++i) {
+        // Two roundings: y = round(x * r) may differ by one ulp, then weight * y rounds again.
+        const double wi = std::fabs(w[i % size_t(n)]);
+        const double tol = dt == DType::F32
+                               ? 1e-6 * std::fabs(ref[i])
+                               : ulp(ref[i], dt) + wi * ulp(std::fabs(ref[i]) / wi, dt);
+        ASSERT_LE(std::fabs(fast[i] - ref[i]), tol) << i;
+      }
+    }
+  // A NaN or inf in a row poisons that row only.
+  std::vector<float> x(3 * 8, 1.0f), w(8, 1.0f), out(x.size());
+  x[3] = kNaN;
+  x[8 + 5] = kInf;
+  rmsnorm(x.data(), 3, 8, w.data(), 1e-6, DType::BF16, out.data());
+  for (int i = 0; i < 8; ++i) EXPECT_TRUE(std::isnan(out[size_t(i)]));
+  // An inf makes the variance inf and 1/sqrt of it 0: the row becomes 0, the inf itself NaN.
+  for (int i = 8; i < 16; ++i) {
+    if (i == 13) {
+      EXPECT_TRUE(std::isnan(out[size_t(i)]));
+    } else {
+      EXPECT_EQ(out[size_t(i)], 0.0f);
+    }
+  }
+  for (int i = 16; i < 24; ++i) EXPECT_EQ(out[size_t(i)], 1.0f);
+}
+
+TEST(Kernels, SoftmaxMatchesReferenceAndTorchNaNRules) {
+  std::mt19937 rng(5);
+  for (int64_t n : {1, 7, 64}) {
+    auto x = random_vec(size_t(n), rng, 4.0f, DType::F32);
+    if (n > 1) x[0] = -kInf;
+    std::vector<float> a(static_cast<size_t>(n)), b(static_cast<size_t>(n));
+    softmax_row(x.data(), n, a.data());
+    softmax_row_ref(x.data(), n, b.data());
+    for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(a[size_t(i)], b[size_t(i)], 1e-7);
+  }
+  auto check_all_nan = [](std::vector<float> x) {
+    std::vector<float> a(x.size()), b(x.size());
+    softmax_row(x.data(), int64_t(x.size()), a.data());
+    softmax_row_ref(x.data(), int64_t(x.size()), b.data());
+    for (size_t i = 0; i < x.size(); ++i) {
+      EXPECT_TRUE(std::isnan(a[i])) << i;
+      EXPECT_TRUE(std::isnan(b[i])) << i;
+    }
+  };
+  check_all_nan({1.0f, kNaN, 2.0f});
+  check_all_nan({1.0f, kInf, 2.0f});
+  check_all_nan({-kInf, -kInf});
+  std::vector<float> x = {0.0f, -kInf, 0.0f}, p(3);
+  softmax_row(x.data(), 3, p.data());
+  EXPECT_EQ(p[1], 0.0f);
+  EXPECT_EQ(p[0], 0.5f);
+}
+
+TEST(Kernels, SiluMulMatchesReference) {
+  std::mt19937 rng(9);
+  for (DType dt : kRun) {
+    auto g = random_vec(10000, rng, 4.0f, dt), u = random_vec(10000, rng, 2.0f, dt);
+    g[5] = kNaN;
+    g[6] = kInf;
+    g[7] = -kInf;
+    u[8] = kInf;
+    std::vector<float> a(g.size()), b(g.size());
+    silu_mul(g.data(), u.data(), int64_t(g.size()), dt, a.data());
+    silu_mul_ref(g.data(), u.data(), int64_t(g.size()), dt, b.data());
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (std::isnan(b[i])) {
+        EXPECT_TRUE(std::isnan(a[i])) << i;
+      } else {
+        EXPECT_EQ(a[i], b[i]) << i;
+      }
+    }
+    EXPECT_TRUE(std::isnan(a[5]));
+    EXPECT_FALSE(std::isfinite(a[6]));  // silu(inf) = inf
+    EXPECT_TRUE(std::isnan(a[7]));      // silu(-inf) = -inf / inf = NaN, as in torch
+  }
+  // fp16 overflow of the product: 300 * 300 > 65504.
+  float g = 300.0f, u = 300.0f, out;
+  silu_mul(&g, &u, 1, DType::F16, &out);
+  EXPECT_EQ(out, kInf);
+}
+
+TEST(Kernels, StatsCountPerElement) {
+  std::vector<float> v = {1.0f, -3.0f, kNaN, kInf, -kInf, 2.0f};
+  Stats s = stats(v);
+  EXPECT_EQ(s.nan, 1);
+  EXPECT_EQ(s.posinf, 1);
+  EXPECT_EQ(s.neginf, 1);
+  EXPECT_FALSE(s.finite());
+  EXPECT_EQ(s.min, -3.0);
+  EXPECT_EQ(s.max, 2.0);
+  EXPECT_EQ(s.abs_max, 3.0);
+}
+
+ModelConfig rope_config(const std::string& type) {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.head_dim = 16;
+  c.max_position_embeddings = 16;
+  c.rope.type = type;
+  c.rope.theta = 10000.0;
+  c.rope.factor = 2.0;
+  return c;
+}
+
+TEST(Rope, DefaultAndLinearInverseFrequencies) {
+  const ModelConfig c = rope_config("default");
+  RopeParameters p = rope_parameters(c, 8);
+  ASSERT_EQ(p.inv_freq.size(), 8u);
+  for (int j = 0; j < 8; ++j)
+    EXPECT_EQ(p.inv_freq[size_t(j)], 1.0f / float(std::pow(10000.0, double(float(2 * j) / 16.0f))));
+  RopeParameters lin = rope_parameters(rope_config("linear"), 8);
+  for (int j = 0; j < 8; ++j) EXPECT_EQ(lin.inv_freq[size_t(j)], p.inv_freq[size_t(j)] / 2.0f);
+  // dynamic: unchanged up to max_position_embeddings, a larger base above it.
+  RopeParameters dyn = rope_parameters(rope_config("dynamic"), 16);
+  EXPECT_EQ(dyn.inv_freq, p.inv_freq);
+  RopeParameters dyn24 = rope_parameters(rope_config("dynamic"), 24);
+  EXPECT_EQ(dyn24.inv_freq[0], 1.0f);
+  EXPECT_LT(dyn24.inv_freq[7], p.inv_freq[7]);
+}
+
+TEST(Rope, UnknownTypeIsAnInputErrorNamingIt) {
+  try {
+    rope_parameters(rope_config("longrope"), 8);
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("longrope"), std::string::npos);
+  }
+}
+
+TEST(Rope, TablesAreRoundedAndRotateHalves) {
+  const ModelConfig c = rope_config("default");
+  RopeTables tab = rope_tables(c, 4, DType::BF16);
+  for (float v : tab.cos) EXPECT_EQ(round_bf16(v), v);
+  // position 0: identity.
+  std::vector<float> x(16);
+  for (int i = 0; i < 16; ++i) x[size_t(i)] = float(i + 1);
+  std::vector<float> y = x;
+  apply_rope(y.data(), 1, 1, tab, DType::BF16);
+  EXPECT_EQ(y, x);
+}
+
+}  // namespace
+}  // namespace nanscope
