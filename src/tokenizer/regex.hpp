@@ -1,0 +1,37 @@
+// The pre-tokenizer's split regex: PCRE2 (UTF + UCP + JIT) made to agree with the Oniguruma
+// engine that Hugging Face tokenizers uses for tokenizer.json patterns.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace nanscope {
+
+class SplitRegex {
+ public:
+  // pattern: a tokenizer.json {"Regex": ...} pattern, or a literal when `literal` is set
+  // ({"String": ...}). Throws InputError (naming `source` and PCRE2's message) if it does not
+  // compile.
+  SplitRegex(const std::string& pattern, bool literal, std::string_view source);
+  ~SplitRegex();
+  SplitRegex(SplitRegex&&) noexcept;
+  SplitRegex& operator=(SplitRegex&&) noexcept;
+
+  // Appends [begin, end) of each non-empty, non-overlapping match in subject (valid UTF-8), left
+  // to right, as Oniguruma's find-iter does. `out` is cleared first.
+  void find_all(std::string_view subject, std::vector<std::pair<size_t, size_t>>& out) const;
+
+  // Oniguruma's `\s` is Unicode White_Space; PCRE2's UCP `\s` also takes U+180E. This rewrites
+  // `\s` / `\S` into explicit White_Space classes. Exposed for the tests.
+  static std::string onig_compatible(std::string_view pattern);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace nanscope
