@@ -56,8 +56,8 @@ struct TensorInfo {
 };
 
 struct SafetensorsHeader {
-  uint64_t header_size = 0;           // N
-  std::vector<TensorInfo> tensors;    // in file order (sorted by begin)
+  uint64_t header_size = 0;         // N
+  std::vector<TensorInfo> tensors;  // in file order (sorted by begin)
   std::map<std::string, std::string> metadata;
   uint64_t data_size() const { return tensors.empty() ? 0 : tensors.back().end; }
 };
@@ -117,7 +117,7 @@ class SafetensorsWriter {
   // Appends the bytes of the next tensor (must be the next in order; may be called several
   // times per tensor with consecutive chunks). Throws OutputError on a short write (full disk).
   void write(std::span<const std::byte> bytes);
-  void commit();  // checks that every byte was written, fsyncs, renames into place
+  void commit();                 // checks that every byte was written, fsyncs, renames into place
   uint64_t total_bytes() const;  // size of the finished file: 8 + padded header + data
 
  private:
