@@ -210,6 +210,8 @@ TEST_P(MergeGolden, MatchesPeftMergeAndUnload) {
   EXPECT_GT(r.merged + r.replaced, 0);
   Compare cmp = compare_with_golden(d.path / "out", name);
   expect_close_to_peft(cmp, name);
+  ::testing::Test::RecordProperty(
+      "identical", std::to_string(cmp.identical) + "/" + std::to_string(cmp.elements));
   // config.json: dtype and tie flag as transformers wrote them after peft's merge.
   auto mine = read_json_file(d.path / "out" / "config.json");
   auto gold = read_json_file(golden_root() / "merged" / name / "config.json");
