@@ -22,8 +22,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("nanscope 0.1.0"));
   std::vector<Command> commands;
   add_scan(app, commands);
-  // add_trace
-  // add_tokenize
+  add_trace(app, commands);
+  add_tokenize(app, commands);
   // add_merge
   // add_check
   try {
