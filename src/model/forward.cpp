@@ -214,16 +214,26 @@ class Model {
     return ctx;
   }
 
-  // SDPA / flash (torch's CPU flash kernel, FlashAttention, SGLang): s = (q @ k^T) * scaling
-  // in fp32, masked positions -inf, m = max, e = exp(s - m), l = sum(e) in fp32; the
-  // unnormalised e is cast to the run dtype for the e @ v product (fp32 accumulation);
-  // o = round((e @ v) / l).
+  // SDPA as torch's CPU flash-attention kernel computes it (transformers' `sdpa` on CPU; GPU
+  // flash kernels keep the same fp32 scores and softmax): s = (q @ k^T) * scaling in fp32,
+  // masked positions -inf; m = row max; e = exp(s - m), l = sum(e) in fp32; e is cast to the
+  // run dtype for the e @ v product (fp32 accumulation); o = round((e @ v) * (1 / l)).
+  // Bit-level details of that kernel, each confirmed by a golden: the columns in whole vectors
+  // of kTorchLanes use torch's fexp_u20 (exp_u20 in fp32) and a lane-wise partial sum reduced as a
+  // tree, the remaining columns std::exp and a sequential sum (llama-tiny-dynamic, T = 24); the max
+  // ignores NaN in the remaining columns (std::max), and a row whose max is -inf (all masked,
+  // or all NaN) gets probabilities 0 and an output of 0 * v (qwen3-example: NaN q, finite
+  // output under SDPA, NaN under eager).
+  static constexpr int64_t kTorchLanes = 16;  // AVX512 float lanes (torch's CPU capability)
+
   Vec fused(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
     const int64_t T = T_, D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
     const float scaling = float(std::pow(double(D), -0.5));
     const float ninf = -std::numeric_limits<float>::infinity();
-    Vec s(size_t(nH_ * T * T)), p(s.size()), ctx(size_t(T * qd));
-    std::vector<double> peak(size_t(nH_), 0.0);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const int64_t nv = T / kTorchLanes * kTorchLanes;
+    Vec s(static_cast<size_t>(nH_ * T * T)), p(s.size()), ctx(static_cast<size_t>(T * qd));
+    std::vector<double> peak(static_cast<size_t>(nH_), 0.0);
     parallel_for(nH_, 1, [&](int64_t h0, int64_t h1) {
       Vec e(static_cast<size_t>(T));
       for (int64_t h = h0; h < h1; ++h) {
@@ -232,7 +242,6 @@ class Model {
         float* ph = p.data() + h * T * T;
         for (int64_t i = 0; i < T; ++i) {
           const float* qi = q.data() + i * qd + h * D;
-          float m = ninf;
           for (int64_t j = 0; j < T; ++j) {
             float x = ninf;
             if (j <= i) {
@@ -241,15 +250,34 @@ class Model {
                 peak[size_t(h)] = std::max(peak[size_t(h)], double(std::fabs(x)));
             }
             sh[i * T + j] = x;
-            m = (std::isnan(m) || std::isnan(x)) ? std::numeric_limits<float>::quiet_NaN()
-                                                 : std::max(m, x);
           }
+          const float* si = sh + i * T;
+          float vmax = ninf, tmax = ninf;
+          for (int64_t j = 0; j < nv; ++j)
+            vmax = (std::isnan(vmax) || std::isnan(si[j])) ? nan : std::max(vmax, si[j]);
+          for (int64_t j = nv; j < T; ++j) tmax = tmax < si[j] ? si[j] : tmax;
+          const float m = tmax < vmax ? vmax : tmax;
           float sum = 0.0f;
-          for (int64_t j = 0; j < T; ++j) {
-            e[size_t(j)] = std::exp(sh[i * T + j] - m);
-            sum += e[size_t(j)];
+          if (m == ninf) {
+            std::fill(e.begin(), e.end(), 0.0f);
+          } else {
+            float lanes[kTorchLanes] = {};
+            for (int64_t j = 0; j < nv; ++j) {
+              const float x = si[j] - m;
+              e[size_t(j)] = dt_ == DType::F32 ? torch_exp_u20(x) : torch_fexp_u20(x);
+              lanes[j % kTorchLanes] += e[size_t(j)];
+            }
+            if (nv > 0) {  // vec_reduce_all: halves, then quarters, pairs, neighbours
+              for (int64_t w = kTorchLanes / 2; w >= 1; w /= 2)
+                for (int64_t a = 0; a < w; ++a) lanes[a] = lanes[a] + lanes[a + w];
+              sum = lanes[0];
+            }
+            for (int64_t j = nv; j < T; ++j) {
+              e[size_t(j)] = std::exp(si[j] - m);
+              sum += e[size_t(j)];
+            }
           }
-          const float inv = 1.0f / sum;
+          const float inv = 1.0f / (sum == 0.0f ? 1.0f : sum);
           for (int64_t j = 0; j < T; ++j) ph[i * T + j] = e[size_t(j)] * inv;
           for (int64_t j = 0; j < T; ++j) e[size_t(j)] = round_to(e[size_t(j)], dt_);
           for (int64_t d = 0; d < D; ++d) {

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -270,6 +271,50 @@ void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float
 
 void add_round(const float* a, const float* b, int64_t n, DType dt, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = round_to(a[i] + b[i], dt);
+}
+
+float torch_exp_u20(float x) {
+  const float log2e = std::bit_cast<float>(0x3fb8aa3bu);
+  const float ln2 = std::bit_cast<float>(0x3f317218u);
+  const float ln_flt_min = std::bit_cast<float>(0xc2aeac50u);
+  const float ln_flt_max = std::bit_cast<float>(0x42b17218u);
+  const bool below = x < ln_flt_min;
+  // _mm512_min_ps / max_ps return the second operand when either is NaN.
+  float src = x < ln_flt_max ? x : ln_flt_max;
+  src = src > ln_flt_min ? src : ln_flt_min;
+  const float fx = std::floor(std::fma(src, log2e, 0.5f));
+  const float r = std::fma(-fx, ln2, src);
+  float p = std::fma(r, 0.00828929059f, 0.0418978221f);
+  p = std::fma(r, p, 0.166676521f);
+  p = std::fma(r, p, 0.499991506f);
+  p = std::fma(r, p, 0.999999701f);
+  p = std::fma(r, p, 1.0f);
+  const int32_t e = int32_t(std::nearbyint(fx - 1.0f));
+  const float two_n = below ? 0.0f : std::bit_cast<float>(uint32_t(e + 127) << 23);
+  return p * two_n * 2.0f;
+}
+
+float torch_fexp_u20(float x) {
+  const float log2e = std::bit_cast<float>(0x3fb8aa3bu);
+  const float ln_flt_min = std::bit_cast<float>(0xc2aeac50u);
+  const float ln_flt_max = std::bit_cast<float>(0x42b17218u);
+  const float c0 = 0.00010703434948458272f, c1 = 0.30354260500649682f;
+  const float c2 = float(-0.22433836478672356), c3 = float(-0.079204240219773236);
+  const float a = 8388608.0f, b = 8388608.0f * 127.0f;
+  float src = x * log2e;
+  const float frac = src - std::floor(src);
+  float r = std::fma(frac, c3, c2);
+  r = std::fma(frac, r, c1);
+  r = std::fma(frac, r, c0);
+  src = src - r;
+  const float t = std::fma(a, src, b);
+  // cvttps_epi32: truncation; NaN and out-of-range give 0x80000000.
+  uint32_t bits = (std::isnan(t) || t >= 2147483648.0f || t < -2147483648.0f)
+                      ? 0x80000000u
+                      : uint32_t(int32_t(t));
+  if (x < ln_flt_min) bits = 0;
+  if (x > ln_flt_max) bits = 0x7f800000u;
+  return std::bit_cast<float>(bits);
 }
 
 float dot_f32(const float* a, const float* b, int64_t n) {

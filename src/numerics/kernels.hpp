@@ -61,6 +61,14 @@ void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float
 // out = round_dt(a + b) elementwise (the residual connection).
 void add_round(const float* a, const float* b, int64_t n, DType dt, float* out);
 
+// torch's Vectorized<float>::exp_u20 (its CPU flash-attention kernel's exp for fp32), lane for
+// lane: a degree-5 polynomial on x - n ln2; NaN is taken as the upper clamp bound.
+float torch_exp_u20(float x);
+// torch's Vectorized<float>::fexp_u20, the exp of its CPU flash-attention kernel for bf16/fp16
+// (Malossi et al.: a cubic for 2^frac written into the exponent bits), lane for lane; NaN gives -0.
+// Not exp(): its results differ from expf by up to ~20 ulp.
+float torch_fexp_u20(float x);
+
 // Dot product of two fp32 rows with fp32 accumulation (8 lanes), for attention.
 float dot_f32(const float* a, const float* b, int64_t n);
 
