@@ -149,7 +149,7 @@ TraceResult trace(const Checkpoint& ck, const TraceOptions& opt) {
       ShadowObserver shadow(f.layer, f.site);
       run(ck, opt, DType::F32, &shadow);
       f.finite_in_fp32 = shadow.seen && shadow.finite;
-      if (shadow.seen) f.value_fp32 = shadow.peak;
+      if (f.finite_in_fp32) f.value_fp32 = shadow.peak;
     }
   }
   if (opt.save) save(*opt.save, r, obs.states, fr.logits);

@@ -52,7 +52,7 @@ struct FirstNonfinite {
   Stats stats;  // of the site's values in the run dtype
   // What the same site computes in an fp32 run of the same inputs: the largest finite |value|
   // among its intermediate results (for eager scores, the unscaled q.k^T). Absent when the
-  // shadow pass was off or the run dtype is fp32 itself.
+  // shadow pass was off, the run dtype is fp32 itself, or the site is non-finite in fp32 too.
   std::optional<double> value_fp32;
   bool finite_in_fp32 = false;  // the site is finite in fp32 (false: the weights/inputs hold it)
 };
