@@ -24,8 +24,8 @@ int main(int argc, char** argv) {
   add_scan(app, commands);
   add_trace(app, commands);
   add_tokenize(app, commands);
-  // add_merge
-  // add_check
+  add_merge(app, commands);
+  add_check(app, commands);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

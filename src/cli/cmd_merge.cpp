@@ -1,0 +1,80 @@
+#include <csignal>
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+#include "cli/commands.hpp"
+#include "common/error.hpp"
+#include "tools/merge.hpp"
+
+namespace nanscope::cli {
+
+namespace {
+extern "C" void on_interrupt(int) { merge_interrupt_flag().store(true); }
+
+uint64_t parse_size(const std::string& s) {
+  if (s.empty()) return 0;
+  size_t pos = 0;
+  double v = std::stod(s, &pos);
+  std::string unit = s.substr(pos);
+  for (auto& c : unit) c = char(std::toupper(static_cast<unsigned char>(c)));
+  double mul = unit.empty() || unit == "B" ? 1
+               : unit == "KB"              ? 1e3
+               : unit == "MB"              ? 1e6
+               : unit == "GB"              ? 1e9
+               : unit == "KIB"             ? 1024.0
+               : unit == "MIB"             ? 1048576.0
+               : unit == "GIB"             ? 1073741824.0
+                                           : -1;
+  if (mul < 0 || v <= 0) fail("--max-shard-size {}: expected a size like 5GB or 500MB", s);
+  return uint64_t(v * mul);
+}
+}  // namespace
+
+void add_merge(CLI::App& root, std::vector<Command>& out) {
+  struct Args {
+    std::string base, adapter, out, dtype = "auto", max_shard;
+    bool allow_nonfinite = false, json = false, peft_tied = false;
+    int threads = 0;
+  };
+  auto a = std::make_shared<Args>();
+  auto* app = root.add_subcommand(
+      "merge", "Merge a PEFT LoRA adapter exactly as peft does, with fp32 arithmetic, into a "
+               "checkpoint transformers loads; refuse to write NaN/inf");
+  app->add_option("--base", a->base, "Base checkpoint directory")->required();
+  app->add_option("--adapter", a->adapter, "PEFT adapter directory")->required();
+  app->add_option("--out", a->out, "Output directory (must not exist or be empty)")->required();
+  app->add_option("--dtype", a->dtype, "auto (the base's) | bf16 | fp16 | fp32")
+      ->capture_default_str();
+  app->add_flag("--allow-nonfinite", a->allow_nonfinite, "Write even if merged weights hold NaN/inf");
+  app->add_option("--max-shard-size", a->max_shard, "Shard size (e.g. 5GB); default: like the base");
+  app->add_flag("--peft-tied", a->peft_tied,
+                "On a tied model, merge embedding/lm_head updates into the shared tensor and stay "
+                "tied, byte for byte like peft (changes the model's function)");
+  app->add_option("--threads", a->threads, "Worker threads (default: all cores)");
+  app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  out.push_back({app, [a] {
+                   MergeOptions o;
+                   o.base = a->base;
+                   o.adapter = a->adapter;
+                   o.out = a->out;
+                   o.dtype = parse_merge_dtype(a->dtype);
+                   o.allow_nonfinite = a->allow_nonfinite;
+                   o.max_shard_size = parse_size(a->max_shard);
+                   o.threads = a->threads;
+                   o.tied = a->peft_tied ? TiedMode::Peft : TiedMode::Untie;
+                   o.cancel = &merge_interrupt_flag();
+                   std::signal(SIGINT, on_interrupt);
+                   std::signal(SIGTERM, on_interrupt);
+                   if (isatty(STDERR_FILENO))
+                     o.progress = [](const std::string& name, size_t i, size_t n) {
+                       fmt::print(stderr, "\r[{}/{}] {:<70.70}", i + 1, n, name);
+                       if (i + 1 == n) fmt::print(stderr, "\n");
+                     };
+                   MergeResult r = merge(o);
+                   print_out(a->json ? merge_result_json(r).dump(2) : merge_summary(r));
+                   return r.refused ? kProblem : kClean;
+                 }});
+}
+
+}  // namespace nanscope::cli

@@ -1,0 +1,401 @@
+#include "tools/check.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "formats/adapter.hpp"
+#include "formats/checkpoint.hpp"
+#include "tools/html_report.hpp"
+
+namespace nanscope {
+
+namespace {
+
+// "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" -> "model.layers.0.self_attn.q_proj"
+std::string adapter_module(std::string key) {
+  if (key.rfind("base_model.model.", 0) == 0) key = key.substr(17);
+  for (std::string_view m : {".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B",
+                             ".lora_magnitude_vector"}) {
+    auto p = key.find(m);
+    if (p != std::string::npos) return key.substr(0, p);
+  }
+  for (std::string_view suffix : {".weight", ".bias"})
+    if (key.size() > suffix.size() && key.ends_with(suffix))
+      return key.substr(0, key.size() - suffix.size());
+  return key;
+}
+
+std::string module_of_tensor(const std::string& t) {
+  for (std::string_view suffix : {".weight", ".bias"})
+    if (t.ends_with(suffix)) return t.substr(0, t.size() - suffix.size());
+  return t;
+}
+
+bool is_attention_site(const std::string& site) {
+  return site.ends_with(".scores") || site.ends_with(".probs") || site.ends_with(".context");
+}
+
+std::string g(double v) { return fmt::format("{:.4g}", v); }
+
+// Rows of the embedding that hold a non-finite value.
+std::vector<int64_t> nonfinite_rows(const TensorRef& ref) {
+  std::vector<int64_t> rows;
+  const auto& info = *ref.info;
+  if (info.shape.size() != 2 || !is_float_computable(info.dtype)) return rows;
+  const int64_t V = info.shape[0], H = info.shape[1];
+  const size_t esz = size_t(dtype_bits(info.dtype) / 8);
+  const std::byte* p = ref.bytes().data();
+  for (int64_t r = 0; r < V; ++r)
+    if (value_stats(p + size_t(r * H) * esz, size_t(H), info.dtype).nonfinite()) rows.push_back(r);
+  ref.release();
+  return rows;
+}
+
+std::string list_rows(const std::vector<int64_t>& rows, size_t most = 20) {
+  std::vector<int64_t> head(rows.begin(), rows.begin() + std::min(rows.size(), most));
+  return fmt::format("{}{}", fmt::join(head, ", "),
+                     rows.size() > most ? fmt::format(" and {} more", rows.size() - most) : "");
+}
+
+const char* kStructureFix =
+    "Re-save the merged model with merge_and_unload() before save_pretrained (or use `nanscope "
+    "merge`), or re-download the missing files; transformers would initialise what it cannot find "
+    "at random.";
+
+}  // namespace
+
+CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
+  CheckResult r;
+  r.model = model;
+  r.tokens = opt.ids;
+  ScanOptions so;
+  so.threads = opt.threads;
+  r.scan = scan(model, so);
+  Checkpoint ck = Checkpoint::open(model);
+  for (int64_t id : opt.ids)
+    if (id < 0 || id >= ck.config().vocab_size)
+      fail("token id {} is outside the vocabulary of {} (vocab_size {})", id, model.string(),
+           ck.config().vocab_size);
+
+  // Provenance inputs: the adapter's own tensors, and the base's version of each bad tensor.
+  std::optional<Adapter> adapter;
+  std::map<std::string, std::vector<const TensorReport*>> adapter_bad_by_module;
+  std::vector<TensorReport> adapter_reports;
+  if (opt.adapter) {
+    adapter.emplace(Adapter::open(*opt.adapter));
+    std::vector<std::pair<const SafetensorsFile*, const TensorInfo*>> list;
+    for (const auto& t : adapter->file().tensors()) list.emplace_back(&adapter->file(), &t);
+    adapter_reports = scan_values(list, "adapter", opt.threads);
+    for (const auto& a : adapter_reports) {
+      if (!a.computed || !a.stats.nonfinite()) continue;
+      adapter_bad_by_module[adapter_module(a.name)].push_back(&a);
+      r.causes.push_back(
+          {"adapter_nonfinite", {}, {}, {}, "", a.name,
+           fmt::format("the adapter itself holds {} NaN and {} inf in {} ({} values): the training "
+                       "diverged, and every merge of this adapter is poisoned",
+                       a.stats.nan, a.stats.inf, a.name, a.stats.count),
+           "Re-train from the last finite checkpoint (lower learning rate, gradient clipping, bf16 "
+           "instead of fp16 autocast) or drop this adapter; no merge of it can be healthy."});
+    }
+  }
+  std::optional<Checkpoint> base;
+  if (opt.base) base.emplace(Checkpoint::open(*opt.base));
+
+  // Structure.
+  for (const auto& f : r.scan.findings)
+    if (f.severity == "error" && f.kind != "nonfinite")
+      r.causes.push_back({"structure", {}, {}, {}, "", f.tensor,
+                          fmt::format("{}: {}", f.kind, f.detail),
+                          f.kind == "tied_embeddings"
+                              ? "Make config.json agree with the tensors: tie_word_embeddings "
+                                "false when lm_head.weight is its own tensor (re-merge with "
+                                "`nanscope merge`, which writes it right)."
+                              : kStructureFix});
+
+  // Non-finite weights, with where they were born.
+  for (const auto& t : r.scan.tensor_reports) {
+    if (t.source != "model" || !t.computed || !t.stats.nonfinite()) continue;
+    const std::string module = module_of_tensor(t.name);
+    std::string origin;
+    std::string kind = "weights_nonfinite";
+    std::string fix =
+        "If this model came from a merge, run check with --base and --adapter to see whether the "
+        "adapter or the merge is to blame; re-merge with `nanscope merge`, which refuses to write "
+        "non-finite weights.";
+    auto ab = adapter_bad_by_module.find(module);
+    std::optional<ValueStats> base_stats;
+    if (base) {
+      if (auto bt = base->find(t.name); bt && is_float_computable(bt->info->dtype)) {
+        base_stats = value_stats(bt->bytes().data(), bt->info->numel(), bt->info->dtype);
+        bt->release();
+      }
+    }
+    if (ab != adapter_bad_by_module.end()) {
+      origin = fmt::format("inherited from the adapter ({})", ab->second.front()->name);
+      fix = "Fix the adapter (see above); the model is only as good as the adapter merged in.";
+    } else if (base_stats && base_stats->nonfinite()) {
+      origin = "already non-finite in the base model";
+      fix = "The base checkpoint itself is damaged: re-download it, then merge again.";
+    } else if (base_stats && adapter) {
+      kind = "merge_overflow";
+      origin = fmt::format(
+          "the base ({}) and the adapter are finite here: the merge arithmetic overflowed the "
+          "output dtype {} (W + dW beyond its range)",
+          base_stats->any_finite ? fmt::format("abs max {}", g(base_stats->abs_max)) : "finite",
+          dtype_name(t.dtype));
+      fix = "Re-merge into bf16 or fp32 (`nanscope merge --dtype bf16`): W + dW does not fit the "
+            "fp16 range.";
+    } else {
+      origin = adapter || base ? "origin unknown (pass both --base and --adapter)"
+                               : "origin unknown (pass --base and --adapter to trace it)";
+    }
+    if (t.name == "model.embed_tokens.weight") {
+      r.bad_embedding_rows = nonfinite_rows(ck.get(t.name));
+      std::set<int64_t> bad(r.bad_embedding_rows.begin(), r.bad_embedding_rows.end());
+      std::vector<int64_t> hit;
+      for (int64_t id : opt.ids)
+        if (bad.count(id)) hit.push_back(id);
+      r.causes.push_back(
+          {"embedding_rows", {}, {}, {}, "model.embed_tokens", t.name,
+           fmt::format("{} rows of the embedding are non-finite: {} ({}); any input containing "
+                       "these token ids turns NaN from the first layer on{}",
+                       r.bad_embedding_rows.size(), list_rows(r.bad_embedding_rows), origin,
+                       hit.empty() ? "; this input contains none of them"
+                                   : fmt::format("; this input contains {}", fmt::join(hit, ", "))),
+           kind == "weights_nonfinite" && !adapter
+               ? "Restore these rows from the base model (or re-merge); until then avoid these "
+                 "token ids."
+               : fix});
+      continue;
+    }
+    r.causes.push_back({kind, {}, {}, {}, "", t.name,
+                        fmt::format("{} NaN and {} inf among {} values; {}", t.stats.nan,
+                                    t.stats.inf, t.stats.count, origin),
+                        fix});
+  }
+
+  // Traces: fp32 first (the reference), then each dtype and attention profile.
+  const bool runnable = std::none_of(r.causes.begin(), r.causes.end(), [](const Cause& c) {
+    return c.kind == "structure" && c.detail.rfind("tied_embeddings", 0) != 0;
+  });
+  auto run = [&](DType dt, AttentionProfile at) -> const CheckRun& {
+    CheckRun cr{dt, at, std::nullopt, ""};
+    if (!runnable) {
+      cr.error = "not run: the checkpoint is structurally broken";
+    } else {
+      TraceOptions to;
+      to.ids = opt.ids;
+      to.dtype = dt;
+      to.attention = at;
+      try {
+        cr.trace = trace(ck, to);
+      } catch (const InputError& e) {
+        cr.error = e.what();
+      }
+    }
+    r.runs.push_back(std::move(cr));
+    return r.runs.back();
+  };
+  const bool weights_finite = std::none_of(r.causes.begin(), r.causes.end(), [](const Cause& c) {
+    return c.kind == "weights_nonfinite" || c.kind == "merge_overflow" ||
+           c.kind == "embedding_rows";
+  });
+  run(DType::F32, AttentionProfile::Eager);
+  for (DType dt : opt.dtypes) {
+    std::vector<AttentionProfile> ats = opt.attentions;
+    for (size_t k = 0; k < ats.size(); ++k) {
+      if (dt == DType::F32 && ats[k] == AttentionProfile::Eager) continue;  // the reference
+      const CheckRun& cr = run(dt, ats[k]);
+      const bool fused_asked = std::count(ats.begin(), ats.end(), AttentionProfile::Fused) > 0;
+      if (!fused_asked && cr.trace && cr.trace->first_nonfinite &&
+          cr.trace->first_nonfinite->finite_in_fp32 &&
+          is_attention_site(cr.trace->first_nonfinite->site))
+        ats.push_back(AttentionProfile::Fused);  // would SDPA / flash / SGLang survive it?
+    }
+  }
+  for (const auto& cr : r.runs) {
+    if (!cr.trace || !cr.trace->first_nonfinite) continue;
+    const auto& f = *cr.trace->first_nonfinite;
+    if (!f.finite_in_fp32 && !(weights_finite && cr.dtype == DType::F32)) continue;  // weights
+    std::string detail;
+    if (cr.dtype == DType::F32) {
+      detail = fmt::format("{} overflows even in fp32", f.site);
+    } else {
+      detail = fmt::format("{} reaches |x| = {} in fp32, beyond {}'s largest finite value {}: it "
+                           "becomes inf in {}, then NaN",
+                           f.site, f.value_fp32 ? g(*f.value_fp32) : "?", run_dtype_name(cr.dtype),
+                           g(dtype_max(cr.dtype)), run_dtype_name(cr.dtype));
+    }
+    std::string fix;
+    if (is_attention_site(f.site) && cr.attention == AttentionProfile::Eager) {
+      bool fused_ok = false;
+      for (const auto& o : r.runs)
+        if (o.dtype == cr.dtype && o.attention == AttentionProfile::Fused && o.trace &&
+            o.trace->finite())
+          fused_ok = true;
+      if (fused_ok)
+        detail += fmt::format(
+            ". With fused attention (SDPA, flash attention, SGLang, vLLM: scores and softmax in "
+            "fp32) the same {} run is finite: that is why another runtime works on these files",
+            run_dtype_name(cr.dtype));
+      fix = fmt::format("Run in bf16 (the dtype Qwen models are trained in), or keep {} with "
+                        "attn_implementation=\"sdpa\" instead of \"eager\".",
+                        run_dtype_name(cr.dtype));
+    } else {
+      fix = fmt::format("Run in bf16 or fp32: {} cannot hold this model's activations (models "
+                        "trained in bf16 often exceed 65504).",
+                        run_dtype_name(cr.dtype));
+    }
+    r.causes.push_back({"activation_overflow", cr.dtype, cr.attention,
+                        f.layer >= 0 ? std::optional<int64_t>(f.layer) : std::nullopt, f.site, "",
+                        detail, fix});
+  }
+  return r;
+}
+
+namespace {
+
+nlohmann::json cause_json(const Cause& c) {
+  nlohmann::json j = {{"kind", c.kind}, {"detail", c.detail}, {"fix", c.fix}};
+  j["dtype"] = c.dtype ? nlohmann::json(run_dtype_name(*c.dtype)) : nlohmann::json(nullptr);
+  j["attention"] =
+      c.attention ? nlohmann::json(attention_name(*c.attention)) : nlohmann::json(nullptr);
+  j["layer"] = c.layer ? nlohmann::json(*c.layer) : nlohmann::json(nullptr);
+  j["site"] = c.site.empty() ? nlohmann::json(nullptr) : nlohmann::json(c.site);
+  j["tensor"] = c.tensor.empty() ? nlohmann::json(nullptr) : nlohmann::json(c.tensor);
+  return j;
+}
+
+std::string run_label(const CheckRun& cr) {
+  return fmt::format("{} {}", run_dtype_name(cr.dtype), attention_name(cr.attention));
+}
+
+std::string run_summary(const CheckRun& cr) {
+  if (!cr.trace) return fmt::format("{:<11} not run: {}", run_label(cr), cr.error);
+  const auto& t = *cr.trace;
+  if (t.finite()) {
+    double peak = 0;
+    for (const auto& h : t.hidden) peak = std::max(peak, h.stats.abs_max);
+    return fmt::format("{:<11} all {} hidden states and the logits finite (max |h| = {})",
+                       run_label(cr), t.hidden.size(), g(peak));
+  }
+  int64_t first_bad = -1;
+  for (const auto& h : t.hidden)
+    if (!h.stats.finite()) {
+      first_bad = h.index;
+      break;
+    }
+  std::string where = t.first_nonfinite ? t.first_nonfinite->site : "?";
+  return fmt::format("{:<11} NaN/inf from hidden state {} on; first non-finite op: {}",
+                     run_label(cr), first_bad, where);
+}
+
+}  // namespace
+
+nlohmann::json check_json(const CheckResult& r) {
+  nlohmann::json j;
+  j["verdict"] = r.pass() ? "PASS" : "FAIL";
+  j["model"] = r.model.string();
+  j["tokens"] = r.tokens;
+  j["causes"] = nlohmann::json::array();
+  for (const auto& c : r.causes) j["causes"].push_back(cause_json(c));
+  j["runs"] = nlohmann::json::array();
+  for (const auto& cr : r.runs) {
+    nlohmann::json e;
+    if (cr.trace) {
+      e = trace_json(*cr.trace);
+      e["finite"] = cr.trace->finite();
+    } else {
+      e = {{"dtype", run_dtype_name(cr.dtype)}, {"attention", attention_name(cr.attention)},
+           {"error", cr.error}};
+    }
+    j["runs"].push_back(std::move(e));
+  }
+  nlohmann::json s = scan_to_json(r.scan);
+  s.erase("tensor_stats");
+  j["scan"] = s;
+  j["bad_embedding_rows"] = r.bad_embedding_rows;
+  return j;
+}
+
+std::string check_text(const CheckResult& r) {
+  std::string s = fmt::format("{}  {}  ({} tokens: [{}])\n", r.pass() ? "PASS" : "FAIL",
+                              r.model.string(), r.tokens.size(), fmt::join(r.tokens, ", "));
+  if (r.pass()) {
+    s += "No cause found: structure matches config.json, every weight is finite, and every run "
+         "stayed finite.\n";
+  }
+  for (size_t i = 0; i < r.causes.size(); ++i) {
+    const Cause& c = r.causes[i];
+    std::string where;
+    if (c.dtype) where += fmt::format(" [{} {}]", run_dtype_name(*c.dtype),
+                                      c.attention ? attention_name(*c.attention) : "");
+    if (!c.tensor.empty()) where += " " + c.tensor;
+    else if (!c.site.empty()) where += " " + c.site;
+    s += fmt::format("\nCause {}: {}{}\n  {}\n  Fix: {}\n", i + 1, c.kind, where, c.detail, c.fix);
+  }
+  s += "\nEvidence (traces on the CPU, as transformers computes):\n";
+  for (const auto& cr : r.runs) s += "  " + run_summary(cr) + "\n";
+  for (const auto& cr : r.runs)
+    if (cr.trace && !cr.trace->finite()) {
+      s += fmt::format("\nQuick test, {}:\n", run_label(cr));
+      s += trace_text(*cr.trace);
+      break;
+    }
+  return s;
+}
+
+std::string check_html(const CheckResult& r) {
+  HtmlReport h;
+  h.title = fmt::format("nanscope check: {} ({} tokens)", r.model.string(), r.tokens.size());
+  h.verdict = r.pass() ? "PASS" : "FAIL";
+  for (const auto& c : r.causes) h.summary_lines.push_back(c.kind + ": " + c.detail + " Fix: " + c.fix);
+  for (const auto& cr : r.runs) h.summary_lines.push_back(run_summary(cr));
+  for (const auto& cr : r.runs) {
+    if (!cr.trace) continue;
+    ChartSeries se{run_label(cr), dtype_max(cr.dtype), {}};
+    for (const auto& hs : cr.trace->hidden)
+      se.abs_max.push_back(hs.stats.finite() ? hs.stats.abs_max : std::nan(""));
+    h.series.push_back(std::move(se));
+  }
+  ReportTable causes{"Causes", {"#", "kind", "dtype", "attention", "layer", "site / tensor", "detail", "fix"}, {}};
+  for (size_t i = 0; i < r.causes.size(); ++i) {
+    const auto& c = r.causes[i];
+    causes.rows.push_back({std::to_string(i + 1), c.kind,
+                           c.dtype ? std::string(run_dtype_name(*c.dtype)) : "",
+                           c.attention ? std::string(attention_name(*c.attention)) : "",
+                           c.layer ? std::to_string(*c.layer) : "",
+                           c.tensor.empty() ? c.site : c.tensor, c.detail, c.fix});
+  }
+  h.tables.push_back(std::move(causes));
+  ReportTable states{"Hidden states (max |value|; NaN/inf marked)", {"state"}, {}};
+  size_t n = 0;
+  for (const auto& cr : r.runs)
+    if (cr.trace) {
+      states.header.push_back(run_label(cr));
+      n = std::max(n, cr.trace->hidden.size());
+    }
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<std::string> row{std::to_string(i)};
+    for (const auto& cr : r.runs) {
+      if (!cr.trace) continue;
+      if (i >= cr.trace->hidden.size()) {
+        row.push_back("");
+        continue;
+      }
+      const auto& st = cr.trace->hidden[i].stats;
+      row.push_back(st.finite() ? g(st.abs_max)
+                                : fmt::format("NaN x{} inf x{}", st.nan, st.posinf + st.neginf));
+    }
+    states.rows.push_back(std::move(row));
+  }
+  h.tables.push_back(std::move(states));
+  return render_html(h);
+}
+
+}  // namespace nanscope

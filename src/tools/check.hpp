@@ -1,0 +1,61 @@
+// `nanscope check`: the verdict. Scan, then trace in fp32 (the reference) and in each dtype asked
+// for; with --base and --adapter, work out where anything non-finite was born (the adapter, the
+// base, or the merge arithmetic). Causes come in order of origin, each with its evidence and fix.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tools/scan.hpp"
+#include "tools/trace.hpp"
+
+namespace nanscope {
+
+struct CheckOptions {
+  std::optional<std::filesystem::path> base, adapter;
+  std::vector<int64_t> ids;
+  std::vector<DType> dtypes = {DType::BF16, DType::F16};
+  // Attention profiles to run for every dtype. With eager alone, a dtype whose eager run fails
+  // inside attention is also run fused, to show whether SDPA / flash / SGLang would survive it.
+  std::vector<AttentionProfile> attentions = {AttentionProfile::Eager};
+  int threads = 0;
+};
+
+struct Cause {
+  std::string kind;  // adapter_nonfinite | weights_nonfinite | merge_overflow |
+                     // activation_overflow | embedding_rows | structure
+  std::optional<DType> dtype;
+  std::optional<AttentionProfile> attention;
+  std::optional<int64_t> layer;
+  std::string site, tensor, detail;
+  std::string fix;  // one or two concrete sentences
+};
+
+struct CheckRun {
+  DType dtype;
+  AttentionProfile attention;
+  std::optional<TraceResult> trace;  // absent when the model cannot run (structure)
+  std::string error;                 // why it could not run
+};
+
+struct CheckResult {
+  std::filesystem::path model;
+  std::vector<int64_t> tokens;
+  ScanResult scan;
+  std::vector<Cause> causes;
+  std::vector<CheckRun> runs;  // fp32 reference first
+  std::vector<int64_t> bad_embedding_rows;
+  bool pass() const { return causes.empty(); }
+};
+
+CheckResult check(const std::filesystem::path& model, const CheckOptions& opt);
+
+nlohmann::json check_json(const CheckResult& r);
+std::string check_text(const CheckResult& r);
+std::string check_html(const CheckResult& r);
+
+}  // namespace nanscope
