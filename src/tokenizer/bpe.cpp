@@ -258,66 +258,78 @@ class TokenTable {
 
 // Word (raw bytes) -> ids of its merge result, like the library's BPE cache: insert-only up to a
 // capacity, then lookups only. Open addressing over two arenas keeps a hit to one or two cache
-// lines; readers share the lock.
+// lines. Sharded by hash so that threads of encode_batch rarely touch the same lock.
 class WordCache {
  public:
-  WordCache() { slots_.assign(kSlots, Slot{}); }
-
   bool find(std::string_view word, uint64_t h, std::vector<int32_t>& out) const {
-    std::shared_lock lock(mutex_);
-    for (size_t i = h & kMask; slots_[i].used; i = (i + 1) & kMask) {
-      const Slot& s = slots_[i];
-      if (s.hash == h && s.key_len == word.size() &&
-          std::memcmp(keys_.data() + s.key_off, word.data(), word.size()) == 0) {
-        out.insert(out.end(), ids_.begin() + s.ids_off, ids_.begin() + s.ids_off + s.ids_len);
-        return true;
-      }
-    }
-    return false;
+    return shards_[h >> 60].find(word, h, out);
   }
-
   void insert(std::string_view word, uint64_t h, std::span<const int32_t> ids) {
-    std::unique_lock lock(mutex_);
-    if (count_ >= kCapacity) return;
-    size_t i = h & kMask;
-    for (; slots_[i].used; i = (i + 1) & kMask) {
-      if (slots_[i].hash == h && slots_[i].key_len == word.size() &&
-          std::memcmp(keys_.data() + slots_[i].key_off, word.data(), word.size()) == 0) {
-        return;  // another thread got there first
-      }
-    }
-    slots_[i] = {h,
-                 static_cast<uint32_t>(keys_.size()),
-                 static_cast<uint32_t>(word.size()),
-                 static_cast<uint32_t>(ids_.size()),
-                 static_cast<uint32_t>(ids.size()),
-                 true};
-    keys_.append(word);
-    ids_.insert(ids_.end(), ids.begin(), ids.end());
-    ++count_;
+    shards_[h >> 60].insert(word, h, ids);
   }
-
   static uint64_t hash(std::string_view s) {
-    uint64_t h = 0xcbf29ce484222325ull;
+    uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a, then a mix so both ends of h are usable
     for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-    return h ^ (h >> 31);
+    h ^= h >> 31;
+    h *= 0xbf58476d1ce4e5b9ull;
+    return h ^ (h >> 29);
   }
 
  private:
-  // Half full at most, so probes stay short; words are < 256 bytes, so offsets fit 32 bits.
-  static constexpr size_t kCapacity = 1 << 15;
-  static constexpr size_t kSlots = 2 * kCapacity;
-  static constexpr size_t kMask = kSlots - 1;
-  struct Slot {
-    uint64_t hash = 0;
-    uint32_t key_off = 0, key_len = 0, ids_off = 0, ids_len = 0;
-    bool used = false;
+  // 16 shards of 2048 words: 32768 in all. Half full at most, so probes stay short; words are
+  // < 256 bytes, so arena offsets fit 32 bits.
+  class alignas(64) Shard {
+   public:
+    Shard() : slots_(kSlots) {}
+    bool find(std::string_view word, uint64_t h, std::vector<int32_t>& out) const {
+      std::shared_lock lock(mutex_);
+      const Slot* s = probe(word, h);
+      if (!s->used) return false;
+      out.insert(out.end(), ids_.begin() + s->ids_off, ids_.begin() + s->ids_off + s->ids_len);
+      return true;
+    }
+    void insert(std::string_view word, uint64_t h, std::span<const int32_t> ids) {
+      std::unique_lock lock(mutex_);
+      if (count_ >= kCapacity) return;
+      Slot* s = const_cast<Slot*>(probe(word, h));
+      if (s->used) return;  // another thread got there first
+      *s = {h,
+            static_cast<uint32_t>(keys_.size()),
+            static_cast<uint32_t>(word.size()),
+            static_cast<uint32_t>(ids_.size()),
+            static_cast<uint32_t>(ids.size()),
+            true};
+      keys_.append(word);
+      ids_.insert(ids_.end(), ids.begin(), ids.end());
+      ++count_;
+    }
+
+   private:
+    static constexpr size_t kCapacity = 2048;
+    static constexpr size_t kSlots = 2 * kCapacity;
+    static constexpr size_t kMask = kSlots - 1;
+    struct Slot {
+      uint64_t hash = 0;
+      uint32_t key_off = 0, key_len = 0, ids_off = 0, ids_len = 0;
+      bool used = false;
+    };
+    // The slot holding `word`, or the empty slot where it would go.
+    const Slot* probe(std::string_view word, uint64_t h) const {
+      for (size_t i = h & kMask;; i = (i + 1) & kMask) {
+        const Slot& s = slots_[i];
+        if (!s.used || (s.hash == h && s.key_len == word.size() &&
+                        std::memcmp(keys_.data() + s.key_off, word.data(), word.size()) == 0)) {
+          return &s;
+        }
+      }
+    }
+    mutable std::shared_mutex mutex_;
+    std::vector<Slot> slots_;
+    std::string keys_;
+    std::vector<int32_t> ids_;
+    size_t count_ = 0;
   };
-  mutable std::shared_mutex mutex_;
-  std::vector<Slot> slots_;
-  std::string keys_;
-  std::vector<int32_t> ids_;
-  size_t count_ = 0;
+  std::array<Shard, 16> shards_;
 };
 
 struct Stage {

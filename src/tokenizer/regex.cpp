@@ -4,6 +4,7 @@
 #include <pcre2.h>
 
 #include "common/error.hpp"
+#include "tokenizer/unicode_tables.hpp"
 
 namespace nanscope {
 namespace {
@@ -51,24 +52,44 @@ struct SplitRegex::Impl {
 };
 
 std::string SplitRegex::onig_compatible(std::string_view p) {
+  using unicode_tables::Range;
+  // Class members (no brackets) for a property with Oniguruma's extra code points added.
+  auto members = [](std::string_view property, const std::vector<Range>& extra) {
+    std::string m(property);
+    for (const Range& r : extra) {
+      m += fmt::format("\\x{{{:X}}}", static_cast<uint32_t>(r.lo));
+      if (r.hi != r.lo) m += fmt::format("-\\x{{{:X}}}", static_cast<uint32_t>(r.hi));
+    }
+    return m;
+  };
+  const std::string letters = members("\\p{L}", unicode_tables::kLExtra);
+  const std::string numbers = members("\\p{N}", unicode_tables::kNExtra);
+
   std::string out;
-  out.reserve(p.size() + 64);
+  out.reserve(p.size() + letters.size() + numbers.size());
   bool in_class = false;
   for (size_t i = 0; i < p.size(); ++i) {
     const char c = p[i];
     if (c == '\\' && i + 1 < p.size()) {
+      const std::string_view rest = p.substr(i);
+      const std::string* property = rest.starts_with("\\p{L}")   ? &letters
+                                    : rest.starts_with("\\p{N}") ? &numbers
+                                                                 : nullptr;
+      if (property != nullptr) {
+        out.append(in_class ? *property : "[" + *property + "]");
+        i += 4;
+        continue;
+      }
       const char e = p[i + 1];
       if (e == 's') {
-        if (in_class) {
-          out.append(kWhiteSpace);
-        } else {
-          out.append("[").append(kWhiteSpace).append("]");
-        }
+        out.append(in_class ? std::string(kWhiteSpace) : fmt::format("[{}]", kWhiteSpace));
       } else if (e == 'S' && !in_class) {
-        out.append("[^").append(kWhiteSpace).append("]");
+        out.append(fmt::format("[^{}]", kWhiteSpace));
       } else {
+        // `\S`, `\P{L}` inside a class and other escapes stay PCRE2's; they differ only on code
+        // points that tokenizer.json patterns do not use.
         out.push_back(c);
-        out.push_back(e);  // `\S` inside a class stays PCRE2's (differs only at U+180E)
+        out.push_back(e);
       }
       ++i;
       continue;

@@ -25,8 +25,10 @@ class SplitRegex {
   // to right, as Oniguruma's find-iter does. `out` is cleared first.
   void find_all(std::string_view subject, std::vector<std::pair<size_t, size_t>>& out) const;
 
-  // Oniguruma's `\s` is Unicode White_Space; PCRE2's UCP `\s` also takes U+180E. This rewrites
-  // `\s` / `\S` into explicit White_Space classes. Exposed for the tests.
+  // Rewrites a pattern so that PCRE2 matches what Oniguruma (the library's engine) matches:
+  // `\s` / `\S` become explicit White_Space classes (PCRE2's UCP `\s` also takes U+180E), and
+  // `\p{L}` / `\p{N}` gain the code points of Unicode versions newer than PCRE2's tables
+  // (unicode_tables.hpp). Exposed for the tests.
   static std::string onig_compatible(std::string_view pattern);
 
  private:

@@ -1,7 +1,10 @@
 #include "tokenizer/text.hpp"
 
+#include "tokenizer/unicode_tables.hpp"
+
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -105,6 +108,29 @@ std::string utf8_lossy(std::string_view bytes) {
   return out;
 }
 
+namespace {
+
+std::string utf8proc_nfc(std::string_view s) {
+  if (s.empty()) return {};
+  utf8proc_uint8_t* out = nullptr;
+  const utf8proc_ssize_t n = utf8proc_map(
+      reinterpret_cast<const utf8proc_uint8_t*>(s.data()), static_cast<utf8proc_ssize_t>(s.size()),
+      &out, static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+  // Input was validated before, so the only failure left is running out of memory.
+  if (n < 0) throw std::bad_alloc();
+  std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> holder(out, &std::free);
+  return std::string(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
+}
+
+bool nfc_inert(char32_t cp) {
+  const auto& t = unicode_tables::kNfcInert;
+  auto it = std::upper_bound(t.begin(), t.end(), cp,
+                             [](char32_t c, const unicode_tables::Range& r) { return c < r.lo; });
+  return it != t.begin() && cp <= std::prev(it)->hi;
+}
+
+}  // namespace
+
 std::string nfc(std::string_view s) {
   bool ascii = true;
   for (char c : s) {
@@ -114,14 +140,26 @@ std::string nfc(std::string_view s) {
     }
   }
   if (ascii) return std::string(s);
-  utf8proc_uint8_t* out = nullptr;
-  const utf8proc_ssize_t n = utf8proc_map(
-      reinterpret_cast<const utf8proc_uint8_t*>(s.data()), static_cast<utf8proc_ssize_t>(s.size()),
-      &out, static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-  // Input was validated before, so the only failure left is running out of memory.
-  if (n < 0) throw std::bad_alloc();
-  std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> holder(out, &std::free);
-  return std::string(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
+  // A code point the library's Unicode 9.0 tables do not know has combining class 0 and no
+  // mappings there: it blocks reordering and composition across it. Normalizing the runs between
+  // such code points and copying them as they are gives exactly that.
+  std::string out;
+  size_t run = 0, i = 0;
+  while (i < s.size()) {
+    if (static_cast<unsigned char>(s[i]) < 0x80) {
+      ++i;
+      continue;
+    }
+    const size_t start = i;
+    if (nfc_inert(next_code_point(s, i))) {
+      out += utf8proc_nfc(s.substr(run, start - run));
+      out.append(s.substr(start, i - start));
+      run = i;
+    }
+  }
+  if (run == 0) return utf8proc_nfc(s);
+  out += utf8proc_nfc(s.substr(run));
+  return out;
 }
 
 bool is_white_space(char32_t cp) {

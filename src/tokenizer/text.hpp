@@ -26,7 +26,8 @@ void append_utf8(std::string& out, char32_t cp);
 // recommended practice, which is what Rust's String::from_utf8_lossy does).
 std::string utf8_lossy(std::string_view bytes);
 
-// Unicode NFC of valid UTF-8 (utf8proc). ASCII-only input is returned as is without a call.
+// NFC of valid UTF-8 as the tokenizers library computes it: utf8proc's NFC, except that code
+// points newer than the library's Unicode 9.0 tables are left alone (unicode_tables.hpp).
 std::string nfc(std::string_view s);
 
 // Unicode White_Space (what Rust's char::is_whitespace and `\s` mean).

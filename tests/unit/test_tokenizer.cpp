@@ -274,6 +274,26 @@ TEST(TokenizerRegex, OnigWhiteSpaceClassReplacesPcre2s) {
   EXPECT_EQ(m[0], (std::pair<size_t, size_t>{5, 9}));
 }
 
+TEST(TokenizerRegex, LettersOfNewerUnicodeCountAsLetters) {
+  // U+1C89 (Unicode 16) is a letter for Oniguruma; PCRE2 10.42's tables predate it.
+  std::vector<std::pair<size_t, size_t>> m;
+  SplitRegex(R"(\p{L}+)", false, "test").find_all("\xE1\xB2\x89x!", m);
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_EQ(m[0], (std::pair<size_t, size_t>{0, 4}));
+  SplitRegex(R"([^\p{L}]+)", false, "test").find_all("\xE1\xB2\x89x!", m);
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_EQ(m[0], (std::pair<size_t, size_t>{4, 5}));
+}
+
+TEST(TokenizerText, NfcLeavesMarksNewerThanUnicode9Alone) {
+  // U+0301 after e composes; U+1DFA (Unicode 14, class 218) is not moved before U+0338
+  // (class 1) because the library's Unicode 9.0 tables give it class 0.
+  EXPECT_EQ(text::nfc("e\xCC\x81"), "\xC3\xA9");
+  EXPECT_EQ(text::nfc("a\xE1\xB7\xBA\xCC\xB8"), "a\xE1\xB7\xBA\xCC\xB8");
+  // Without such a mark the same pair is put in canonical order.
+  EXPECT_EQ(text::nfc("a\xCD\x85\xCC\xB8"), "a\xCC\xB8\xCD\x85");
+}
+
 TEST(TokenizerErrors, UnsupportedModelTypeNamesTheType) {
   json j = tiny(json::array());
   j["model"] = {{"type", "WordPiece"}, {"vocab", json::object()}};
