@@ -202,11 +202,15 @@ class Model {
           }
           softmax_row(sh + i * T, T, ph + i * T);
           for (int64_t j = 0; j < T; ++j) ph[i * T + j] = round_to(ph[i * T + j], dt_);
-          for (int64_t d = 0; d < D; ++d) {
-            float acc = 0.0f;
-            for (int64_t j = 0; j < T; ++j) acc += ph[i * T + j] * v[size_t(j * kvd + kvh * D + d)];
-            ctx[size_t(i * qd + h * D + d)] = round_to(acc, dt_);
+          // o[d] = sum_j p[j] v[j, d] with j in order for every d (rows of v read contiguously).
+          float* o = ctx.data() + i * qd + h * D;
+          std::fill(o, o + D, 0.0f);
+          for (int64_t j = 0; j < T; ++j) {
+            const float pj = ph[i * T + j];
+            const float* vj = v.data() + j * kvd + kvh * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
           }
+          for (int64_t d = 0; d < D; ++d) o[d] = round_to(o[d], dt_);
         }
       }
     });
@@ -280,11 +284,15 @@ class Model {
           const float inv = 1.0f / (sum == 0.0f ? 1.0f : sum);
           for (int64_t j = 0; j < T; ++j) ph[i * T + j] = e[size_t(j)] * inv;
           for (int64_t j = 0; j < T; ++j) e[size_t(j)] = round_to(e[size_t(j)], dt_);
-          for (int64_t d = 0; d < D; ++d) {
-            float acc = 0.0f;
-            for (int64_t j = 0; j < T; ++j) acc += e[size_t(j)] * v[size_t(j * kvd + kvh * D + d)];
-            ctx[size_t(i * qd + h * D + d)] = round_to(acc * inv, dt_);
+          // o[d] = sum_j p[j] v[j, d] with j in order for every d (rows of v read contiguously).
+          float* o = ctx.data() + i * qd + h * D;
+          std::fill(o, o + D, 0.0f);
+          for (int64_t j = 0; j < T; ++j) {
+            const float pj = e[size_t(j)];
+            const float* vj = v.data() + j * kvd + kvh * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
           }
+          for (int64_t d = 0; d < D; ++d) o[d] = round_to(o[d] * inv, dt_);
         }
       }
     });

@@ -6,6 +6,7 @@
 
 #include "numerics/kernels.hpp"
 
+#include <cblas.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "numerics/parallel.hpp"
@@ -126,6 +128,8 @@ inline void micro_rows(const float* w, int64_t ldw, const float* x, int64_t T, i
 }
 
 constexpr int64_t kTileRows = 8;
+constexpr int64_t kGemmTokens = 16;  // from this many tokens on, sgemm on converted blocks
+constexpr int64_t kGemmRows = 64;
 
 }  // namespace
 
@@ -149,8 +153,31 @@ void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, fl
 void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
             float* out) {
   const int64_t K = w.cols, N = w.rows;
+  if (T >= kGemmTokens) {
+    // Many tokens: compute-bound. Convert a block of rows to fp32 once, then OpenBLAS sgemm
+    // (single-threaded inside each of our threads), then bias and one rounding.
+    static std::once_flag once;
+    std::call_once(once, [] { openblas_set_num_threads(1); });
+    parallel_for(N, kGemmRows, [&](int64_t r0, int64_t r1) {
+      std::vector<float> tile(static_cast<size_t>(kGemmRows * K)), acc(size_t(T * kGemmRows));
+      for (int64_t rt = r0; rt < r1; rt += kGemmRows) {
+        const int64_t nr = std::min(kGemmRows, r1 - rt);
+        weight_rows(w, rt, nr, dt, tile.data());
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(nr), int(K), 1.0f, x,
+                    int(K), tile.data(), int(K), 0.0f, acc.data(), int(nr));
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t r = 0; r < nr; ++r) {
+            float v = acc[size_t(t * nr + r)];
+            if (bias) v += bias[rt + r];
+            out[t * N + rt + r] = round_to(v, dt);
+          }
+      }
+    });
+    return;
+  }
+  // Few tokens: memory-bound, the weights are streamed once through an AVX2 microkernel.
   parallel_for(N, kTileRows, [&](int64_t r0, int64_t r1) {
-    std::vector<float> tile(size_t(kTileRows * K));
+    std::vector<float> tile(static_cast<size_t>(kTileRows * K));
     for (int64_t rt = r0; rt < r1; rt += kTileRows) {
       const int64_t nr = std::min(kTileRows, r1 - rt);
       weight_rows(w, rt, nr, dt, tile.data());
