@@ -62,10 +62,20 @@ std::string list_rows(const std::vector<int64_t>& rows, size_t most = 20) {
                      rows.size() > most ? fmt::format(" and {} more", rows.size() - most) : "");
 }
 
-const char* kStructureFix =
-    "Re-save the merged model with merge_and_unload() before save_pretrained (or use `nanscope "
-    "merge`), or re-download the missing files; transformers would initialise what it cannot find "
-    "at random.";
+std::string structure_fix(const std::string& kind) {
+  if (kind == "adapter_keys")
+    return "The model was saved with PEFT wrapping: call merge_and_unload() before "
+           "save_pretrained, or merge with `nanscope merge`; transformers would initialise the "
+           "wrapped weights at random.";
+  if (kind == "tied_embeddings")
+    return "Make config.json agree with the tensors: tie_word_embeddings false when "
+           "lm_head.weight is its own tensor (`nanscope merge` writes it right).";
+  if (kind == "shape_mismatch")
+    return "config.json does not describe these tensors: use the config.json of the model the "
+           "weights came from.";
+  return "Re-download or re-save the checkpoint: transformers would initialise a missing tensor "
+         "at random and only warn.";
+}
 
 }  // namespace
 
@@ -110,12 +120,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   for (const auto& f : r.scan.findings)
     if (f.severity == "error" && f.kind != "nonfinite")
       r.causes.push_back({"structure", {}, {}, {}, "", f.tensor,
-                          fmt::format("{}: {}", f.kind, f.detail),
-                          f.kind == "tied_embeddings"
-                              ? "Make config.json agree with the tensors: tie_word_embeddings "
-                                "false when lm_head.weight is its own tensor (re-merge with "
-                                "`nanscope merge`, which writes it right)."
-                              : kStructureFix});
+                          fmt::format("{}: {}", f.kind, f.detail), structure_fix(f.kind)});
 
   // Non-finite weights, with where they were born.
   for (const auto& t : r.scan.tensor_reports) {
@@ -147,7 +152,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
           "the base ({}) and the adapter are finite here: the merge arithmetic overflowed the "
           "output dtype {} (W + dW beyond its range)",
           base_stats->any_finite ? fmt::format("abs max {}", g(base_stats->abs_max)) : "finite",
-          dtype_name(t.dtype));
+          run_dtype_name(t.dtype));
       fix = "Re-merge into bf16 or fp32 (`nanscope merge --dtype bf16`): W + dW does not fit the "
             "fp16 range.";
     } else {
@@ -186,7 +191,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   auto run = [&](DType dt, AttentionProfile at) -> const CheckRun& {
     CheckRun cr{dt, at, std::nullopt, ""};
     if (!runnable) {
-      cr.error = "not run: the checkpoint is structurally broken";
+      cr.error = "the checkpoint is structurally broken";
     } else {
       TraceOptions to;
       to.ids = opt.ids;
@@ -229,7 +234,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       detail = fmt::format("{} reaches |x| = {} in fp32, beyond {}'s largest finite value {}: it "
                            "becomes inf in {}, then NaN",
                            f.site, f.value_fp32 ? g(*f.value_fp32) : "?", run_dtype_name(cr.dtype),
-                           g(dtype_max(cr.dtype)), run_dtype_name(cr.dtype));
+                           dtype_max(cr.dtype), run_dtype_name(cr.dtype));
     }
     std::string fix;
     if (is_attention_site(f.site) && cr.attention == AttentionProfile::Eager) {
@@ -354,7 +359,10 @@ std::string check_html(const CheckResult& r) {
   HtmlReport h;
   h.title = fmt::format("nanscope check: {} ({} tokens)", r.model.string(), r.tokens.size());
   h.verdict = r.pass() ? "PASS" : "FAIL";
-  for (const auto& c : r.causes) h.summary_lines.push_back(c.kind + ": " + c.detail + " Fix: " + c.fix);
+  for (const auto& c : r.causes) {
+    h.summary_lines.push_back(c.kind + ": " + c.detail);
+    h.summary_lines.push_back("Fix: " + c.fix);
+  }
   for (const auto& cr : r.runs) h.summary_lines.push_back(run_summary(cr));
   for (const auto& cr : r.runs) {
     if (!cr.trace) continue;

@@ -30,15 +30,18 @@ constexpr const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd",
 // Log-scale line chart in inline SVG: x = hidden-state index, y = max |activation|. A
 // non-finite state is drawn as a cross at the top edge, each dtype's limit as a dashed line.
 std::string chart_svg(const std::vector<ChartSeries>& series) {
-  const double W = 860, H = 360, L = 70, R = 190, T = 20, B = 40;
+  const double W = 1000, H = 360, L = 70, R = 290, T = 20, B = 40;
   size_t n = 0;
   double lo = 1e300, hi = 0;
   for (const auto& s : series) {
     n = std::max(n, s.abs_max.size());
     for (double v : s.abs_max)
       if (std::isfinite(v) && v > 0) lo = std::min(lo, v), hi = std::max(hi, v);
-    hi = std::max(hi, s.limit);
   }
+  // Limits far above the data (bf16 and fp32, ~3.4e38) would flatten the chart: only limits
+  // of fp16 size are drawn; the others are named in the legend.
+  for (const auto& s : series)
+    if (s.limit > 0 && s.limit <= 1e6) hi = std::max(hi, s.limit);
   if (n == 0 || hi <= 0) return "<p>No hidden states to chart.</p>";
   if (lo > hi) lo = hi / 10;
   const double ylo = std::floor(std::log10(lo)), yhi = std::ceil(std::log10(hi)) + 0.3;
@@ -52,7 +55,8 @@ std::string chart_svg(const std::vector<ChartSeries>& series) {
   s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"#fafafa\" "
                    "stroke=\"#ccc\"/>\n",
                    L, T, W - L - R, H - T - B);
-  for (int e = int(ylo); e <= int(std::floor(yhi)); ++e) {
+  const int label_step = std::max(1, int((yhi - ylo) / 8));
+  for (int e = int(ylo); e <= int(std::floor(yhi)); e += label_step) {
     const double y = Y(std::pow(10.0, e));
     s += fmt::format("<line x1=\"{}\" x2=\"{}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#e4e4e4\"/>"
                      "<text x=\"{}\" y=\"{:.1f}\" font-size=\"11\" text-anchor=\"end\">1e{}</text>\n",
@@ -86,7 +90,8 @@ std::string chart_svg(const std::vector<ChartSeries>& series) {
       s += fmt::format("<polyline class=\"series\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" "
                        "points=\"{}\"/>\n",
                        c, pts);
-    if (se.limit > 0 && std::isfinite(se.limit)) {
+    const bool limit_shown = se.limit > 0 && std::log10(se.limit) <= yhi;
+    if (limit_shown) {
       const double y = Y(se.limit);
       s += fmt::format("<line x1=\"{}\" x2=\"{}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"{}\" "
                        "stroke-dasharray=\"6 4\"/>\n",
@@ -95,9 +100,9 @@ std::string chart_svg(const std::vector<ChartSeries>& series) {
     const double ly = T + 14 + 18 * double(k);
     s += fmt::format("<line x1=\"{}\" x2=\"{}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"{}\" "
                      "stroke-width=\"3\"/><text x=\"{}\" y=\"{:.1f}\" font-size=\"12\">{} (limit "
-                     "{:.4g})</text>\n",
+                     "{:.4g}{})</text>\n",
                      W - R + 10, W - R + 30, ly, ly, c, W - R + 36, ly + 4,
-                     html_escape(se.label), se.limit);
+                     html_escape(se.label), se.limit, limit_shown ? ", dashed" : ", off chart");
   }
   s += "</svg>\n";
   return s;
