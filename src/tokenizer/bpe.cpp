@@ -542,7 +542,7 @@ struct Tokenizer::Impl {
   void load_added(const json& list);
   void load_normalizer(const json& n);
   void load_pre_tokenizer(const json& p);
-  void load_post_processor(const json& p, bool top_level);
+  void load_post_processor(const json& p);
 
   void encode_into(std::string_view text, std::vector<int32_t>& out) const;
   void pre_tokenize(size_t stage, std::string_view piece, std::vector<int32_t>& out) const;
@@ -702,12 +702,12 @@ void Tokenizer::Impl::load_pre_tokenizer(const json& p) {
   }
 }
 
-void Tokenizer::Impl::load_post_processor(const json& p, bool top_level) {
+void Tokenizer::Impl::load_post_processor(const json& p) {
   if (p.is_null()) return;
   const std::string type = json_type_name(p);
   if (type == "ByteLevel") return;  // adjusts offsets only
   if (type == "Sequence") {
-    for (const json& child : p.at("processors")) load_post_processor(child, false);
+    for (const json& child : p.at("processors")) load_post_processor(child);
   } else if (type == "TemplateProcessing") {
     const json& specials = p.at("special_tokens");
     for (const json& part : p.at("single")) {
@@ -730,7 +730,6 @@ void Tokenizer::Impl::load_post_processor(const json& p, bool top_level) {
     // Only needed for add_special_tokens, so complain then rather than refuse the file.
     unsupported_post_processor = type;
   }
-  (void)top_level;
 }
 
 void Tokenizer::Impl::merge_word(std::string_view word, std::vector<int32_t>& out) const {
@@ -943,7 +942,7 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, std::string_view sour
       fail("tokenizer: {}: decoder type '{}' is not supported (only ByteLevel)", source,
            json_type_name(dec));
     }
-    impl->load_post_processor(doc.value("post_processor", json()), true);
+    impl->load_post_processor(doc.value("post_processor", json()));
   } catch (const json::exception& e) {
     fail("tokenizer: {}: unexpected tokenizer.json structure: {}", source, e.what());
   }

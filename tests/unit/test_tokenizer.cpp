@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -77,8 +78,13 @@ TEST(TokenizerQwen3, KnownIdsFromReference) {
 
 TEST(TokenizerQwen3, GoldensFromHuggingFaceTokenizers) {
   // NANSCOPE_TOKENIZER_GOLDENS points at other reference ids in the same format (for example
-  // tools/fixtures/differential_tokenizer.js output); then the corpus check is skipped.
+  // make_tokenizer_goldens.py --random output); then the corpus check is skipped.
+  // NANSCOPE_TOKENIZER_JSON names the tokenizer they were made with (default: Qwen3).
   const char* override_path = std::getenv("NANSCOPE_TOKENIZER_GOLDENS");
+  const char* override_tokenizer = std::getenv("NANSCOPE_TOKENIZER_JSON");
+  std::optional<Tokenizer> other;
+  if (override_tokenizer) other.emplace(Tokenizer::load(override_tokenizer));
+  const Tokenizer& tok = other ? *other : qwen3();
   const fs::path path = override_path ? fs::path(override_path) : kDir / "goldens.jsonl";
   if (!fs::exists(path)) {
     GTEST_SKIP() << path << " is missing: run tools/fixtures/make_tokenizer_goldens.py with the "
@@ -104,14 +110,14 @@ TEST(TokenizerQwen3, GoldensFromHuggingFaceTokenizers) {
       continue;
     }
     const std::vector<int32_t> expected = row.at("ids");
-    const std::vector<int32_t> got = qwen3().encode(text);
+    const std::vector<int32_t> got = tok.encode(text);
     if (got != expected && ++mismatches <= 10) {
       ADD_FAILURE() << "text " << json(text).dump() << "\n  expected " << show_ids(expected)
                     << "\n  got      " << show_ids(got);
     }
     // "decoded" is the library's decode(ids): checks decode on the same ids.
     if (row.contains("decoded")) {
-      const std::string decoded = qwen3().decode(expected);
+      const std::string decoded = tok.decode(expected);
       if (decoded != row["decoded"].get<std::string>() && ++decode_mismatches <= 5) {
         ADD_FAILURE() << "decode of " << show_ids(expected) << "\n  expected "
                       << row["decoded"].dump() << "\n  got      " << json(decoded).dump();
@@ -256,6 +262,24 @@ TEST(TokenizerBpe, AddedTokenFlags) {
   EXPECT_EQ(ids_of(j, "a<w>b"), (std::vector<int32_t>{'a', '<', 'w', '>', 'b'}));
   // Longest match first: "<mm>" wins over nothing shorter at the same place.
   EXPECT_EQ(ids_of(j, "<mm>"), (std::vector<int32_t>{402}));
+}
+
+TEST(TokenizerBpe, TemplatePostProcessorOnlyWithSpecialTokens) {
+  json j = tiny(json::array({"a b"}), {{"ab", 256}},
+                json::array({{{"id", 500}, {"content", "<s>"}, {"special", true}}}));
+  j["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single", json::array({{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                              {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+      {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {500}}, {"tokens", {"<s>"}}}}}}};
+  const Tokenizer t = Tokenizer::from_json(j.dump(), "tiny");
+  EXPECT_EQ(t.encode("ab"), (std::vector<int32_t>{256}));
+  EXPECT_EQ(t.encode("ab", true), (std::vector<int32_t>{500, 256}));
+  EXPECT_EQ(t.decode(std::vector<int32_t>{500, 256}, true), "ab");
+  j["post_processor"] = {{"type", "RobertaProcessing"}};
+  const Tokenizer r = Tokenizer::from_json(j.dump(), "tiny");
+  EXPECT_EQ(r.encode("ab"), (std::vector<int32_t>{256}));
+  expect_input_error([&] { r.encode("ab", true); }, {"RobertaProcessing"});
 }
 
 TEST(TokenizerRegex, OnigWhiteSpaceClassReplacesPcre2s) {
