@@ -336,6 +336,11 @@ TEST(TokenizerErrors, UnsupportedComponentsNameTheirType) {
   j = tiny(json::array());
   j["model"]["merges"] = json::array({"a q"});  // "aq" is not in the vocabulary
   expect_input_error([&] { Tokenizer::from_json(j.dump(), "x.json"); }, {"merge #0"});
+  j = tiny(json::array());
+  j["model"]["vocab"]["oops"] = "not an id";
+  expect_input_error([&] { Tokenizer::from_json(j.dump(), "v.json"); }, {"v.json", "model.vocab"});
+  j = tiny(json::array({json::array({"a", "b", "c"})}));
+  expect_input_error([&] { Tokenizer::from_json(j.dump(), "p.json"); }, {"merge #0", "pair"});
 }
 
 TEST(TokenizerErrors, MissingFileOrDirectoryWithoutTokenizerJson) {
