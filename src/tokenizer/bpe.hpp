@@ -28,8 +28,9 @@ class Tokenizer {
 
   // Token ids of `text` (UTF-8). Added tokens (<|im_start|>, <think>, ...) found in the raw text
   // are single ids and never split. With add_special_tokens the tokenizer.json post-processor
-  // runs too (Llama-3 prepends <|begin_of_text|>; Qwen adds nothing). Throws InputError when
-  // `text` is not valid UTF-8 (the message gives the byte offset).
+  // runs too (a TemplateProcessing one, as in Meta's Llama-3 files, prepends <|begin_of_text|>;
+  // Qwen's adds nothing). Throws InputError when `text` is not valid UTF-8 (the message gives
+  // the byte offset).
   // Thread-safe: concurrent calls on one Tokenizer are fine.
   std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = false) const;
 
