@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
 (cd build && ctest --output-on-failure -j"$(nproc)")
-if [ -d python ] && [ -f build/python/CMakeCache.txt -o -n "$(ls build/python/*.so 2>/dev/null)" ]; then
+if [ -f python/CMakeLists.txt ]; then
   PYTHONPATH=build/python /usr/bin/python3 -m pytest -q python/tests
 fi
 if [ "${NANSCOPE_SKIP_SANITIZERS:-0}" != 1 ]; then

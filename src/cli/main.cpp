@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   add_tokenize(app, commands);
   add_merge(app, commands);
   add_check(app, commands);
+  add_hidden(app, commands);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

@@ -1,0 +1,89 @@
+// Times hidden-state extraction (every state, as output_hidden_states) of random-id prompts and
+// prints one JSON line with tokens/s and the peak RSS (getrusage):
+//   bench_hidden MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [ATTENTION=eager]
+// The forward pass runs one sequence at a time; bench/reference/ref_hidden.py is the
+// transformers side (batched) for the side-by-side run.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.hpp"
+#include "tools/hidden.hpp"
+#include "tools/trace.hpp"
+
+int main(int argc, char** argv) {
+  using namespace nanscope;
+  if (argc < 2) {
+    std::fprintf(stderr,
+                 "usage: %s MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [eager|fused]\n",
+                 argv[0]);
+    return 2;
+  }
+  const int64_t prompts = argc > 2 ? std::atoll(argv[2]) : 64;
+  const int64_t tokens = argc > 3 ? std::atoll(argv[3]) : 128;
+  ForwardOptions fwd;
+  if (argc > 4) {
+    auto dt = parse_run_dtype(argv[4]);
+    if (!dt) {
+      std::fprintf(stderr, "bad dtype %s\n", argv[4]);
+      return 2;
+    }
+    fwd.dtype = *dt;
+  }
+  if (argc > 5) {
+    auto at = parse_attention(argv[5]);
+    if (!at) {
+      std::fprintf(stderr, "bad attention %s\n", argv[5]);
+      return 2;
+    }
+    fwd.attention = *at;
+  }
+  if (prompts <= 0 || tokens <= 0) {
+    std::fprintf(stderr, "PROMPTS and TOKENS must be positive\n");
+    return 2;
+  }
+  try {
+    const auto t0 = std::chrono::steady_clock::now();
+    const Checkpoint ck = Checkpoint::open(argv[1]);
+    // Keep the weights mapped between prompts: releasing pages after every layer would make
+    // each prompt read the model from disk again.
+    fwd.release_pages = false;
+    std::mt19937_64 rng(1234);
+    std::uniform_int_distribution<int64_t> dist(0, ck.config().vocab_size - 1);
+    const auto t1 = std::chrono::steady_clock::now();
+    double checksum = 0;
+    for (int64_t p = 0; p < prompts; ++p) {
+      HiddenInput in;
+      in.id = std::to_string(p);
+      for (int64_t t = 0; t < tokens; ++t) in.ids.push_back(dist(rng));
+      const HiddenStates hs = hidden_states(ck, in, fwd);
+      checksum += double(hs.states.back()[0]);
+    }
+    const auto t2 = std::chrono::steady_clock::now();
+    const double secs = std::chrono::duration<double>(t2 - t1).count();
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    nlohmann::json j = {{"tool", "nanscope"},
+                        {"model", argv[1]},
+                        {"prompts", prompts},
+                        {"tokens", tokens},
+                        {"dtype", run_dtype_name(fwd.dtype)},
+                        {"attention", attention_name(fwd.attention)},
+                        {"load_seconds", std::chrono::duration<double>(t1 - t0).count()},
+                        {"seconds", secs},
+                        {"tokens_per_s", double(prompts * tokens) / secs},
+                        {"peak_rss_gib", double(ru.ru_maxrss) / (1024.0 * 1024.0)},
+                        {"checksum", checksum}};
+    std::printf("%s\n", j.dump().c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_hidden: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Reference for `bench_hidden`: transformers on CPU extracting every hidden state
+(output_hidden_states=True) of random-id prompts, batched.
+argv: MODEL [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [BATCH=PROMPTS] [ATTN=eager].
+Prints one JSON line: tokens/s, peak RSS."""
+import json, os, resource, sys, time
+import torch, transformers
+
+d = sys.argv[1]
+prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 128
+dname = sys.argv[4] if len(sys.argv) > 4 else "bf16"
+batch = int(sys.argv[5]) if len(sys.argv) > 5 else prompts
+attn = sys.argv[6] if len(sys.argv) > 6 else "eager"
+dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dname]
+torch.set_num_threads(int(os.environ.get("THREADS", str(os.cpu_count()))))
+t0 = time.perf_counter()
+m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dt, device_map="cpu",
+                                                      attn_implementation=attn)
+m.eval()
+t1 = time.perf_counter()
+g = torch.Generator().manual_seed(1234)
+ids = torch.randint(0, m.config.vocab_size, (prompts, tokens), generator=g)
+checksum = 0.0
+with torch.no_grad():
+    for b in range(0, prompts, batch):
+        o = m(input_ids=ids[b:b + batch], output_hidden_states=True, use_cache=False)
+        states = [h.float() for h in o.hidden_states]  # what users keep
+        checksum += float(states[-1][0, 0, 0])
+t2 = time.perf_counter()
+print(json.dumps({"tool": "transformers", "model": d, "prompts": prompts, "tokens": tokens,
+                  "batch": batch, "dtype": dname, "attention": attn,
+                  "load_seconds": t1 - t0, "seconds": t2 - t1,
+                  "tokens_per_s": prompts * tokens / (t2 - t1),
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "checksum": checksum}))

@@ -1,0 +1,160 @@
+"""The Python module: hidden states of discrete and soft inputs, scan / check / trace dicts.
+
+Run: PYTHONPATH=build/python /usr/bin/python3 -m pytest -q python/tests
+"""
+
+import pathlib
+import threading
+
+import numpy as np
+import pytest
+
+import nanscope
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+TINY = str(FIXTURES / "models" / "qwen3-tiny")
+NAN = str(FIXTURES / "models" / "qwen3-nan")
+EXAMPLE = str(FIXTURES / "models" / "qwen3-example")
+IDS = [1, 15, 300, 7, 42, 999]
+
+
+def cosine(a, b):
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nanscope.Model(TINY)
+
+
+def test_config_and_states_shape(model):
+    assert model.config["hidden_size"] == 64
+    assert model.config["model_type"] == "qwen3"
+    assert model.num_states == model.config["num_hidden_layers"] + 1
+    hs = model.hidden_states(IDS, dtype="bf16")
+    assert len(hs) == model.num_states
+    for h in hs:
+        assert h.dtype == np.float32
+        assert h.shape == (len(IDS), 64)
+        assert np.isfinite(h).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_one_hot_soft_equals_discrete_exactly(model, dtype):
+    discrete = model.hidden_states(IDS, dtype=dtype)
+    soft = model.hidden_states_soft([[(t, 1.0)] for t in IDS], dtype=dtype)
+    mixed = model.hidden_states_soft({2: [(IDS[2], 1.0)]}, ids=IDS, dtype=dtype)
+    for d, s, m in zip(discrete, soft, mixed):
+        assert np.array_equal(d, s)
+        assert np.array_equal(d, m)
+
+
+def test_soft_prompt_cosine_per_layer(model):
+    discrete = model.hidden_states(IDS)
+    # Each position: 0.9 on the prompt's token, 0.1 on a neighbour.
+    mixtures = [[(t, 0.9), ((t + 1) % 1024, 0.1)] for t in IDS]
+    soft = model.hidden_states_soft(mixtures)
+    cos = [cosine(d, s) for d, s in zip(discrete, soft)]
+    assert len(cos) == model.num_states
+    assert all(-1.0 <= c <= 1.0 + 1e-9 for c in cos)
+    assert cos[0] > 0.8  # the inputs themselves are close
+    assert cos != [1.0] * len(cos)
+
+
+def test_embed_is_fp32_sum_of_rows(model):
+    rows = model.embed([[(5, 1.0)], [(9, 1.0)]], dtype="fp32")
+    assert rows.shape == (2, 64)
+    p = [np.float32(0.3), np.float32(0.7)]
+    mix = model.embed([[(5, 0.3), (9, 0.7)]], dtype="fp32")
+    expect = (np.float32(0) + p[0] * rows[0]) + p[1] * rows[1]
+    assert np.array_equal(mix[0], expect.astype(np.float32))
+    # An embedding array gives the same states as the mixtures it came from.
+    mixtures = [[(t, 0.6), (3, 0.4)] for t in IDS]
+    e = model.embed(mixtures, dtype="bf16")
+    a = model.hidden_states_soft(e, dtype="bf16")
+    b = model.hidden_states_soft(mixtures, dtype="bf16")
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+def test_layers_subset(model):
+    hs = model.hidden_states(IDS, layers=[0, -1])
+    assert hs[0] is not None and hs[-1] is not None
+    assert all(h is None for h in hs[1:-1])
+    full = model.hidden_states(IDS)
+    assert np.array_equal(hs[-1], full[-1])
+
+
+def test_arrays_own_their_memory(model):
+    hs = model.hidden_states(IDS)
+    h = hs[1]
+    del hs
+    assert h.flags["C_CONTIGUOUS"] and h.base is not None
+    assert np.isfinite(h.sum())
+
+
+def test_runs_in_threads(model):
+    # The GIL is released during the forward pass: two threads both finish with equal results.
+    out = [None, None]
+
+    def work(i):
+        out[i] = model.hidden_states(IDS, dtype="fp32")
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for a, b in zip(*out):
+        assert np.array_equal(a, b)
+
+
+def test_tokenize():
+    m = nanscope.Model(EXAMPLE)
+    ids = m.tokenize("Hello, world!")
+    assert len(ids) == 4
+    assert len(m.hidden_states(ids)) == m.num_states
+
+
+def test_scan_dicts():
+    ok = nanscope.scan(TINY)
+    assert ok["tensors"] > 0
+    assert not [f for f in ok["findings"] if f["severity"] == "error"]
+    bad = nanscope.scan(NAN)
+    assert any(f["kind"] == "nonfinite" and f["severity"] == "error" for f in bad["findings"])
+
+
+def test_check_dicts():
+    assert nanscope.check(TINY)["verdict"] == "PASS"
+    r = nanscope.check(NAN, ids=[1, 2, 3], dtypes=["bf16"])
+    assert r["verdict"] == "FAIL"
+    assert r["causes"]
+
+
+def test_trace_dict():
+    t = nanscope.trace(TINY, IDS, dtype="bf16")
+    assert t["dtype"] == "bf16"
+    assert len(t["hidden"]) == 4
+    assert t["first_nonfinite"] is None
+    t = nanscope.trace(NAN, IDS, dtype="bf16")
+    assert t["first_nonfinite"] is not None
+
+
+def test_errors_are_value_errors(model):
+    with pytest.raises(ValueError, match="out of range"):
+        model.hidden_states([1, 100000])
+    with pytest.raises(ValueError, match="sum to"):
+        model.hidden_states_soft([[(1, 0.2), (2, 0.2)]])
+    model.hidden_states_soft([[(1, 0.2), (2, 0.2)]], allow_unnormalized=True)
+    with pytest.raises(ValueError, match="dtype"):
+        model.hidden_states(IDS, dtype="fp8")
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.tokenize("hi")
+    with pytest.raises(ValueError):
+        nanscope.Model(str(FIXTURES / "models" / "does-not-exist"))
+    with pytest.raises(ValueError):
+        model.hidden_states_soft(np.zeros((3, 65), dtype=np.float32))
+    with pytest.raises(ValueError, match="layers"):
+        model.hidden_states(IDS, layers=[4])

@@ -1,0 +1,576 @@
+// The soft-input mixtures are summed with one rounding per product and per sum, as the torch
+// reference (tools/fixtures/make_hidden_goldens.py) does: no contraction into FMA.
+#pragma GCC optimize("fp-contract=off")
+
+#include "tools/hidden.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <unordered_map>
+
+#include "common/atomic_file.hpp"
+#include "common/error.hpp"
+#include "formats/safetensors.hpp"
+#include "numerics/kernels.hpp"
+#include "tokenizer/bpe.hpp"
+#include "tools/trace.hpp"
+
+namespace nanscope {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string_view HiddenInput::kind() const {
+  if (soft.empty()) return "ids";
+  return ids.empty() ? "soft" : "mixed";
+}
+
+// ---- input lines ----
+
+void validate_input(const HiddenInput& in, const InputRules& rules, std::string_view where) {
+  const int64_t T = in.tokens();
+  if (T == 0) fail("{}: input \"{}\" has no tokens", where, in.id);
+  const int64_t V = rules.vocab_size;
+  for (size_t t = 0; t < in.ids.size(); ++t)
+    if (in.ids[t] < 0 || in.ids[t] >= V)
+      fail("{}: input \"{}\": token id {} at position {} is out of range (vocab_size {})", where,
+           in.id, in.ids[t], t, V);
+  for (const auto& [pos, mix] : in.soft) {
+    if (pos < 0 || pos >= T)
+      fail("{}: input \"{}\": soft position {} is outside the {} positions", where, in.id, pos, T);
+    if (mix.empty()) fail("{}: input \"{}\": soft position {} has no tokens", where, in.id, pos);
+    double sum = 0;
+    for (const auto& [tok, p] : mix) {
+      if (tok < 0 || tok >= V)
+        fail("{}: input \"{}\": soft position {}: token id {} is out of range (vocab_size {})",
+             where, in.id, pos, tok, V);
+      if (!std::isfinite(p) || p < 0)
+        fail(
+            "{}: input \"{}\": soft position {}: probability {} of token {} is not a finite "
+            "non-negative number",
+            where, in.id, pos, p, tok);
+      sum += p;
+    }
+    if (!rules.allow_unnormalized && std::fabs(sum - 1.0) > rules.sum_tolerance)
+      fail(
+          "{}: input \"{}\": soft position {}: probabilities sum to {:.6g}, not 1 (tolerance {}); "
+          "renormalize them, or pass --allow-unnormalized to use the weights as given",
+          where, in.id, pos, sum, rules.sum_tolerance);
+  }
+}
+
+namespace {
+
+int64_t json_int(const json& v, std::string_view where, std::string_view what) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > uint64_t(INT64_MAX)) fail("{}: {} {} is too large", where, what, u);
+    return int64_t(u);
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  fail("{}: {} must be an integer, found {}", where, what, v.dump());
+}
+
+Mixture json_mixture(const json& v, std::string_view where, std::string_view pos) {
+  if (!v.is_array())
+    fail("{}: soft position {} must be a list of [token, prob] pairs, found {}", where, pos,
+         v.dump().substr(0, 60));
+  Mixture m;
+  for (const auto& pair : v) {
+    if (!pair.is_array() || pair.size() != 2 || !pair[1].is_number())
+      fail("{}: soft position {}: expected a [token, prob] pair, found {}", where, pos,
+           pair.dump().substr(0, 60));
+    const int64_t tok = json_int(pair[0], where, fmt::format("soft position {}: token", pos));
+    // Probabilities are float32 as the torch side holds them; the JSON decimal of a float32
+    // converts back to that float exactly.
+    m.emplace_back(tok, float(pair[1].get<double>()));
+  }
+  return m;
+}
+
+}  // namespace
+
+HiddenInput parse_hidden_input(
+    const json& j, const std::function<std::vector<int64_t>(const std::string&)>& tokenize,
+    std::string_view where) {
+  if (!j.is_object()) fail("{}: expected a JSON object per line", where);
+  HiddenInput in;
+  const auto id = j.find("id");
+  if (id == j.end()) fail("{}: the line has no \"id\"", where);
+  if (id->is_string())
+    in.id = id->get<std::string>();
+  else if (id->is_number_integer() || id->is_number_unsigned())
+    in.id = id->dump();
+  else
+    fail("{}: \"id\" must be a string or an integer, found {}", where, id->dump());
+  if (in.id.empty()) fail("{}: \"id\" is empty", where);
+
+  const bool has_ids = j.contains("ids"), has_text = j.contains("text"),
+             has_soft = j.contains("soft");
+  if (has_ids && has_text) fail("{}: input \"{}\" has both \"ids\" and \"text\"", where, in.id);
+  if (!has_ids && !has_text && !has_soft)
+    fail("{}: input \"{}\" has none of \"ids\", \"text\", \"soft\"", where, in.id);
+  if (has_ids) {
+    const json& v = j["ids"];
+    if (!v.is_array()) fail("{}: input \"{}\": \"ids\" must be a list of token ids", where, in.id);
+    for (const auto& x : v) in.ids.push_back(json_int(x, where, "token id"));
+  }
+  if (has_text) {
+    const json& v = j["text"];
+    if (!v.is_string()) fail("{}: input \"{}\": \"text\" must be a string", where, in.id);
+    if (!tokenize) fail("{}: input \"{}\" is text, and there is no tokenizer", where, in.id);
+    try {
+      in.ids = tokenize(v.get<std::string>());
+    } catch (const InputError& e) {
+      fail("{}: input \"{}\": {}", where, in.id, e.what());
+    }
+    if (in.ids.empty()) fail("{}: input \"{}\": the text gives no tokens", where, in.id);
+  }
+  if (has_soft) {
+    const json& v = j["soft"];
+    if (has_ids || has_text) {
+      // Mixed: {"<position>": [[token, prob], ...]} replacing positions of the ids.
+      if (!v.is_object())
+        fail(
+            "{}: input \"{}\": with \"ids\" or \"text\", \"soft\" must map positions to "
+            "mixtures, e.g. {{\"3\": [[17, 0.6], [42, 0.4]]}}",
+            where, in.id);
+      for (const auto& [key, mix] : v.items()) {
+        int64_t pos = -1;
+        auto [p, ec] = std::from_chars(key.data(), key.data() + key.size(), pos);
+        if (ec != std::errc() || p != key.data() + key.size() || pos < 0)
+          fail("{}: input \"{}\": soft position \"{}\" is not a non-negative integer", where, in.id,
+               key);
+        in.soft[pos] = json_mixture(mix, where, key);
+      }
+      if (in.soft.empty()) fail("{}: input \"{}\": \"soft\" is empty", where, in.id);
+    } else {
+      if (!v.is_array() || v.empty())
+        fail(
+            "{}: input \"{}\": \"soft\" must be a non-empty list (one list of [token, prob] "
+            "pairs per position)",
+            where, in.id);
+      for (size_t t = 0; t < v.size(); ++t)
+        in.soft[int64_t(t)] = json_mixture(v[t], where, std::to_string(t));
+    }
+  }
+  return in;
+}
+
+std::vector<HiddenInput> read_hidden_inputs(const fs::path& jsonl, const fs::path& tokenizer,
+                                            const InputRules& rules) {
+  std::ifstream f(jsonl, std::ios::binary);
+  if (!f) fail("{}: cannot open the input file", jsonl.string());
+  std::optional<Tokenizer> tk;
+  auto tokenize = [&](const std::string& text) {
+    if (!tk) {
+      fs::path p = tokenizer;
+      if (fs::is_directory(p)) p /= "tokenizer.json";
+      if (!fs::exists(p))
+        fail(
+            "{}: no tokenizer.json to tokenize \"text\" inputs; pass --tokenizer FILE or give "
+            "\"ids\"",
+            p.string());
+      tk = Tokenizer::load(p);
+    }
+    std::vector<int64_t> ids;
+    for (int32_t i : tk->encode(text)) ids.push_back(i);
+    return ids;
+  };
+  std::vector<HiddenInput> out;
+  std::unordered_map<std::string, int64_t> seen;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(f, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = fmt::format("{}:{}", jsonl.string(), n);
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::parse_error& e) {
+      fail("{}: invalid JSON: {}", where, e.what());
+    }
+    HiddenInput in = parse_hidden_input(j, tokenize, where);
+    in.line = n;
+    validate_input(in, rules, where);
+    auto [it, fresh] = seen.emplace(in.id, n);
+    if (!fresh) fail("{}: id \"{}\" already given on line {}", where, in.id, it->second);
+    out.push_back(std::move(in));
+  }
+  if (f.bad()) fail("{}: read error", jsonl.string());
+  return out;
+}
+
+// ---- embeddings and states ----
+
+std::vector<float> input_embeddings(const Checkpoint& ck, const HiddenInput& in, DType dt) {
+  const int64_t H = ck.config().hidden_size, V = ck.config().vocab_size, T = in.tokens();
+  const TensorRef e = ck.get("model.embed_tokens.weight");
+  const auto& s = e.info->shape;
+  if (s.size() != 2 || s[0] != V || s[1] != H)
+    fail("{}: model.embed_tokens.weight has shape [{}], expected [{}, {}]", ck.dir().string(),
+         fmt::join(s, ", "), V, H);
+  const WeightView w{e.bytes().data(), e.info->dtype, V, H};
+  validate_input(in, InputRules{V, 0, true}, ck.dir().string());
+  std::vector<float> out(size_t(T * H), 0.0f);
+  std::vector<float> row(static_cast<size_t>(H));
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out.data() + t * H;
+    auto sp = in.soft.find(t);
+    if (sp == in.soft.end()) {
+      weight_rows(w, in.ids[size_t(t)], 1, dt, o);
+      continue;
+    }
+    for (const auto& [tok, p] : sp->second) {
+      weight_rows(w, tok, 1, dt, row.data());
+      for (int64_t c = 0; c < H; ++c) {
+        const float prod = p * row[size_t(c)];
+        o[c] = o[c] + prod;
+      }
+    }
+  }
+  round_inplace(out.data(), out.size(), dt);
+  return out;
+}
+
+namespace {
+
+// Thrown from the observer once the last state asked for is kept: the rest of the pass (later
+// layers, lm_head) is not needed. forward() lets exceptions through and holds no state.
+struct StatesDone {};
+
+class StatesObserver : public Observer {
+ public:
+  StatesObserver(int64_t num_states, std::span<const int64_t> layers) : want_(size_t(num_states)) {
+    if (layers.empty()) {
+      std::fill(want_.begin(), want_.end(), true);
+      last_ = num_states - 1;
+    } else {
+      for (int64_t l : layers) want_[size_t(l)] = true;
+      last_ = *std::max_element(layers.begin(), layers.end());
+    }
+    out.states.resize(size_t(num_states));
+  }
+  void hidden_state(int64_t index, std::span<const float> v, int64_t T, int64_t H) override {
+    out.T = T, out.H = H;
+    if (index >= 0 && size_t(index) < want_.size() && want_[size_t(index)])
+      out.states[size_t(index)].assign(v.begin(), v.end());
+    if (index == last_) throw StatesDone{};
+  }
+  HiddenStates out;
+
+ private:
+  std::vector<bool> want_;
+  int64_t last_ = 0;
+};
+
+void check_layers(std::span<const int64_t> layers, int64_t num_states) {
+  for (int64_t l : layers)
+    if (l < 0 || l >= num_states)
+      fail("hidden state {} does not exist: the model has states 0..{}", l, num_states - 1);
+}
+
+template <typename Run>
+HiddenStates collect(const Checkpoint& ck, std::span<const int64_t> layers, Run&& run) {
+  const int64_t S = ck.config().num_hidden_layers + 1;
+  check_layers(layers, S);
+  StatesObserver obs(S, layers);
+  try {
+    run(&obs);
+  } catch (const StatesDone&) {
+  }
+  return std::move(obs.out);
+}
+
+}  // namespace
+
+HiddenStates hidden_states(const Checkpoint& ck, const HiddenInput& in, const ForwardOptions& fwd,
+                           std::span<const int64_t> layers) {
+  if (!in.has_soft()) {
+    return collect(ck, layers, [&](Observer* o) { forward(ck, in.ids, fwd, o); });
+  }
+  const std::vector<float> e = input_embeddings(ck, in, fwd.dtype);
+  return hidden_states_embeddings(ck, e, in.tokens(), fwd, layers);
+}
+
+HiddenStates hidden_states_embeddings(const Checkpoint& ck, std::span<const float> embeddings,
+                                      int64_t T, const ForwardOptions& fwd,
+                                      std::span<const int64_t> layers) {
+  return collect(ck, layers, [&](Observer* o) { forward_embeddings(ck, embeddings, T, fwd, o); });
+}
+
+std::optional<Pool> parse_pool(std::string_view s) {
+  if (s == "none") return Pool::None;
+  if (s == "last") return Pool::Last;
+  if (s == "mean") return Pool::Mean;
+  return std::nullopt;
+}
+
+std::string_view pool_name(Pool p) {
+  switch (p) {
+    case Pool::Last:
+      return "last";
+    case Pool::Mean:
+      return "mean";
+    default:
+      return "none";
+  }
+}
+
+std::vector<float> pool_state(std::span<const float> state, int64_t T, int64_t H, Pool p) {
+  if (p == Pool::None) return {state.begin(), state.end()};
+  if (p == Pool::Last) return {state.begin() + (T - 1) * H, state.begin() + T * H};
+  std::vector<float> m(size_t(H), 0.0f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < H; ++c) m[size_t(c)] += state[size_t(t * H + c)];
+  const float n = float(T);
+  for (float& x : m) x = x / n;
+  return m;
+}
+
+std::vector<int64_t> parse_layers(std::string_view s, int64_t num_states) {
+  std::vector<int64_t> out;
+  if (s == "all" || s.empty()) {
+    for (int64_t i = 0; i < num_states; ++i) out.push_back(i);
+    return out;
+  }
+  size_t i = 0;
+  while (i < s.size()) {
+    while (i < s.size() && (s[i] == ',' || s[i] == ' ')) ++i;
+    if (i >= s.size()) break;
+    int64_t v = 0;
+    auto [p, ec] = std::from_chars(s.data() + i, s.data() + s.size(), v);
+    if (ec != std::errc())
+      fail("--layers {}: expected \"all\" or comma-separated state indices like 0,5,36", s);
+    if (v < 0) v += num_states;
+    if (v < 0 || v >= num_states)
+      fail(
+          "--layers {}: state {} does not exist: the model has states 0..{} (N+1 states, as "
+          "output_hidden_states)",
+          s, std::string(s.substr(i, size_t(p - (s.data() + i)))), num_states - 1);
+    out.push_back(v);
+    i = size_t(p - s.data());
+  }
+  if (out.empty()) fail("--layers {}: no state indices", s);
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+// ---- the run over a jsonl ----
+
+namespace {
+
+constexpr const char* kFormat = "nanscope-hidden/1";
+
+std::string shard_name(int64_t n) {
+  return fmt::format("hidden-{:05d}.safetensors", n);
+}
+
+bool all_finite(std::span<const float> v) {
+  for (float x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+struct Pending {
+  std::string id;
+  int64_t tokens = 0;
+  std::string kind;
+  std::vector<std::pair<int64_t, std::vector<float>>> tensors;  // (layer, values)
+  std::vector<int64_t> shape;
+  std::vector<int64_t> nonfinite;
+};
+
+json settings_json(const HiddenRunOptions& opt, const std::vector<int64_t>& layers, DType out_dt,
+                   const Checkpoint& ck) {
+  std::error_code ec;
+  fs::path model = fs::weakly_canonical(opt.model, ec);
+  if (ec) model = opt.model;
+  return json{{"model", model.string()},
+              {"dtype", run_dtype_name(opt.fwd.dtype)},
+              {"attention", attention_name(opt.fwd.attention)},
+              {"layers", layers},
+              {"pool", pool_name(opt.pool)},
+              {"out_dtype", dtype_name(out_dt)},
+              {"hidden_size", ck.config().hidden_size},
+              {"num_states", ck.config().num_hidden_layers + 1}};
+}
+
+}  // namespace
+
+HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  Checkpoint ck = Checkpoint::open(opt.model);
+  const int64_t S = ck.config().num_hidden_layers + 1, H = ck.config().hidden_size;
+  const std::vector<int64_t> layers = parse_layers(opt.layers, S);
+  if (opt.batch_tokens <= 0) fail("--batch-tokens {}: must be positive", opt.batch_tokens);
+  const DType out_dt = opt.out_run_dtype ? opt.fwd.dtype : DType::F32;
+
+  InputRules rules = opt.rules;
+  rules.vocab_size = ck.config().vocab_size;
+  const fs::path tok = opt.tokenizer.empty() ? opt.model : opt.tokenizer;
+  const std::vector<HiddenInput> inputs = read_hidden_inputs(opt.input, tok, rules);
+
+  HiddenRunSummary sum;
+  sum.out = opt.out;
+  sum.index = opt.out / "index.json";
+  sum.inputs = int64_t(inputs.size());
+
+  std::error_code ec;
+  fs::create_directories(opt.out, ec);
+  if (ec) throw OutputError(fmt::format("{}: {}", opt.out.string(), ec.message()));
+
+  // The index: settings, shards, and per input its file. Resuming checks the settings agree.
+  const json settings = settings_json(opt, layers, out_dt, ck);
+  json index = {{"format", kFormat},
+                {"settings", settings},
+                {"shards", json::array()},
+                {"inputs", json::object()}};
+  if (fs::exists(sum.index)) {
+    std::ifstream f(sum.index);
+    json old;
+    try {
+      old = json::parse(f);
+    } catch (const json::parse_error& e) {
+      fail("{}: not valid JSON ({}); remove it to start over", sum.index.string(), e.what());
+    }
+    if (!old.is_object() || old.value("format", "") != kFormat || !old.contains("inputs"))
+      fail("{}: not a nanscope hidden index; use another --out", sum.index.string());
+    std::vector<std::string> diffs;
+    for (const auto& [k, v] : settings.items()) {
+      const json& o = old["settings"].contains(k) ? old["settings"][k] : json();
+      if (o != v) diffs.push_back(fmt::format("{} {} (this run: {})", k, o.dump(), v.dump()));
+    }
+    if (!diffs.empty())
+      fail("{}: written with other settings: {}; rerun with the same settings or another --out",
+           sum.index.string(), fmt::join(diffs, ", "));
+    index = std::move(old);
+  }
+  int64_t next_shard = 1;
+  for (const auto& s : index["shards"]) {
+    const std::string name = s.get<std::string>();
+    int64_t n = 0;
+    std::from_chars(name.data() + 7, name.data() + name.size(), n);  // "hidden-NNNNN..."
+    next_shard = std::max(next_shard, n + 1);
+  }
+
+  std::vector<const HiddenInput*> todo;
+  int64_t todo_tokens = 0;
+  for (const auto& in : inputs) {
+    if (index["inputs"].contains(in.id)) {
+      ++sum.skipped;
+      continue;
+    }
+    todo.push_back(&in);
+    todo_tokens += in.tokens();
+  }
+
+  std::vector<Pending> pending;
+  int64_t pending_tokens = 0;
+  auto flush = [&] {
+    if (pending.empty()) return;
+    const std::string name = shard_name(next_shard++);
+    std::vector<TensorSpec> specs;
+    for (const auto& p : pending)
+      for (const auto& [l, v] : p.tensors)
+        specs.push_back({fmt::format("{}.layer{}", p.id, l), out_dt, p.shape});
+    SafetensorsWriter w(opt.out / name, specs,
+                        {{"format", kFormat}, {"settings", settings.dump()}});
+    std::vector<std::byte> buf;
+    for (const auto& p : pending)
+      for (const auto& [l, v] : p.tensors) {
+        buf.resize(v.size() * size_t(dtype_bits(out_dt) / 8));
+        store_from_f32(v.data(), out_dt, buf.data(), v.size());
+        w.write(buf);
+      }
+    w.commit();
+    // The shard is in place; only now does the index name its inputs.
+    index["shards"].push_back(name);
+    for (const auto& p : pending)
+      index["inputs"][p.id] = {{"file", name},
+                               {"tokens", p.tokens},
+                               {"kind", p.kind},
+                               {"finite", p.nonfinite.empty()},
+                               {"nonfinite_layers", p.nonfinite}};
+    write_file_atomic(sum.index, index.dump(1) + "\n");
+    sum.shards.push_back(name);
+    pending.clear();
+    pending_tokens = 0;
+  };
+
+  // An empty first run still leaves an index behind, so that a directory is always readable.
+  if (!fs::exists(sum.index)) write_file_atomic(sum.index, index.dump(1) + "\n");
+
+  // Many inputs read every weight many times: keep the pages mapped between them (clean
+  // file-backed pages, which the kernel can still reclaim) instead of faulting them back in.
+  ForwardOptions fwd = opt.fwd;
+  if (todo.size() > 1) fwd.release_pages = false;
+  int64_t done = 0;
+  for (const HiddenInput* in : todo) {
+    const HiddenStates hs = hidden_states(ck, *in, fwd, layers);
+    Pending p;
+    p.id = in->id;
+    p.tokens = in->tokens();
+    p.kind = std::string(in->kind());
+    p.shape = opt.pool == Pool::None ? std::vector<int64_t>{hs.T, H} : std::vector<int64_t>{H};
+    for (int64_t l : layers) {
+      const auto& st = hs.states[size_t(l)];
+      std::vector<float> v = pool_state(st, hs.T, H, opt.pool);
+      // What is written must be finite too (fp32 -> fp16 can overflow), and so must the
+      // state it came from (last-token pooling would hide earlier positions).
+      std::vector<float> rounded = v;
+      round_inplace(rounded.data(), rounded.size(), out_dt);
+      if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(l);
+      p.tensors.emplace_back(l, std::move(v));
+    }
+    pending_tokens += p.tokens;
+    sum.tokens += p.tokens;
+    ++sum.written;
+    pending.push_back(std::move(p));
+    if (pending_tokens >= opt.batch_tokens) flush();
+    ++done;
+    if (opt.progress) opt.progress(done, int64_t(todo.size()), sum.tokens, todo_tokens);
+  }
+  flush();
+
+  for (const auto& [id, v] : index["inputs"].items())
+    if (!v.value("finite", true))
+      sum.nonfinite.push_back({id, v.value("nonfinite_layers", std::vector<int64_t>{})});
+  sum.seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  return sum;
+}
+
+json hidden_summary_json(const HiddenRunSummary& r) {
+  json nf = json::array();
+  for (const auto& n : r.nonfinite) nf.push_back({{"id", n.id}, {"layers", n.layers}});
+  return json{
+      {"out", r.out.string()}, {"index", r.index.string()},
+      {"inputs", r.inputs},    {"written", r.written},
+      {"skipped", r.skipped},  {"tokens", r.tokens},
+      {"seconds", r.seconds},  {"tokens_per_s", r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0},
+      {"shards", r.shards},    {"nonfinite", nf}};
+}
+
+std::string hidden_summary_text(const HiddenRunSummary& r) {
+  std::string s = fmt::format(
+      "{} inputs: {} computed ({} tokens, {:.1f} tokens/s) into {} shard(s), {} already in {}\n",
+      r.inputs, r.written, r.tokens, r.seconds > 0 ? double(r.tokens) / r.seconds : 0.0,
+      r.shards.size(), r.skipped, r.index.string());
+  if (r.nonfinite.empty()) return s + "All hidden states finite.\n";
+  s += fmt::format("NaN/inf in the hidden states of {} input(s):\n", r.nonfinite.size());
+  for (const auto& n : r.nonfinite)
+    s += fmt::format("  {}: states {}\n", n.id, fmt::join(n.layers, ","));
+  return s;
+}
+
+}  // namespace nanscope

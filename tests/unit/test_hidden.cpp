@@ -1,0 +1,443 @@
+// `nanscope hidden`: input lines, soft embeddings, pooling, the shard/index layout, resuming,
+// bad input, and the states of discrete / soft / mixed inputs against transformers' goldens
+// (tools/fixtures/make_hidden_goldens.py). A golden that is absent FAILS with the command that
+// makes it.
+// GCC 12 reports -Wrestrict on std::string assignment and operator+ inlined at -O2 (a known false
+// positive, GCC bug 105651); it would stop a -Werror build for nothing.
+#pragma GCC diagnostic ignored "-Wrestrict"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cli_util.hpp"
+#include "common/error.hpp"
+#include "formats/checkpoint.hpp"
+#include "formats/safetensors.hpp"
+#include "numerics/dtype.hpp"
+#include "numerics/kernels.hpp"
+#include "tools/hidden.hpp"
+
+namespace nanscope {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using testing::fixture;
+using testing::run_cli;
+using testing::TempDir;
+
+const fs::path kModels = fs::path(NANSCOPE_FIXTURES) / "models";
+// NANSCOPE_HIDDEN_GOLDENS points elsewhere (goldens made on another machine, not committed).
+const fs::path kGoldens = std::getenv("NANSCOPE_HIDDEN_GOLDENS")
+                              ? fs::path(std::getenv("NANSCOPE_HIDDEN_GOLDENS"))
+                              : fs::path(NANSCOPE_FIXTURES) / "goldens" / "hidden";
+const char* kMakeGoldens =
+    "python3 tools/fixtures/make_hidden_goldens.py --models tests/fixtures/models --out "
+    "tests/fixtures/goldens/hidden";
+
+void write_text(const fs::path& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+
+std::vector<float> read_tensor(const SafetensorsFile& f, const std::string& name) {
+  const TensorInfo* t = f.find(name);
+  if (!t) return {};
+  std::vector<float> v(size_t(t->numel()));
+  load_to_f32(f.data(*t).data(), t->dtype, v.data(), v.size());
+  return v;
+}
+
+bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+HiddenInput ids_input(std::vector<int64_t> ids) {
+  HiddenInput in;
+  in.id = "x";
+  in.ids = std::move(ids);
+  return in;
+}
+
+// ---- soft embeddings and states ----------------------------------------------------------------
+
+TEST(Hidden, OneHotSoftEqualsDiscreteExactlyInEveryDtype) {
+  const Checkpoint ck = Checkpoint::open(kModels / "qwen3-tiny");
+  const std::vector<int64_t> ids = {1, 15, 300, 7, 42};
+  HiddenInput soft, mixed = ids_input(ids);
+  soft.id = mixed.id = "s";
+  for (size_t t = 0; t < ids.size(); ++t) soft.soft[int64_t(t)] = {{ids[t], 1.0f}};
+  mixed.ids[2] = 0;  // replaced by the soft position: its id does not matter
+  mixed.soft[2] = {{ids[2], 1.0f}};
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    ForwardOptions f;
+    f.dtype = dt;
+    const HiddenStates a = hidden_states(ck, ids_input(ids), f);
+    const HiddenStates b = hidden_states(ck, soft, f);
+    const HiddenStates c = hidden_states(ck, mixed, f);
+    ASSERT_EQ(a.states.size(), size_t(ck.config().num_hidden_layers + 1));
+    for (size_t k = 0; k < a.states.size(); ++k) {
+      EXPECT_TRUE(bit_equal(a.states[k], b.states[k])) << "state " << k << " dtype " << int(dt);
+      EXPECT_TRUE(bit_equal(a.states[k], c.states[k])) << "state " << k << " dtype " << int(dt);
+    }
+  }
+}
+
+TEST(Hidden, MixtureIsAnFp32SumOfRunDtypeRowsRoundedOnce) {
+  const Checkpoint ck = Checkpoint::open(kModels / "llama-tiny");
+  const int64_t H = ck.config().hidden_size;
+  HiddenInput in;
+  in.id = "m";
+  in.soft[0] = {{3, 0.25f}, {700, 0.5f}, {9, 0.25f}};
+  in.soft[1] = {{5, 0.6f}, {6, 0.4f}};
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    const std::vector<float> e = input_embeddings(ck, in, dt);
+    const TensorRef w = ck.get("model.embed_tokens.weight");
+    const WeightView wv{w.bytes().data(), w.info->dtype, ck.config().vocab_size, H};
+    for (int64_t t = 0; t < 2; ++t)
+      for (int64_t c = 0; c < H; ++c) {
+        float acc = 0;
+        for (const auto& [tok, p] : in.soft[t]) {
+          volatile float prod = p * weight_at(wv, tok, c, dt);  // no FMA in the reference
+          acc = acc + prod;
+        }
+        ASSERT_EQ(e[size_t(t * H + c)], round_to(acc, dt)) << "t " << t << " c " << c;
+      }
+  }
+}
+
+TEST(Hidden, LayersSubsetKeepsOnlyThoseAndStopsEarly) {
+  const Checkpoint ck = Checkpoint::open(kModels / "qwen3-tiny");
+  ForwardOptions f;
+  const HiddenStates all = hidden_states(ck, ids_input({1, 2, 3}), f);
+  const std::vector<int64_t> layers = {0, 2};
+  const HiddenStates some = hidden_states(ck, ids_input({1, 2, 3}), f, layers);
+  ASSERT_EQ(some.states.size(), all.states.size());
+  EXPECT_TRUE(bit_equal(some.states[0], all.states[0]));
+  EXPECT_TRUE(bit_equal(some.states[2], all.states[2]));
+  EXPECT_TRUE(some.states[1].empty());
+  EXPECT_TRUE(some.states[3].empty());
+}
+
+TEST(Hidden, PoolLastAndMean) {
+  const std::vector<float> s = {1, 2, 3, 4, 5, 6};  // T=3, H=2
+  EXPECT_EQ(pool_state(s, 3, 2, Pool::Last), (std::vector<float>{5, 6}));
+  EXPECT_EQ(pool_state(s, 3, 2, Pool::Mean), (std::vector<float>{3, 4}));
+  EXPECT_EQ(pool_state(s, 3, 2, Pool::None), s);
+}
+
+TEST(Hidden, ParseLayers) {
+  EXPECT_EQ(parse_layers("all", 4), (std::vector<int64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(parse_layers("3,0, 3,-1", 4), (std::vector<int64_t>{0, 3}));
+  EXPECT_THROW(parse_layers("4", 4), InputError);
+  EXPECT_THROW(parse_layers("1,x", 4), InputError);
+}
+
+// ---- input lines -------------------------------------------------------------------------------
+
+TEST(Hidden, ParsesEveryInputShape) {
+  auto parse = [](const std::string& line) {
+    return parse_hidden_input(json::parse(line), {}, "f:1");
+  };
+  HiddenInput a = parse(R"({"id": 7, "ids": [1, 2, 3]})");
+  EXPECT_EQ(a.id, "7");
+  EXPECT_EQ(a.kind(), "ids");
+  HiddenInput b = parse(R"({"id": "b", "soft": [[[1, 0.5], [2, 0.5]], [[3, 1.0]]]})");
+  EXPECT_EQ(b.kind(), "soft");
+  EXPECT_EQ(b.tokens(), 2);
+  EXPECT_EQ(b.soft[0].size(), 2u);
+  HiddenInput c = parse(R"({"id": "c", "ids": [1, 2, 3], "soft": {"1": [[5, 0.25], [6, 0.75]]}})");
+  EXPECT_EQ(c.kind(), "mixed");
+  EXPECT_EQ(c.tokens(), 3);
+  EXPECT_EQ(c.soft.at(1)[1].second, 0.75f);
+  EXPECT_THROW(parse(R"({"id": "t", "text": "hi"})"), InputError);  // no tokenizer
+  EXPECT_THROW(parse(R"({"ids": [1]})"), InputError);
+  EXPECT_THROW(parse(R"({"id": "c", "ids": [1], "soft": [[[5, 1.0]]]})"), InputError);
+  EXPECT_THROW(parse(R"({"id": "c", "ids": [1], "soft": {"x": [[5, 1.0]]}})"), InputError);
+  EXPECT_THROW(parse(R"({"id": "c", "ids": [1.5]})"), InputError);
+}
+
+TEST(Hidden, ValidationNamesWhatIsWrong) {
+  InputRules r;
+  r.vocab_size = 10;
+  auto msg = [&](const std::string& line) -> std::string {
+    try {
+      validate_input(parse_hidden_input(json::parse(line), {}, "f:3"), r, "f:3");
+    } catch (const InputError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(msg(R"({"id": "a", "ids": [1, 10]})").find("token id 10"), std::string::npos);
+  EXPECT_NE(msg(R"({"id": "a", "soft": [[[1, 0.5], [2, 0.4]]]})").find("sum to 0.9"),
+            std::string::npos);
+  EXPECT_NE(msg(R"({"id": "a", "soft": [[[1, -0.5], [2, 1.5]]]})").find("non-negative"),
+            std::string::npos);
+  EXPECT_NE(msg(R"({"id": "a", "ids": [1], "soft": {"3": [[1, 1.0]]}})").find("position 3"),
+            std::string::npos);
+  EXPECT_EQ(msg(R"({"id": "a", "soft": [[[1, 0.5], [2, 0.5004]]]})"), "");
+  r.allow_unnormalized = true;
+  EXPECT_EQ(msg(R"({"id": "a", "soft": [[[1, 0.5], [2, 0.4]]]})"), "");
+}
+
+// ---- the command: layout, resume, exit codes ----------------------------------------------------
+
+TEST(CliHidden, WritesShardsAndIndexAndResumes) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in,
+             "{\"id\": \"a\", \"ids\": [1, 2, 3, 4]}\n"
+             "\n"
+             "{\"id\": \"b\", \"soft\": [[[1, 0.5], [2, 0.5]], [[3, 1.0]]]}\n"
+             "{\"id\": \"c\", \"ids\": [5, 6, 7], \"soft\": {\"2\": [[8, 0.9], [9, 0.1]]}}\n");
+  const std::string model = fixture("models/qwen3-tiny");
+  auto r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--layers",
+                    "0,-1", "--pool", "last", "--batch-tokens", "5", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << "stderr is not a terminal: no progress bar; got " << r.err;
+  const json j = r.json();
+  EXPECT_EQ(j["written"], 3);
+  EXPECT_EQ(j["tokens"], 9);
+  EXPECT_EQ(j["shards"].size(), 2u);  // a + b (6 tokens >= 5), then c
+  const json idx = json::parse(std::ifstream(out / "index.json"));
+  EXPECT_EQ(idx["format"], "nanscope-hidden/1");
+  EXPECT_EQ(idx["inputs"]["a"]["file"], "hidden-00001.safetensors");
+  EXPECT_EQ(idx["inputs"]["c"]["file"], "hidden-00002.safetensors");
+  EXPECT_EQ(idx["inputs"]["c"]["kind"], "mixed");
+  EXPECT_EQ(idx["settings"]["layers"], json::array({0, 3}));
+
+  // The shard holds what the library computes.
+  auto shard = SafetensorsFile::open(out / "hidden-00001.safetensors");
+  EXPECT_EQ(shard->tensors().size(), 4u);
+  const Checkpoint ck = Checkpoint::open(model);
+  const HiddenStates hs = hidden_states(ck, ids_input({1, 2, 3, 4}), ForwardOptions{});
+  EXPECT_TRUE(
+      bit_equal(read_tensor(*shard, "a.layer3"), pool_state(hs.states[3], 4, 64, Pool::Last)));
+  EXPECT_EQ(shard->find("b.layer0")->shape, (std::vector<int64_t>{64}));
+
+  // Rerun with one more line: only the new one is computed, into a new shard.
+  write_text(in,
+             "{\"id\": \"a\", \"ids\": [1, 2, 3, 4]}\n"
+             "{\"id\": \"b\", \"soft\": [[[1, 0.5], [2, 0.5]], [[3, 1.0]]]}\n"
+             "{\"id\": \"c\", \"ids\": [5, 6, 7], \"soft\": {\"2\": [[8, 0.9], [9, 0.1]]}}\n"
+             "{\"id\": \"d\", \"text\": \"x\"}\n");
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--layers", "0,-1",
+               "--pool", "last", "--json"});
+  EXPECT_EQ(r.exit_code, 2) << "text without a tokenizer";
+  EXPECT_NE(r.err.find("in.jsonl:4"), std::string::npos) << r.err;
+  write_text(in, "{\"id\": \"a\", \"ids\": [1, 2, 3, 4]}\n{\"id\": \"d\", \"ids\": [9]}\n");
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--layers", "0,-1",
+               "--pool", "last", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.json()["written"], 1);
+  EXPECT_EQ(r.json()["skipped"], 1);
+  EXPECT_EQ(r.json()["shards"], json::array({"hidden-00003.safetensors"}));
+
+  // Other settings into the same directory: refused.
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--pool", "mean"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("pool"), std::string::npos) << r.err;
+}
+
+TEST(CliHidden, OutDtypeRunStoresTheRunDtype) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in, "{\"id\": \"a\", \"ids\": [1, 2, 3]}\n");
+  auto r = run_cli({"hidden", fixture("models/qwen3-tiny"), "--input", in.string(), "--out",
+                    out.string(), "--out-dtype", "run", "--dtype", "fp16"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto shard = SafetensorsFile::open(out / "hidden-00001.safetensors");
+  EXPECT_EQ(shard->find("a.layer0")->dtype, DType::F16);
+  EXPECT_EQ(shard->find("a.layer0")->shape, (std::vector<int64_t>{3, 64}));
+}
+
+TEST(CliHidden, NonfiniteStatesAreListedAndExitOne) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in, "{\"id\": \"a\", \"ids\": [1, 2, 3]}\n");
+  auto r = run_cli({"hidden", fixture("models/qwen3-nan"), "--input", in.string(), "--out",
+                    out.string(), "--json"});
+  ASSERT_EQ(r.exit_code, 1) << r.err;
+  const json j = r.json();
+  ASSERT_EQ(j["nonfinite"].size(), 1u);
+  EXPECT_EQ(j["nonfinite"][0]["id"], "a");
+  EXPECT_FALSE(j["nonfinite"][0]["layers"].empty());
+  const json idx = json::parse(std::ifstream(out / "index.json"));
+  EXPECT_EQ(idx["inputs"]["a"]["finite"], false);
+  // A rerun computes nothing and still reports it.
+  r = run_cli({"hidden", fixture("models/qwen3-nan"), "--input", in.string(), "--out", out.string(),
+               "--json"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(r.json()["written"], 0);
+}
+
+TEST(CliHidden, BadInputExitsTwoNamingFileAndLine) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl";
+  const std::string model = fixture("models/qwen3-tiny");
+  struct Case {
+    std::string text, expect;
+  };
+  const std::vector<Case> cases = {
+      {"{\"id\": \"a\", \"ids\": [1]}\n{\"id\": \"b\", \"ids\": [1,\n", "in.jsonl:2: invalid JSON"},
+      {"{\"id\": \"a\", \"ids\": [1, 99999]}\n", "token id 99999"},
+      {"{\"id\": \"a\", \"soft\": [[[1, 0.2], [2, 0.2]]]}\n", "sum to 0.4"},
+      {"{\"id\": \"a\", \"ids\": [1]}\n{\"id\": \"a\", \"ids\": [2]}\n", "already given on line 1"},
+      {"{\"id\": \"a\", \"text\": \"hello\"}\n", "tokenizer"},
+  };
+  for (const auto& c : cases) {
+    write_text(in, c.text);
+    auto r = run_cli({"hidden", model, "--input", in.string(), "--out", (d.path / "out").string()});
+    EXPECT_EQ(r.exit_code, 2) << c.text;
+    EXPECT_NE(r.err.find(c.expect), std::string::npos) << c.text << " -> " << r.err;
+    EXPECT_FALSE(fs::exists(d.path / "out" / "hidden-00001.safetensors")) << c.text;
+  }
+  write_text(in, "{\"id\": \"a\", \"soft\": [[[1, 0.2], [2, 0.2]]]}\n");
+  auto r = run_cli({"hidden", model, "--input", in.string(), "--out", (d.path / "o2").string(),
+                    "--allow-unnormalized"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  r = run_cli({"hidden", model, "--input", (d.path / "nope.jsonl").string(), "--out",
+               (d.path / "o3").string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("nope.jsonl"), std::string::npos) << r.err;
+}
+
+TEST(CliHidden, TextInputsUseTheModelTokenizer) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in, "{\"id\": \"t\", \"text\": \"Hello, world!\"}\n");
+  auto r = run_cli({"hidden", fixture("models/qwen3-example"), "--input", in.string(), "--out",
+                    out.string(), "--json"});
+  ASSERT_LE(r.exit_code, 1) << r.err;
+  const json idx = json::parse(std::ifstream(out / "index.json"));
+  EXPECT_EQ(idx["inputs"]["t"]["tokens"], 4);  // Hello , world !
+}
+
+// ---- against transformers ---------------------------------------------------------------------
+
+struct GoldenCase {
+  std::string model, dtype, input;
+  std::string name() const { return model + "__" + dtype + "__" + input; }
+};
+
+void PrintTo(const GoldenCase& c, std::ostream* os) {
+  *os << c.name();
+}
+
+std::vector<GoldenCase> golden_cases() {
+  std::vector<GoldenCase> v;
+  for (const char* m : {"qwen3-tiny", "llama-tiny"})
+    for (const char* d : {"float32", "bfloat16"})
+      for (const char* i : {"ids", "soft", "mixed"}) v.push_back({m, d, i});
+  return v;
+}
+
+class HiddenGolden : public ::testing::TestWithParam<GoldenCase> {};
+
+// fp32: 1e-5 relative norm error per state (the trace tolerance); bf16: the rounding-noise
+// floor of the trace goldens, 1e-4, with the bit-identical fraction printed.
+TEST_P(HiddenGolden, StatesAndPoolsMatchTransformers) {
+  const GoldenCase& c = GetParam();
+  const fs::path gp = kGoldens / (c.name() + ".safetensors");
+  const fs::path jp = kGoldens / (c.model + "__inputs.jsonl");
+  ASSERT_TRUE(fs::exists(gp) && fs::exists(jp)) << "golden " << gp << " (or " << jp.filename()
+                                                << ") is missing; make it with: " << kMakeGoldens;
+  auto g = SafetensorsFile::open(gp);
+  const Checkpoint ck = Checkpoint::open(kModels / c.model);
+  InputRules rules;
+  rules.vocab_size = ck.config().vocab_size;
+  const std::vector<HiddenInput> inputs = read_hidden_inputs(jp, {}, rules);
+  const HiddenInput* in = nullptr;
+  for (const auto& x : inputs)
+    if (x.id == c.input) in = &x;
+  ASSERT_NE(in, nullptr) << c.input << " not in " << jp;
+  ForwardOptions f;
+  f.dtype = c.dtype == "float32" ? DType::F32 : DType::BF16;
+  const double tol = f.dtype == DType::F32 ? 1e-5 : 1e-4;
+
+  if (in->has_soft()) {  // the embedding step is elementwise: identical, bit for bit
+    const std::vector<float> gold = read_tensor(*g, "inputs_embeds");
+    const std::vector<float> e = input_embeddings(ck, *in, f.dtype);
+    int64_t diff = 0;
+    for (size_t i = 0; i < gold.size() && i < e.size(); ++i)
+      diff += std::memcmp(&gold[i], &e[i], 4) != 0;
+    EXPECT_EQ(gold.size(), e.size());
+    EXPECT_EQ(diff, 0) << "inputs_embeds differ from torch's in " << diff << " elements";
+  }
+
+  const HiddenStates hs = hidden_states(ck, *in, f);
+  int64_t total = 0, identical = 0;
+  double worst = 0;
+  for (size_t k = 0; k < hs.states.size(); ++k) {
+    for (const char* what : {"hidden", "last", "mean"}) {
+      const std::string key = std::string(what) + "." + std::to_string(k);
+      const std::vector<float> gold = read_tensor(*g, key);
+      ASSERT_FALSE(gold.empty()) << key << " missing from " << gp;
+      const Pool p = what[0] == 'h' ? Pool::None : what[0] == 'l' ? Pool::Last : Pool::Mean;
+      const std::vector<float> ours = pool_state(hs.states[k], hs.T, hs.H, p);
+      ASSERT_EQ(ours.size(), gold.size()) << key;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < gold.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(ours[i]) && std::isfinite(gold[i])) << key << "[" << i << "]";
+        num += (double(ours[i]) - gold[i]) * (double(ours[i]) - gold[i]);
+        den += double(gold[i]) * gold[i];
+        identical += std::memcmp(&ours[i], &gold[i], 4) == 0;
+      }
+      total += int64_t(gold.size());
+      const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+      EXPECT_LE(rel, tol) << key << ": relative error " << rel;
+      worst = std::max(worst, rel);
+    }
+  }
+  const double frac = double(identical) / double(total);
+  std::printf("[ golden   ] %-36s max rel err %.2e, bit-identical %.4f%%\n", c.name().c_str(),
+              worst, 100.0 * frac);
+  RecordProperty("bit_identical_fraction", std::to_string(frac));
+  RecordProperty("max_rel_err", std::to_string(worst));
+}
+
+INSTANTIATE_TEST_SUITE_P(Goldens, HiddenGolden, ::testing::ValuesIn(golden_cases()),
+                         [](const auto& p) {
+                           std::string n = p.param.name();
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+// The command end to end on the goldens' input file: its shards hold the goldens' pooled states.
+TEST(HiddenGoldenCli, ShardsOfTheGoldenInputsMatch) {
+  const fs::path jp = kGoldens / "qwen3-tiny__inputs.jsonl";
+  ASSERT_TRUE(fs::exists(jp)) << jp << " is missing; make it with: " << kMakeGoldens;
+  TempDir d;
+  auto r = run_cli({"hidden", fixture("models/qwen3-tiny"), "--input", jp.string(), "--out",
+                    d.path.string(), "--dtype", "fp32", "--pool", "mean", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json idx = json::parse(std::ifstream(d.path / "index.json"));
+  for (const char* id : {"ids", "soft", "mixed"}) {
+    auto g = SafetensorsFile::open(kGoldens /
+                                   (std::string("qwen3-tiny__float32__") + id + ".safetensors"));
+    auto s = SafetensorsFile::open(d.path / idx["inputs"][id]["file"].get<std::string>());
+    for (int k = 0; k <= 3; ++k) {
+      const auto ours = read_tensor(*s, std::string(id) + ".layer" + std::to_string(k));
+      const auto gold = read_tensor(*g, "mean." + std::to_string(k));
+      ASSERT_EQ(ours.size(), gold.size()) << id << " " << k;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < gold.size(); ++i) {
+        num += (double(ours[i]) - gold[i]) * (double(ours[i]) - gold[i]);
+        den += double(gold[i]) * gold[i];
+      }
+      EXPECT_LE(std::sqrt(num / den), 1e-5) << id << " layer " << k;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nanscope
