@@ -435,7 +435,8 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   json index = {{"format", kFormat},
                 {"settings", settings},
                 {"shards", json::array()},
-                {"inputs", json::object()}};
+                {"inputs", json::object()},
+                {"nonfinite", json::object()}};
   if (fs::exists(sum.index)) {
     std::ifstream f(sum.index);
     json old;
@@ -502,6 +503,11 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
                                {"kind", p.kind},
                                {"finite", p.nonfinite.empty()},
                                {"nonfinite_layers", p.nonfinite}};
+    // Top-level summary of every input with NaN/inf: id -> states.
+    json nf = json::object();
+    for (const auto& [id, v] : index["inputs"].items())
+      if (!v.value("finite", true)) nf[id] = v.value("nonfinite_layers", json::array());
+    index["nonfinite"] = nf;
     write_file_atomic(sum.index, index.dump(1) + "\n");
     sum.shards.push_back(name);
     pending.clear();

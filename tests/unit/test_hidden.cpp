@@ -273,6 +273,7 @@ TEST(CliHidden, NonfiniteStatesAreListedAndExitOne) {
   EXPECT_FALSE(j["nonfinite"][0]["layers"].empty());
   const json idx = json::parse(std::ifstream(out / "index.json"));
   EXPECT_EQ(idx["inputs"]["a"]["finite"], false);
+  EXPECT_EQ(idx["nonfinite"]["a"], j["nonfinite"][0]["layers"]);
   // A rerun computes nothing and still reports it.
   r = run_cli({"hidden", fixture("models/qwen3-nan"), "--input", in.string(), "--out", out.string(),
                "--json"});
