@@ -445,7 +445,15 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     } catch (const json::parse_error& e) {
       fail("{}: not valid JSON ({}); remove it to start over", sum.index.string(), e.what());
     }
-    if (!old.is_object() || old.value("format", "") != kFormat || !old.contains("inputs"))
+    auto shards_ok = [&] {
+      if (!old.contains("shards") || !old["shards"].is_array()) return false;
+      for (const auto& x : old["shards"])
+        if (!x.is_string() || x.get<std::string>().rfind("hidden-", 0) != 0) return false;
+      return true;
+    };
+    if (!old.is_object() || old.value("format", "") != kFormat || !old.contains("inputs") ||
+        !old["inputs"].is_object() || !old.contains("settings") || !old["settings"].is_object() ||
+        !shards_ok())
       fail("{}: not a nanscope hidden index; use another --out", sum.index.string());
     std::vector<std::string> diffs;
     for (const auto& [k, v] : settings.items()) {

@@ -246,6 +246,12 @@ TEST(CliHidden, WritesShardsAndIndexAndResumes) {
   r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--pool", "mean"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("pool"), std::string::npos) << r.err;
+
+  // A damaged index is refused with its name, never a crash.
+  write_text(out / "index.json", "{\"format\": \"nanscope-hidden/1\", \"inputs\": []}");
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("index.json: not a nanscope hidden index"), std::string::npos) << r.err;
 }
 
 TEST(CliHidden, OutDtypeRunStoresTheRunDtype) {
