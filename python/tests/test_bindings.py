@@ -133,6 +133,16 @@ def test_check_dicts():
     assert r["causes"]
 
 
+def test_check_with_base_and_adapter():
+    r = nanscope.check(EXAMPLE, base=EXAMPLE + "-base",
+                       adapter=str(FIXTURES / "adapters" / "example-poisoned"),
+                       text="Hello, world!")
+    assert r["verdict"] == "FAIL"
+    assert r["causes"][0]["kind"] == "adapter_nonfinite"
+    with pytest.raises(ValueError):
+        nanscope.check(TINY, ids=[1], text="x")
+
+
 def test_trace_dict():
     t = nanscope.trace(TINY, IDS, dtype="bf16")
     assert t["dtype"] == "bf16"
