@@ -27,25 +27,31 @@ namespace {
 
 nlohmann::json preset(const std::string& name) {
   if (name == "qwen3-4b")
-    return {{"model_type", "qwen3"}, {"architectures", {"Qwen3ForCausalLM"}},
-            {"hidden_size", 2560}, {"intermediate_size", 9728}, {"num_hidden_layers", 36},
-            {"num_attention_heads", 32}, {"num_key_value_heads", 8}, {"head_dim", 128},
-            {"vocab_size", 151936}, {"max_position_embeddings", 40960},
-            {"rms_norm_eps", 1e-6}, {"tie_word_embeddings", true}, {"hidden_act", "silu"},
-            {"rope_theta", 1000000.0}, {"attention_bias", false}};
+    return {{"model_type", "qwen3"},    {"architectures", {"Qwen3ForCausalLM"}},
+            {"hidden_size", 2560},      {"intermediate_size", 9728},
+            {"num_hidden_layers", 36},  {"num_attention_heads", 32},
+            {"num_key_value_heads", 8}, {"head_dim", 128},
+            {"vocab_size", 151936},     {"max_position_embeddings", 40960},
+            {"rms_norm_eps", 1e-6},     {"tie_word_embeddings", true},
+            {"hidden_act", "silu"},     {"rope_theta", 1000000.0},
+            {"attention_bias", false}};
   if (name == "qwen3-0.6b")
-    return {{"model_type", "qwen3"}, {"architectures", {"Qwen3ForCausalLM"}},
-            {"hidden_size", 1024}, {"intermediate_size", 3072}, {"num_hidden_layers", 28},
-            {"num_attention_heads", 16}, {"num_key_value_heads", 8}, {"head_dim", 128},
-            {"vocab_size", 151936}, {"max_position_embeddings", 40960},
-            {"rms_norm_eps", 1e-6}, {"tie_word_embeddings", true}, {"hidden_act", "silu"},
-            {"rope_theta", 1000000.0}, {"attention_bias", false}};
+    return {{"model_type", "qwen3"},    {"architectures", {"Qwen3ForCausalLM"}},
+            {"hidden_size", 1024},      {"intermediate_size", 3072},
+            {"num_hidden_layers", 28},  {"num_attention_heads", 16},
+            {"num_key_value_heads", 8}, {"head_dim", 128},
+            {"vocab_size", 151936},     {"max_position_embeddings", 40960},
+            {"rms_norm_eps", 1e-6},     {"tie_word_embeddings", true},
+            {"hidden_act", "silu"},     {"rope_theta", 1000000.0},
+            {"attention_bias", false}};
   if (name == "tiny")
-    return {{"model_type", "qwen3"}, {"architectures", {"Qwen3ForCausalLM"}},
-            {"hidden_size", 256}, {"intermediate_size", 768}, {"num_hidden_layers", 4},
-            {"num_attention_heads", 8}, {"num_key_value_heads", 4}, {"head_dim", 64},
-            {"vocab_size", 4096}, {"max_position_embeddings", 4096}, {"rms_norm_eps", 1e-6},
-            {"tie_word_embeddings", true}, {"hidden_act", "silu"}, {"rope_theta", 1000000.0}};
+    return {{"model_type", "qwen3"},    {"architectures", {"Qwen3ForCausalLM"}},
+            {"hidden_size", 256},       {"intermediate_size", 768},
+            {"num_hidden_layers", 4},   {"num_attention_heads", 8},
+            {"num_key_value_heads", 4}, {"head_dim", 64},
+            {"vocab_size", 4096},       {"max_position_embeddings", 4096},
+            {"rms_norm_eps", 1e-6},     {"tie_word_embeddings", true},
+            {"hidden_act", "silu"},     {"rope_theta", 1000000.0}};
   fail("unknown preset {} (qwen3-4b, qwen3-0.6b, tiny)", name);
 }
 
@@ -88,14 +94,22 @@ int main(int argc, char** argv) try {
       if (i + 1 >= argc) fail("{} needs a value", a);
       return argv[++i];
     };
-    if (a == "--out") out = next();
-    else if (a == "--preset") preset_name = next();
-    else if (a == "--dtype") dtype = next();
-    else if (a == "--shard-gb") shard_gb = std::stod(next());
-    else if (a == "--adapter") adapter = next();
-    else if (a == "--rank") rank = std::stoi(next());
-    else if (a == "--seed") seed = std::stoull(next());
-    else fail("unknown argument {}", a);
+    if (a == "--out")
+      out = next();
+    else if (a == "--preset")
+      preset_name = next();
+    else if (a == "--dtype")
+      dtype = next();
+    else if (a == "--shard-gb")
+      shard_gb = std::stod(next());
+    else if (a == "--adapter")
+      adapter = next();
+    else if (a == "--rank")
+      rank = std::stoi(next());
+    else if (a == "--seed")
+      seed = std::stoull(next());
+    else
+      fail("unknown argument {}", a);
   }
   if (out.empty()) fail("--out DIR is required");
   const DType t = dtype == "bf16" ? DType::BF16 : dtype == "fp16" ? DType::F16 : DType::F32;
@@ -148,11 +162,17 @@ int main(int argc, char** argv) try {
     // A LoRA adapter on every linear layer, saved fp32 as peft does.
     fs::create_directories(adapter);
     write_json(fs::path(adapter) / "adapter_config.json",
-               {{"peft_type", "LORA"}, {"r", rank}, {"lora_alpha", 2 * rank},
+               {{"peft_type", "LORA"},
+                {"r", rank},
+                {"lora_alpha", 2 * rank},
                 {"target_modules",
                  {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}},
-                {"lora_dropout", 0.0}, {"bias", "none"}, {"task_type", "CAUSAL_LM"},
-                {"use_rslora", false}, {"use_dora", false}, {"fan_in_fan_out", false}});
+                {"lora_dropout", 0.0},
+                {"bias", "none"},
+                {"task_type", "CAUSAL_LM"},
+                {"use_rslora", false},
+                {"use_dora", false},
+                {"fan_in_fan_out", false}});
     std::vector<TensorSpec> specs;
     for (const auto& e : tensors) {
       if (e.shape.size() != 2 || e.name.find("embed") != std::string::npos ||

@@ -24,8 +24,9 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
   };
   auto a = std::make_shared<Args>();
   auto* app = root.add_subcommand(
-      "check", "The verdict: PASS or FAIL with the root cause (scan + traces in fp32 and each "
-               "dtype; with --base/--adapter, where the NaN was born)");
+      "check",
+      "The verdict: PASS or FAIL with the root cause (scan + traces in fp32 and each "
+      "dtype; with --base/--adapter, where the NaN was born)");
   app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
   app->add_option("--base", a->base, "The base checkpoint the model was merged from");
   app->add_option("--adapter", a->adapter, "The PEFT adapter that was merged in");
@@ -65,8 +66,8 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
                    if (a->ids.empty() && a->text.empty() && !has_tok)
                      opt.ids = {1, 2, 3, 4, 5, 6, 7, 8};  // no tokenizer: small ids every vocab has
                    else
-                     opt.ids = resolve_tokens(a->model, a->ids, a->text, a->tokenizer,
-                                              kDefaultPrompt);
+                     opt.ids =
+                         resolve_tokens(a->model, a->ids, a->text, a->tokenizer, kDefaultPrompt);
                    CheckResult r = check(a->model, opt);
                    if (!a->report.empty()) write_file_atomic(a->report, check_html(r));
                    print_out(a->json ? check_json(r).dump(2) : check_text(r));

@@ -1,5 +1,5 @@
-#include <csignal>
 #include <unistd.h>
+#include <csignal>
 
 #include <fmt/format.h>
 
@@ -10,7 +10,9 @@
 namespace nanscope::cli {
 
 namespace {
-extern "C" void on_interrupt(int) { merge_interrupt_flag().store(true); }
+extern "C" void on_interrupt(int) {
+  merge_interrupt_flag().store(true);
+}
 
 uint64_t parse_size(const std::string& s) {
   if (s.empty()) return 0;
@@ -39,15 +41,18 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
   };
   auto a = std::make_shared<Args>();
   auto* app = root.add_subcommand(
-      "merge", "Merge a PEFT LoRA adapter exactly as peft does, with fp32 arithmetic, into a "
-               "checkpoint transformers loads; refuse to write NaN/inf");
+      "merge",
+      "Merge a PEFT LoRA adapter exactly as peft does, with fp32 arithmetic, into a "
+      "checkpoint transformers loads; refuse to write NaN/inf");
   app->add_option("--base", a->base, "Base checkpoint directory")->required();
   app->add_option("--adapter", a->adapter, "PEFT adapter directory")->required();
   app->add_option("--out", a->out, "Output directory (must not exist or be empty)")->required();
   app->add_option("--dtype", a->dtype, "auto (the base's) | bf16 | fp16 | fp32")
       ->capture_default_str();
-  app->add_flag("--allow-nonfinite", a->allow_nonfinite, "Write even if merged weights hold NaN/inf");
-  app->add_option("--max-shard-size", a->max_shard, "Shard size (e.g. 5GB); default: like the base");
+  app->add_flag("--allow-nonfinite", a->allow_nonfinite,
+                "Write even if merged weights hold NaN/inf");
+  app->add_option("--max-shard-size", a->max_shard,
+                  "Shard size (e.g. 5GB); default: like the base");
   app->add_flag("--peft-tied", a->peft_tied,
                 "On a tied model, merge embedding/lm_head updates into the shared tensor and stay "
                 "tied, byte for byte like peft (changes the model's function)");

@@ -10,8 +10,9 @@ void add_scan(CLI::App& root, std::vector<Command>& out) {
     int threads = 0;
   };
   auto a = std::make_shared<Args>();
-  auto* app = root.add_subcommand("scan", "Static check: structure against config.json and the "
-                                          "value of every tensor (NaN, inf, fp16 range)");
+  auto* app = root.add_subcommand("scan",
+                                  "Static check: structure against config.json and the "
+                                  "value of every tensor (NaN, inf, fp16 range)");
   app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
   app->add_option("--adapter", a->adapter, "PEFT adapter directory to scan too");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");

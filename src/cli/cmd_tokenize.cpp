@@ -14,8 +14,9 @@ void add_tokenize(CLI::App& root, std::vector<Command>& out) {
     bool json = false;
   };
   auto a = std::make_shared<Args>();
-  auto* app = root.add_subcommand("tokenize", "Print the token ids of a text (Hugging Face "
-                                              "tokenizers' ids, without special tokens added)");
+  auto* app = root.add_subcommand("tokenize",
+                                  "Print the token ids of a text (Hugging Face "
+                                  "tokenizers' ids, without special tokens added)");
   app->add_option("SOURCE", a->source, "Checkpoint directory or tokenizer.json")->required();
   app->add_option("--text", a->text, "The text")->required();
   app->add_flag("--json", a->json, "Print {\"ids\": [...]} on stdout");

@@ -12,8 +12,9 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
   };
   auto a = std::make_shared<Args>();
   auto* app = root.add_subcommand(
-      "trace", "Run the model as transformers does in a dtype; report every hidden state and the "
-               "first op that produced inf/NaN");
+      "trace",
+      "Run the model as transformers does in a dtype; report every hidden state and the "
+      "first op that produced inf/NaN");
   app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
   app->add_option("--ids", a->ids, "Token ids, comma-separated");
   app->add_option("--text", a->text, "Text, tokenized with MODEL/tokenizer.json");

@@ -33,8 +33,9 @@ std::vector<int64_t> resolve_tokens(const std::string& model_dir, const std::str
   if (!ids.empty()) return parse_ids(ids);
   std::string t = text.empty() ? fallback_text : text;
   if (t.empty()) fail("pass the input as --ids 1,2,3 or --text \"...\"");
-  std::filesystem::path tok = tokenizer.empty() ? std::filesystem::path(model_dir) / "tokenizer.json"
-                                                : std::filesystem::path(tokenizer);
+  std::filesystem::path tok = tokenizer.empty()
+                                  ? std::filesystem::path(model_dir) / "tokenizer.json"
+                                  : std::filesystem::path(tokenizer);
   if (!std::filesystem::exists(tok))
     fail("{}: no tokenizer.json to turn --text into ids; pass --tokenizer FILE or --ids",
          tokenizer.empty() ? model_dir : tokenizer);

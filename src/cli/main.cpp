@@ -17,7 +17,8 @@ void print_out(const std::string& s) {
 
 int main(int argc, char** argv) {
   using namespace nanscope::cli;
-  CLI::App app{"nanscope: find where and why a (LoRA-merged) checkpoint produces NaN/inf", "nanscope"};
+  CLI::App app{"nanscope: find where and why a (LoRA-merged) checkpoint produces NaN/inf",
+               "nanscope"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("nanscope 0.1.0"));
   std::vector<Command> commands;

@@ -50,15 +50,16 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
       const SafetensorsFile* f = ck.files_[shard_of_file[file]].get();
       const TensorInfo* info = f->find(name);
       if (!info)
-        fail("{}: the index puts tensor {} in {}, but that shard does not hold it",
-             index.string(), name, file);
+        fail("{}: the index puts tensor {} in {}, but that shard does not hold it", index.string(),
+             name, file);
       ck.tensors_[name] = TensorRef{f, info};
     }
     // Tensors a shard holds that the index forgot would be invisible to transformers too; they
     // are not loaded, so they do not count as part of the model.
   } else if (fs::exists(single, ec)) {
     ck.files_.push_back(SafetensorsFile::open(single));
-    for (const auto& t : ck.files_[0]->tensors()) ck.tensors_[t.name] = TensorRef{ck.files_[0].get(), &t};
+    for (const auto& t : ck.files_[0]->tensors())
+      ck.tensors_[t.name] = TensorRef{ck.files_[0].get(), &t};
   } else {
     bool has_bin = fs::exists(dir / "pytorch_model.bin", ec) ||
                    fs::exists(dir / "pytorch_model.bin.index.json", ec);

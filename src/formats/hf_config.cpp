@@ -31,10 +31,14 @@ std::optional<DType> parse_torch_dtype(const std::string& s0) {
 
 std::string torch_dtype_name(DType t) {
   switch (t) {
-    case DType::BF16: return "bfloat16";
-    case DType::F16: return "float16";
-    case DType::F32: return "float32";
-    default: return std::string(dtype_name(t));
+    case DType::BF16:
+      return "bfloat16";
+    case DType::F16:
+      return "float16";
+    case DType::F32:
+      return "float32";
+    default:
+      return std::string(dtype_name(t));
   }
 }
 
@@ -47,7 +51,8 @@ int64_t get_int(const nlohmann::json& j, const char* key, const std::string& wha
     if (dflt) return *dflt;
     fail("{}: `{}` is missing", what, key);
   }
-  if (!it->is_number_integer()) fail("{}: `{}` must be an integer, found {}", what, key, it->dump());
+  if (!it->is_number_integer())
+    fail("{}: `{}` must be an integer, found {}", what, key, it->dump());
   int64_t v = it->get<int64_t>();
   if (v <= 0) fail("{}: `{}` must be positive, found {}", what, key, v);
   return v;
@@ -110,7 +115,8 @@ RopeConfig parse_rope(const nlohmann::json& j, const std::string& what) {
   r.mscale = get_opt_num(p, "mscale", w);
   r.mscale_all_dim = get_opt_num(p, "mscale_all_dim", w);
   r.truncate = get_bool(p, "truncate", true, w);
-  if (!r.partial_rotary_factor) r.partial_rotary_factor = get_opt_num(p, "partial_rotary_factor", w);
+  if (!r.partial_rotary_factor)
+    r.partial_rotary_factor = get_opt_num(p, "partial_rotary_factor", w);
   return r;
 }
 

@@ -16,11 +16,12 @@ namespace nanscope {
 
 namespace {
 
-// "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" -> "model.layers.0.self_attn.q_proj"
+// "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" ->
+// "model.layers.0.self_attn.q_proj"
 std::string adapter_module(std::string key) {
   if (key.rfind("base_model.model.", 0) == 0) key = key.substr(17);
-  for (std::string_view m : {".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B",
-                             ".lora_magnitude_vector"}) {
+  for (std::string_view m :
+       {".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"}) {
     auto p = key.find(m);
     if (p != std::string::npos) return key.substr(0, p);
   }
@@ -40,7 +41,9 @@ bool is_attention_site(const std::string& site) {
   return site.ends_with(".scores") || site.ends_with(".probs") || site.ends_with(".context");
 }
 
-std::string g(double v) { return fmt::format("{:.4g}", v); }
+std::string g(double v) {
+  return fmt::format("{:.4g}", v);
+}
 
 // Rows of the embedding that hold a non-finite value.
 std::vector<int64_t> nonfinite_rows(const TensorRef& ref) {
@@ -105,7 +108,12 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       if (!a.computed || !a.stats.nonfinite()) continue;
       adapter_bad_by_module[adapter_module(a.name)].push_back(&a);
       r.causes.push_back(
-          {"adapter_nonfinite", {}, {}, {}, "", a.name,
+          {"adapter_nonfinite",
+           {},
+           {},
+           {},
+           "",
+           a.name,
            fmt::format("the adapter itself holds {} NaN and {} inf in {} ({} values): the training "
                        "diverged, and every merge of this adapter is poisoned",
                        a.stats.nan, a.stats.inf, a.name, a.stats.count),
@@ -119,8 +127,14 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   // Structure.
   for (const auto& f : r.scan.findings)
     if (f.severity == "error" && f.kind != "nonfinite")
-      r.causes.push_back({"structure", {}, {}, {}, "", f.tensor,
-                          fmt::format("{}: {}", f.kind, f.detail), structure_fix(f.kind)});
+      r.causes.push_back({"structure",
+                          {},
+                          {},
+                          {},
+                          "",
+                          f.tensor,
+                          fmt::format("{}: {}", f.kind, f.detail),
+                          structure_fix(f.kind)});
 
   // Non-finite weights, with where they were born.
   for (const auto& t : r.scan.tensor_reports) {
@@ -153,8 +167,9 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
           "output dtype {} (W + dW beyond its range)",
           base_stats->any_finite ? fmt::format("abs max {}", g(base_stats->abs_max)) : "finite",
           run_dtype_name(t.dtype));
-      fix = "Re-merge into bf16 or fp32 (`nanscope merge --dtype bf16`): W + dW does not fit the "
-            "fp16 range.";
+      fix =
+          "Re-merge into bf16 or fp32 (`nanscope merge --dtype bf16`): W + dW does not fit the "
+          "fp16 range.";
     } else {
       origin = adapter || base ? "origin unknown (pass both --base and --adapter)"
                                : "origin unknown (pass --base and --adapter to trace it)";
@@ -166,7 +181,12 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       for (int64_t id : opt.ids)
         if (bad.count(id)) hit.push_back(id);
       r.causes.push_back(
-          {"embedding_rows", {}, {}, {}, "model.embed_tokens", t.name,
+          {"embedding_rows",
+           {},
+           {},
+           {},
+           "model.embed_tokens",
+           t.name,
            fmt::format("{} rows of the embedding are non-finite: {} ({}); any input containing "
                        "these token ids turns NaN from the first layer on{}",
                        r.bad_embedding_rows.size(), list_rows(r.bad_embedding_rows), origin,
@@ -178,7 +198,12 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
                : fix});
       continue;
     }
-    r.causes.push_back({kind, {}, {}, {}, "", t.name,
+    r.causes.push_back({kind,
+                        {},
+                        {},
+                        {},
+                        "",
+                        t.name,
                         fmt::format("{} NaN and {} inf among {} values; {}", t.stats.nan,
                                     t.stats.inf, t.stats.count, origin),
                         fix});
@@ -231,10 +256,11 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
     if (cr.dtype == DType::F32) {
       detail = fmt::format("{} overflows even in fp32", f.site);
     } else {
-      detail = fmt::format("{} reaches |x| = {} in fp32, beyond {}'s largest finite value {}: it "
-                           "becomes inf in {}, then NaN",
-                           f.site, f.value_fp32 ? g(*f.value_fp32) : "?", run_dtype_name(cr.dtype),
-                           dtype_max(cr.dtype), run_dtype_name(cr.dtype));
+      detail = fmt::format(
+          "{} reaches |x| = {} in fp32, beyond {}'s largest finite value {}: it "
+          "becomes inf in {}, then NaN",
+          f.site, f.value_fp32 ? g(*f.value_fp32) : "?", run_dtype_name(cr.dtype),
+          dtype_max(cr.dtype), run_dtype_name(cr.dtype));
     }
     std::string fix;
     if (is_attention_site(f.site) && cr.attention == AttentionProfile::Eager) {
@@ -248,13 +274,15 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
             ". With fused attention (SDPA, flash attention, SGLang, vLLM: scores and softmax in "
             "fp32) the same {} run is finite: that is why another runtime works on these files",
             run_dtype_name(cr.dtype));
-      fix = fmt::format("Run in bf16 (the dtype Qwen models are trained in), or keep {} with "
-                        "attn_implementation=\"sdpa\" instead of \"eager\".",
-                        run_dtype_name(cr.dtype));
+      fix = fmt::format(
+          "Run in bf16 (the dtype Qwen models are trained in), or keep {} with "
+          "attn_implementation=\"sdpa\" instead of \"eager\".",
+          run_dtype_name(cr.dtype));
     } else {
-      fix = fmt::format("Run in bf16 or fp32: {} cannot hold this model's activations (models "
-                        "trained in bf16 often exceed 65504).",
-                        run_dtype_name(cr.dtype));
+      fix = fmt::format(
+          "Run in bf16 or fp32: {} cannot hold this model's activations (models "
+          "trained in bf16 often exceed 65504).",
+          run_dtype_name(cr.dtype));
     }
     r.causes.push_back({"activation_overflow", cr.dtype, cr.attention,
                         f.layer >= 0 ? std::optional<int64_t>(f.layer) : std::nullopt, f.site, "",
@@ -316,7 +344,8 @@ nlohmann::json check_json(const CheckResult& r) {
       e = trace_json(*cr.trace);
       e["finite"] = cr.trace->finite();
     } else {
-      e = {{"dtype", run_dtype_name(cr.dtype)}, {"attention", attention_name(cr.attention)},
+      e = {{"dtype", run_dtype_name(cr.dtype)},
+           {"attention", attention_name(cr.attention)},
            {"error", cr.error}};
     }
     j["runs"].push_back(std::move(e));
@@ -329,20 +358,24 @@ nlohmann::json check_json(const CheckResult& r) {
 }
 
 std::string check_text(const CheckResult& r) {
+  // The verdict first, then the evidence (causes with their numbers, the runs, the quick-test
+  // table of the first failing run), then what to do.
   std::string s = fmt::format("{}  {}  ({} tokens: [{}])\n", r.pass() ? "PASS" : "FAIL",
                               r.model.string(), r.tokens.size(), fmt::join(r.tokens, ", "));
-  if (r.pass()) {
+  if (r.pass())
     s += "No cause found: structure matches config.json, every weight is finite, and every run "
          "stayed finite.\n";
-  }
   for (size_t i = 0; i < r.causes.size(); ++i) {
     const Cause& c = r.causes[i];
     std::string where;
-    if (c.dtype) where += fmt::format(" [{} {}]", run_dtype_name(*c.dtype),
-                                      c.attention ? attention_name(*c.attention) : "");
-    if (!c.tensor.empty()) where += " " + c.tensor;
-    else if (!c.site.empty()) where += " " + c.site;
-    s += fmt::format("\nCause {}: {}{}\n  {}\n  Fix: {}\n", i + 1, c.kind, where, c.detail, c.fix);
+    if (c.dtype)
+      where += fmt::format(" [{} {}]", run_dtype_name(*c.dtype),
+                           c.attention ? attention_name(*c.attention) : "");
+    if (!c.tensor.empty())
+      where += " " + c.tensor;
+    else if (!c.site.empty())
+      where += " " + c.site;
+    s += fmt::format("\nCause {}: {}{}\n  {}\n", i + 1, c.kind, where, c.detail);
   }
   s += "\nEvidence (traces on the CPU, as transformers computes):\n";
   for (const auto& cr : r.runs) s += "  " + run_summary(cr) + "\n";
@@ -352,6 +385,13 @@ std::string check_text(const CheckResult& r) {
       s += trace_text(*cr.trace);
       break;
     }
+  if (!r.causes.empty()) {
+    s += "\nFix:\n";
+    std::set<std::string> said;
+    for (size_t i = 0; i < r.causes.size(); ++i)
+      if (said.insert(r.causes[i].fix).second)
+        s += fmt::format("  ({}) {}\n", i + 1, r.causes[i].fix);
+  }
   return s;
 }
 
@@ -371,7 +411,8 @@ std::string check_html(const CheckResult& r) {
       se.abs_max.push_back(hs.stats.finite() ? hs.stats.abs_max : std::nan(""));
     h.series.push_back(std::move(se));
   }
-  ReportTable causes{"Causes", {"#", "kind", "dtype", "attention", "layer", "site / tensor", "detail", "fix"}, {}};
+  ReportTable causes{
+      "Causes", {"#", "kind", "dtype", "attention", "layer", "site / tensor", "detail", "fix"}, {}};
   for (size_t i = 0; i < r.causes.size(); ++i) {
     const auto& c = r.causes[i];
     causes.rows.push_back({std::to_string(i + 1), c.kind,

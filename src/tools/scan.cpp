@@ -24,9 +24,9 @@ bool ScanResult::has_error() const {
 namespace {
 
 bool is_peft_key(std::string_view n) {
-  for (std::string_view marker : {".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B",
-                                  ".lora_magnitude_vector", ".base_layer.", ".modules_to_save.",
-                                  ".original_module.", "lora_A.weight", "lora_B.weight"})
+  for (std::string_view marker :
+       {".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
+        ".base_layer.", ".modules_to_save.", ".original_module.", "lora_A.weight", "lora_B.weight"})
     if (n.find(marker) != std::string_view::npos) return true;
   return n.rfind("base_model.model.", 0) == 0;
 }
@@ -42,7 +42,9 @@ std::string strip_peft(std::string n) {
   return n;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+std::string shape_str(const std::vector<int64_t>& s) {
+  return fmt::format("[{}]", fmt::join(s, ", "));
+}
 
 void release_range(const std::byte* p, size_t n) {
   static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
@@ -102,10 +104,9 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
     }
     if (name == "lm_head.weight" && c.tie_word_embeddings) {
       auto emb = ck.find("model.embed_tokens.weight");
-      const bool same = emb && emb->info->shape == ref.info->shape &&
-                        emb->info->dtype == ref.info->dtype &&
-                        std::memcmp(emb->bytes().data(), ref.bytes().data(),
-                                    ref.bytes().size()) == 0;
+      const bool same =
+          emb && emb->info->shape == ref.info->shape && emb->info->dtype == ref.info->dtype &&
+          std::memcmp(emb->bytes().data(), ref.bytes().data(), ref.bytes().size()) == 0;
       if (same)
         out.push_back({"warning", "tied_embeddings", name, 0,
                        "config.json ties the embeddings and lm_head.weight is a redundant "
@@ -230,12 +231,16 @@ nlohmann::json scan_to_json(const ScanResult& r) {
   j["bytes"] = r.bytes;
   j["findings"] = nlohmann::json::array();
   for (const auto& f : r.findings)
-    j["findings"].push_back({{"severity", f.severity}, {"kind", f.kind}, {"tensor", f.tensor},
-                             {"count", f.count}, {"detail", f.detail}, {"source", f.source}});
+    j["findings"].push_back({{"severity", f.severity},
+                             {"kind", f.kind},
+                             {"tensor", f.tensor},
+                             {"count", f.count},
+                             {"detail", f.detail},
+                             {"source", f.source}});
   j["tensor_stats"] = nlohmann::json::array();
   for (const auto& t : r.tensor_reports) {
-    nlohmann::json e = {{"name", t.name}, {"source", t.source}, {"dtype", dtype_name(t.dtype)},
-                        {"shape", t.shape}};
+    nlohmann::json e = {
+        {"name", t.name}, {"source", t.source}, {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}};
     if (t.computed) {
       e["nan"] = t.stats.nan;
       e["inf"] = t.stats.inf;

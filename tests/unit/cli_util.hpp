@@ -31,8 +31,8 @@ inline std::string shell_quote(const std::string& s) {
 inline CliResult run_cli(const std::vector<std::string>& args) {
   static int counter = 0;
   const auto dir = std::filesystem::temp_directory_path();
-  const auto err_path = dir / ("nanscope_cli_err_" + std::to_string(getpid()) + "_" +
-                               std::to_string(counter++));
+  const auto err_path =
+      dir / ("nanscope_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
   std::string cmd = shell_quote(NANSCOPE_BINARY);
   for (const auto& a : args) cmd += " " + shell_quote(a);
   cmd += " 2>" + shell_quote(err_path.string()) + " </dev/null";
@@ -52,7 +52,9 @@ inline CliResult run_cli(const std::vector<std::string>& args) {
   return r;
 }
 
-inline std::string fixture(const std::string& rel) { return std::string(NANSCOPE_FIXTURES) + "/" + rel; }
+inline std::string fixture(const std::string& rel) {
+  return std::string(NANSCOPE_FIXTURES) + "/" + rel;
+}
 
 // A fresh empty directory under the system temp dir, removed when the object goes.
 struct TempDir {

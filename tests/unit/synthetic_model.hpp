@@ -17,11 +17,19 @@
 namespace nanscope::testing {
 
 inline nlohmann::json tiny_qwen3_config() {
-  return {{"model_type", "qwen3"}, {"architectures", {"Qwen3ForCausalLM"}},
-          {"hidden_size", 16}, {"intermediate_size", 32}, {"num_hidden_layers", 2},
-          {"num_attention_heads", 2}, {"num_key_value_heads", 1}, {"head_dim", 8},
-          {"vocab_size", 32}, {"max_position_embeddings", 64}, {"rms_norm_eps", 1e-6},
-          {"tie_word_embeddings", true}, {"dtype", "bfloat16"},
+  return {{"model_type", "qwen3"},
+          {"architectures", {"Qwen3ForCausalLM"}},
+          {"hidden_size", 16},
+          {"intermediate_size", 32},
+          {"num_hidden_layers", 2},
+          {"num_attention_heads", 2},
+          {"num_key_value_heads", 1},
+          {"head_dim", 8},
+          {"vocab_size", 32},
+          {"max_position_embeddings", 64},
+          {"rms_norm_eps", 1e-6},
+          {"tie_word_embeddings", true},
+          {"dtype", "bfloat16"},
           {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
 }
 

@@ -181,8 +181,8 @@ TEST(CheckReport, HtmlIsSelfContainedAndRendersInChromium) {
   const std::string cmd =
       "chromium --headless --no-sandbox --disable-gpu --disable-background-networking "
       "--disable-component-update --disable-sync --no-first-run --user-data-dir=" +
-      (d.path / "profile").string() + " --dump-dom file://" + page.string() + " > " +
-      dom.string() + " 2>/dev/null";
+      (d.path / "profile").string() + " --dump-dom file://" + page.string() + " > " + dom.string() +
+      " 2>/dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   std::ifstream din(dom);
   std::stringstream ds;

@@ -70,7 +70,8 @@ TEST(Checkpoint, OpensShardsThroughTheIndex) {
   nlohmann::json wm;
   for (const auto& t : a) wm[t.name] = "model-00001-of-00002.safetensors";
   for (const auto& t : b) wm[t.name] = "model-00002-of-00002.safetensors";
-  write_json(d.path / "model.safetensors.index.json", {{"metadata", {{"total_size", 1}}}, {"weight_map", wm}});
+  write_json(d.path / "model.safetensors.index.json",
+             {{"metadata", {{"total_size", 1}}}, {"weight_map", wm}});
   Checkpoint ck = Checkpoint::open(d.path);
   EXPECT_TRUE(ck.sharded());
   EXPECT_EQ(ck.files().size(), 2u);

@@ -82,8 +82,10 @@ TEST(Scan, Fp16RangeIsAWarning) {
   TempDir d;
   auto cfg = tiny_qwen3_config();
   const std::string name = "model.layers.0.mlp.down_proj.weight";
-  write_model(d.path, cfg, with_values(expected_planted(cfg, DType::F32), name,
-                                       [](auto& v) { v[1] = 70000.0f; v[2] = -1e6f; }));
+  write_model(d.path, cfg, with_values(expected_planted(cfg, DType::F32), name, [](auto& v) {
+                v[1] = 70000.0f;
+                v[2] = -1e6f;
+              }));
   ScanResult r = scan(d.path, {});
   const Finding* f = find_kind(r, "fp16_range", name);
   ASSERT_NE(f, nullptr);
@@ -99,13 +101,14 @@ TEST(Scan, StructureFindings) {
   auto ts = expected_planted(cfg, DType::BF16);
   std::vector<PlantedTensor> edited;
   for (auto t : ts) {
-    if (t.name == "model.layers.1.self_attn.k_norm.weight") continue;  // missing
+    if (t.name == "model.layers.1.self_attn.k_norm.weight") continue;       // missing
     if (t.name == "model.layers.0.mlp.up_proj.weight") t.shape = {31, 16};  // misshapen
     if (t.name == "model.layers.0.self_attn.q_proj.weight")
       t.name = "model.layers.0.self_attn.q_proj.base_layer.weight";  // PEFT wrapping
     edited.push_back(t);
   }
-  edited.push_back({"model.layers.0.self_attn.q_proj.lora_A.default.weight", DType::F32, {4, 16}, {}});
+  edited.push_back(
+      {"model.layers.0.self_attn.q_proj.lora_A.default.weight", DType::F32, {4, 16}, {}});
   edited.push_back({"model.extra.weight", DType::F32, {2}, {}});
   write_model(d.path, cfg, edited);
   ScanResult r = scan(d.path, {});

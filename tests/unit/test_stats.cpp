@@ -52,7 +52,8 @@ TEST_P(StatsTest, MatchesReferenceOnRandomDataWithSpecials) {
     for (auto& x : v) x = normal(rng) * scale;
     const int specials = int(rng() % 4);
     for (int s = 0; s < specials; ++s) {
-      const float sv[] = {NAN, INFINITY, -INFINITY, -NAN, 65504.0f, 65536.0f, -70000.0f, 0.0f, -0.0f};
+      const float sv[] = {NAN,      INFINITY,  -INFINITY, -NAN, 65504.0f,
+                          65536.0f, -70000.0f, 0.0f,      -0.0f};
       v[rng() % n] = sv[rng() % 9];
     }
     if (trial % 5 == 0)
