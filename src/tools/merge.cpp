@@ -2,14 +2,24 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <sys/mman.h>
 #include <unistd.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -390,43 +400,293 @@ struct Stats {
   }
 };
 
-template <typename Fn>
-void parallel_rows(int64_t n, int threads, Fn&& fn) {
-  int t = int(std::min<int64_t>(threads, std::max<int64_t>(1, n / 4)));
-  if (t <= 1) {
-    fn(int64_t{0}, n, 0);
-    return;
+// A fixed set of worker threads, started once per merge: each parallel step runs on them
+// instead of on threads spawned for every block.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(std::max(1, n)) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
   }
-  std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errs(static_cast<size_t>(t));
-  const int64_t chunk = (n + t - 1) / t;
-  for (int w = 0; w < t; ++w) {
-    const int64_t b = w * chunk, e = std::min(n, b + chunk);
-    if (b >= e) break;
-    pool.emplace_back([&, w, b, e] {
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      ++gen_;
+    }
+    cv_.notify_all();
+    for (auto& th : workers_) th.join();
+  }
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+  int size() const { return n_; }
+
+  // fn(b, e, w) over [0, n) in contiguous chunks, one per worker w; the caller is worker 0.
+  template <typename Fn>
+  void parallel_rows(int64_t n, Fn&& fn) {
+    const int t = int(std::min<int64_t>(n_, std::max<int64_t>(1, n / 4)));
+    if (t <= 1) {
+      fn(int64_t{0}, n, 0);
+      return;
+    }
+    const int64_t chunk = (n + t - 1) / t;
+    std::vector<std::exception_ptr> errs(static_cast<size_t>(t));
+    std::function<void(int)> job = [&](int w) {
+      const int64_t b = w * chunk, e = std::min(n, b + chunk);
+      if (b >= e) return;
       try {
         fn(b, e, w);
       } catch (...) {
         errs[size_t(w)] = std::current_exception();
       }
-    });
+    };
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &job;
+      active_ = t;
+      remaining_ = t - 1;
+      ++gen_;
+    }
+    cv_.notify_all();
+    job(0);
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [&] { return remaining_ == 0; });
+      job_ = nullptr;
+    }
+    for (auto& e : errs)
+      if (e) std::rethrow_exception(e);
   }
-  for (auto& th : pool) th.join();
-  for (auto& e : errs)
-    if (e) std::rethrow_exception(e);
+
+ private:
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_ != seen; });
+        seen = gen_;
+        if (stop_) return;
+        if (id >= active_) continue;
+        job = job_;
+      }
+      (*job)(id);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        --remaining_;
+      }
+      done_cv_.notify_one();
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  uint64_t gen_ = 0;
+  bool stop_ = false;
+  int active_ = 0, remaining_ = 0;
+  const std::function<void(int)>* job_ = nullptr;
+};
+
+// Hands the bytes of a shard to one writer thread, so that computing the next block overlaps
+// writing the last. Blocks are written in the order submitted. Output buffers circulate: the
+// computing side takes a free one, fills it, submits it; the writer returns it once written.
+class AsyncWriter {
+ public:
+  static constexpr int kBuffers = 3;
+  explicit AsyncWriter(SafetensorsWriter& w) : w_(w), thread_([this] { loop(); }) {
+    for (int i = 0; i < kBuffers; ++i) free_.push_back(i);
+  }
+  ~AsyncWriter() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  AsyncWriter(const AsyncWriter&) = delete;
+  AsyncWriter& operator=(const AsyncWriter&) = delete;
+
+  // A free output buffer of at least `bytes` bytes (waits for the writer to return one).
+  int acquire(size_t bytes) {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return !free_.empty() || err_; });
+    rethrow_locked();
+    const int b = free_.back();
+    free_.pop_back();
+    lk.unlock();
+    if (bufs_[size_t(b)].size() < bytes) bufs_[size_t(b)].resize(bytes);
+    return b;
+  }
+  std::byte* data(int b) { return bufs_[size_t(b)].data(); }
+
+  // Queues bytes for writing: those of buffer `buf` (returned to the free list once written),
+  // or, with buf = -1, bytes the caller keeps alive until `done` runs on the writer thread.
+  void submit(std::span<const std::byte> bytes, int buf, std::function<void()> done = {}) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      rethrow_locked();
+      queue_.push_back({bytes, buf, std::move(done)});
+    }
+    cv_.notify_all();
+  }
+  // Waits until everything queued is written; rethrows the writer's error.
+  void drain() {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return (queue_.empty() && !busy_) || err_; });
+    rethrow_locked();
+  }
+
+ private:
+  struct Item {
+    std::span<const std::byte> bytes;
+    int buf;
+    std::function<void()> done;
+  };
+  void rethrow_locked() {
+    if (err_) std::rethrow_exception(err_);
+  }
+  void loop() {
+    for (;;) {
+      Item it;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return !queue_.empty() || stop_; });
+        if (queue_.empty()) return;
+        it = std::move(queue_.front());
+        queue_.pop_front();
+        busy_ = true;
+      }
+      bool failed;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        failed = err_ != nullptr;
+      }
+      if (!failed) {
+        try {
+          w_.write(it.bytes);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(mu_);
+          err_ = std::current_exception();
+        }
+      }
+      if (it.done) it.done();
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (it.buf >= 0) free_.push_back(it.buf);
+        busy_ = false;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  SafetensorsWriter& w_;
+  std::array<std::vector<std::byte>, kBuffers> bufs_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> queue_;
+  std::vector<int> free_;
+  bool busy_ = false, stop_ = false;
+  std::exception_ptr err_;
+  std::thread thread_;  // last: started once everything above exists
+};
+
+// Fidelity sums of one row: w0 the base values, s the ideal fp32 result, r = s as stored.
+inline void row_stats(const float* w0, const float* s, const float* r, int64_t n, Stats& st) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  {
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+    const __m256d inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+    const __m256 fabs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 finf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256d num = zero, den = zero, dot = zero, err = zero;
+    uint64_t updated = 0, lost = 0, bad_w = 0, bad_r = 0;
+    for (; k + 8 <= n; k += 8) {
+      const __m256 w8 = _mm256_loadu_ps(w0 + k), s8 = _mm256_loadu_ps(s + k),
+                   r8 = _mm256_loadu_ps(r + k);
+      // !isfinite: |x| < inf is false for inf and NaN.
+      bad_w += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
+                                _mm256_cmp_ps(_mm256_and_ps(w8, fabs_mask), finf, _CMP_LT_OQ)))));
+      bad_r += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
+                                _mm256_cmp_ps(_mm256_and_ps(r8, fabs_mask), finf, _CMP_LT_OQ)))));
+      const unsigned same = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(r8, w8, _CMP_EQ_OQ)));
+      for (int h = 0; h < 2; ++h) {
+        const __m128 wh = h ? _mm256_extractf128_ps(w8, 1) : _mm256_castps256_ps128(w8);
+        const __m128 sh = h ? _mm256_extractf128_ps(s8, 1) : _mm256_castps256_ps128(s8);
+        const __m128 rh = h ? _mm256_extractf128_ps(r8, 1) : _mm256_castps256_ps128(r8);
+        const __m256d wd = _mm256_cvtps_pd(wh);
+        const __m256d di = _mm256_sub_pd(_mm256_cvtps_pd(sh), wd);
+        const __m256d dk = _mm256_sub_pd(_mm256_cvtps_pd(rh), wd);
+        const __m256d m =
+            _mm256_and_pd(_mm256_cmp_pd(di, zero, _CMP_NEQ_OQ),
+                          _mm256_cmp_pd(_mm256_and_pd(di, abs_mask), inf, _CMP_LT_OQ));
+        const unsigned mm = unsigned(_mm256_movemask_pd(m));
+        if (!mm) continue;
+        const __m256d dkm = _mm256_and_pd(dk, m), dim = _mm256_and_pd(di, m);
+        const __m256d e = _mm256_sub_pd(dkm, dim);
+        num = _mm256_add_pd(num, _mm256_mul_pd(dkm, dkm));
+        den = _mm256_add_pd(den, _mm256_mul_pd(dim, dim));
+        dot = _mm256_add_pd(dot, _mm256_mul_pd(dkm, dim));
+        err = _mm256_add_pd(err, _mm256_mul_pd(e, e));
+        updated += uint64_t(__builtin_popcount(mm));
+        lost += uint64_t(__builtin_popcount(mm & (same >> (4 * h))));
+      }
+    }
+    alignas(32) double v[4][4];
+    _mm256_store_pd(v[0], num);
+    _mm256_store_pd(v[1], den);
+    _mm256_store_pd(v[2], dot);
+    _mm256_store_pd(v[3], err);
+    st.num += (v[0][0] + v[0][1]) + (v[0][2] + v[0][3]);
+    st.den += (v[1][0] + v[1][1]) + (v[1][2] + v[1][3]);
+    st.dot += (v[2][0] + v[2][1]) + (v[2][2] + v[2][3]);
+    st.err += (v[3][0] + v[3][1]) + (v[3][2] + v[3][3]);
+    st.updated += updated;
+    st.lost += lost;
+    st.base_nonfinite += bad_w;
+    st.nonfinite += bad_r;
+  }
+#endif
+  for (; k < n; ++k) {
+    const double d_ideal = double(s[k]) - double(w0[k]);
+    if (!std::isfinite(w0[k])) ++st.base_nonfinite;
+    if (!std::isfinite(r[k])) ++st.nonfinite;
+    if (d_ideal != 0.0 && std::isfinite(d_ideal)) {
+      const double d_kept = double(r[k]) - double(w0[k]);
+      st.num += d_kept * d_kept;
+      st.den += d_ideal * d_ideal;
+      st.dot += d_kept * d_ideal;
+      st.err += (d_kept - d_ideal) * (d_kept - d_ideal);
+      ++st.updated;
+      if (r[k] == w0[k]) ++st.lost;
+    }
+  }
+}
+
+// Asks the kernel to read a mapped range ahead (whole pages inside it).
+void prefetch(std::span<const std::byte> bytes) {
+  if (bytes.empty()) return;
+  static const uintptr_t ps = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(bytes.data()) & ~(ps - 1);
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(bytes.data() + bytes.size());
+  ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_WILLNEED);
 }
 
 class Merger {
  public:
   Merger(const MergeOptions& o, const Checkpoint& base, const Adapter& ad, int threads)
-      : o_(o), base_(base), ad_(ad), threads_(threads) {}
+      : o_(o), base_(base), ad_(ad), pool_(threads), scratch_(size_t(pool_.size())) {}
 
   void check_cancel() const {
     if (o_.cancel && o_.cancel->load()) fail("merge: interrupted; nothing was written");
   }
 
-  // Computes one output tensor and streams it to the writer. Returns its statistics.
-  Stats run(const OutTensor& t, SafetensorsWriter& w) {
+  // Computes one output tensor and queues it on the writer. Returns its statistics.
+  Stats run(const OutTensor& t, AsyncWriter& w) {
     Stats st;
     const TensorInfo& src_info = t.replace ? *t.replace : *t.source.info;
     const std::byte* src = t.replace ? ad_.file().data(*t.replace).data() : t.source.bytes().data();
@@ -435,15 +695,17 @@ class Merger {
     const bool is_float = is_float_computable(src_dtype);
 
     if (!t.touched() && (!is_float || src_dtype == t.dtype)) {
-      // Unchanged bytes: copy in chunks, counting NaN/inf on the way.
+      // Unchanged bytes: handed to the writer straight from the mapping, counting NaN/inf here.
       auto bytes = t.source.bytes();
       if (is_float) st.base_nonfinite = st.nonfinite = count_nonfinite(bytes, src_dtype, numel);
       constexpr size_t kChunk = size_t(64) << 20;
       for (size_t off = 0; off < bytes.size(); off += kChunk) {
         check_cancel();
-        w.write(bytes.subspan(off, std::min(kChunk, bytes.size() - off)));
+        const bool last = off + kChunk >= bytes.size();
+        w.submit(bytes.subspan(off, std::min(kChunk, bytes.size() - off)), -1,
+                 last ? std::function<void()>([src = t.source] { src.release(); })
+                      : std::function<void()>());
       }
-      t.source.release();
       return st;
     }
 
@@ -512,85 +774,81 @@ class Merger {
         p.col_factor[size_t(j)] = p.magnitude[size_t(j)] / float(std::sqrt(sq[size_t(j)]));
     }
 
-    std::vector<float> W0(size_t(block * cols)), S(size_t(block * cols));
-    std::vector<std::byte> obuf(size_t(block * cols) * out_es);
+    for (auto& sc : scratch_) {
+      if (sc.w0.size() < size_t(cols)) {
+        sc.w0.resize(size_t(cols));
+        sc.s.resize(size_t(cols));
+        sc.r.resize(size_t(cols));
+        sc.tmp.resize(size_t(cols));
+      }
+    }
+    std::vector<Stats> part(scratch_.size());
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       check_cancel();
       const int64_t r1 = std::min(rows, r0 + block);
       const int64_t n = r1 - r0;
-      std::vector<Stats> part(static_cast<size_t>(std::max(1, threads_)));
-      parallel_rows(n, threads_, [&](int64_t b, int64_t e, int tid) {
-        std::vector<float> tmp(static_cast<size_t>(cols));
-        float* w0 = W0.data() + b * cols;
-        float* s = S.data() + b * cols;
-        load_block(r0 + b, r0 + e, w0);
-        std::memcpy(s, w0, size_t((e - b) * cols) * sizeof(float));
-        for (const auto& p : lora) {
-          if (p.magnitude.empty()) {
-            add_update(p, r0 + b, r0 + e, s, tmp.data());
-            continue;
-          }
-          // DoRA (lora/variants.py merge_unsafe): norm of W + dW, factor m / norm, then
-          // factor * (W + dW), all fp32, rounded once. Row norms for linear layers.
-          add_update(p, r0 + b, r0 + e, s, tmp.data());
-          for (int64_t i = 0; i < e - b; ++i) {
-            float* row = s + i * cols;
+      const int buf = w.acquire(size_t(n * cols) * out_es);
+      std::byte* obuf = w.data(buf);
+      // Row by row, each row's whole pipeline in cache: W0, + each update, DoRA, bias, the
+      // fidelity of the stored values, token rows.
+      pool_.parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+        Scratch& sc = scratch_[size_t(tid)];
+        float* w0 = sc.w0.data();
+        float* s = sc.s.data();
+        float* rr = sc.r.data();
+        Stats& ps = part[size_t(tid)];
+        for (int64_t i = r0 + b; i < r0 + e; ++i) {
+          load_block(i, i + 1, w0);
+          std::memcpy(s, w0, size_t(cols) * sizeof(float));
+          for (const auto& p : lora) {
+            add_update(p, i, i + 1, s, sc.tmp.data());
+            if (p.magnitude.empty()) continue;
+            // DoRA (lora/variants.py merge_unsafe): norm of W + dW, factor m / norm, then
+            // factor * (W + dW), all fp32, rounded once. Row norms for linear layers.
             if (p.dora_columns) {
-              for (int64_t j = 0; j < cols; ++j) row[j] = p.col_factor[size_t(j)] * row[j];
+              for (int64_t j = 0; j < cols; ++j) s[j] = p.col_factor[size_t(j)] * s[j];
             } else {
               double sq = 0;
-              for (int64_t j = 0; j < cols; ++j) sq += double(row[j]) * double(row[j]);
-              const float f = p.magnitude[size_t(r0 + b + i)] / float(std::sqrt(sq));
-              for (int64_t j = 0; j < cols; ++j) row[j] = f * row[j];
+              for (int64_t j = 0; j < cols; ++j) sq += double(s[j]) * double(s[j]);
+              const float f = p.magnitude[size_t(i)] / float(std::sqrt(sq));
+              for (int64_t j = 0; j < cols; ++j) s[j] = f * s[j];
             }
           }
-        }
-        if (!bias_delta.empty())
-          for (int64_t i = 0; i < e - b; ++i)
-            for (int64_t j = 0; j < cols; ++j)
-              s[i * cols + j] = s[i * cols + j] + bias_delta[size_t((r0 + b + i) * cols + j)];
-        Stats& ps = part[size_t(tid)];
-        const int64_t m = (e - b) * cols;
-        for (int64_t k = 0; k < m; ++k) {
-          const float rounded = round_to(s[k], out);
-          const double d_ideal = double(s[k]) - double(w0[k]);
-          if (!std::isfinite(w0[k])) ++ps.base_nonfinite;
-          if (!std::isfinite(rounded)) ++ps.nonfinite;
-          if (d_ideal != 0.0 && std::isfinite(d_ideal)) {
-            const double d_kept = double(rounded) - double(w0[k]);
-            ps.num += d_kept * d_kept;
-            ps.den += d_ideal * d_ideal;
-            ps.dot += d_kept * d_ideal;
-            ps.err += (d_kept - d_ideal) * (d_kept - d_ideal);
-            ++ps.updated;
-            if (rounded == w0[k]) ++ps.lost;
+          if (!bias_delta.empty())
+            for (int64_t j = 0; j < cols; ++j) s[j] = s[j] + bias_delta[size_t(i * cols + j)];
+          std::byte* orow = obuf + size_t((i - r0) * cols) * out_es;
+          store_from_f32(s, out, orow, size_t(cols));
+          load_to_f32(orow, out, rr, size_t(cols));  // the values as stored
+          row_stats(w0, s, rr, cols, ps);
+          if (t.rows) {
+            auto it = token_row.find(i);
+            if (it != token_row.end())
+              store_from_f32(token_values.data() + size_t(it->second * cols), out, orow,
+                             size_t(cols));
           }
         }
-        if (t.rows)
-          for (int64_t i = 0; i < e - b; ++i) {
-            auto it = token_row.find(r0 + b + i);
-            if (it == token_row.end()) continue;
-            for (int64_t j = 0; j < cols; ++j)
-              s[i * cols + j] = round_to(token_values[size_t(it->second * cols + j)], out);
-          }
-        store_from_f32(s, out, obuf.data() + size_t(b * cols) * out_es, size_t(m));
       });
-      for (const auto& ps : part) st.add(ps);
-      w.write(std::span<const std::byte>(obuf.data(), size_t(n * cols) * out_es));
+      w.submit(std::span<const std::byte>(obuf, size_t(n * cols) * out_es), buf);
     }
+    for (const auto& ps : part) st.add(ps);
     if (t.rows) {  // token rows replaced after the scan: count their NaN/inf too
       for (float v : token_values)
         if (!std::isfinite(round_to(v, out))) ++st.nonfinite;
     }
-    t.source.release();
+    // The base pages go back once written: queued behind this tensor's last block.
+    w.submit({}, -1, [src = t.source] { src.release(); });
     return st;
   }
 
  private:
+  struct Scratch {
+    std::vector<float> w0, s, r, tmp;  // one row each
+  };
   const MergeOptions& o_;
   const Checkpoint& base_;
   const Adapter& ad_;
-  int threads_;
+  Pool pool_;
+  std::vector<Scratch> scratch_;
 };
 
 struct TmpDirGuard {
@@ -768,11 +1026,17 @@ MergeResult merge(const MergeOptions& o) {
     for (size_t i : sh.tensors)
       specs.push_back({tensors[i].name, tensors[i].dtype, tensors[i].shape});
     SafetensorsWriter w(guard.path / sh.file, specs, {{"format", "pt"}});
-    for (size_t i : sh.tensors) {
+    AsyncWriter aw(w);
+    for (size_t k = 0; k < sh.tensors.size(); ++k) {
+      const size_t i = sh.tensors[k];
+      if (k + 1 < sh.tensors.size()) {  // the next tensor's base bytes, read ahead
+        const OutTensor& nt = tensors[sh.tensors[k + 1]];
+        prefetch(nt.source.bytes());
+      }
       const OutTensor& t = tensors[i];
       merger.check_cancel();
       if (o.progress) o.progress(t.name, done, tensors.size());
-      Stats st = merger.run(t, w);
+      Stats st = merger.run(t, aw);
       ++done;
       if (!t.lora.empty() || t.bias_of) {
         ++res.merged;
@@ -824,6 +1088,7 @@ MergeResult merge(const MergeOptions& o) {
         res.nonfinite.push_back(std::move(nf));
       }
     }
+    aw.drain();
     w.commit();
     res.bytes_written += w.total_bytes();
     res.shards.push_back(sh.file);
