@@ -35,7 +35,9 @@ inline CliResult run_cli(const std::vector<std::string>& args) {
       dir / ("nanscope_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
   std::string cmd = shell_quote(NANSCOPE_BINARY);
   for (const auto& a : args) cmd += " " + shell_quote(a);
-  cmd += " 2>" + shell_quote(err_path.string()) + " </dev/null";
+  cmd += " 2>";
+  cmd += shell_quote(err_path.string());
+  cmd += " </dev/null";
   CliResult r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;

@@ -81,8 +81,11 @@ TEST(Check, MlpOverflowsFp16ButNotBf16) {
   EXPECT_EQ(c.layer, 1);
   EXPECT_EQ(c.site, "model.layers.1.mlp.down_proj");
   EXPECT_THAT(c.detail, HasSubstr("65504"));  // the limit, spelled out
-  for (const auto& run : r.runs)
-    if (run.dtype != DType::F16) EXPECT_TRUE(run.trace && run.trace->finite());
+  for (const auto& run : r.runs) {
+    if (run.dtype != DType::F16) {
+      EXPECT_TRUE(run.trace && run.trace->finite());
+    }
+  }
 }
 
 TEST(Check, AttentionOverflowsFp16UnderEagerOnly) {
