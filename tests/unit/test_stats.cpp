@@ -76,7 +76,7 @@ TEST_P(StatsTest, AllNonFinite) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, StatsTest, ::testing::Values(DType::F32, DType::BF16, DType::F16),
-                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+                         [](const auto& p) { return std::string(dtype_name(p.param)); });
 
 TEST(Stats, Fp16RangeThresholdIsStrictlyAbove65504) {
   const auto bytes = encode({65504.0f, 65504.5f, -65505.0f, 1e30f}, DType::F32);
