@@ -405,6 +405,9 @@ struct SafetensorsWriter::Impl {
   uint64_t data_total = 0;
   uint64_t data_written = 0;
   bool committed = false;
+  uint64_t pos = 0;       // bytes written to the file so far
+  uint64_t flushed = 0;   // bytes handed to writeback with sync_file_range
+  bool can_flush = true;  // false once sync_file_range is refused (not Linux, odd fs)
 
   ~Impl() {
     if (fd >= 0) ::close(fd);
@@ -424,7 +427,25 @@ struct SafetensorsWriter::Impl {
       }
       p += r;
       len -= uint64_t(r);
+      pos += uint64_t(r);
     }
+    start_writeback();
+  }
+
+  // Starts writeback of every whole kFlushChunk written since the last call, so that dirty
+  // pages do not pile up until commit(): the disk works while the caller computes, the final
+  // fsync has little left to do, and the writer is not stalled by dirty-page throttling. Only
+  // a hint: commit() still fsyncs the whole file.
+  void start_writeback() {
+    constexpr uint64_t kFlushChunk = uint64_t(64) << 20;
+    if (!can_flush || pos - flushed < kFlushChunk) return;
+#ifdef __linux__
+    if (::sync_file_range(fd, off_t(flushed), off_t(pos - flushed), SYNC_FILE_RANGE_WRITE) != 0)
+      can_flush = false;
+    flushed = pos;
+#else
+    can_flush = false;
+#endif
   }
 };
 
