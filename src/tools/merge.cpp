@@ -820,7 +820,7 @@ class Merger {
         Stats& ps = part[size_t(tid)];
         for (int64_t i = r0 + b; i < r0 + e; ++i) {
           load_block(i, i + 1, w0);
-          std::memcpy(s, w0, size_t(cols) * sizeof(float));
+          load_block(i, i + 1, s);  // cheaper than a memcpy of w0 (which perf showed at 20%)
           for (const auto& p : lora) {
             add_update(p, i, i + 1, s, sc.tmp.data());
             if (p.magnitude.empty()) continue;
