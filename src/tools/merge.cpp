@@ -340,25 +340,27 @@ struct Shard {
 // P[i, j] = sum_k L[i, k] * R[k, j], k in order, each step one fused multiply-add: the order a
 // BLAS micro-kernel uses for a small inner dimension, so that the product agrees with torch's
 // B @ A bit for bit in the common case (and within an ulp otherwise).
-// The AVX2 path keeps 32 columns of the sum in registers over all k (the same fused
-// multiply-adds in the same order, so the same bits) instead of a pass over the row per k.
+// The AVX2 path keeps 64 columns of the sum in registers over all k (the same fused
+// multiply-adds in the same order, so the same bits) instead of a pass over the row per k;
+// eight independent accumulators hide the FMA latency.
 inline void lowrank_row(const float* Lrow, const float* R, int64_t r, int64_t cols, float* out) {
   int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; j0 + 32 <= cols; j0 += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; j0 + 64 <= cols; j0 += 64) {
+    __m256 a[8];
+    for (auto& x : a) x = _mm256_setzero_ps();
     for (int64_t k = 0; k < r; ++k) {
       const __m256 l = _mm256_set1_ps(Lrow[k]);
       const float* Rk = R + k * cols + j0;
-      a0 = _mm256_fmadd_ps(l, _mm256_loadu_ps(Rk), a0);
-      a1 = _mm256_fmadd_ps(l, _mm256_loadu_ps(Rk + 8), a1);
-      a2 = _mm256_fmadd_ps(l, _mm256_loadu_ps(Rk + 16), a2);
-      a3 = _mm256_fmadd_ps(l, _mm256_loadu_ps(Rk + 24), a3);
+      for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(l, _mm256_loadu_ps(Rk + 8 * q), a[q]);
     }
+    for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + j0 + 8 * q, a[q]);
+  }
+  for (; j0 + 8 <= cols; j0 += 8) {
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; ++k)
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(Lrow[k]), _mm256_loadu_ps(R + k * cols + j0), a0);
     _mm256_storeu_ps(out + j0, a0);
-    _mm256_storeu_ps(out + j0 + 8, a1);
-    _mm256_storeu_ps(out + j0 + 16, a2);
-    _mm256_storeu_ps(out + j0 + 24, a3);
   }
   if (j0 == cols) return;
 #endif
