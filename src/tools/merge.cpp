@@ -768,11 +768,14 @@ class Merger {
       for (int64_t i = r0; i < r1; ++i) {
         float* Srow = S + (i - r0) * cols;
         lowrank_row(p.L.data() + i * p.r, p.R.data(), p.r, cols, tmp);
-        for (int64_t j = 0; j < cols; ++j) {
-          float d = tmp[j] * p.scale;
-          if (p.round_delta) d = round_to(d, out);
-          Srow[j] = Srow[j] + d;
-        }
+        // dW = P * scale rounded on its own, then W + dW: two roundings, as torch does them
+        // (two kernels). In one expression GCC fuses them into one FMA (C++ defaults to
+        // -ffp-contract=fast), which differs from peft whenever P * scale is not exact, i.e.
+        // for a scale that is not a power of two. Separate loops keep them apart.
+        for (int64_t j = 0; j < cols; ++j) tmp[j] = tmp[j] * p.scale;
+        if (p.round_delta)
+          for (int64_t j = 0; j < cols; ++j) tmp[j] = round_to(tmp[j], out);
+        for (int64_t j = 0; j < cols; ++j) Srow[j] = Srow[j] + tmp[j];
       }
     };
 
