@@ -18,14 +18,14 @@ namespace nanscope {
 struct RopeConfig {
   std::string type = "default";  // default | linear | dynamic | yarn | llama3
   double theta = 10000.0;
-  double factor = 1.0;                          // linear, dynamic, yarn, llama3
-  std::optional<double> original_max_position;  // yarn, llama3, dynamic
-  double low_freq_factor = 1.0;                 // llama3
-  double high_freq_factor = 4.0;                // llama3
-  double beta_fast = 32.0, beta_slow = 1.0;     // yarn
-  std::optional<double> attention_factor;       // yarn (mscale of the cos/sin tables)
+  double factor = 1.0;                           // linear, dynamic, yarn, llama3
+  std::optional<double> original_max_position;   // yarn, llama3, dynamic
+  double low_freq_factor = 1.0;                  // llama3
+  double high_freq_factor = 4.0;                 // llama3
+  double beta_fast = 32.0, beta_slow = 1.0;      // yarn
+  std::optional<double> attention_factor;        // yarn (mscale of the cos/sin tables)
   std::optional<double> mscale, mscale_all_dim;  // yarn (DeepSeek spelling)
-  bool truncate = true;                         // yarn
+  bool truncate = true;                          // yarn
   std::optional<double> partial_rotary_factor;
 };
 

@@ -14,8 +14,8 @@ namespace nanscope {
 
 struct Architecture {
   std::string_view model_type;
-  bool qk_norm;          // Qwen3: per-head RMSNorm on q and k before RoPE
-  bool qkv_bias_always;  // Qwen2: q/k/v biases regardless of config
+  bool qk_norm;                     // Qwen3: per-head RMSNorm on q and k before RoPE
+  bool qkv_bias_always;             // Qwen2: q/k/v biases regardless of config
   bool attention_bias_from_config;  // Llama/Qwen3: `attention_bias` adds q/k/v/o biases
   bool mlp_bias_from_config;        // Llama: `mlp_bias` adds gate/up/down biases
 };
@@ -37,7 +37,8 @@ std::vector<ExpectedTensor> expected_tensors(const ModelConfig& c);
 struct LayerNames {
   std::string prefix;  // "model.layers.3."
   std::string input_layernorm, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm;
-  std::string post_attention_layernorm, gate_proj, up_proj, down_proj;  // module paths, no ".weight"
+  std::string post_attention_layernorm, gate_proj, up_proj,
+      down_proj;  // module paths, no ".weight"
 };
 LayerNames layer_names(int64_t layer);
 

@@ -12,8 +12,26 @@
 namespace nanscope {
 
 enum class DType : uint8_t {
-  BOOL, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F4, F6_E2M3, F6_E3M2,
-  I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, C64,
+  BOOL,
+  U8,
+  I8,
+  F8_E5M2,
+  F8_E4M3,
+  F8_E8M0,
+  F4,
+  F6_E2M3,
+  F6_E3M2,
+  I16,
+  U16,
+  F16,
+  BF16,
+  I32,
+  U32,
+  F32,
+  F64,
+  I64,
+  U64,
+  C64,
 };
 
 // Size in bits (F4 and F6 pack below a byte).
@@ -25,7 +43,9 @@ inline bool is_float_computable(DType t) {
 }
 
 // ---- scalar conversions -------------------------------------------------------------------
-inline float bf16_to_f32(uint16_t h) { return std::bit_cast<float>(uint32_t(h) << 16); }
+inline float bf16_to_f32(uint16_t h) {
+  return std::bit_cast<float>(uint32_t(h) << 16);
+}
 
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u = std::bit_cast<uint32_t>(f);
@@ -38,8 +58,12 @@ float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 
 // The value x takes once stored in dtype t and read back (identity for F32).
-inline float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
-inline float round_f16(float x) { return f16_to_f32(f32_to_f16(x)); }
+inline float round_bf16(float x) {
+  return bf16_to_f32(f32_to_bf16(x));
+}
+inline float round_f16(float x) {
+  return f16_to_f32(f32_to_f16(x));
+}
 float round_to(float x, DType t);
 
 // Largest finite value and the mask value transformers uses (finfo(dtype).min).

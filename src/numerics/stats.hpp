@@ -12,11 +12,11 @@
 namespace nanscope {
 
 struct ValueStats {
-  uint64_t count = 0;       // elements looked at
+  uint64_t count = 0;  // elements looked at
   uint64_t nan = 0;
   uint64_t inf = 0;
-  uint64_t fp16_range = 0;  // finite values with |x| > 65504 (would become inf in fp16)
-  float abs_max = 0.0f;     // largest finite |x|
+  uint64_t fp16_range = 0;       // finite values with |x| > 65504 (would become inf in fp16)
+  float abs_max = 0.0f;          // largest finite |x|
   float min = 0.0f, max = 0.0f;  // over finite values (0 when none)
   bool any_finite = false;
   uint64_t nonfinite() const { return nan + inf; }

@@ -9,9 +9,9 @@
 namespace nanscope {
 
 struct ChartSeries {
-  std::string label;             // "fp16 eager"
-  double limit = 0;              // the dtype's largest finite value
-  std::vector<double> abs_max;   // per hidden-state index; NaN where the state is not finite
+  std::string label;            // "fp16 eager"
+  double limit = 0;             // the dtype's largest finite value
+  std::vector<double> abs_max;  // per hidden-state index; NaN where the state is not finite
 };
 
 struct ReportTable {
