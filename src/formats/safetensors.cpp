@@ -388,10 +388,15 @@ std::span<const std::byte> SafetensorsFile::data(const TensorInfo& t) const {
 
 void SafetensorsFile::release(const TensorInfo& t) const {
   if (base_ == nullptr || t.end <= t.begin || t.end > header_.data_size()) return;
-  // Only whole pages inside the tensor: the partial pages at either end may hold neighbours.
+  release(std::span<const std::byte>(data_ + t.begin, size_t(t.end - t.begin)));
+}
+
+void SafetensorsFile::release(std::span<const std::byte> bytes) const {
+  if (base_ == nullptr || bytes.empty()) return;
+  // Only whole pages inside the range: the partial pages at either end may hold neighbours.
   const uintptr_t ps = page_size();
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(data_ + t.begin) + ps - 1) & ~(ps - 1);
-  const uintptr_t hi = reinterpret_cast<uintptr_t>(data_ + t.end) & ~(ps - 1);
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(bytes.data()) + ps - 1) & ~(ps - 1);
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(bytes.data() + bytes.size()) & ~(ps - 1);
   if (lo < hi) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 

@@ -85,6 +85,8 @@ class SafetensorsFile {
   // Hands the pages of a tensor back to the kernel once the caller is done with them, so that
   // reading a whole model keeps memory flat.
   void release(const TensorInfo& t) const;
+  // The same for part of a tensor's bytes (a view returned by data()), for chunked readers.
+  void release(std::span<const std::byte> bytes) const;
 
  private:
   SafetensorsFile() = default;

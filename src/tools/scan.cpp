@@ -2,8 +2,6 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -44,13 +42,6 @@ std::string strip_peft(std::string n) {
 
 std::string shape_str(const std::vector<int64_t>& s) {
   return fmt::format("[{}]", fmt::join(s, ", "));
-}
-
-void release_range(const std::byte* p, size_t n) {
-  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-  uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
-  uintptr_t e = (reinterpret_cast<uintptr_t>(p) + n) & ~(page - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
 }
 
 }  // namespace
@@ -159,7 +150,7 @@ std::vector<TensorReport> scan_values(
       const size_t esz = size_t(dtype_bits(info->dtype) / 8);
       const std::byte* p = file->data(*info).data() + ch.first * esz;
       partial[k] = value_stats(p, ch.count, info->dtype);
-      release_range(p, ch.count * esz);
+      file->release(std::span<const std::byte>(p, ch.count * esz));
     }
   };
   int n = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
