@@ -1,14 +1,18 @@
 // Times hidden-state extraction (every state, as output_hidden_states) of random-id prompts and
 // prints one JSON line with tokens/s and the peak RSS (getrusage):
-//   bench_hidden MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [ATTENTION=eager]
-// The forward pass runs one sequence at a time; bench/reference/ref_hidden.py is the
-// transformers side (batched) for the side-by-side run.
+//   bench_hidden MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [ATTENTION=eager] [BATCH_TOKENS=4096]
+// Prompts go through the batched forward pass BATCH_TOKENS tokens at a time, as `nanscope
+// hidden` runs them; every state is received as float32 (nothing is written to disk).
+// bench/reference/ref_hidden.py is the transformers side (batched) for the side-by-side run.
 #include <sys/resource.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <random>
+#include <span>
+#include <vector>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -21,7 +25,7 @@ int main(int argc, char** argv) {
   using namespace nanscope;
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: %s MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [eager|fused]\n",
+                 "usage: %s MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [eager|fused] [BATCH_TOKENS=4096]\n",
                  argv[0]);
     return 2;
   }
@@ -44,7 +48,8 @@ int main(int argc, char** argv) {
     }
     fwd.attention = *at;
   }
-  if (prompts <= 0 || tokens <= 0) {
+  const int64_t batch_tokens = argc > 6 ? std::atoll(argv[6]) : 4096;
+  if (prompts <= 0 || tokens <= 0 || batch_tokens <= 0) {
     std::fprintf(stderr, "PROMPTS and TOKENS must be positive\n");
     return 2;
   }
@@ -57,13 +62,20 @@ int main(int argc, char** argv) {
     std::mt19937_64 rng(1234);
     std::uniform_int_distribution<int64_t> dist(0, ck.config().vocab_size - 1);
     const auto t1 = std::chrono::steady_clock::now();
-    double checksum = 0;
+    std::vector<HiddenInput> inputs(static_cast<size_t>(prompts));
     for (int64_t p = 0; p < prompts; ++p) {
-      HiddenInput in;
-      in.id = std::to_string(p);
-      for (int64_t t = 0; t < tokens; ++t) in.ids.push_back(dist(rng));
-      const HiddenStates hs = hidden_states(ck, in, fwd);
-      checksum += double(hs.states.back()[0]);
+      inputs[size_t(p)].id = std::to_string(p);
+      for (int64_t t = 0; t < tokens; ++t) inputs[size_t(p)].ids.push_back(dist(rng));
+    }
+    const int64_t per_batch = std::max<int64_t>(1, batch_tokens / tokens);
+    double checksum = 0;
+    const int64_t last = ck.config().num_hidden_layers;
+    for (int64_t p0 = 0; p0 < prompts; p0 += per_batch) {
+      std::vector<const HiddenInput*> batch;
+      for (int64_t p = p0; p < std::min(prompts, p0 + per_batch); ++p) batch.push_back(&inputs[size_t(p)]);
+      hidden_states_batch(ck, batch, fwd, {}, [&](size_t i, int64_t k, std::span<const float> st) {
+        if (i == 0 && k == last) checksum += double(st[0]);
+      });
     }
     const auto t2 = std::chrono::steady_clock::now();
     const double secs = std::chrono::duration<double>(t2 - t1).count();
@@ -73,6 +85,7 @@ int main(int argc, char** argv) {
                         {"model", argv[1]},
                         {"prompts", prompts},
                         {"tokens", tokens},
+                        {"batch_tokens", batch_tokens},
                         {"dtype", run_dtype_name(fwd.dtype)},
                         {"attention", attention_name(fwd.attention)},
                         {"load_seconds", std::chrono::duration<double>(t1 - t0).count()},

@@ -10,6 +10,7 @@ packages=(
   libpcre2-dev            # tokenizer pre-split regex: Unicode properties + JIT
   libutf8proc-dev         # NFC normalisation for the tokenizer
   libopenblas-dev         # fp32 matrix products (sgemm) for merge and the fp32 forward
+  libdnnl-dev             # oneDNN: bf16 matrix products (Intel AMX / AVX512-BF16) for batched runs
   libgtest-dev libgmock-dev  # unit tests
   libbenchmark-dev        # micro-benchmarks in bench/
   python3 python3-dev pybind11-dev python3-numpy python3-pytest  # Python bindings and their tests

@@ -8,8 +8,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <string>
 
 #include "common/error.hpp"
@@ -36,6 +40,38 @@ using Vec = std::vector<float>;
 
 struct StopForward {};
 
+// NANSCOPE_PROFILE=1 in the environment: wall time per kind of step, summed over one forward
+// pass, printed on stderr at its end (for tuning; no effect on results).
+class StepProfile {
+ public:
+  static bool enabled() {
+    static const bool on = [] {
+      const char* e = std::getenv("NANSCOPE_PROFILE");
+      return e != nullptr && *e != '\0' && std::string_view(e) != "0";
+    }();
+    return on;
+  }
+  struct Scope {
+    StepProfile* p;
+    const char* step;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    ~Scope() {
+      if (p) p->add(step, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  };
+  Scope time(const char* step) { return Scope{enabled() ? this : nullptr, step}; }
+  void add(const char* step, double s) { seconds_[step] += s; }
+  ~StepProfile() {
+    if (!enabled() || seconds_.empty()) return;
+    std::string line = "nanscope profile:";
+    for (const auto& [k, v] : seconds_) line += fmt::format(" {} {:.3f}s", k, v);
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+
+ private:
+  std::map<std::string, double> seconds_;
+};
+
 double finite_abs_max(std::span<const float> v) {
   double m = 0;
   for (float f : v)
@@ -49,9 +85,18 @@ bool all_finite(std::span<const float> v) {
   return true;
 }
 
+// One sequence of a batch: rows [off, off + len) of every activation.
+struct Segment {
+  int64_t off = 0, len = 0;
+};
+
 class Model {
  public:
-  Model(const Checkpoint& ck, const ForwardOptions& opt, Observer* obs, int64_t T)
+  // `lengths`: the sequences computed together (one for trace/check, many for hidden). Rows of
+  // all sequences are stacked for the linear layers and norms; RoPE positions restart at 0 and
+  // attention stays inside each sequence, so each one is computed as it would be alone.
+  Model(const Checkpoint& ck, const ForwardOptions& opt, Observer* obs,
+        std::span<const int64_t> lengths)
       : ck_(ck),
         c_(ck.config()),
         arch_(find_architecture(c_.model_type)),
@@ -59,7 +104,12 @@ class Model {
         att_(opt.attention),
         release_(opt.release_pages),
         obs_(obs),
-        T_(T) {
+        sites_(obs != nullptr && lengths.size() == 1) {
+    for (int64_t len : lengths) {
+      segs_.push_back({T_, len});
+      T_ += len;
+      maxT_ = std::max(maxT_, len);
+    }
     if (!is_float_computable(dt_))
       fail("forward: run dtype {} is not one of F32, BF16, F16", dtype_name(dt_));
     if (c_.hidden_act != "silu")
@@ -69,7 +119,12 @@ class Model {
     attn_bias_ = arch_.attention_bias_from_config && c_.attention_bias;
     qkv_bias_ = arch_.qkv_bias_always || attn_bias_;
     mlp_bias_ = arch_.mlp_bias_from_config && c_.mlp_bias;
-    rope_ = rope_tables(c_, T_, dt_);
+    // cos/sin at a position do not depend on the sequence length, except for `dynamic` rope
+    // above max_position_embeddings: one table per distinct length then.
+    for (const Segment& g : segs_) {
+      const int64_t len = c_.rope.type == "dynamic" ? g.len : maxT_;
+      if (!rope_.contains(len)) rope_.emplace(len, rope_tables(c_, len, dt_));
+    }
   }
 
   Vec embed(std::span<const int64_t> ids) {
@@ -127,7 +182,10 @@ class Model {
     Vec x = rmsnorm_sites(l, n.input_layernorm, h, H_, param(W(n.input_layernorm, {H_}), H_), T_);
     Vec attn = attention(l, n, x, W, B);
     Vec r(h.size());
-    add_round(h.data(), attn.data(), int64_t(h.size()), dt_, r.data());
+    {
+      auto t = prof_.time("elementwise");
+      add_round(h.data(), attn.data(), int64_t(h.size()), dt_, r.data());
+    }
     site(l, n.prefix + "residual_attn", r, {T_, H_});
     h = std::move(r);
 
@@ -138,12 +196,18 @@ class Model {
         linear_site(l, n.gate_proj, x, W(n.gate_proj, {I_, H_}), B(mlp_bias_, n.gate_proj, I_));
     Vec up = linear_site(l, n.up_proj, x, W(n.up_proj, {I_, H_}), B(mlp_bias_, n.up_proj, I_));
     Vec act(gate.size());
-    silu_mul(gate.data(), up.data(), int64_t(gate.size()), dt_, act.data());
+    {
+      auto t = prof_.time("elementwise");
+      silu_mul(gate.data(), up.data(), int64_t(gate.size()), dt_, act.data());
+    }
     site(l, n.prefix + "mlp.act", act, {T_, I_});
     Vec down =
         linear_site(l, n.down_proj, act, W(n.down_proj, {H_, I_}), B(mlp_bias_, n.down_proj, H_));
     r.resize(h.size());
-    add_round(h.data(), down.data(), int64_t(h.size()), dt_, r.data());
+    {
+      auto t = prof_.time("elementwise");
+      add_round(h.data(), down.data(), int64_t(h.size()), dt_, r.data());
+    }
     site(l, n.prefix + "residual_mlp", r, {T_, H_});
     h = std::move(r);
 
@@ -161,9 +225,15 @@ class Model {
       k = rmsnorm_sites(l, n.k_norm, k, D_, param(W(n.k_norm, {D_}), D_), T_ * nKV_,
                         {T_, nKV_, D_});
     }
-    apply_rope(q.data(), T_, nH_, rope_, dt_);
-    apply_rope(k.data(), T_, nKV_, rope_, dt_);
-    if (obs_) {
+    {
+      auto t = prof_.time("rope");
+      segment_rows([&](const Segment& g, int64_t a, int64_t b) {
+        const RopeTables& tab = rope_.at(c_.rope.type == "dynamic" ? g.len : maxT_);
+        apply_rope(q.data() + (g.off + a) * qd, b - a, nH_, tab, dt_, a);
+        apply_rope(k.data() + (g.off + a) * kvd, b - a, nKV_, tab, dt_, a);
+      });
+    }
+    if (sites_) {
       Vec qk(size_t(T_ * (nH_ + nKV_) * D_));
       for (int64_t t = 0; t < T_; ++t) {
         std::copy_n(q.data() + t * qd, qd, qk.data() + t * (qd + kvd));
@@ -171,7 +241,11 @@ class Model {
       }
       site(l, n.prefix + "self_attn.rope", qk, {T_, nH_ + nKV_, D_});
     }
-    Vec ctx = att_ == AttentionProfile::Eager ? eager(l, n, q, k, v) : fused(l, n, q, k, v);
+    Vec ctx;
+    {
+      auto t = prof_.time("attention");
+      ctx = att_ == AttentionProfile::Eager ? eager(l, n, q, k, v) : fused(l, n, q, k, v);
+    }
     const bool ob = attn_bias_;
     return linear_site(l, n.o_proj, ctx, W(n.o_proj, {H_, qd}), B(ob, n.o_proj, H_));
   }
@@ -179,43 +253,53 @@ class Model {
   // transformers' eager_attention_forward: s = round(q @ k^T); s = round(s * scaling);
   // s = round(s + mask) (mask finfo(dt).min above the diagonal, 0 elsewhere);
   // p = round(softmax_fp32(s)); o = round(p @ v). GQA: head h reads kv head h / (nH / nKV).
+  // Scores above the diagonal are computed too: a NaN or inf there survives the mask and
+  // poisons the whole row, as in torch.
   Vec eager(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
-    const int64_t T = T_, D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
+    const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
     const float scaling = float(std::pow(double(D), -0.5));
     const float mask = dtype_lowest(dt_);
-    Vec s(size_t(nH_ * T * T)), p(s.size()), ctx(size_t(T * qd));
-    std::vector<double> peak(size_t(nH_), 0.0);
-    parallel_for(nH_, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t kvh = h / rep;
-        float* sh = s.data() + h * T * T;
-        float* ph = p.data() + h * T * T;
-        for (int64_t i = 0; i < T; ++i) {
-          const float* qi = q.data() + i * qd + h * D;
-          for (int64_t j = 0; j < T; ++j) {
-            const float raw = dot_f32(qi, k.data() + j * kvd + kvh * D, D);
-            if (j <= i && std::isfinite(raw))
-              peak[size_t(h)] = std::max(peak[size_t(h)], double(std::fabs(raw)));
-            float x = round_to(raw, dt_);
-            x = round_to(x * scaling, dt_);
-            sh[i * T + j] = round_to(x + (j > i ? mask : 0.0f), dt_);
+    AttentionBuffers buf = attention_buffers();
+    parallel_for(buf.jobs, 1, [&](int64_t j0, int64_t j1) {
+      // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
+      // probabilities @ v) with the elementwise steps in between, row by row.
+      Vec sblk(static_cast<size_t>(kRowBlock * maxT_)), pblk(sblk.size());
+      Vec oblk(static_cast<size_t>(kRowBlock * D));
+      for (int64_t job = j0; job < j1; ++job) {
+        const Segment& g = segs_[size_t(job / nH_)];
+        const int64_t h = job % nH_, kvh = h / rep, T = g.len;
+        const float* qh = q.data() + g.off * qd + h * D;
+        const float* kh = k.data() + g.off * kvd + kvh * D;
+        const float* vh = v.data() + g.off * kvd + kvh * D;
+        double& peak = buf.peak[size_t(job)];
+        for (int64_t i0 = 0; i0 < T; i0 += kRowBlock) {
+          const int64_t rows = std::min(kRowBlock, T - i0);
+          float* S = buf.keep ? buf.s.data() + (h * T + i0) * T : sblk.data();
+          float* P = buf.keep ? buf.p.data() + (h * T + i0) * T : pblk.data();
+          sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            float* si = S + r * T;
+            float* pi = P + r * T;
+            for (int64_t j = 0; j <= i; ++j)
+              if (std::isfinite(si[j])) peak = std::max(peak, double(std::fabs(si[j])));
+            round_inplace(si, size_t(T), dt_);
+            for (int64_t j = 0; j < T; ++j) si[j] = si[j] * scaling;
+            round_inplace(si, size_t(T), dt_);
+            for (int64_t j = i + 1; j < T; ++j) si[j] = si[j] + mask;
+            round_inplace(si, size_t(T), dt_);
+            softmax_row(si, T, pi);
+            round_inplace(pi, size_t(T), dt_);
           }
-          softmax_row(sh + i * T, T, ph + i * T);
-          for (int64_t j = 0; j < T; ++j) ph[i * T + j] = round_to(ph[i * T + j], dt_);
-          // o[d] = sum_j p[j] v[j, d] with j in order for every d (rows of v read contiguously).
-          float* o = ctx.data() + i * qd + h * D;
-          std::fill(o, o + D, 0.0f);
-          for (int64_t j = 0; j < T; ++j) {
-            const float pj = ph[i * T + j];
-            const float* vj = v.data() + j * kvd + kvh * D;
-            for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
-          }
-          for (int64_t d = 0; d < D; ++d) o[d] = round_to(o[d], dt_);
+          sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
+          round_inplace(oblk.data(), size_t(rows * D), dt_);
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy_n(oblk.data() + r * D, D, buf.ctx.data() + (g.off + i0 + r) * qd + h * D);
         }
       }
     });
-    report_attention(l, n, s, p, ctx, *std::max_element(peak.begin(), peak.end()));
-    return ctx;
+    report_attention(l, n, buf);
+    return std::move(buf.ctx);
   }
 
   // SDPA as torch's CPU flash-attention kernel computes it (transformers' `sdpa` on CPU; GPU
@@ -228,34 +312,37 @@ class Model {
   // ignores NaN in the remaining columns (std::max), and a row whose max is -inf (all masked,
   // or all NaN) gets probabilities 0 and an output of 0 * v (qwen3-example: NaN q, finite
   // output under SDPA, NaN under eager).
-  static constexpr int64_t kTorchLanes = 16;  // AVX512 float lanes (torch's CPU capability)
+  static constexpr int64_t kTorchLanes = 16;
+  static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention  // AVX512 float lanes (torch's CPU capability)
 
   Vec fused(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
-    const int64_t T = T_, D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
+    const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
     const float scaling = float(std::pow(double(D), -0.5));
     const float ninf = -std::numeric_limits<float>::infinity();
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    const int64_t nv = T / kTorchLanes * kTorchLanes;
-    Vec s(static_cast<size_t>(nH_ * T * T)), p(s.size()), ctx(static_cast<size_t>(T * qd));
-    std::vector<double> peak(static_cast<size_t>(nH_), 0.0);
-    parallel_for(nH_, 1, [&](int64_t h0, int64_t h1) {
-      Vec e(static_cast<size_t>(T));
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t kvh = h / rep;
-        float* sh = s.data() + h * T * T;
-        float* ph = p.data() + h * T * T;
+    AttentionBuffers buf = attention_buffers();
+    parallel_for(buf.jobs, 1, [&](int64_t j0, int64_t j1) {
+      Vec e(static_cast<size_t>(maxT_)), srow(e.size()), prow(e.size());
+      for (int64_t job = j0; job < j1; ++job) {
+        const Segment& g = segs_[size_t(job / nH_)];
+        const int64_t h = job % nH_, kvh = h / rep, T = g.len;
+        const int64_t nv = T / kTorchLanes * kTorchLanes;
+        const float* qs = q.data() + g.off * qd;
+        const float* ks = k.data() + g.off * kvd;
+        const float* vs = v.data() + g.off * kvd;
+        double& peak = buf.peak[size_t(job)];
         for (int64_t i = 0; i < T; ++i) {
-          const float* qi = q.data() + i * qd + h * D;
+          float* si = buf.keep ? buf.s.data() + (h * T + i) * T : srow.data();
+          float* pi = buf.keep ? buf.p.data() + (h * T + i) * T : prow.data();
+          const float* qi = qs + i * qd + h * D;
           for (int64_t j = 0; j < T; ++j) {
             float x = ninf;
             if (j <= i) {
-              x = dot_f32(qi, k.data() + j * kvd + kvh * D, D) * scaling;
-              if (std::isfinite(x))
-                peak[size_t(h)] = std::max(peak[size_t(h)], double(std::fabs(x)));
+              x = dot_f32(qi, ks + j * kvd + kvh * D, D) * scaling;
+              if (std::isfinite(x)) peak = std::max(peak, double(std::fabs(x)));
             }
-            sh[i * T + j] = x;
+            si[j] = x;
           }
-          const float* si = sh + i * T;
           float vmax = ninf, tmax = ninf;
           for (int64_t j = 0; j < nv; ++j)
             vmax = (std::isnan(vmax) || std::isnan(si[j])) ? nan : std::max(vmax, si[j]);
@@ -263,7 +350,7 @@ class Model {
           const float m = tmax < vmax ? vmax : tmax;
           float sum = 0.0f;
           if (m == ninf) {
-            std::fill(e.begin(), e.end(), 0.0f);
+            std::fill(e.begin(), e.begin() + T, 0.0f);
           } else {
             float lanes[kTorchLanes] = {};
             for (int64_t j = 0; j < nv; ++j) {
@@ -282,28 +369,61 @@ class Model {
             }
           }
           const float inv = 1.0f / (sum == 0.0f ? 1.0f : sum);
-          for (int64_t j = 0; j < T; ++j) ph[i * T + j] = e[size_t(j)] * inv;
+          for (int64_t j = 0; j < T; ++j) pi[j] = e[size_t(j)] * inv;
           for (int64_t j = 0; j < T; ++j) e[size_t(j)] = round_to(e[size_t(j)], dt_);
           // o[d] = sum_j p[j] v[j, d] with j in order for every d (rows of v read contiguously).
-          float* o = ctx.data() + i * qd + h * D;
+          float* o = buf.ctx.data() + (g.off + i) * qd + h * D;
           std::fill(o, o + D, 0.0f);
           for (int64_t j = 0; j < T; ++j) {
             const float pj = e[size_t(j)];
-            const float* vj = v.data() + j * kvd + kvh * D;
+            const float* vj = vs + j * kvd + kvh * D;
             for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
           }
           for (int64_t d = 0; d < D; ++d) o[d] = round_to(o[d] * inv, dt_);
         }
       }
     });
-    report_attention(l, n, s, p, ctx, *std::max_element(peak.begin(), peak.end()));
-    return ctx;
+    report_attention(l, n, buf);
+    return std::move(buf.ctx);
   }
 
-  void report_attention(int64_t l, const LayerNames& n, const Vec& s, const Vec& p, const Vec& ctx,
-                        double score_peak) {
-    if (!obs_) return;
+  // Attention's outputs and, when sites are reported (one sequence), its full scores and
+  // probabilities [nH, T, T]; a batch keeps one row of each per thread instead.
+  struct AttentionBuffers {
+    bool keep = false;
+    int64_t jobs = 0;  // (sequence, head) pairs
+    Vec s, p, ctx;
+    std::vector<double> peak;  // per job: the largest finite |score| before rounding
+  };
+
+  AttentionBuffers attention_buffers() const {
+    AttentionBuffers b;
+    b.keep = sites_;
+    b.jobs = int64_t(segs_.size()) * nH_;
+    if (b.keep) {
+      b.s.resize(size_t(nH_ * T_ * T_));
+      b.p.resize(b.s.size());
+    }
+    b.ctx.resize(size_t(T_ * nH_ * D_));
+    b.peak.assign(size_t(b.jobs), 0.0);
+    return b;
+  }
+
+  // fn(segment, a, b) for row ranges [a, b) of each segment, in parallel over all rows.
+  template <typename Fn>
+  void segment_rows(Fn&& fn) const {
+    parallel_for(T_, 8, [&](int64_t r0, int64_t r1) {
+      for (const Segment& g : segs_) {
+        const int64_t a = std::max(r0, g.off), b = std::min(r1, g.off + g.len);
+        if (a < b) fn(g, a - g.off, b - g.off);
+      }
+    });
+  }
+
+  void report_attention(int64_t l, const LayerNames& n, const AttentionBuffers& b) {
+    if (!sites_) return;
     const int64_t T = T_;
+    const Vec& s = b.s;
     // Masked scores may be -inf (fused, or fp16's min + negative score) without harm.
     bool finite = true;
     for (int64_t h = 0; h < nH_ && finite; ++h)
@@ -317,9 +437,10 @@ class Model {
             break;
           }
         }
-    emit(l, n.prefix + "self_attn.scores", s, {nH_, T, T}, finite, score_peak);
-    site(l, n.prefix + "self_attn.probs", p, {nH_, T, T});
-    site(l, n.prefix + "self_attn.context", ctx, {T, nH_ * D_});
+    emit(l, n.prefix + "self_attn.scores", s, {nH_, T, T}, finite,
+         *std::max_element(b.peak.begin(), b.peak.end()));
+    site(l, n.prefix + "self_attn.probs", b.p, {nH_, T, T});
+    site(l, n.prefix + "self_attn.context", b.ctx, {T, nH_ * D_});
   }
 
   // ---- building blocks ----
@@ -327,7 +448,10 @@ class Model {
                   const Vec& bias) {
     const WeightView wv = view(w);
     Vec out(size_t(T_ * wv.rows));
-    linear(x.data(), T_, wv, bias.empty() ? nullptr : bias.data(), dt_, out.data());
+    {
+      auto t = prof_.time("linear");
+      linear(x.data(), T_, wv, bias.empty() ? nullptr : bias.data(), dt_, out.data());
+    }
     site(l, module, out, {T_, wv.rows});
     return out;
   }
@@ -335,7 +459,10 @@ class Model {
   Vec rmsnorm_sites(int64_t l, const std::string& module, const Vec& x, int64_t n, const Vec& w,
                     int64_t rows, std::initializer_list<int64_t> shape = {}) {
     Vec out(x.size());
-    rmsnorm(x.data(), rows, n, w.data(), c_.rms_norm_eps, dt_, out.data());
+    {
+      auto t = prof_.time("rmsnorm");
+      rmsnorm(x.data(), rows, n, w.data(), c_.rms_norm_eps, dt_, out.data());
+    }
     if (shape.size() == 0)
       site(l, module, out, {T_, n});
     else
@@ -372,13 +499,13 @@ class Model {
 
   void site(int64_t l, const std::string& name, const Vec& v,
             std::initializer_list<int64_t> shape) {
-    if (!obs_) return;
+    if (!sites_) return;
     emit(l, name, v, shape, all_finite(v), finite_abs_max(v));
   }
 
   void emit(int64_t l, const std::string& name, const Vec& v, std::initializer_list<int64_t> shape,
             bool finite, double peak) {
-    if (!obs_) return;
+    if (!sites_) return;
     const std::vector<int64_t> sh(shape);
     SiteView sv;
     sv.layer = l;
@@ -392,7 +519,10 @@ class Model {
   }
 
   void hidden(int64_t index, const Vec& h) {
-    if (obs_) obs_->hidden_state(index, h, T_, H_);
+    if (!obs_) return;
+    auto t = prof_.time("observer");
+    obs_->hidden_state(index, h, T_, H_);
+    if (obs_->done()) throw StopForward{};
   }
 
   const Checkpoint& ck_;
@@ -402,21 +532,29 @@ class Model {
   AttentionProfile att_;
   bool release_;
   Observer* obs_;
-  int64_t T_;
+  bool sites_;  // report sites: an observer and a single sequence
+  std::vector<Segment> segs_;
+  int64_t T_ = 0, maxT_ = 0;  // all rows; the longest sequence
   int64_t H_ = 0, I_ = 0, D_ = 0, nH_ = 0, nKV_ = 0;
   bool attn_bias_ = false, qkv_bias_ = false, mlp_bias_ = false;
-  RopeTables rope_;
+  std::map<int64_t, RopeTables> rope_;  // by sequence length (see the constructor)
+  StepProfile prof_;
 };
 
 template <typename Embed>
-ForwardResult run_model(const Checkpoint& ck, int64_t T, const ForwardOptions& opt, Observer* obs,
-                        Embed&& embed) {
+ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
+                        const ForwardOptions& opt, Observer* obs, Embed&& embed) {
+  int64_t T = 0;
+  for (int64_t len : lengths) {
+    if (len <= 0) fail("forward: a sequence without tokens");
+    T += len;
+  }
   if (T <= 0) fail("forward: no input tokens");
   ForwardResult res;
   res.tokens = T;
   res.hidden = ck.config().hidden_size;
   res.vocab = ck.config().vocab_size;
-  Model m(ck, opt, obs, T);
+  Model m(ck, opt, obs, lengths);
   try {
     res.logits = m.run(embed(m));
   } catch (const StopForward&) {
@@ -425,23 +563,39 @@ ForwardResult run_model(const Checkpoint& ck, int64_t T, const ForwardOptions& o
   return res;
 }
 
+std::vector<float> rounded_embeddings(std::span<const float> embeddings, int64_t T, int64_t H,
+                                      DType dt) {
+  if (T < 0 || int64_t(embeddings.size()) != T * H)
+    fail("forward: input embeddings hold {} values, expected [{}, {}] = {}", embeddings.size(), T,
+         H, T * H);
+  std::vector<float> h(embeddings.begin(), embeddings.end());
+  round_inplace(h.data(), h.size(), dt);
+  return h;
+}
+
 }  // namespace
 
 ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const ForwardOptions& opt,
                       Observer* obs) {
-  return run_model(ck, int64_t(ids.size()), opt, obs, [&](Model& m) { return m.embed(ids); });
+  const int64_t T = int64_t(ids.size());
+  return run_model(ck, std::span<const int64_t>(&T, 1), opt, obs,
+                   [&](Model& m) { return m.embed(ids); });
 }
 
 ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> embeddings, int64_t T,
                                  const ForwardOptions& opt, Observer* obs) {
-  const int64_t H = ck.config().hidden_size;
-  if (T < 0 || int64_t(embeddings.size()) != T * H)
-    fail("forward: input embeddings hold {} values, expected [{}, {}] = {}", embeddings.size(), T,
-         H, T * H);
-  return run_model(ck, T, opt, obs, [&](Model&) {
-    Vec h(embeddings.begin(), embeddings.end());
-    round_inplace(h.data(), h.size(), opt.dtype);
-    return h;
+  return run_model(ck, std::span<const int64_t>(&T, 1), opt, obs, [&](Model&) {
+    return rounded_embeddings(embeddings, T, ck.config().hidden_size, opt.dtype);
+  });
+}
+
+ForwardResult forward_batch(const Checkpoint& ck, std::span<const float> embeddings,
+                            std::span<const int64_t> lengths, const ForwardOptions& opt,
+                            Observer* obs) {
+  int64_t T = 0;
+  for (int64_t len : lengths) T += len;
+  return run_model(ck, lengths, opt, obs, [&](Model&) {
+    return rounded_embeddings(embeddings, T, ck.config().hidden_size, opt.dtype);
   });
 }
 

@@ -49,4 +49,17 @@ ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const 
 ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> embeddings, int64_t T,
                                  const ForwardOptions& opt, Observer* obs = nullptr);
 
+// Runs several independent sequences in one pass (hidden-state extraction): `embeddings` holds
+// their input embeddings one after another, [sum(lengths), H]. Each sequence is computed as
+// forward_embeddings computes it alone: positions restart at 0 and attention stays inside it;
+// only the linear layers see all rows at once, which is what makes batches fast. The observer
+// gets the hidden states of all rows stacked ([sum(lengths), H]) and no sites; its done()
+// is asked after each state. Logits are [sum(lengths), vocab].
+//
+// Rows of a batch may differ from the same sequence run alone in the last bit where a matrix
+// kernel picks another accumulation order for another number of rows (as torch's do).
+ForwardResult forward_batch(const Checkpoint& ck, std::span<const float> embeddings,
+                            std::span<const int64_t> lengths, const ForwardOptions& opt,
+                            Observer* obs = nullptr);
+
 }  // namespace nanscope

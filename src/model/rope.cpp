@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <stdexcept>
+#include <vector>
 
 #include "common/error.hpp"
 
@@ -163,21 +165,26 @@ RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt) {
   return tab;
 }
 
-void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt) {
+void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt,
+                int64_t pos0) {
   const int64_t D = tab.D, half = D / 2;
-  std::vector<float> row(static_cast<size_t>(D));
+  if (pos0 < 0 || pos0 + T > tab.T)
+    throw std::logic_error("apply_rope: positions beyond the cos/sin tables");
+  // Each step over whole rows so that the products and sums vectorise and the roundings go
+  // through the vectorised round_inplace (same values as round_to, element by element).
+  std::vector<float> a(static_cast<size_t>(D)), b(a.size());
   for (int64_t t = 0; t < T; ++t) {
-    const float* cs = tab.cos.data() + t * D;
-    const float* sn = tab.sin.data() + t * D;
+    const float* cs = tab.cos.data() + (pos0 + t) * D;
+    const float* sn = tab.sin.data() + (pos0 + t) * D;
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (t * heads + h) * D;
-      std::copy(v, v + D, row.begin());
-      for (int64_t j = 0; j < D; ++j) {
-        const float rot = j < half ? -row[size_t(j + half)] : row[size_t(j - half)];
-        const float a = round_to(row[size_t(j)] * cs[j], dt);
-        const float b = round_to(rot * sn[j], dt);
-        v[j] = round_to(a + b, dt);
-      }
+      for (int64_t j = 0; j < half; ++j) b[size_t(j)] = -v[j + half] * sn[j];
+      for (int64_t j = half; j < D; ++j) b[size_t(j)] = v[j - half] * sn[j];
+      for (int64_t j = 0; j < D; ++j) a[size_t(j)] = v[j] * cs[j];
+      round_inplace(a.data(), a.size(), dt);
+      round_inplace(b.data(), b.size(), dt);
+      for (int64_t j = 0; j < D; ++j) v[j] = a[size_t(j)] + b[size_t(j)];
+      round_inplace(v, size_t(D), dt);
     }
   }
 }

@@ -29,8 +29,9 @@ struct RopeTables {
 };
 RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt);
 
-// In place on x [T, heads, D]: x = round(round(x * cos) + round(rotate_half(x) * sin)),
-// rotate_half(x) = cat(-x[D/2:], x[:D/2]).
-void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt);
+// In place on x [T, heads, D] holding positions pos0 .. pos0+T-1 (rows of `tab`):
+// x = round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) = cat(-x[D/2:], x[:D/2]).
+void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt,
+                int64_t pos0 = 0);
 
 }  // namespace nanscope

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <vector>
 
+#include "numerics/gemm_bf16.hpp"
 #include "numerics/parallel.hpp"
 
 namespace nanscope {
@@ -59,6 +60,13 @@ inline __m256 round8_bf16(__m256 v) {
 
 inline __m256 round8_f16(__m256 v) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Eight fp32 values rounded to dt (F32: unchanged), lane for lane as round_to.
+inline __m256 round8(__m256 v, DType dt) {
+  if (dt == DType::BF16) return round8_bf16(v);
+  if (dt == DType::F16) return round8_f16(v);
+  return v;
 }
 
 inline __m256 load8_weight(const std::byte* p, DType storage, DType dt) {
@@ -127,9 +135,18 @@ inline void micro_rows(const float* w, int64_t ldw, const float* x, int64_t T, i
   }
 }
 
+// OpenBLAS runs inside our own worker threads: its own threads would oversubscribe the cores.
+void blas_single_threaded() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
 constexpr int64_t kTileRows = 8;
 constexpr int64_t kGemmTokens = 16;  // from this many tokens on, sgemm on converted blocks
 constexpr int64_t kGemmRows = 64;
+// From this many tokens on, bf16 runs use oneDNN where it has a bf16 kernel: measured on a
+// Sapphire Rapids Xeon (bench/bench_gemm.cpp) it is 3-4x the fp32 path already at 128 tokens.
+constexpr int64_t kBf16GemmTokens = 32;
 
 }  // namespace
 
@@ -153,11 +170,47 @@ void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, fl
 void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
             float* out) {
   const int64_t K = w.cols, N = w.rows;
+  if (dt == DType::BF16 && T >= kBf16GemmTokens && gemm_bf16::available()) {
+    // bf16 run, many tokens: oneDNN's bf16 kernel (AMX / AVX512-BF16), as torch's bf16 linear.
+    // The activations already hold bf16 values, so narrowing them is exact; weights stored
+    // in bf16 are passed as mapped, others are cast to bf16 first (the cast at load).
+    std::vector<uint16_t> xb(static_cast<size_t>(T * K));
+    parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) xb[size_t(i)] = uint16_t(std::bit_cast<uint32_t>(x[i]) >> 16);
+    });
+    std::vector<uint16_t> wb;
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data);
+    if (w.storage != DType::BF16) {
+      wb.resize(static_cast<size_t>(N * K));
+      parallel_for(N, 16, [&](int64_t r0, int64_t r1) {
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int64_t r = r0; r < r1; ++r) {
+          weight_rows(w, r, 1, dt, row.data());
+          for (int64_t k = 0; k < K; ++k)
+            wb[size_t(r * K + k)] = uint16_t(std::bit_cast<uint32_t>(row[size_t(k)]) >> 16);
+        }
+      });
+      wp = wb.data();
+    }
+    gemm_bf16::matmul(xb.data(), T, K, wp, N, out);
+    parallel_for(T, std::max<int64_t>(1, 16384 / N), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* o = out + t * N;
+        int64_t r = 0;
+        for (; r + 8 <= N; r += 8) {
+          __m256 v = _mm256_loadu_ps(o + r);
+          if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + r));
+          _mm256_storeu_ps(o + r, round8_bf16(v));
+        }
+        for (; r < N; ++r) o[r] = round_to(bias ? o[r] + bias[r] : o[r], dt);
+      }
+    });
+    return;
+  }
   if (T >= kGemmTokens) {
     // Many tokens: compute-bound. Convert a block of rows to fp32 once, then OpenBLAS sgemm
     // (single-threaded inside each of our threads), then bias and one rounding.
-    static std::once_flag once;
-    std::call_once(once, [] { openblas_set_num_threads(1); });
+    blas_single_threaded();
     parallel_for(N, kGemmRows, [&](int64_t r0, int64_t r1) {
       std::vector<float> tile(static_cast<size_t>(kGemmRows * K)), acc(size_t(T * kGemmRows));
       for (int64_t rt = r0; rt < r1; rt += kGemmRows) {
@@ -206,7 +259,13 @@ inline void rmsnorm_finish(const float* x, int64_t n, float var, const float* we
                            DType dt, float* out) {
   // torch: variance + eps (eps as float), rsqrt (computed as 1/sqrt), multiply, cast, * weight.
   const float r = 1.0f / std::sqrt(var + float(eps));
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  const __m256 rv = _mm256_set1_ps(r);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 y = round8(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), dt);
+    _mm256_storeu_ps(out + i, round8(_mm256_mul_ps(_mm256_loadu_ps(weight + i), y), dt));
+  }
+  for (; i < n; ++i) {
     const float y = round_to(x[i] * r, dt);
     out[i] = round_to(weight[i] * y, dt);
   }
@@ -215,7 +274,8 @@ inline void rmsnorm_finish(const float* x, int64_t n, float var, const float* we
 
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
              float* out) {
-  for (int64_t row = 0; row < rows; ++row) {
+  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
     const float* xr = x + row * n;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -228,6 +288,7 @@ void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, doubl
     for (; i < n; ++i) s += xr[i] * xr[i];
     rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
   }
+  });
 }
 
 void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
@@ -297,7 +358,12 @@ void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float
 }
 
 void add_round(const float* a, const float* b, int64_t n, DType dt, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = round_to(a[i] + b[i], dt);
+  parallel_for(n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8)
+      _mm256_storeu_ps(out + i, round8(_mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)), dt));
+    for (; i < hi; ++i) out[i] = round_to(a[i] + b[i], dt);
+  });
 }
 
 float torch_exp_u20(float x) {
@@ -342,6 +408,20 @@ float torch_fexp_u20(float x) {
   if (x < ln_flt_min) bits = 0;
   if (x > ln_flt_max) bits = 0x7f800000u;
   return std::bit_cast<float>(bits);
+}
+
+void sgemm_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+              int64_t M, int64_t N, int64_t K) {
+  blas_single_threaded();
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, a, int(lda),
+              b, int(ldb), 0.0f, c, int(ldc));
+}
+
+void sgemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+              int64_t M, int64_t N, int64_t K) {
+  blas_single_threaded();
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(N), int(K), 1.0f, a, int(lda),
+              b, int(ldb), 0.0f, c, int(ldc));
 }
 
 float dot_f32(const float* a, const float* b, int64_t n) {

@@ -69,6 +69,15 @@ float torch_exp_u20(float x);
 // Not exp(): its results differ from expf by up to ~20 ulp.
 float torch_fexp_u20(float x);
 
+// Plain fp32 matrix products, row-major with leading dimensions, on OpenBLAS in the calling
+// thread (callers parallelise around them): c[M, N] = a[M, K] @ b[N, K]^T (sgemm_nt) or
+// a[M, K] @ b[K, N] (sgemm_nn). Every product is computed (no skipping of zeros), so NaN and
+// inf propagate as in torch's matmul.
+void sgemm_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+              int64_t M, int64_t N, int64_t K);
+void sgemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+              int64_t M, int64_t N, int64_t K);
+
 // Dot product of two fp32 rows with fp32 accumulation (8 lanes), for attention.
 float dot_f32(const float* a, const float* b, int64_t n);
 

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <unordered_map>
 
@@ -272,6 +273,31 @@ class StatesObserver : public Observer {
   int64_t last_ = 0;
 };
 
+// Hands each state asked for to the sink, input by input, as the batch's pass computes it.
+class BatchObserver : public Observer {
+ public:
+  BatchObserver(std::span<const int64_t> layers, std::span<const int64_t> lengths,
+                const StateSink& sink)
+      : layers_(layers), lengths_(lengths), sink_(sink) {}
+  void hidden_state(int64_t index, std::span<const float> v, int64_t T, int64_t H) override {
+    (void)T;
+    if (std::binary_search(layers_.begin(), layers_.end(), index)) {
+      int64_t off = 0;
+      for (size_t b = 0; b < lengths_.size(); ++b) {
+        sink_(b, index, v.subspan(size_t(off * H), size_t(lengths_[b] * H)));
+        off += lengths_[b];
+      }
+    }
+    finished_ = index >= layers_.back();
+  }
+  bool done() const override { return finished_; }
+
+ private:
+  std::span<const int64_t> layers_, lengths_;
+  const StateSink& sink_;
+  bool finished_ = false;
+};
+
 void check_layers(std::span<const int64_t> layers, int64_t num_states) {
   for (int64_t l : layers)
     if (l < 0 || l >= num_states)
@@ -305,6 +331,28 @@ HiddenStates hidden_states_embeddings(const Checkpoint& ck, std::span<const floa
                                       int64_t T, const ForwardOptions& fwd,
                                       std::span<const int64_t> layers) {
   return collect(ck, layers, [&](Observer* o) { forward_embeddings(ck, embeddings, T, fwd, o); });
+}
+
+void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
+                         const ForwardOptions& fwd, std::span<const int64_t> layers,
+                         const StateSink& sink) {
+  if (inputs.empty()) return;
+  const int64_t S = ck.config().num_hidden_layers + 1;
+  check_layers(layers, S);
+  std::vector<int64_t> all;
+  if (layers.empty()) {
+    for (int64_t i = 0; i < S; ++i) all.push_back(i);
+    layers = all;
+  }
+  std::vector<int64_t> lengths;
+  std::vector<float> embeddings;
+  for (const HiddenInput* in : inputs) {
+    const std::vector<float> e = input_embeddings(ck, *in, fwd.dtype);
+    embeddings.insert(embeddings.end(), e.begin(), e.end());
+    lengths.push_back(in->tokens());
+  }
+  BatchObserver obs(layers, lengths, sink);
+  forward_batch(ck, embeddings, lengths, fwd, &obs);
 }
 
 std::optional<Pool> parse_pool(std::string_view s) {
@@ -485,7 +533,6 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   }
 
   std::vector<Pending> pending;
-  int64_t pending_tokens = 0;
   auto flush = [&] {
     if (pending.empty()) return;
     const std::string name = shard_name(next_shard++);
@@ -519,40 +566,51 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     write_file_atomic(sum.index, index.dump(1) + "\n");
     sum.shards.push_back(name);
     pending.clear();
-    pending_tokens = 0;
   };
 
   // An empty first run still leaves an index behind, so that a directory is always readable.
   if (!fs::exists(sum.index)) write_file_atomic(sum.index, index.dump(1) + "\n");
 
-  // Many inputs read every weight many times: keep the pages mapped between them (clean
+  // Many inputs read every weight many times: keep the pages mapped between batches (clean
   // file-backed pages, which the kernel can still reclaim) instead of faulting them back in.
   ForwardOptions fwd = opt.fwd;
-  if (todo.size() > 1) fwd.release_pages = false;
+  if (todo_tokens > opt.batch_tokens) fwd.release_pages = false;
   int64_t done = 0;
-  for (const HiddenInput* in : todo) {
-    const HiddenStates hs = hidden_states(ck, *in, fwd, layers);
-    Pending p;
-    p.id = in->id;
-    p.tokens = in->tokens();
-    p.kind = std::string(in->kind());
-    p.shape = opt.pool == Pool::None ? std::vector<int64_t>{hs.T, H} : std::vector<int64_t>{H};
-    for (int64_t l : layers) {
-      const auto& st = hs.states[size_t(l)];
-      std::vector<float> v = pool_state(st, hs.T, H, opt.pool);
+  for (size_t next = 0; next < todo.size();) {
+    // A batch: inputs in file order up to --batch-tokens tokens (at least one input), run
+    // through the model together.
+    std::vector<const HiddenInput*> batch;
+    int64_t batch_tokens = 0;
+    do {
+      batch.push_back(todo[next]);
+      batch_tokens += todo[next]->tokens();
+      ++next;
+    } while (next < todo.size() && batch_tokens + todo[next]->tokens() <= opt.batch_tokens);
+
+    const size_t first = pending.size();
+    for (const HiddenInput* in : batch) {
+      Pending p;
+      p.id = in->id;
+      p.tokens = in->tokens();
+      p.kind = std::string(in->kind());
+      p.shape = opt.pool == Pool::None ? std::vector<int64_t>{p.tokens, H} : std::vector<int64_t>{H};
+      pending.push_back(std::move(p));
+    }
+    std::span<Pending> mine(pending.data() + first, batch.size());
+    hidden_states_batch(ck, batch, fwd, layers, [&](size_t b, int64_t layer, std::span<const float> st) {
+      Pending& p = mine[b];
+      std::vector<float> v = pool_state(st, p.tokens, H, opt.pool);
       // What is written must be finite too (fp32 -> fp16 can overflow), and so must the
       // state it came from (last-token pooling would hide earlier positions).
       std::vector<float> rounded = v;
       round_inplace(rounded.data(), rounded.size(), out_dt);
-      if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(l);
-      p.tensors.emplace_back(l, std::move(v));
-    }
-    pending_tokens += p.tokens;
-    sum.tokens += p.tokens;
-    ++sum.written;
-    pending.push_back(std::move(p));
-    if (pending_tokens >= opt.batch_tokens) flush();
-    ++done;
+      if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(layer);
+      p.tensors.emplace_back(layer, std::move(v));
+    });
+    sum.tokens += batch_tokens;
+    sum.written += int64_t(batch.size());
+    done += int64_t(batch.size());
+    flush();  // one shard per batch
     if (opt.progress) opt.progress(done, int64_t(todo.size()), sum.tokens, todo_tokens);
   }
   flush();

@@ -94,6 +94,15 @@ HiddenStates hidden_states_embeddings(const Checkpoint& ck, std::span<const floa
                                       int64_t T, const ForwardOptions& fwd,
                                       std::span<const int64_t> layers = {});
 
+// Runs several inputs through one batched forward pass (forward_batch): each is computed as it
+// would be alone. sink(i, k, state) receives state k ([T_i, H], float32 values in the run dtype)
+// of inputs[i] as soon as the pass has computed it, for each k of `layers` (sorted; empty = all);
+// the pass stops after the last one. Memory: the activations of all rows, not the states.
+using StateSink = std::function<void(size_t input, int64_t layer, std::span<const float> state)>;
+void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
+                         const ForwardOptions& fwd, std::span<const int64_t> layers,
+                         const StateSink& sink);
+
 enum class Pool { None, Last, Mean };
 std::optional<Pool> parse_pool(std::string_view s);  // "none" | "last" | "mean"
 std::string_view pool_name(Pool p);
@@ -113,9 +122,11 @@ struct HiddenRunOptions {
   Pool pool = Pool::None;
   ForwardOptions fwd;
   bool out_run_dtype = false;   // store tensors in the run dtype instead of float32
-  int64_t batch_tokens = 4096;  // a shard is written once it holds this many tokens
+  // Inputs (in file order) are run through the model together up to this many tokens (an
+  // input longer than that alone); each batch is written as one shard.
+  int64_t batch_tokens = 4096;
   InputRules rules;             // vocab_size is taken from the model
-  // Called after each input with (inputs done, inputs to do, tokens done, tokens to do).
+  // Called after each batch with (inputs done, inputs to do, tokens done, tokens to do).
   std::function<void(int64_t, int64_t, int64_t, int64_t)> progress;
 };
 

@@ -207,22 +207,24 @@ TEST(CliHidden, WritesShardsAndIndexAndResumes) {
   const json j = r.json();
   EXPECT_EQ(j["written"], 3);
   EXPECT_EQ(j["tokens"], 9);
-  EXPECT_EQ(j["shards"].size(), 2u);  // a + b (6 tokens >= 5), then c
+  EXPECT_EQ(j["shards"].size(), 2u);  // a (4 tokens: b would pass 5), then the batch b + c
   const json idx = json::parse(std::ifstream(out / "index.json"));
   EXPECT_EQ(idx["format"], "nanscope-hidden/1");
   EXPECT_EQ(idx["inputs"]["a"]["file"], "hidden-00001.safetensors");
+  EXPECT_EQ(idx["inputs"]["b"]["file"], "hidden-00002.safetensors");
   EXPECT_EQ(idx["inputs"]["c"]["file"], "hidden-00002.safetensors");
   EXPECT_EQ(idx["inputs"]["c"]["kind"], "mixed");
   EXPECT_EQ(idx["settings"]["layers"], json::array({0, 3}));
 
   // The shard holds what the library computes.
   auto shard = SafetensorsFile::open(out / "hidden-00001.safetensors");
-  EXPECT_EQ(shard->tensors().size(), 4u);
+  EXPECT_EQ(shard->tensors().size(), 2u);
   const Checkpoint ck = Checkpoint::open(model);
   const HiddenStates hs = hidden_states(ck, ids_input({1, 2, 3, 4}), ForwardOptions{});
   EXPECT_TRUE(
       bit_equal(read_tensor(*shard, "a.layer3"), pool_state(hs.states[3], 4, 64, Pool::Last)));
-  EXPECT_EQ(shard->find("b.layer0")->shape, (std::vector<int64_t>{64}));
+  auto shard2 = SafetensorsFile::open(out / "hidden-00002.safetensors");
+  EXPECT_EQ(shard2->find("b.layer0")->shape, (std::vector<int64_t>{64}));
 
   // Rerun with one more line: only the new one is computed, into a new shard.
   write_text(in,
@@ -445,6 +447,81 @@ TEST(HiddenGoldenCli, ShardsOfTheGoldenInputsMatch) {
     }
   }
 }
+
+// The batched forward against transformers: sequences of 9..64 tokens (ids and one soft input)
+// through one pass (256 rows) and through several batches; every state of every input must
+// match the golden computed alone, at the trace tolerances. On a processor where oneDNN has a
+// bf16 kernel (AMX, AVX512-BF16) the bf16 cases run it; elsewhere the OpenBLAS path.
+struct BatchCase {
+  std::string model, dtype;
+  int64_t batch_tokens;
+};
+
+void PrintTo(const BatchCase& c, std::ostream* os) {
+  *os << c.model << "__" << c.dtype << "__" << c.batch_tokens;
+}
+
+class HiddenGoldenBatch : public ::testing::TestWithParam<BatchCase> {};
+
+TEST_P(HiddenGoldenBatch, EverySequenceMatchesTransformersAlone) {
+  const BatchCase& c = GetParam();
+  const fs::path jp = kGoldens / (c.model + "__batch.jsonl");
+  ASSERT_TRUE(fs::exists(jp)) << jp << " is missing; make it with: " << kMakeGoldens;
+  TempDir d;
+  HiddenRunOptions o;
+  o.model = kModels / c.model;
+  o.input = jp;
+  o.out = d.path / "out";
+  o.fwd.dtype = c.dtype == "float32" ? DType::F32 : DType::BF16;
+  o.batch_tokens = c.batch_tokens;
+  const HiddenRunSummary r = run_hidden(o);
+  EXPECT_TRUE(r.nonfinite.empty());
+  EXPECT_EQ(r.shards.size(), c.batch_tokens >= 256 ? 1u : 5u);
+  const double tol = o.fwd.dtype == DType::F32 ? 1e-5 : 1e-4;
+  const json idx = json::parse(std::ifstream(o.out / "index.json"));
+  ASSERT_EQ(idx["inputs"].size(), 7u);
+  int64_t total = 0, identical = 0;
+  double worst = 0;
+  for (const auto& [id, entry] : idx["inputs"].items()) {
+    auto s = SafetensorsFile::open(o.out / entry["file"].get<std::string>());
+    const fs::path gp = kGoldens / (c.model + "__" + c.dtype + "__batch__" + id + ".safetensors");
+    ASSERT_TRUE(fs::exists(gp)) << gp << " is missing; make it with: " << kMakeGoldens;
+    auto g = SafetensorsFile::open(gp);
+    for (int k = 0;; ++k) {
+      const auto gold = read_tensor(*g, "hidden." + std::to_string(k));
+      if (gold.empty()) {
+        EXPECT_GT(k, 2) << gp;
+        break;
+      }
+      const auto ours = read_tensor(*s, id + ".layer" + std::to_string(k));
+      ASSERT_EQ(ours.size(), gold.size()) << id << " state " << k;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < gold.size(); ++i) {
+        num += (double(ours[i]) - gold[i]) * (double(ours[i]) - gold[i]);
+        den += double(gold[i]) * gold[i];
+        identical += std::memcmp(&ours[i], &gold[i], 4) == 0;
+      }
+      total += int64_t(gold.size());
+      const double rel = std::sqrt(num / den);
+      EXPECT_LE(rel, tol) << id << " state " << k;
+      worst = std::max(worst, rel);
+    }
+  }
+  std::printf("[ golden   ] batch %s %s batch-tokens %lld: max rel err %.2e, bit-identical %.4f%%\n",
+              c.model.c_str(), c.dtype.c_str(), static_cast<long long>(c.batch_tokens), worst,
+              100.0 * double(identical) / double(total));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Goldens, HiddenGoldenBatch,
+    ::testing::Values(BatchCase{"qwen3-tiny", "float32", 4096}, BatchCase{"qwen3-tiny", "bfloat16", 4096},
+                      BatchCase{"qwen3-tiny", "bfloat16", 70}, BatchCase{"llama-tiny", "float32", 70},
+                      BatchCase{"llama-tiny", "bfloat16", 4096}),
+    [](const auto& p) {
+      std::string n = p.param.model + "_" + p.param.dtype + "_" + std::to_string(p.param.batch_tokens);
+      std::replace(n.begin(), n.end(), '-', '_');
+      return n;
+    });
 
 }  // namespace
 }  // namespace nanscope

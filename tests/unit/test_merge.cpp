@@ -186,7 +186,9 @@ const char* kOkCases[] = {"lora-bf16",        "lora-fp32",
                           "modules-to-save",  "lora-bias",
                           "bias-all",         "bias-lora-only",
                           "layers",           "regex",
-                          "trainable-tokens", "sharded"};
+                          "trainable-tokens", "sharded",
+                          "scale-odd",        "scale-odd-fp32",
+                          "rslora-odd"};
 
 }  // namespace
 

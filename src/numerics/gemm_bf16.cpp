@@ -1,0 +1,82 @@
+#include "numerics/gemm_bf16.hpp"
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace nanscope::gemm_bf16 {
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+
+struct Runtime {
+  bool ok = false;
+  std::string impl;
+  dnnl::engine engine;
+  dnnl::stream stream;
+};
+
+dnnl::matmul::primitive_desc describe(const dnnl::engine& e, int64_t M, int64_t K, int64_t N) {
+  const dnnl::memory::desc a({M, K}, dt::bf16, tag::ab);
+  const dnnl::memory::desc w({K, N}, dt::bf16, tag::ba);  // W [N, K] row-major is B^T
+  const dnnl::memory::desc c({M, N}, dt::f32, tag::ab);
+  return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, c), e);
+}
+
+Runtime& runtime() {
+  static Runtime rt;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    try {
+      // oneDNN 2.6 keeps Intel AMX behind an opt-in (the default became "on" in 2.7); AMX is
+      // what makes bf16 fast on Sapphire Rapids and later. Must precede the first primitive.
+      // ONEDNN_MAX_CPU_ISA in the environment (e.g. AVX512_CORE_BF16) still caps it.
+      if (!std::getenv("ONEDNN_MAX_CPU_ISA"))
+        (void)dnnl::set_max_cpu_isa(dnnl::cpu_isa::avx512_core_amx);
+      rt.engine = dnnl::engine(dnnl::engine::kind::cpu, 0);
+      rt.stream = dnnl::stream(rt.engine);
+      // A shape of the size we use: the implementation chosen for it tells whether oneDNN
+      // has a real kernel for bf16 here or only its (very slow) reference loops.
+      const auto pd = describe(rt.engine, 256, 1024, 1024);
+      rt.impl = pd.impl_info_str();
+      rt.ok = rt.impl.find("ref") == std::string::npos;
+      if (!rt.ok) rt.impl = "unavailable: oneDNN has only " + rt.impl + " for bf16 here";
+    } catch (const dnnl::error& e) {
+      rt.ok = false;
+      rt.impl = std::string("unavailable: ") + e.what();
+    }
+  });
+  return rt;
+}
+
+}  // namespace
+
+bool available() {
+  if (const char* off = std::getenv("NANSCOPE_NO_ONEDNN"); off && *off && std::string(off) != "0")
+    return false;
+  return runtime().ok;
+}
+
+std::string implementation() {
+  return runtime().impl;
+}
+
+void matmul(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* c) {
+  Runtime& rt = runtime();
+  if (!rt.ok) throw std::logic_error("gemm_bf16::matmul called without a oneDNN bf16 kernel");
+  // Primitive creation is cached by oneDNN (its primitive cache), so one per call is cheap.
+  const auto pd = describe(rt.engine, M, K, N);
+  const dnnl::matmul prim(pd);
+  dnnl::memory am(pd.src_desc(), rt.engine, const_cast<uint16_t*>(a));
+  dnnl::memory wm(pd.weights_desc(), rt.engine, const_cast<uint16_t*>(w));
+  dnnl::memory cm(pd.dst_desc(), rt.engine, c);
+  prim.execute(rt.stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, cm}});
+  rt.stream.wait();
+}
+
+}  // namespace nanscope::gemm_bf16

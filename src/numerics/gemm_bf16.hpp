@@ -1,0 +1,26 @@
+// bf16 x bf16 -> fp32 matrix products through oneDNN (Debian's libdnnl), the library torch's
+// CPU bf16 linear layers call too. Used for the compute-bound case of bf16 runs: many tokens
+// at once (nanscope hidden batches). oneDNN picks the best kernel the processor has (Intel AMX
+// tiles, AVX512-BF16 dot products); where it only has its reference implementation (e.g. an
+// AVX2-only machine) `available()` is false and callers keep the fp32 OpenBLAS path.
+//
+// Numerics: products of bf16 values accumulated in fp32 (order chosen by the kernel, as in
+// torch), no rounding of the output here. AMX and AVX512-BF16 flush bf16 subnormal inputs to
+// zero, as they do inside torch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace nanscope::gemm_bf16 {
+
+// Whether a non-reference oneDNN bf16 matmul exists on this machine (decided once).
+bool available();
+// The oneDNN implementation used ("brg:avx512_core_amx", ...) or why none is ("unavailable: ...").
+std::string implementation();
+
+// c[M, N] = a[M, K] @ w[N, K]^T, a and w bf16 bit patterns (row-major), c fp32 row-major.
+// Runs on oneDNN's own threads; call from one thread at a time. Requires available().
+void matmul(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* c);
+
+}  // namespace nanscope::gemm_bf16
