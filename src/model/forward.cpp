@@ -17,10 +17,12 @@
 #include <string>
 
 #include "common/error.hpp"
+#include "model/activations.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "numerics/kernels.hpp"
 #include "numerics/parallel.hpp"
+#include "numerics/profile.hpp"
 
 namespace nanscope {
 
@@ -36,41 +38,10 @@ std::optional<AttentionProfile> parse_attention(std::string_view s) {
 
 namespace {
 
-using Vec = std::vector<float>;
+using Vec = Activations;
 
 struct StopForward {};
 
-// NANSCOPE_PROFILE=1 in the environment: wall time per kind of step, summed over one forward
-// pass, printed on stderr at its end (for tuning; no effect on results).
-class StepProfile {
- public:
-  static bool enabled() {
-    static const bool on = [] {
-      const char* e = std::getenv("NANSCOPE_PROFILE");
-      return e != nullptr && *e != '\0' && std::string_view(e) != "0";
-    }();
-    return on;
-  }
-  struct Scope {
-    StepProfile* p;
-    const char* step;
-    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
-    ~Scope() {
-      if (p) p->add(step, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-  };
-  Scope time(const char* step) { return Scope{enabled() ? this : nullptr, step}; }
-  void add(const char* step, double s) { seconds_[step] += s; }
-  ~StepProfile() {
-    if (!enabled() || seconds_.empty()) return;
-    std::string line = "nanscope profile:";
-    for (const auto& [k, v] : seconds_) line += fmt::format(" {} {:.3f}s", k, v);
-    std::fprintf(stderr, "%s\n", line.c_str());
-  }
-
- private:
-  std::map<std::string, double> seconds_;
-};
 
 double finite_abs_max(std::span<const float> v) {
   double m = 0;
@@ -183,7 +154,7 @@ class Model {
     Vec attn = attention(l, n, x, W, B);
     Vec r(h.size());
     {
-      auto t = prof_.time("elementwise");
+      const profile::Scope t("elementwise");
       add_round(h.data(), attn.data(), int64_t(h.size()), dt_, r.data());
     }
     site(l, n.prefix + "residual_attn", r, {T_, H_});
@@ -197,7 +168,7 @@ class Model {
     Vec up = linear_site(l, n.up_proj, x, W(n.up_proj, {I_, H_}), B(mlp_bias_, n.up_proj, I_));
     Vec act(gate.size());
     {
-      auto t = prof_.time("elementwise");
+      const profile::Scope t("elementwise");
       silu_mul(gate.data(), up.data(), int64_t(gate.size()), dt_, act.data());
     }
     site(l, n.prefix + "mlp.act", act, {T_, I_});
@@ -205,7 +176,7 @@ class Model {
         linear_site(l, n.down_proj, act, W(n.down_proj, {H_, I_}), B(mlp_bias_, n.down_proj, H_));
     r.resize(h.size());
     {
-      auto t = prof_.time("elementwise");
+      const profile::Scope t("elementwise");
       add_round(h.data(), down.data(), int64_t(h.size()), dt_, r.data());
     }
     site(l, n.prefix + "residual_mlp", r, {T_, H_});
@@ -226,7 +197,7 @@ class Model {
                         {T_, nKV_, D_});
     }
     {
-      auto t = prof_.time("rope");
+      const profile::Scope t("rope");
       segment_rows([&](const Segment& g, int64_t a, int64_t b) {
         const RopeTables& tab = rope_.at(c_.rope.type == "dynamic" ? g.len : maxT_);
         apply_rope(q.data() + (g.off + a) * qd, b - a, nH_, tab, dt_, a);
@@ -243,7 +214,7 @@ class Model {
     }
     Vec ctx;
     {
-      auto t = prof_.time("attention");
+      const profile::Scope t("attention");
       ctx = att_ == AttentionProfile::Eager ? eager(l, n, q, k, v) : fused(l, n, q, k, v);
     }
     const bool ob = attn_bias_;
@@ -449,7 +420,7 @@ class Model {
     const WeightView wv = view(w);
     Vec out(size_t(T_ * wv.rows));
     {
-      auto t = prof_.time("linear");
+      const profile::Scope t("linear");
       linear(x.data(), T_, wv, bias.empty() ? nullptr : bias.data(), dt_, out.data());
     }
     site(l, module, out, {T_, wv.rows});
@@ -460,7 +431,7 @@ class Model {
                     int64_t rows, std::initializer_list<int64_t> shape = {}) {
     Vec out(x.size());
     {
-      auto t = prof_.time("rmsnorm");
+      const profile::Scope t("rmsnorm");
       rmsnorm(x.data(), rows, n, w.data(), c_.rms_norm_eps, dt_, out.data());
     }
     if (shape.size() == 0)
@@ -520,7 +491,7 @@ class Model {
 
   void hidden(int64_t index, const Vec& h) {
     if (!obs_) return;
-    auto t = prof_.time("observer");
+    const profile::Scope t("observer");
     obs_->hidden_state(index, h, T_, H_);
     if (obs_->done()) throw StopForward{};
   }
@@ -538,7 +509,6 @@ class Model {
   int64_t H_ = 0, I_ = 0, D_ = 0, nH_ = 0, nKV_ = 0;
   bool attn_bias_ = false, qkv_bias_ = false, mlp_bias_ = false;
   std::map<int64_t, RopeTables> rope_;  // by sequence length (see the constructor)
-  StepProfile prof_;
 };
 
 template <typename Embed>
@@ -554,21 +524,29 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
   res.tokens = T;
   res.hidden = ck.config().hidden_size;
   res.vocab = ck.config().vocab_size;
+  // At the end, after the model's arrays are back in the cache (m dies first): report the
+  // profile and hand the cached arrays back to the system.
+  struct EndOfPass {
+    ~EndOfPass() {
+      profile::print_and_reset("forward");
+      activation_cache::trim();
+    }
+  } end_of_pass;
   Model m(ck, opt, obs, lengths);
   try {
-    res.logits = m.run(embed(m));
+    const Vec logits = m.run(embed(m));
+    res.logits.assign(logits.begin(), logits.end());
   } catch (const StopForward&) {
     res.stopped_early = true;
   }
   return res;
 }
 
-std::vector<float> rounded_embeddings(std::span<const float> embeddings, int64_t T, int64_t H,
-                                      DType dt) {
+Vec rounded_embeddings(std::span<const float> embeddings, int64_t T, int64_t H, DType dt) {
   if (T < 0 || int64_t(embeddings.size()) != T * H)
     fail("forward: input embeddings hold {} values, expected [{}, {}] = {}", embeddings.size(), T,
          H, T * H);
-  std::vector<float> h(embeddings.begin(), embeddings.end());
+  Vec h(embeddings.begin(), embeddings.end());
   round_inplace(h.data(), h.size(), dt);
   return h;
 }

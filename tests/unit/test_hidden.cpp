@@ -450,8 +450,17 @@ TEST(HiddenGoldenCli, ShardsOfTheGoldenInputsMatch) {
 
 // The batched forward against transformers: sequences of 9..64 tokens (ids and one soft input)
 // through one pass (256 rows) and through several batches; every state of every input must
-// match the golden computed alone, at the trace tolerances. On a processor where oneDNN has a
-// bf16 kernel (AMX, AVX512-BF16) the bf16 cases run it; elsewhere the OpenBLAS path.
+// match the golden computed alone. On a processor where oneDNN has a bf16 kernel (AMX,
+// AVX512-BF16) the bf16 cases run it; elsewhere the OpenBLAS path.
+//
+// Tolerances: fp32 1e-5 relative (the trace tolerance). bf16: at these lengths the fp32 sums
+// inside a product or a norm end near a bf16 rounding tie often enough that a different
+// summation order (OpenBLAS vs torch's oneDNN; AVX2 vs AVX-512 lanes in RMSNorm) flips some
+// elements by one bf16 ulp, and later layers carry the flip on. Measured: 0 (AMX, qwen3),
+// 1.1e-3 (both paths, llama: the final norm) and 3.2e-3 (OpenBLAS, qwen3, state 3) relative,
+// 97.8-100 % of elements bit-identical. The bound is one bf16 ulp relative (2^-8 = 3.9e-3) with
+// at least 95 % identical: a real fault (a position not restarting, attention crossing two
+// sequences) gives errors of order 1.
 struct BatchCase {
   std::string model, dtype;
   int64_t batch_tokens;
@@ -477,7 +486,7 @@ TEST_P(HiddenGoldenBatch, EverySequenceMatchesTransformersAlone) {
   const HiddenRunSummary r = run_hidden(o);
   EXPECT_TRUE(r.nonfinite.empty());
   EXPECT_EQ(r.shards.size(), c.batch_tokens >= 256 ? 1u : 5u);
-  const double tol = o.fwd.dtype == DType::F32 ? 1e-5 : 1e-4;
+  const double tol = o.fwd.dtype == DType::F32 ? 1e-5 : 1.0 / 256;
   const json idx = json::parse(std::ifstream(o.out / "index.json"));
   ASSERT_EQ(idx["inputs"].size(), 7u);
   int64_t total = 0, identical = 0;
@@ -507,9 +516,13 @@ TEST_P(HiddenGoldenBatch, EverySequenceMatchesTransformersAlone) {
       worst = std::max(worst, rel);
     }
   }
+  const double frac = double(identical) / double(total);
+  if (o.fwd.dtype == DType::BF16) {
+    EXPECT_GE(frac, 0.95);
+  }
   std::printf("[ golden   ] batch %s %s batch-tokens %lld: max rel err %.2e, bit-identical %.4f%%\n",
               c.model.c_str(), c.dtype.c_str(), static_cast<long long>(c.batch_tokens), worst,
-              100.0 * double(identical) / double(total));
+              100.0 * frac);
 }
 
 INSTANTIATE_TEST_SUITE_P(
