@@ -28,6 +28,7 @@
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/safetensors.hpp"
+#include "numerics/dtype_simd.hpp"
 
 namespace nanscope {
 
@@ -616,62 +617,85 @@ class AsyncWriter {
   std::thread thread_;  // last: started once everything above exists
 };
 
+#if defined(__AVX2__)
+// The fidelity sums of one row as AVX2 accumulators, in double: four lanes each of
+// sum (r - w0)^2, sum (s - w0)^2, sum (r - w0)(s - w0), sum (r - s)^2 over the updated
+// elements, and the counts. Reduced into Stats once per row (row_stats_end), so that the sums
+// come out the same whether a row is fed in one go or in column chunks.
+struct RowSums {
+  __m256d num = _mm256_setzero_pd(), den = _mm256_setzero_pd(), dot = _mm256_setzero_pd(),
+          err = _mm256_setzero_pd();
+};
+struct RowCounts {
+  uint64_t updated = 0, lost = 0, bad_w = 0, bad_r = 0;
+};
+
+// Adds 8 elements: w8 the base values, s8 the ideal fp32 result, r8 = s8 as stored.
+inline void row_stats8(__m256 w8, __m256 s8, __m256 r8, RowSums& a, RowCounts& c) {
+  const __m256d zero = _mm256_setzero_pd();
+  const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+  const __m256d inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+  const __m256 fabs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 finf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  // !isfinite: |x| < inf is false for inf and NaN.
+  c.bad_w += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
+                              _mm256_cmp_ps(_mm256_and_ps(w8, fabs_mask), finf, _CMP_LT_OQ)))));
+  c.bad_r += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
+                              _mm256_cmp_ps(_mm256_and_ps(r8, fabs_mask), finf, _CMP_LT_OQ)))));
+  const unsigned same = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(r8, w8, _CMP_EQ_OQ)));
+  for (int h = 0; h < 2; ++h) {
+    const __m128 wh = h ? _mm256_extractf128_ps(w8, 1) : _mm256_castps256_ps128(w8);
+    const __m128 sh = h ? _mm256_extractf128_ps(s8, 1) : _mm256_castps256_ps128(s8);
+    const __m128 rh = h ? _mm256_extractf128_ps(r8, 1) : _mm256_castps256_ps128(r8);
+    const __m256d wd = _mm256_cvtps_pd(wh);
+    const __m256d di = _mm256_sub_pd(_mm256_cvtps_pd(sh), wd);
+    const __m256d dk = _mm256_sub_pd(_mm256_cvtps_pd(rh), wd);
+    const __m256d m = _mm256_and_pd(_mm256_cmp_pd(di, zero, _CMP_NEQ_OQ),
+                                    _mm256_cmp_pd(_mm256_and_pd(di, abs_mask), inf, _CMP_LT_OQ));
+    const unsigned mm = unsigned(_mm256_movemask_pd(m));
+    if (!mm) continue;
+    const __m256d dkm = _mm256_and_pd(dk, m), dim = _mm256_and_pd(di, m);
+    const __m256d e = _mm256_sub_pd(dkm, dim);
+    a.num = _mm256_add_pd(a.num, _mm256_mul_pd(dkm, dkm));
+    a.den = _mm256_add_pd(a.den, _mm256_mul_pd(dim, dim));
+    a.dot = _mm256_add_pd(a.dot, _mm256_mul_pd(dkm, dim));
+    a.err = _mm256_add_pd(a.err, _mm256_mul_pd(e, e));
+    c.updated += uint64_t(__builtin_popcount(mm));
+    c.lost += uint64_t(__builtin_popcount(mm & (same >> (4 * h))));
+  }
+}
+
+inline void row_stats_end(const RowSums& a, Stats& st) {
+  alignas(32) double v[4][4];
+  _mm256_store_pd(v[0], a.num);
+  _mm256_store_pd(v[1], a.den);
+  _mm256_store_pd(v[2], a.dot);
+  _mm256_store_pd(v[3], a.err);
+  st.num += (v[0][0] + v[0][1]) + (v[0][2] + v[0][3]);
+  st.den += (v[1][0] + v[1][1]) + (v[1][2] + v[1][3]);
+  st.dot += (v[2][0] + v[2][1]) + (v[2][2] + v[2][3]);
+  st.err += (v[3][0] + v[3][1]) + (v[3][2] + v[3][3]);
+}
+
+inline void add_counts(const RowCounts& c, Stats& st) {
+  st.updated += c.updated;
+  st.lost += c.lost;
+  st.base_nonfinite += c.bad_w;
+  st.nonfinite += c.bad_r;
+}
+#endif
+
 // Fidelity sums of one row: w0 the base values, s the ideal fp32 result, r = s as stored.
 inline void row_stats(const float* w0, const float* s, const float* r, int64_t n, Stats& st) {
   int64_t k = 0;
 #if defined(__AVX2__)
   {
-    const __m256d zero = _mm256_setzero_pd();
-    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
-    const __m256d inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
-    const __m256 fabs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 finf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    __m256d num = zero, den = zero, dot = zero, err = zero;
-    uint64_t updated = 0, lost = 0, bad_w = 0, bad_r = 0;
-    for (; k + 8 <= n; k += 8) {
-      const __m256 w8 = _mm256_loadu_ps(w0 + k), s8 = _mm256_loadu_ps(s + k),
-                   r8 = _mm256_loadu_ps(r + k);
-      // !isfinite: |x| < inf is false for inf and NaN.
-      bad_w += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
-                                _mm256_cmp_ps(_mm256_and_ps(w8, fabs_mask), finf, _CMP_LT_OQ)))));
-      bad_r += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
-                                _mm256_cmp_ps(_mm256_and_ps(r8, fabs_mask), finf, _CMP_LT_OQ)))));
-      const unsigned same = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(r8, w8, _CMP_EQ_OQ)));
-      for (int h = 0; h < 2; ++h) {
-        const __m128 wh = h ? _mm256_extractf128_ps(w8, 1) : _mm256_castps256_ps128(w8);
-        const __m128 sh = h ? _mm256_extractf128_ps(s8, 1) : _mm256_castps256_ps128(s8);
-        const __m128 rh = h ? _mm256_extractf128_ps(r8, 1) : _mm256_castps256_ps128(r8);
-        const __m256d wd = _mm256_cvtps_pd(wh);
-        const __m256d di = _mm256_sub_pd(_mm256_cvtps_pd(sh), wd);
-        const __m256d dk = _mm256_sub_pd(_mm256_cvtps_pd(rh), wd);
-        const __m256d m =
-            _mm256_and_pd(_mm256_cmp_pd(di, zero, _CMP_NEQ_OQ),
-                          _mm256_cmp_pd(_mm256_and_pd(di, abs_mask), inf, _CMP_LT_OQ));
-        const unsigned mm = unsigned(_mm256_movemask_pd(m));
-        if (!mm) continue;
-        const __m256d dkm = _mm256_and_pd(dk, m), dim = _mm256_and_pd(di, m);
-        const __m256d e = _mm256_sub_pd(dkm, dim);
-        num = _mm256_add_pd(num, _mm256_mul_pd(dkm, dkm));
-        den = _mm256_add_pd(den, _mm256_mul_pd(dim, dim));
-        dot = _mm256_add_pd(dot, _mm256_mul_pd(dkm, dim));
-        err = _mm256_add_pd(err, _mm256_mul_pd(e, e));
-        updated += uint64_t(__builtin_popcount(mm));
-        lost += uint64_t(__builtin_popcount(mm & (same >> (4 * h))));
-      }
-    }
-    alignas(32) double v[4][4];
-    _mm256_store_pd(v[0], num);
-    _mm256_store_pd(v[1], den);
-    _mm256_store_pd(v[2], dot);
-    _mm256_store_pd(v[3], err);
-    st.num += (v[0][0] + v[0][1]) + (v[0][2] + v[0][3]);
-    st.den += (v[1][0] + v[1][1]) + (v[1][2] + v[1][3]);
-    st.dot += (v[2][0] + v[2][1]) + (v[2][2] + v[2][3]);
-    st.err += (v[3][0] + v[3][1]) + (v[3][2] + v[3][3]);
-    st.updated += updated;
-    st.lost += lost;
-    st.base_nonfinite += bad_w;
-    st.nonfinite += bad_r;
+    RowSums a;
+    RowCounts c;
+    for (; k + 8 <= n; k += 8)
+      row_stats8(_mm256_loadu_ps(w0 + k), _mm256_loadu_ps(s + k), _mm256_loadu_ps(r + k), a, c);
+    row_stats_end(a, st);
+    add_counts(c, st);
   }
 #endif
   for (; k < n; ++k) {
@@ -689,6 +713,119 @@ inline void row_stats(const float* w0, const float* s, const float* r, int64_t n
     }
   }
 }
+
+// Rows [i0, i1) of a tensor from its source bytes into the output rows, adding their sums.
+using FusedRows = void (*)(const std::byte* src, const PreparedLora& p, int64_t cols, int64_t i0,
+                           int64_t i1, std::byte* out, Stats& st);
+
+#if defined(__AVX2__) && defined(__FMA__) && NANSCOPE_HAVE_AVX2_F16C
+// The common case in one pass, for a weight with exactly one plain LoRA (no DoRA, bias, token
+// rows or replacement) and cols % 8 == 0: rows [i0, i1) of W' = round(W + fl(fl(L@R) * scale)).
+// The generic path runs B@A a whole row at a time, which streams all of R (r x cols fp32, up to
+// 200 KB: L2, not L1) through the core once per row. Here a group of kGroup rows shares each
+// 64-column slice of R (4 KB, stays in L1), and each 64-element piece goes from the FMA
+// accumulators through scale, add, rounding, store and the fidelity sums without leaving
+// registers. Same fused multiply-adds in the same k order, same roundings, and each row's sums
+// fed in column order into its own accumulators: bit-identical output and statistics.
+template <DType S, DType O>
+void fused_lora_rows(const std::byte* src, const PreparedLora& p, int64_t cols, int64_t i0,
+                     int64_t i1, std::byte* out, Stats& st) {
+  constexpr size_t kSrcEs = S == DType::F32 ? 4 : 2;
+  constexpr size_t kOutEs = O == DType::F32 ? 4 : 2;
+  constexpr int64_t kGroup = 8;
+  const int64_t r = p.r;
+  const __m256 scale = _mm256_set1_ps(p.scale);
+  auto load8 = [](const std::byte* q) {
+    if constexpr (S == DType::BF16) return simd::load_bf16x8(q);
+    if constexpr (S == DType::F16) return simd::load_f16x8(q);
+    if constexpr (S == DType::F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(q));
+  };
+  // Stores 8 values in the output dtype; returns them as a reader of the file sees them.
+  auto store8 = [](__m256 v, std::byte* q) {
+    if constexpr (O == DType::BF16) {
+      const __m128i h = simd::to_bf16x8(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), h);
+      return simd::widen_bf16x8(h);
+    }
+    if constexpr (O == DType::F16) {
+      const __m128i h = simd::to_f16x8(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), h);
+      return simd::widen_f16x8(h);
+    }
+    if constexpr (O == DType::F32) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(q), v);
+      return v;
+    }
+  };
+  // W0, + fl(P * scale), store, sums for 8 elements of row i at column j.
+  auto finish8 = [&](__m256 acc, int64_t i, int64_t j, RowSums& a, RowCounts& c) {
+    const __m256 w = load8(src + size_t(i * cols + j) * kSrcEs);
+    const __m256 s = _mm256_add_ps(w, _mm256_mul_ps(acc, scale));
+    const __m256 stored = store8(s, out + size_t((i - i0) * cols + j) * kOutEs);
+    row_stats8(w, s, stored, a, c);
+  };
+
+  RowCounts counts;
+  RowSums sums[kGroup];
+  for (int64_t g0 = i0; g0 < i1; g0 += kGroup) {
+    const int64_t g1 = std::min(i1, g0 + kGroup);
+    for (auto& a : sums) a = RowSums{};
+    int64_t j0 = 0;
+    for (; j0 + 64 <= cols; j0 += 64) {
+      for (int64_t i = g0; i < g1; ++i) {
+        const float* Lrow = p.L.data() + i * r;
+        __m256 a[8];
+        for (auto& x : a) x = _mm256_setzero_ps();
+        for (int64_t k = 0; k < r; ++k) {
+          const __m256 l = _mm256_set1_ps(Lrow[k]);
+          const float* Rk = p.R.data() + k * cols + j0;
+          for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(l, _mm256_loadu_ps(Rk + 8 * q), a[q]);
+        }
+        RowSums rs = sums[i - g0];
+        for (int q = 0; q < 8; ++q) finish8(a[q], i, j0 + 8 * q, rs, counts);
+        sums[i - g0] = rs;
+      }
+    }
+    for (; j0 < cols; j0 += 8) {
+      for (int64_t i = g0; i < g1; ++i) {
+        const float* Lrow = p.L.data() + i * r;
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < r; ++k)
+          a0 = _mm256_fmadd_ps(_mm256_set1_ps(Lrow[k]), _mm256_loadu_ps(p.R.data() + k * cols + j0),
+                               a0);
+        finish8(a0, i, j0, sums[i - g0], counts);
+      }
+    }
+    for (int64_t i = g0; i < g1; ++i) row_stats_end(sums[i - g0], st);
+  }
+  add_counts(counts, st);
+}
+
+FusedRows fused_lora_kernel(DType src, DType out) {
+  auto pick = [&]<DType S>() -> FusedRows {
+    switch (out) {
+      case DType::BF16:
+        return &fused_lora_rows<S, DType::BF16>;
+      case DType::F16:
+        return &fused_lora_rows<S, DType::F16>;
+      case DType::F32:
+        return &fused_lora_rows<S, DType::F32>;
+      default:
+        return nullptr;
+    }
+  };
+  switch (src) {
+    case DType::BF16:
+      return pick.template operator()<DType::BF16>();
+    case DType::F16:
+      return pick.template operator()<DType::F16>();
+    case DType::F32:
+      return pick.template operator()<DType::F32>();
+    default:
+      return nullptr;
+  }
+}
+#endif
 
 // Asks the kernel to read a mapped range ahead (whole pages inside it).
 void prefetch(std::span<const std::byte> bytes) {
@@ -808,6 +945,12 @@ class Merger {
         sc.tmp.resize(size_t(cols));
       }
     }
+    FusedRows fused = nullptr;
+#if defined(__AVX2__) && defined(__FMA__) && NANSCOPE_HAVE_AVX2_F16C
+    if (lora.size() == 1 && lora[0].magnitude.empty() && !lora[0].round_delta &&
+        bias_delta.empty() && !t.rows && !t.replace && cols % 8 == 0)
+      fused = fused_lora_kernel(src_dtype, out);
+#endif
     std::vector<Stats> part(scratch_.size());
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       check_cancel();
@@ -818,6 +961,11 @@ class Merger {
       // Row by row, each row's whole pipeline in cache: W0, + each update, DoRA, bias, the
       // fidelity of the stored values, token rows.
       pool_.parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+        if (fused) {
+          fused(src, lora[0], cols, r0 + b, r0 + e, obuf + size_t(b * cols) * out_es,
+                part[size_t(tid)]);
+          return;
+        }
         Scratch& sc = scratch_[size_t(tid)];
         float* w0 = sc.w0.data();
         float* s = sc.s.data();
