@@ -7,9 +7,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <thread>
 #include <unordered_set>
 
 namespace nanscope {
@@ -403,6 +408,14 @@ void SafetensorsFile::release(std::span<const std::byte> bytes) const {
 // ---- SafetensorsWriter ----------------------------------------------------------------------
 
 struct SafetensorsWriter::Impl {
+  // O_DIRECT wants the buffer address, the file offset and the length aligned to the logical
+  // block size of the device; 4096 covers every device in use.
+  static constexpr size_t kAlign = 4096;
+  static constexpr size_t kMaxChunk = size_t(8) << 20;
+  // Two chunks on the way to disk while the caller fills a third and a fourth waits: the disk
+  // is never idle for want of bytes unless the caller is slower than the disk.
+  static constexpr int kChunks = 4;
+
   std::filesystem::path path;
   std::filesystem::path tmp;
   int fd = -1;
@@ -410,52 +423,211 @@ struct SafetensorsWriter::Impl {
   uint64_t data_total = 0;
   uint64_t data_written = 0;
   bool committed = false;
-  uint64_t pos = 0;       // bytes written to the file so far
-  uint64_t flushed = 0;   // bytes handed to writeback with sync_file_range
+
+  // The chunk being filled by the caller: file bytes [cur_offset, cur_offset + fill).
+  size_t chunk = kMaxChunk;  // smaller for a small file
+  std::vector<std::byte*> bufs;
+  int cur = -1;
+  int next = -1;  // the chunk after cur, taken by a reservation across cur's end
+  size_t fill = 0;
+  uint64_t cur_offset = 0;
+
+  // Shared with the I/O thread, under mu.
+  struct Job {
+    int buf;
+    uint64_t offset;
+    size_t len;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Job> queue;
+  std::vector<int> free_bufs;
+  bool busy = false, stop = false;
+  std::exception_ptr err;
+  bool direct = false;    // fd has O_DIRECT (only the I/O thread clears it, then commit reads it)
   bool can_flush = true;  // false once sync_file_range is refused (not Linux, odd fs)
+  std::thread io;
 
   ~Impl() {
+    if (io.joinable()) {
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        stop = true;
+      }
+      cv.notify_all();
+      io.join();
+    }
+    for (std::byte* b : bufs) std::free(b);
     if (fd >= 0) ::close(fd);
     if (!committed && !tmp.empty()) ::unlink(tmp.c_str());
   }
 
-  void write_all(const std::byte* p, uint64_t len) {
-    while (len > 0) {
-      const size_t chunk = size_t(std::min<uint64_t>(len, uint64_t(1) << 30));
-      const ssize_t r = ::write(fd, p, chunk);
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        throw OutputError(fmt::format("{}: write failed: {}", tmp.string(), std::strerror(errno)));
-      }
-      if (r == 0) {
-        throw OutputError(fmt::format("{}: write wrote nothing (disk full?)", tmp.string()));
-      }
-      p += r;
-      len -= uint64_t(r);
-      pos += uint64_t(r);
-    }
-    start_writeback();
+  [[noreturn]] void write_failed(const char* what, int e) const {
+    throw OutputError(fmt::format("{}: {} failed: {}", tmp.string(), what, std::strerror(e)));
   }
 
-  // Starts writeback of every whole kFlushChunk written since the last call, so that dirty
-  // pages do not pile up until commit(): the disk works while the caller computes, the final
-  // fsync has little left to do, and the writer is not stalled by dirty-page throttling. Only
-  // a hint: commit() still fsyncs the whole file.
-  void start_writeback() {
-    constexpr uint64_t kFlushChunk = uint64_t(64) << 20;
-    if (!can_flush || pos - flushed < kFlushChunk) return;
+  // Writes [p, p + len) at offset. A file system that refuses O_DIRECT for this write (EINVAL:
+  // alignment it does not support) gets it, and every later one, through the page cache.
+  void pwrite_all(const std::byte* p, size_t len, uint64_t offset) {
+    while (len > 0) {
+      const ssize_t r = ::pwrite(fd, p, std::min<size_t>(len, size_t(1) << 30), off_t(offset));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EINVAL && direct) {
+          set_direct(false);
+          continue;
+        }
+        write_failed("write", errno);
+      }
+      if (r == 0)
+        throw OutputError(fmt::format("{}: write wrote nothing (disk full?)", tmp.string()));
+      p += r;
+      len -= size_t(r);
+      offset += uint64_t(r);
+    }
+  }
+
+  void set_direct(bool on) {
+    const int fl = ::fcntl(fd, F_GETFL);
+    if (fl < 0 || ::fcntl(fd, F_SETFL, on ? (fl | O_DIRECT) : (fl & ~O_DIRECT)) != 0)
+      write_failed("fcntl(O_DIRECT)", errno);
+    direct = on;
+  }
+
+  void io_loop() {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lk(mu);
+        cv.wait(lk, [&] { return !queue.empty() || stop; });
+        if (queue.empty()) return;
+        job = queue.front();
+        queue.pop_front();
+        busy = !err;
+      }
+      if (busy) {
+        try {
+          pwrite_all(bufs[size_t(job.buf)], job.len, job.offset);
+          // Through the page cache: start writeback now, so that dirty pages do not pile up
+          // until commit() (the disk works while the caller computes, the final fsync has
+          // little left to do, the writer is not throttled). Only a hint: commit() fsyncs.
 #ifdef __linux__
-    if (::sync_file_range(fd, off_t(flushed), off_t(pos - flushed), SYNC_FILE_RANGE_WRITE) != 0)
-      can_flush = false;
-    flushed = pos;
-#else
-    can_flush = false;
+          if (!direct && can_flush &&
+              ::sync_file_range(fd, off_t(job.offset), off_t(job.len), SYNC_FILE_RANGE_WRITE) != 0)
+            can_flush = false;
 #endif
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(mu);
+          err = std::current_exception();
+        }
+      }
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        free_bufs.push_back(job.buf);
+        busy = false;
+      }
+      cv.notify_all();
+    }
+  }
+
+  void rethrow_locked() {
+    if (err) std::rethrow_exception(err);
+  }
+
+  // A free chunk buffer; allocated on first use, up to kChunks.
+  int acquire() {
+    std::unique_lock<std::mutex> lk(mu);
+    if (free_bufs.empty() && bufs.size() < size_t(kChunks)) {
+      void* b = std::aligned_alloc(kAlign, chunk);
+      if (b == nullptr) throw std::bad_alloc();
+      bufs.push_back(static_cast<std::byte*>(b));
+      return int(bufs.size()) - 1;
+    }
+    cv.wait(lk, [&] { return !free_bufs.empty() || err; });
+    rethrow_locked();
+    const int b = free_bufs.back();
+    free_bufs.pop_back();
+    return b;
+  }
+
+  void submit(int buf, uint64_t offset, size_t len) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      queue.push_back({buf, offset, len});
+    }
+    cv.notify_all();
+  }
+
+  void drain() {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return queue.empty() && !busy; });
+    rethrow_locked();
+  }
+
+  // The free space of the current chunk (a fresh chunk when none is open).
+  std::span<std::byte> room() {
+    if (cur < 0) {
+      cur = acquire();
+      fill = 0;
+    }
+    return {bufs[size_t(cur)] + fill, chunk - fill};
+  }
+
+  // The start of the chunk after the current one, for a reservation across its end.
+  std::span<std::byte> next_room() {
+    if (next < 0) next = acquire();
+    return {bufs[size_t(next)], chunk};
+  }
+
+  // n bytes of room() (and next_room()) filled: a full chunk goes to the I/O thread.
+  void advance(size_t n) {
+    while (n > 0) {
+      if (cur < 0)
+        throw std::logic_error(fmt::format("{}: advance past the room given", path.string()));
+      const size_t k = std::min(n, chunk - fill);
+      fill += k;
+      n -= k;
+      if (fill == chunk) {
+        submit(cur, cur_offset, chunk);
+        cur_offset += chunk;
+        cur = next;
+        next = -1;
+        fill = 0;
+      }
+    }
+  }
+
+  void append(const std::byte* p, size_t len) {
+    while (len > 0) {
+      const std::span<std::byte> r = room();
+      const size_t n = std::min(len, r.size());
+      std::memcpy(r.data(), p, n);
+      advance(n);
+      p += n;
+      len -= n;
+    }
+  }
+
+  // The last, partial chunk: its aligned part as the others, the tail (not a whole block, which
+  // O_DIRECT cannot write) through the page cache.
+  void finish() {
+    drain();
+    if (cur < 0) return;
+    const size_t aligned = fill & ~(kAlign - 1);
+    if (aligned > 0) pwrite_all(bufs[size_t(cur)], aligned, cur_offset);
+    if (fill > aligned) {
+      if (direct) set_direct(false);
+      pwrite_all(bufs[size_t(cur)] + aligned, fill - aligned, cur_offset + aligned);
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    free_bufs.push_back(cur);
+    cur = -1;
   }
 };
 
 SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<TensorSpec> tensors,
-                                     std::map<std::string, std::string> metadata)
+                                     std::map<std::string, std::string> metadata,
+                                     SafetensorsWriteOptions options)
     : impl_(std::make_unique<Impl>()) {
   Impl& w = *impl_;
   w.path = std::move(path);
@@ -511,18 +683,32 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   w.data_total = offset;
   w.header_bytes = 8 + header.size();
 
+  const uint64_t file_size = w.header_bytes + w.data_total;
+  w.chunk = size_t(std::min<uint64_t>(
+      Impl::kMaxChunk, (file_size + Impl::kAlign - 1) & ~uint64_t(Impl::kAlign - 1)));
+
   const std::filesystem::path tmp =
       w.path.parent_path() / (w.path.filename().string() + ".tmp-" + std::to_string(::getpid()));
-  w.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+  w.fd = ::open(tmp.c_str(), flags | (options.direct ? O_DIRECT : 0), 0644);
+  if (w.fd < 0 && options.direct && errno == EINVAL) {
+    w.fd = ::open(tmp.c_str(), flags, 0644);  // the file system has no O_DIRECT (tmpfs)
+  } else {
+    w.direct = options.direct;
+  }
   if (w.fd < 0) {
     throw OutputError(fmt::format("{}: cannot create temporary file {}: {}", w.path.string(),
                                   tmp.string(), std::strerror(errno)));
   }
   w.tmp = tmp;  // from here on ours to remove if not committed
+  // Direct writes land in extents reserved up front: no block allocation and no size update
+  // per write, and the file in one piece. Only an optimisation: refused, the writes allocate.
+  if (w.direct && file_size > 0) (void)::fallocate(w.fd, 0, 0, off_t(file_size));
+  w.io = std::thread([&w] { w.io_loop(); });
   std::byte len[8];
   for (int i = 0; i < 8; ++i) len[i] = std::byte((header.size() >> (8 * i)) & 0xff);
-  w.write_all(len, 8);
-  w.write_all(reinterpret_cast<const std::byte*>(header.data()), header.size());
+  w.append(len, 8);
+  w.append(reinterpret_cast<const std::byte*>(header.data()), header.size());
 }
 
 SafetensorsWriter::~SafetensorsWriter() = default;  // Impl closes and unlinks if not committed
@@ -537,8 +723,53 @@ void SafetensorsWriter::write(std::span<const std::byte> bytes) {
                                        w.path.string(),
                                        w.data_written + bytes.size() - w.data_total, w.data_total));
   }
-  w.write_all(bytes.data(), bytes.size());
+  {
+    std::lock_guard<std::mutex> lk(w.mu);
+    w.rethrow_locked();
+  }
+  w.append(bytes.data(), bytes.size());
   w.data_written += bytes.size();
+}
+
+std::span<std::byte> SafetensorsWriter::room(size_t max) {
+  Impl& w = *impl_;
+  if (w.committed || w.fd < 0) {
+    throw std::logic_error(fmt::format("{}: write after commit", w.path.string()));
+  }
+  {
+    std::lock_guard<std::mutex> lk(w.mu);
+    w.rethrow_locked();
+  }
+  max = size_t(std::min<uint64_t>(max, w.data_total - w.data_written));
+  if (max == 0) return {};
+  const std::span<std::byte> r = w.room();
+  return r.first(std::min(max, r.size()));
+}
+
+std::pair<std::span<std::byte>, std::span<std::byte>> SafetensorsWriter::reserve(size_t n) {
+  Impl& w = *impl_;
+  if (n > w.chunk) {
+    throw std::logic_error(
+        fmt::format("{}: reserve({}) of more than a chunk ({})", w.path.string(), n, w.chunk));
+  }
+  const std::span<std::byte> first = room(n);
+  if (first.size() < n && n <= w.data_total - w.data_written)
+    return {first, w.next_room().first(n - first.size())};
+  return {first, {}};
+}
+
+void SafetensorsWriter::advance(size_t n) {
+  Impl& w = *impl_;
+  if (n > w.data_total - w.data_written) {
+    throw std::logic_error(fmt::format("{}: advance({}) past the {} bytes declared",
+                                       w.path.string(), n, w.data_total));
+  }
+  w.advance(n);
+  w.data_written += n;
+}
+
+size_t SafetensorsWriter::chunk_size() const {
+  return impl_->chunk;
 }
 
 void SafetensorsWriter::commit() {
@@ -550,6 +781,7 @@ void SafetensorsWriter::commit() {
     throw std::logic_error(fmt::format("{}: commit after {} of {} data bytes", w.path.string(),
                                        w.data_written, w.data_total));
   }
+  w.finish();
   if (::fsync(w.fd) != 0) {
     throw OutputError(fmt::format("{}: fsync failed: {}", w.tmp.string(), std::strerror(errno)));
   }
@@ -570,6 +802,10 @@ void SafetensorsWriter::commit() {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+bool SafetensorsWriter::direct() const {
+  return impl_->direct;
 }
 
 uint64_t SafetensorsWriter::total_bytes() const {

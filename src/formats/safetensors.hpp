@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/error.hpp"
@@ -105,22 +106,47 @@ struct TensorSpec {
   std::vector<int64_t> shape;
 };
 
+// How a SafetensorsWriter puts its bytes on disk.
+struct SafetensorsWriteOptions {
+  // Write around the page cache (O_DIRECT) where the file system allows it, falling back to
+  // ordinary writes where it does not (tmpfs, some network file systems). For a large file that
+  // is written once and fsynced anyway (merge): no copy into the page cache, no freshly
+  // allocated page per 4 KB, no dirty pages for the flusher; the disk is fed straight from the
+  // writer's buffers. The finished file is then not in the page cache.
+  bool direct = false;
+};
+
 // Writes a safetensors file: header padded with spaces to a multiple of 8, tensors streamed in
 // the order given (each with write()), to "<path>.tmp-<pid>" and renamed into place by commit().
 // Destroyed without commit(), the temporary file is removed.
+// Bytes are gathered into 8 MB chunks that a thread of the writer's own writes out at their
+// offsets while the caller fills the next ones: write() only copies, room() does not.
 class SafetensorsWriter {
  public:
   SafetensorsWriter(std::filesystem::path path, std::vector<TensorSpec> tensors,
-                    std::map<std::string, std::string> metadata = {});
+                    std::map<std::string, std::string> metadata = {},
+                    SafetensorsWriteOptions options = {});
   ~SafetensorsWriter();
   SafetensorsWriter(const SafetensorsWriter&) = delete;
   SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
 
   // Appends the bytes of the next tensor (must be the next in order; may be called several
-  // times per tensor with consecutive chunks). Throws OutputError on a short write (full disk).
+  // times per tensor with consecutive chunks). Throws OutputError on a failed write (full disk),
+  // possibly of bytes given to an earlier call.
   void write(std::span<const std::byte> bytes);
+  // The same without the copy: room(max) is the writable space at the current position (up to
+  // max bytes, the rest of the current chunk; empty only when every declared byte is written),
+  // which the caller fills and hands over with advance(n), n <= its size. A producer can thus
+  // compute straight into the bytes that go to disk.
+  std::span<std::byte> room(size_t max);
+  // The next n bytes (n <= chunk_size()) as one span, or two where a chunk ends inside them;
+  // filled by the caller and handed over with advance(n).
+  std::pair<std::span<std::byte>, std::span<std::byte>> reserve(size_t n);
+  void advance(size_t n);
+  size_t chunk_size() const;
   void commit();                 // checks that every byte was written, fsyncs, renames into place
   uint64_t total_bytes() const;  // size of the finished file: 8 + padded header + data
+  bool direct() const;           // whether the data went around the page cache (O_DIRECT)
 
  private:
   struct Impl;

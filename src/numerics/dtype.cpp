@@ -5,12 +5,7 @@
 #include <stdexcept>
 #include <string>
 
-#if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-#define NANSCOPE_HAVE_AVX2_F16C 1
-#else
-#define NANSCOPE_HAVE_AVX2_F16C 0
-#endif
+#include "numerics/dtype_simd.hpp"
 
 namespace nanscope {
 
@@ -160,22 +155,9 @@ void store_from_f32(const float* in, DType t, std::byte* out, size_t n) {
       return;
     case DType::BF16: {
 #if NANSCOPE_HAVE_AVX2_F16C
-      const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-      const __m256i inf_bits = _mm256_set1_epi32(0x7f800000);
-      const __m256i bias = _mm256_set1_epi32(0x7fff);
-      const __m256i one = _mm256_set1_epi32(1);
-      const __m256i quiet = _mm256_set1_epi32(0x0040);
-      for (; i + 8 <= n; i += 8) {
-        const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
-        const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf_bits);
-        const __m256i hi = _mm256_srli_epi32(u, 16);
-        const __m256i rounded = _mm256_srli_epi32(
-            _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(hi, one))), 16);
-        const __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(hi, quiet), is_nan);
-        const __m128i packed =
-            _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), packed);
-      }
+      for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i),
+                         simd::to_bf16x8(_mm256_loadu_ps(in + i)));
 #endif
       for (; i < n; ++i) {
         const uint16_t h = f32_to_bf16(in[i]);
@@ -185,10 +167,9 @@ void store_from_f32(const float* in, DType t, std::byte* out, size_t n) {
     }
     case DType::F16: {
 #if NANSCOPE_HAVE_AVX2_F16C
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), h);
-      }
+      for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i),
+                         simd::to_f16x8(_mm256_loadu_ps(in + i)));
 #endif
       for (; i < n; ++i) {
         const uint16_t h = f32_to_f16(in[i]);
@@ -209,11 +190,7 @@ void load_to_f32(const std::byte* in, DType t, float* out, size_t n) {
       return;
     case DType::BF16: {
 #if NANSCOPE_HAVE_AVX2_F16C
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i));
-        const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), w);
-      }
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, simd::load_bf16x8(in + 2 * i));
 #endif
       for (; i < n; ++i) {
         uint16_t h;
@@ -224,10 +201,7 @@ void load_to_f32(const std::byte* in, DType t, float* out, size_t n) {
     }
     case DType::F16: {
 #if NANSCOPE_HAVE_AVX2_F16C
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i));
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
-      }
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, simd::load_f16x8(in + 2 * i));
 #endif
       for (; i < n; ++i) {
         uint16_t h;

@@ -28,6 +28,7 @@
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/safetensors.hpp"
+#include "numerics/dtype_simd.hpp"
 
 namespace nanscope {
 
@@ -512,166 +513,105 @@ class Pool {
   const std::function<void(int)>* job_ = nullptr;
 };
 
-// Hands the bytes of a shard to one writer thread, so that computing the next block overlaps
-// writing the last. Blocks are written in the order submitted. Output buffers circulate: the
-// computing side takes a free one, fills it, submits it; the writer returns it once written.
-class AsyncWriter {
- public:
-  static constexpr int kBuffers = 3;
-  explicit AsyncWriter(SafetensorsWriter& w) : w_(w), thread_([this] { loop(); }) {
-    for (int i = 0; i < kBuffers; ++i) free_.push_back(i);
-  }
-  ~AsyncWriter() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  AsyncWriter(const AsyncWriter&) = delete;
-  AsyncWriter& operator=(const AsyncWriter&) = delete;
-
-  // A free output buffer of at least `bytes` bytes (waits for the writer to return one).
-  int acquire(size_t bytes) {
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_.wait(lk, [&] { return !free_.empty() || err_; });
-    rethrow_locked();
-    const int b = free_.back();
-    free_.pop_back();
-    lk.unlock();
-    if (bufs_[size_t(b)].size() < bytes) bufs_[size_t(b)].resize(bytes);
-    return b;
-  }
-  std::byte* data(int b) { return bufs_[size_t(b)].data(); }
-
-  // Queues bytes for writing: those of buffer `buf` (returned to the free list once written),
-  // or, with buf = -1, bytes the caller keeps alive until `done` runs on the writer thread.
-  void submit(std::span<const std::byte> bytes, int buf, std::function<void()> done = {}) {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      rethrow_locked();
-      queue_.push_back({bytes, buf, std::move(done)});
-    }
-    cv_.notify_all();
-  }
-  // Waits until everything queued is written; rethrows the writer's error.
-  void drain() {
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_.wait(lk, [&] { return (queue_.empty() && !busy_) || err_; });
-    rethrow_locked();
-  }
-
- private:
-  struct Item {
-    std::span<const std::byte> bytes;
-    int buf;
-    std::function<void()> done;
-  };
-  void rethrow_locked() {
-    if (err_) std::rethrow_exception(err_);
-  }
-  void loop() {
-    for (;;) {
-      Item it;
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return !queue_.empty() || stop_; });
-        if (queue_.empty()) return;
-        it = std::move(queue_.front());
-        queue_.pop_front();
-        busy_ = true;
-      }
-      bool failed;
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        failed = err_ != nullptr;
-      }
-      if (!failed) {
-        try {
-          w_.write(it.bytes);
-        } catch (...) {
-          std::lock_guard<std::mutex> lk(mu_);
-          err_ = std::current_exception();
-        }
-      }
-      if (it.done) it.done();
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (it.buf >= 0) free_.push_back(it.buf);
-        busy_ = false;
-      }
-      cv_.notify_all();
-    }
-  }
-
-  SafetensorsWriter& w_;
-  std::array<std::vector<std::byte>, kBuffers> bufs_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Item> queue_;
-  std::vector<int> free_;
-  bool busy_ = false, stop_ = false;
-  std::exception_ptr err_;
-  std::thread thread_;  // last: started once everything above exists
+#if defined(__AVX2__)
+// The fidelity sums of one row as AVX2 accumulators, in double: four lanes each of
+// sum (r - w0)^2, sum (s - w0)^2, sum (r - w0)(s - w0), sum (r - s)^2 over the updated
+// elements, and the counts. Reduced into Stats once per row (row_stats_end), so that the sums
+// come out the same whether a row is fed in one go or in column chunks.
+struct RowSums {
+  __m256d num = _mm256_setzero_pd(), den = _mm256_setzero_pd(), dot = _mm256_setzero_pd(),
+          err = _mm256_setzero_pd();
 };
+// Element counts as 32-bit lane counters (a mask lane of -1 subtracted adds 1), so that counting
+// is one vector op per 8 elements; moved into Stats by add_counts often enough not to overflow.
+struct LaneCounts {
+  __m256i w_ok = _mm256_setzero_si256(), r_ok = _mm256_setzero_si256(),
+          updated = _mm256_setzero_si256(), lost = _mm256_setzero_si256();
+  uint64_t elements = 0;
+};
+
+// Adds 8 elements: w8 the base values, s8 the ideal fp32 result, r8 = s8 as stored. An element
+// counts where s != w and both are finite (then s - w in double is finite and non-zero).
+inline void row_stats8(__m256 w8, __m256 s8, __m256 r8, RowSums& a, LaneCounts& c) {
+  const __m256 fabs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 finf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  // isfinite: |x| < inf is false for inf and NaN.
+  const __m256 w_ok = _mm256_cmp_ps(_mm256_and_ps(w8, fabs_mask), finf, _CMP_LT_OQ);
+  const __m256 r_ok = _mm256_cmp_ps(_mm256_and_ps(r8, fabs_mask), finf, _CMP_LT_OQ);
+  const __m256 s_ok = _mm256_cmp_ps(_mm256_and_ps(s8, fabs_mask), finf, _CMP_LT_OQ);
+  const __m256 upd = _mm256_and_ps(_mm256_cmp_ps(s8, w8, _CMP_NEQ_UQ), _mm256_and_ps(w_ok, s_ok));
+  const __m256 lost = _mm256_and_ps(upd, _mm256_cmp_ps(r8, w8, _CMP_EQ_OQ));
+  c.w_ok = _mm256_sub_epi32(c.w_ok, _mm256_castps_si256(w_ok));
+  c.r_ok = _mm256_sub_epi32(c.r_ok, _mm256_castps_si256(r_ok));
+  c.updated = _mm256_sub_epi32(c.updated, _mm256_castps_si256(upd));
+  c.lost = _mm256_sub_epi32(c.lost, _mm256_castps_si256(lost));
+  c.elements += 8;
+  const unsigned m8 = unsigned(_mm256_movemask_ps(upd));
+  if (!m8) return;
+  for (int h = 0; h < 2; ++h) {
+    const unsigned mm = (m8 >> (4 * h)) & 0xf;
+    if (!mm) continue;
+    const __m128 wh = h ? _mm256_extractf128_ps(w8, 1) : _mm256_castps256_ps128(w8);
+    const __m128 sh = h ? _mm256_extractf128_ps(s8, 1) : _mm256_castps256_ps128(s8);
+    const __m128 rh = h ? _mm256_extractf128_ps(r8, 1) : _mm256_castps256_ps128(r8);
+    const __m256d wd = _mm256_cvtps_pd(wh);
+    __m256d di = _mm256_sub_pd(_mm256_cvtps_pd(sh), wd);
+    __m256d dk = _mm256_sub_pd(_mm256_cvtps_pd(rh), wd);
+    if (mm != 0xf) {  // elements left out add +0, as before
+      const __m256d m = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(
+          _mm_castps_si128(h ? _mm256_extractf128_ps(upd, 1) : _mm256_castps256_ps128(upd))));
+      di = _mm256_and_pd(di, m);
+      dk = _mm256_and_pd(dk, m);
+    }
+    const __m256d e = _mm256_sub_pd(dk, di);
+    a.num = _mm256_add_pd(a.num, _mm256_mul_pd(dk, dk));
+    a.den = _mm256_add_pd(a.den, _mm256_mul_pd(di, di));
+    a.dot = _mm256_add_pd(a.dot, _mm256_mul_pd(dk, di));
+    a.err = _mm256_add_pd(a.err, _mm256_mul_pd(e, e));
+  }
+}
+
+inline void row_stats_end(const RowSums& a, Stats& st) {
+  alignas(32) double v[4][4];
+  _mm256_store_pd(v[0], a.num);
+  _mm256_store_pd(v[1], a.den);
+  _mm256_store_pd(v[2], a.dot);
+  _mm256_store_pd(v[3], a.err);
+  st.num += (v[0][0] + v[0][1]) + (v[0][2] + v[0][3]);
+  st.den += (v[1][0] + v[1][1]) + (v[1][2] + v[1][3]);
+  st.dot += (v[2][0] + v[2][1]) + (v[2][2] + v[2][3]);
+  st.err += (v[3][0] + v[3][1]) + (v[3][2] + v[3][3]);
+}
+
+inline uint64_t lane_sum(__m256i v) {
+  alignas(32) uint32_t x[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(x), v);
+  uint64_t s = 0;
+  for (uint32_t e : x) s += e;
+  return s;
+}
+
+// Moves the counts into st and clears them.
+inline void add_counts(LaneCounts& c, Stats& st) {
+  st.updated += lane_sum(c.updated);
+  st.lost += lane_sum(c.lost);
+  st.base_nonfinite += c.elements - lane_sum(c.w_ok);
+  st.nonfinite += c.elements - lane_sum(c.r_ok);
+  c = LaneCounts{};
+}
+#endif
 
 // Fidelity sums of one row: w0 the base values, s the ideal fp32 result, r = s as stored.
 inline void row_stats(const float* w0, const float* s, const float* r, int64_t n, Stats& st) {
   int64_t k = 0;
 #if defined(__AVX2__)
   {
-    const __m256d zero = _mm256_setzero_pd();
-    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
-    const __m256d inf = _mm256_set1_pd(std::numeric_limits<double>::infinity());
-    const __m256 fabs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 finf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    __m256d num = zero, den = zero, dot = zero, err = zero;
-    uint64_t updated = 0, lost = 0, bad_w = 0, bad_r = 0;
-    for (; k + 8 <= n; k += 8) {
-      const __m256 w8 = _mm256_loadu_ps(w0 + k), s8 = _mm256_loadu_ps(s + k),
-                   r8 = _mm256_loadu_ps(r + k);
-      // !isfinite: |x| < inf is false for inf and NaN.
-      bad_w += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
-                                _mm256_cmp_ps(_mm256_and_ps(w8, fabs_mask), finf, _CMP_LT_OQ)))));
-      bad_r += uint64_t(8 - __builtin_popcount(unsigned(_mm256_movemask_ps(
-                                _mm256_cmp_ps(_mm256_and_ps(r8, fabs_mask), finf, _CMP_LT_OQ)))));
-      const unsigned same = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(r8, w8, _CMP_EQ_OQ)));
-      for (int h = 0; h < 2; ++h) {
-        const __m128 wh = h ? _mm256_extractf128_ps(w8, 1) : _mm256_castps256_ps128(w8);
-        const __m128 sh = h ? _mm256_extractf128_ps(s8, 1) : _mm256_castps256_ps128(s8);
-        const __m128 rh = h ? _mm256_extractf128_ps(r8, 1) : _mm256_castps256_ps128(r8);
-        const __m256d wd = _mm256_cvtps_pd(wh);
-        const __m256d di = _mm256_sub_pd(_mm256_cvtps_pd(sh), wd);
-        const __m256d dk = _mm256_sub_pd(_mm256_cvtps_pd(rh), wd);
-        const __m256d m =
-            _mm256_and_pd(_mm256_cmp_pd(di, zero, _CMP_NEQ_OQ),
-                          _mm256_cmp_pd(_mm256_and_pd(di, abs_mask), inf, _CMP_LT_OQ));
-        const unsigned mm = unsigned(_mm256_movemask_pd(m));
-        if (!mm) continue;
-        const __m256d dkm = _mm256_and_pd(dk, m), dim = _mm256_and_pd(di, m);
-        const __m256d e = _mm256_sub_pd(dkm, dim);
-        num = _mm256_add_pd(num, _mm256_mul_pd(dkm, dkm));
-        den = _mm256_add_pd(den, _mm256_mul_pd(dim, dim));
-        dot = _mm256_add_pd(dot, _mm256_mul_pd(dkm, dim));
-        err = _mm256_add_pd(err, _mm256_mul_pd(e, e));
-        updated += uint64_t(__builtin_popcount(mm));
-        lost += uint64_t(__builtin_popcount(mm & (same >> (4 * h))));
-      }
-    }
-    alignas(32) double v[4][4];
-    _mm256_store_pd(v[0], num);
-    _mm256_store_pd(v[1], den);
-    _mm256_store_pd(v[2], dot);
-    _mm256_store_pd(v[3], err);
-    st.num += (v[0][0] + v[0][1]) + (v[0][2] + v[0][3]);
-    st.den += (v[1][0] + v[1][1]) + (v[1][2] + v[1][3]);
-    st.dot += (v[2][0] + v[2][1]) + (v[2][2] + v[2][3]);
-    st.err += (v[3][0] + v[3][1]) + (v[3][2] + v[3][3]);
-    st.updated += updated;
-    st.lost += lost;
-    st.base_nonfinite += bad_w;
-    st.nonfinite += bad_r;
+    RowSums a;
+    LaneCounts c;
+    for (; k + 8 <= n; k += 8)
+      row_stats8(_mm256_loadu_ps(w0 + k), _mm256_loadu_ps(s + k), _mm256_loadu_ps(r + k), a, c);
+    row_stats_end(a, st);
+    add_counts(c, st);
   }
 #endif
   for (; k < n; ++k) {
@@ -689,6 +629,172 @@ inline void row_stats(const float* w0, const float* s, const float* r, int64_t n
     }
   }
 }
+
+// Rows [i0, i1) of a tensor from its source bytes into the output rows, adding their sums.
+using FusedRows = void (*)(const std::byte* src, const PreparedLora& p, int64_t cols, int64_t i0,
+                           int64_t i1, std::byte* out, Stats& st);
+
+#if defined(__AVX2__) && defined(__FMA__) && NANSCOPE_HAVE_AVX2_F16C
+// The common case in one pass, for a weight with exactly one plain LoRA (no DoRA, bias, token
+// rows or replacement) and cols % 8 == 0: W' = round(W + fl(fl(L@R) * scale)) row by row.
+// The generic path runs B@A a whole row at a time (one row of L against all of R, up to 200 KB,
+// past L1) and passes each row through four fp32 scratch arrays. Here B@A is computed in tiles
+// of 4 rows x 24 columns held in 12 accumulators: each loaded slice of R serves 4 rows and each
+// broadcast of L 3 vectors, so the FMAs, not the loads, set the pace, and 12 independent chains
+// cover the FMA latency. Each finished tile goes from the accumulators through scale, add,
+// rounding, store and the fidelity sums in registers. Same fused multiply-adds in the same k
+// order and the same roundings as the generic path; each row's sums are fed in column order into
+// that row's own accumulators: bit-identical output and statistics.
+template <DType S, DType O>
+class FusedLora {
+ public:
+  static constexpr size_t kSrcEs = S == DType::F32 ? 4 : 2;
+  static constexpr size_t kOutEs = O == DType::F32 ? 4 : 2;
+  static constexpr int64_t kGroup = 8;  // rows sharing each slice of R while it is in L1
+
+  FusedLora(const std::byte* src, const PreparedLora& p, int64_t cols, int64_t i0, std::byte* out)
+      : src_(src), p_(p), cols_(cols), i0_(i0), out_(out), scale_(_mm256_set1_ps(p.scale)) {}
+
+  // Rows [i0, i1): out holds row i0 first.
+  void rows(int64_t i1, Stats& st) {
+    for (int64_t g0 = i0_; g0 < i1; g0 += kGroup) {
+      const int64_t g1 = std::min(i1, g0 + kGroup);
+      for (auto& a : sums_) a = RowSums{};
+      prefetch_rows(g1, std::min(i1, g1 + kGroup));
+      int64_t j0 = 0;
+      for (; j0 + 24 <= cols_; j0 += 24) tiles<3>(g0, g1, j0);
+      for (; j0 < cols_; j0 += 8) tiles<1>(g0, g1, j0);
+      for (int64_t i = g0; i < g1; ++i) row_stats_end(sums_[i - g0], st);
+      add_counts(counts_, st);
+    }
+  }
+
+ private:
+  // The base rows of the next group, into the cache while this group computes: read once each
+  // in 48-byte steps of four rows at a time, they would otherwise stall every tile on memory.
+  void prefetch_rows(int64_t b, int64_t e) const {
+    const char* p = reinterpret_cast<const char*>(src_ + size_t(b * cols_) * kSrcEs);
+    const char* end = reinterpret_cast<const char*>(src_ + size_t(e * cols_) * kSrcEs);
+    for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+  }
+
+  template <int C>
+  void tiles(int64_t g0, int64_t g1, int64_t j0) {
+    int64_t i = g0;
+    for (; i + 4 <= g1; i += 4) tile<4, C>(i, g0, j0);
+    for (; i < g1; ++i) tile<1, C>(i, g0, j0);
+  }
+
+  // Rows [i, i + M) x columns [j0, j0 + 8 C).
+  template <int M, int C>
+  void tile(int64_t i, int64_t g0, int64_t j0) {
+    const int64_t r = p_.r;
+    const float* L = p_.L.data() + i * r;
+    const float* R = p_.R.data() + j0;
+    // The accumulators live in registers only if every index is a constant after unrolling;
+    // the products leave them through one store each.
+    __m256 a[M][C];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) a[m][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; ++k) {
+      __m256 rv[C];
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) rv[c] = _mm256_loadu_ps(R + k * cols_ + 8 * c);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const __m256 l = _mm256_broadcast_ss(L + m * r + k);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) a[m][c] = _mm256_fmadd_ps(l, rv[c], a[m][c]);
+      }
+    }
+    alignas(32) float prod[M][C][8];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) _mm256_store_ps(prod[m][c], a[m][c]);
+    LaneCounts counts = counts_;  // in registers for the tile, not read-modify-written
+    for (int m = 0; m < M; ++m) {
+      RowSums rs = sums_[i + m - g0];
+      for (int c = 0; c < C; ++c)
+        finish8(_mm256_load_ps(prod[m][c]), i + m, j0 + 8 * c, rs, counts);
+      sums_[i + m - g0] = rs;
+    }
+    counts_ = counts;
+  }
+
+  // W0 + fl(P * scale) for 8 elements of row i at column j: stored, and added to the sums.
+  void finish8(__m256 prod, int64_t i, int64_t j, RowSums& a, LaneCounts& counts) {
+    const __m256 w = load8(src_ + size_t(i * cols_ + j) * kSrcEs);
+    const __m256 s = _mm256_add_ps(w, _mm256_mul_ps(prod, scale_));
+    const __m256 stored = store8(s, out_ + size_t((i - i0_) * cols_ + j) * kOutEs);
+    row_stats8(w, s, stored, a, counts);
+  }
+
+  static __m256 load8(const std::byte* q) {
+    if constexpr (S == DType::BF16) return simd::load_bf16x8(q);
+    if constexpr (S == DType::F16) return simd::load_f16x8(q);
+    if constexpr (S == DType::F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(q));
+  }
+  // Stores 8 values in the output dtype; returns them as a reader of the file sees them.
+  static __m256 store8(__m256 v, std::byte* q) {
+    if constexpr (O == DType::BF16) {
+      const __m128i h = simd::to_bf16x8(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), h);
+      return simd::widen_bf16x8(h);
+    }
+    if constexpr (O == DType::F16) {
+      const __m128i h = simd::to_f16x8(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), h);
+      return simd::widen_f16x8(h);
+    }
+    if constexpr (O == DType::F32) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(q), v);
+      return v;
+    }
+  }
+
+  const std::byte* src_;
+  const PreparedLora& p_;
+  int64_t cols_, i0_;
+  std::byte* out_;
+  __m256 scale_;
+  RowSums sums_[kGroup];
+  LaneCounts counts_;
+};
+
+template <DType S, DType O>
+void fused_lora_rows(const std::byte* src, const PreparedLora& p, int64_t cols, int64_t i0,
+                     int64_t i1, std::byte* out, Stats& st) {
+  FusedLora<S, O>(src, p, cols, i0, out).rows(i1, st);
+}
+
+FusedRows fused_lora_kernel(DType src, DType out) {
+  auto pick = [&]<DType S>() -> FusedRows {
+    switch (out) {
+      case DType::BF16:
+        return &fused_lora_rows<S, DType::BF16>;
+      case DType::F16:
+        return &fused_lora_rows<S, DType::F16>;
+      case DType::F32:
+        return &fused_lora_rows<S, DType::F32>;
+      default:
+        return nullptr;
+    }
+  };
+  switch (src) {
+    case DType::BF16:
+      return pick.template operator()<DType::BF16>();
+    case DType::F16:
+      return pick.template operator()<DType::F16>();
+    case DType::F32:
+      return pick.template operator()<DType::F32>();
+    default:
+      return nullptr;
+  }
+}
+#endif
 
 // Asks the kernel to read a mapped range ahead (whole pages inside it).
 void prefetch(std::span<const std::byte> bytes) {
@@ -708,8 +814,8 @@ class Merger {
     if (o_.cancel && o_.cancel->load()) fail("merge: interrupted; nothing was written");
   }
 
-  // Computes one output tensor and queues it on the writer. Returns its statistics.
-  Stats run(const OutTensor& t, AsyncWriter& w) {
+  // Computes one output tensor into the writer's buffers. Returns its statistics.
+  Stats run(const OutTensor& t, SafetensorsWriter& w) {
     Stats st;
     const TensorInfo& src_info = t.replace ? *t.replace : *t.source.info;
     const std::byte* src = t.replace ? ad_.file().data(*t.replace).data() : t.source.bytes().data();
@@ -718,17 +824,27 @@ class Merger {
     const bool is_float = is_float_computable(src_dtype);
 
     if (!t.touched() && (!is_float || src_dtype == t.dtype)) {
-      // Unchanged bytes: handed to the writer straight from the mapping, counting NaN/inf here.
-      auto bytes = t.source.bytes();
-      if (is_float) st.base_nonfinite = st.nonfinite = count_nonfinite(bytes, src_dtype, numel);
-      constexpr size_t kChunk = size_t(64) << 20;
-      for (size_t off = 0; off < bytes.size(); off += kChunk) {
+      // Unchanged bytes: copied from the mapping into the writer's chunks by all threads,
+      // counting NaN/inf on the way. Element e is counted by the piece that holds its first
+      // byte, so that an element split by a chunk's end is counted once.
+      const std::span<const std::byte> bytes = t.source.bytes();
+      const size_t es = is_float ? size_t(dtype_bits(src_dtype) / 8) : 1;
+      std::vector<uint64_t> bad(size_t(pool_.size()), 0);
+      for (size_t off = 0; off < bytes.size();) {
         check_cancel();
-        const bool last = off + kChunk >= bytes.size();
-        w.submit(bytes.subspan(off, std::min(kChunk, bytes.size() - off)), -1,
-                 last ? std::function<void()>([src = t.source] { src.release(); })
-                      : std::function<void()>());
+        const std::span<std::byte> room = w.room(bytes.size() - off);
+        pool_.parallel_rows(int64_t(room.size()), [&](int64_t b, int64_t e, int tid) {
+          std::memcpy(room.data() + b, bytes.data() + off + size_t(b), size_t(e - b));
+          if (!is_float) return;
+          const size_t e0 = (off + size_t(b) + es - 1) / es, e1 = (off + size_t(e) + es - 1) / es;
+          bad[size_t(tid)] += count_nonfinite(bytes.subspan(e0 * es), src_dtype, e1 - e0);
+        });
+        w.advance(room.size());
+        off += room.size();
       }
+      for (uint64_t n : bad) st.base_nonfinite += n;
+      st.nonfinite = st.base_nonfinite;
+      t.source.release();
       return st;
     }
 
@@ -808,61 +924,103 @@ class Merger {
         sc.tmp.resize(size_t(cols));
       }
     }
+    FusedRows fused = nullptr;
+#if defined(__AVX2__) && defined(__FMA__) && NANSCOPE_HAVE_AVX2_F16C
+    if (lora.size() == 1 && lora[0].magnitude.empty() && !lora[0].round_delta &&
+        bias_delta.empty() && !t.rows && !t.replace && cols % 8 == 0)
+      fused = fused_lora_kernel(src_dtype, out);
+#endif
     std::vector<Stats> part(scratch_.size());
+    const size_t row_bytes = size_t(cols) * out_es;
+    // Rows [i0, i1) into dst (row i0 first) on worker tid, adding to that worker's sums. Row by
+    // row, each row's whole pipeline in cache: W0, + each update, DoRA, bias, the fidelity of
+    // the stored values, token rows.
+    auto compute_rows = [&](int64_t i0, int64_t i1, std::byte* dst, int tid) {
+      if (i0 >= i1) return;
+      if (fused) {
+        fused(src, lora[0], cols, i0, i1, dst, part[size_t(tid)]);
+        return;
+      }
+      Scratch& sc = scratch_[size_t(tid)];
+      float* w0 = sc.w0.data();
+      float* s = sc.s.data();
+      float* rr = sc.r.data();
+      Stats& ps = part[size_t(tid)];
+      for (int64_t i = i0; i < i1; ++i) {
+        load_block(i, i + 1, w0);
+        load_block(i, i + 1, s);  // cheaper than a memcpy of w0 (which perf showed at 20%)
+        for (const auto& p : lora) {
+          add_update(p, i, i + 1, s, sc.tmp.data());
+          if (p.magnitude.empty()) continue;
+          // DoRA (lora/variants.py merge_unsafe): norm of W + dW, factor m / norm, then
+          // factor * (W + dW), all fp32, rounded once. Row norms for linear layers.
+          if (p.dora_columns) {
+            for (int64_t j = 0; j < cols; ++j) s[j] = p.col_factor[size_t(j)] * s[j];
+          } else {
+            double sq = 0;
+            for (int64_t j = 0; j < cols; ++j) sq += double(s[j]) * double(s[j]);
+            const float f = p.magnitude[size_t(i)] / float(std::sqrt(sq));
+            for (int64_t j = 0; j < cols; ++j) s[j] = f * s[j];
+          }
+        }
+        if (!bias_delta.empty())
+          for (int64_t j = 0; j < cols; ++j) s[j] = s[j] + bias_delta[size_t(i * cols + j)];
+        std::byte* orow = dst + size_t(i - i0) * row_bytes;
+        store_from_f32(s, out, orow, size_t(cols));
+        load_to_f32(orow, out, rr, size_t(cols));  // the values as stored
+        row_stats(w0, s, rr, cols, ps);
+        if (t.rows) {
+          auto it = token_row.find(i);
+          if (it != token_row.end())
+            store_from_f32(token_values.data() + size_t(it->second * cols), out, orow,
+                           size_t(cols));
+        }
+      }
+    };
+    std::vector<std::byte> spill;
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       check_cancel();
       const int64_t r1 = std::min(rows, r0 + block);
       const int64_t n = r1 - r0;
-      const int buf = w.acquire(size_t(n * cols) * out_es);
-      std::byte* obuf = w.data(buf);
-      // Row by row, each row's whole pipeline in cache: W0, + each update, DoRA, bias, the
-      // fidelity of the stored values, token rows.
+      const size_t bytes = size_t(n) * row_bytes;
+      // The block's rows go straight into the writer's chunks: rows [r0, r0 + x) into the
+      // current one, the rest into the next, and the row across the chunks' border (if any)
+      // through a spill buffer. The rows are split among the workers exactly as before, whatever
+      // the borders, so that each worker's fidelity sums see the same rows in the same order.
+      if (bytes > w.chunk_size()) {  // a row longer than a chunk (a huge 1-D tensor)
+        spill.resize(bytes);
+        pool_.parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+          compute_rows(r0 + b, r0 + e, spill.data() + size_t(b) * row_bytes, tid);
+        });
+        w.write(spill);
+        continue;
+      }
+      const auto [first, second] = w.reserve(bytes);
+      const int64_t x = int64_t(first.size() / row_bytes);
+      const size_t cut = first.size() % row_bytes;  // bytes of row r0 + x in the first chunk
+      const int64_t after = x + (cut ? 1 : 0);      // first row wholly in the second chunk
+      spill.resize(row_bytes);
       pool_.parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
-        Scratch& sc = scratch_[size_t(tid)];
-        float* w0 = sc.w0.data();
-        float* s = sc.s.data();
-        float* rr = sc.r.data();
-        Stats& ps = part[size_t(tid)];
-        for (int64_t i = r0 + b; i < r0 + e; ++i) {
-          load_block(i, i + 1, w0);
-          load_block(i, i + 1, s);  // cheaper than a memcpy of w0 (which perf showed at 20%)
-          for (const auto& p : lora) {
-            add_update(p, i, i + 1, s, sc.tmp.data());
-            if (p.magnitude.empty()) continue;
-            // DoRA (lora/variants.py merge_unsafe): norm of W + dW, factor m / norm, then
-            // factor * (W + dW), all fp32, rounded once. Row norms for linear layers.
-            if (p.dora_columns) {
-              for (int64_t j = 0; j < cols; ++j) s[j] = p.col_factor[size_t(j)] * s[j];
-            } else {
-              double sq = 0;
-              for (int64_t j = 0; j < cols; ++j) sq += double(s[j]) * double(s[j]);
-              const float f = p.magnitude[size_t(i)] / float(std::sqrt(sq));
-              for (int64_t j = 0; j < cols; ++j) s[j] = f * s[j];
-            }
-          }
-          if (!bias_delta.empty())
-            for (int64_t j = 0; j < cols; ++j) s[j] = s[j] + bias_delta[size_t(i * cols + j)];
-          std::byte* orow = obuf + size_t((i - r0) * cols) * out_es;
-          store_from_f32(s, out, orow, size_t(cols));
-          load_to_f32(orow, out, rr, size_t(cols));  // the values as stored
-          row_stats(w0, s, rr, cols, ps);
-          if (t.rows) {
-            auto it = token_row.find(i);
-            if (it != token_row.end())
-              store_from_f32(token_values.data() + size_t(it->second * cols), out, orow,
-                             size_t(cols));
-          }
-        }
+        if (b < x)
+          compute_rows(r0 + b, r0 + std::min(e, x), first.data() + size_t(b) * row_bytes, tid);
+        if (cut && b <= x && x < e) compute_rows(r0 + x, r0 + x + 1, spill.data(), tid);
+        const int64_t b2 = std::max(b, after);
+        if (b2 < e)
+          compute_rows(r0 + b2, r0 + e, second.data() + (size_t(b2) * row_bytes - first.size()),
+                       tid);
       });
-      w.submit(std::span<const std::byte>(obuf, size_t(n * cols) * out_es), buf);
+      if (cut) {
+        std::memcpy(first.data() + size_t(x) * row_bytes, spill.data(), cut);
+        std::memcpy(second.data(), spill.data() + cut, row_bytes - cut);
+      }
+      w.advance(bytes);
     }
     for (const auto& ps : part) st.add(ps);
     if (t.rows) {  // token rows replaced after the scan: count their NaN/inf too
       for (float v : token_values)
         if (!std::isfinite(round_to(v, out))) ++st.nonfinite;
     }
-    // The base pages go back once written: queued behind this tensor's last block.
-    w.submit({}, -1, [src = t.source] { src.release(); });
+    t.source.release();  // the result is in the writer's buffers
     return st;
   }
 
@@ -1051,8 +1209,7 @@ MergeResult merge(const MergeOptions& o) {
     std::vector<TensorSpec> specs;
     for (size_t i : sh.tensors)
       specs.push_back({tensors[i].name, tensors[i].dtype, tensors[i].shape});
-    SafetensorsWriter w(guard.path / sh.file, specs, {{"format", "pt"}});
-    AsyncWriter aw(w);
+    SafetensorsWriter w(guard.path / sh.file, specs, {{"format", "pt"}}, {.direct = true});
     for (size_t k = 0; k < sh.tensors.size(); ++k) {
       const size_t i = sh.tensors[k];
       if (k + 1 < sh.tensors.size()) {  // the next tensor's base bytes, read ahead
@@ -1062,7 +1219,7 @@ MergeResult merge(const MergeOptions& o) {
       const OutTensor& t = tensors[i];
       merger.check_cancel();
       if (o.progress) o.progress(t.name, done, tensors.size());
-      Stats st = merger.run(t, aw);
+      Stats st = merger.run(t, w);
       ++done;
       if (!t.lora.empty() || t.bias_of) {
         ++res.merged;
@@ -1114,7 +1271,6 @@ MergeResult merge(const MergeOptions& o) {
         res.nonfinite.push_back(std::move(nf));
       }
     }
-    aw.drain();
     w.commit();
     res.bytes_written += w.total_bytes();
     res.shards.push_back(sh.file);
