@@ -14,19 +14,18 @@ R=$OUT/hidden.jsonl; : > "$R"
 M="python3 bench/measure.py"
 { nproc; lscpu | grep -E 'Model name|^CPU\(s\)|L3|Flags' | sed 's/Flags:.*\(amx_bf16\).*/Flags: ... \1 .../'; free -g | head -2
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'threads', torch.get_num_threads())"
-  $BIN/bench_gemm --tokens 4096 --repeat 1 2>&1 | tail -1; } > "$OUT/hidden-machine.txt" 2>&1
+  [ -x $BIN/bench_gemm ] && $BIN/bench_gemm --tokens 4096 --repeat 1 2>&1 | tail -1; } > "$OUT/hidden-machine.txt" 2>&1
 cat "$OUT/hidden-machine.txt"
 [ -d $W/q4b ] || $BIN/make_synthetic --out $W/q4b --preset qwen3-4b > /dev/null
 cat $W/q4b/*.safetensors > /dev/null  # warm the page cache for both sides
 $M ref_hidden python3 bench/reference/ref_hidden.py $W/q4b $PROMPTS $TOKENS bf16 $PROMPTS eager >> "$R"
 $M nanscope_hidden_4096 $BIN/bench_hidden $W/q4b $PROMPTS $TOKENS bf16 eager 4096 >> "$R"
 $M nanscope_hidden_8192 $BIN/bench_hidden $W/q4b $PROMPTS $TOKENS bf16 eager 8192 >> "$R"
-NANSCOPE_PROFILE=1 $BIN/bench_hidden $W/q4b 32 $TOKENS bf16 eager 4096 2>&1 | tail -2
+NANSCOPE_PROFILE=1 $BIN/bench_hidden $W/q4b 16 $TOKENS bf16 eager 2048 2>&1 | tail -2
 # The command itself, end to end: last-token states of every layer, written to disk.
 python3 -c "
 import random; random.seed(1234)
 for p in range($PROMPTS): print('{\"id\": %d, \"ids\": %s}' % (p, [random.randrange(151936) for _ in range($TOKENS)]))" > $W/prompts.jsonl
 rm -rf $W/hid; $M nanscope_hidden_cli_last $BIN/nanscope hidden $W/q4b --input $W/prompts.jsonl --out $W/hid --pool last --json >> "$R"
-rm -rf $W/hid; $M nanscope_hidden_cli_none $BIN/nanscope hidden $W/q4b --input $W/prompts.jsonl --out $W/hid --pool none --json >> "$R"
 du -sh $W/hid
 cat "$R"
