@@ -17,7 +17,7 @@
 #include <string>
 
 #include "common/error.hpp"
-#include "model/activations.hpp"
+#include "numerics/activations.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "numerics/kernels.hpp"

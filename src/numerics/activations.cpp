@@ -1,4 +1,4 @@
-#include "model/activations.hpp"
+#include "numerics/activations.hpp"
 
 #include <cstdlib>
 #include <map>

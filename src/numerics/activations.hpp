@@ -1,4 +1,5 @@
-// The activation arrays of the forward pass: std::vector<float> with an allocator that (1)
+// The activation arrays of the forward pass (and the bf16 copies made for oneDNN):
+// std::vector with an allocator that (1)
 // leaves elements uninitialised, since every kernel writes its whole output, and (2) keeps
 // large freed blocks for the next request of the same size. Each layer allocates the same
 // shapes again; glibc serves blocks above 32 MB with fresh mmap calls whose pages the kernel
