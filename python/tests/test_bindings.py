@@ -3,6 +3,7 @@
 Run: PYTHONPATH=build/python /usr/bin/python3 -m pytest -q python/tests
 """
 
+import json
 import pathlib
 import threading
 
@@ -49,6 +50,45 @@ def test_one_hot_soft_equals_discrete_exactly(model, dtype):
     for d, s, m in zip(discrete, soft, mixed):
         assert np.array_equal(d, s)
         assert np.array_equal(d, m)
+
+
+def read_safetensors(path):
+    """The float32 tensors of a safetensors file (the format is a JSON header + raw bytes)."""
+    raw = pathlib.Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "F32"
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], dtype=np.float32).reshape(t["shape"])
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 1.0 / 256)])
+def test_batch_matches_transformers_goldens(model, dtype, tol):
+    # Prompts of 9..64 tokens in one pass and in several; goldens computed one by one by
+    # transformers (tests/fixtures/goldens/hidden, tolerances as in test_hidden.cpp).
+    goldens = FIXTURES / "goldens" / "hidden"
+    lines = [json.loads(x) for x in (goldens / "qwen3-tiny__batch.jsonl").read_text().splitlines()]
+    lines = [x for x in lines if "ids" in x]
+    prompts = [x["ids"] for x in lines]
+    name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    for batch_tokens in (4096, 70):
+        states = model.hidden_states_batch(prompts, dtype=dtype, batch_tokens=batch_tokens)
+        assert len(states) == len(prompts)
+        for x, hs in zip(lines, states):
+            gold = read_safetensors(goldens / f"qwen3-tiny__{name}__batch__{x['id']}.safetensors")
+            assert len(hs) == model.num_states
+            for k, h in enumerate(hs):
+                g = gold[f"hidden.{k}"]
+                assert h.shape == g.shape
+                rel = np.linalg.norm(h.astype(np.float64) - g) / np.linalg.norm(g)
+                assert rel <= tol, (x["id"], k, rel)
+    some = model.hidden_states_batch(prompts[:2], layers=[-1])
+    assert some[0][0] is None and some[0][-1].shape == (len(prompts[0]), 64)
 
 
 def test_soft_prompt_cosine_per_layer(model):
