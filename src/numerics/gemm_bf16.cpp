@@ -6,6 +6,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 namespace nanscope::gemm_bf16 {
 
@@ -28,10 +29,15 @@ dnnl::memory::desc user_weights(int64_t K, int64_t N) {
 
 // Weights in the kernel's own blocked layout (tag::any), reordered per call: on the Xeon this
 // made the products 1.1-1.6x faster for 1-2 ms of reordering per matrix (bench/bench_gemm).
-dnnl::matmul::primitive_desc describe(const dnnl::engine& e, int64_t M, int64_t K, int64_t N) {
+dnnl::matmul::primitive_desc describe(const dnnl::engine& e, int64_t M, int64_t K, int64_t N,
+                                      dt out = dt::f32, bool bias = false) {
   const dnnl::memory::desc a({M, K}, dt::bf16, tag::ab);
   const dnnl::memory::desc w({K, N}, dt::bf16, tag::any);
-  const dnnl::memory::desc c({M, N}, dt::f32, tag::ab);
+  const dnnl::memory::desc c({M, N}, out, tag::ab);
+  if (bias) {
+    const dnnl::memory::desc b({1, N}, dt::f32, tag::ab);
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, b, c), e);
+  }
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, c), e);
 }
 
@@ -73,11 +79,14 @@ std::string implementation() {
   return runtime().impl;
 }
 
-void matmul(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* c) {
+namespace {
+
+void run(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
+         void* c, dt out) {
   Runtime& rt = runtime();
   if (!rt.ok) throw std::logic_error("gemm_bf16::matmul called without a oneDNN bf16 kernel");
   // Primitive creation is cached by oneDNN (its primitive cache), so one per call is cheap.
-  const auto pd = describe(rt.engine, M, K, N);
+  const auto pd = describe(rt.engine, M, K, N, out, bias != nullptr);
   const dnnl::matmul prim(pd);
   dnnl::memory am(pd.src_desc(), rt.engine, const_cast<uint16_t*>(a));
   dnnl::memory wu(user_weights(K, N), rt.engine, const_cast<uint16_t*>(w));
@@ -87,8 +96,23 @@ void matmul(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t 
     dnnl::reorder(wu, wm).execute(rt.stream, wu, wm);
   }
   dnnl::memory cm(pd.dst_desc(), rt.engine, c);
-  prim.execute(rt.stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, cm}});
+  std::unordered_map<int, dnnl::memory> args = {
+      {DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, cm}};
+  if (bias)
+    args.emplace(DNNL_ARG_BIAS, dnnl::memory(pd.bias_desc(), rt.engine, const_cast<float*>(bias)));
+  prim.execute(rt.stream, args);
   rt.stream.wait();
+}
+
+}  // namespace
+
+void matmul(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* c) {
+  run(a, M, K, w, N, nullptr, c, dt::f32);
+}
+
+void matmul_bf16_out(const uint16_t* a, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                     const float* bias, uint16_t* c) {
+  run(a, M, K, w, N, bias, c, dt::bf16);
 }
 
 }  // namespace nanscope::gemm_bf16

@@ -198,20 +198,19 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
       });
       wp = wb.data();
     }
+    // oneDNN adds the bias and rounds to bf16 itself (round(acc + bias), one rounding, as
+    // the paths below); the bf16 result is widened back into the fp32 activations.
+    std::vector<uint16_t, ActivationAllocator<uint16_t>> ob(static_cast<size_t>(T * N));
     step.emplace("linear.onednn");
-    gemm_bf16::matmul(xb.data(), T, K, wp, N, out);
-    step.emplace("linear.round");
-    parallel_for(T, std::max<int64_t>(1, 16384 / N), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        float* o = out + t * N;
-        int64_t r = 0;
-        for (; r + 8 <= N; r += 8) {
-          __m256 v = _mm256_loadu_ps(o + r);
-          if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + r));
-          _mm256_storeu_ps(o + r, round8_bf16(v));
-        }
-        for (; r < N; ++r) o[r] = round_to(bias ? o[r] + bias[r] : o[r], dt);
+    gemm_bf16::matmul_bf16_out(xb.data(), T, K, wp, N, bias, ob.data());
+    step.emplace("linear.widen");
+    parallel_for(T * N, 1 << 16, [&](int64_t lo, int64_t hi) {
+      int64_t i = lo;
+      for (; i + 8 <= hi; i += 8) {
+        const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ob.data() + i)));
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
       }
+      for (; i < hi; ++i) out[i] = bf16_to_f32(ob[size_t(i)]);
     });
     return;
   }
