@@ -38,8 +38,12 @@ int main(int argc, char** argv) {
   }
   const bool have = gemm_bf16::available();
   std::fprintf(stderr, "oneDNN: %s\n", gemm_bf16::implementation().c_str());
-  struct Shape { const char* name; int64_t K, N; };
-  const Shape shapes[] = {{"q_proj", 2560, 4096}, {"gate_proj", 2560, 9728}, {"down_proj", 9728, 2560}};
+  struct Shape {
+    const char* name;
+    int64_t K, N;
+  };
+  const Shape shapes[] = {
+      {"q_proj", 2560, 4096}, {"gate_proj", 2560, 9728}, {"down_proj", 9728, 2560}};
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (const Shape& s : shapes) {
@@ -58,16 +62,18 @@ int main(int argc, char** argv) {
         for (int r = 0; r < repeat; ++r) {
           const auto t0 = std::chrono::steady_clock::now();
           fn();
-          best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+          best = std::min(
+              best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
         return best;
       };
       const double flop = 2.0 * double(M) * double(s.N) * double(s.K);
       const double t32 = time([&] { linear(x.data(), M, wv, nullptr, DType::BF16, ref.data()); });
-      nlohmann::json j = {{"shape", s.name}, {"M", M}, {"K", s.K}, {"N", s.N},
-                          {"fp32_s", t32}, {"fp32_gflops", flop / t32 / 1e9}};
+      nlohmann::json j = {{"shape", s.name}, {"M", M},        {"K", s.K},
+                          {"N", s.N},        {"fp32_s", t32}, {"fp32_gflops", flop / t32 / 1e9}};
       if (have) {
-        const double t16 = time([&] { gemm_bf16::matmul(xb.data(), M, s.K, w.data(), s.N, got.data()); });
+        const double t16 =
+            time([&] { gemm_bf16::matmul(xb.data(), M, s.K, w.data(), s.N, got.data()); });
         int64_t same = 0;
         double worst = 0;
         for (size_t i = 0; i < got.size(); ++i) {
@@ -85,15 +91,19 @@ int main(int argc, char** argv) {
         using tag = dnnl::memory::format_tag;
         dnnl::engine eng(dnnl::engine::kind::cpu, 0);
         dnnl::stream st(eng);
-        const dnnl::memory::desc ad({M, s.K}, dt::bf16, tag::ab), wd_user({s.K, s.N}, dt::bf16, tag::ba),
-            wd_any({s.K, s.N}, dt::bf16, tag::any);
+        const dnnl::memory::desc ad({M, s.K}, dt::bf16, tag::ab),
+            wd_user({s.K, s.N}, dt::bf16, tag::ba), wd_any({s.K, s.N}, dt::bf16, tag::any);
         for (dt out : {dt::f32, dt::bf16}) {
           const dnnl::memory::desc cd({M, s.N}, out, tag::ab);
           dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, wd_any, cd), eng);
-          dnnl::memory am(ad, eng, xb.data()), wu(wd_user, eng, w.data()), wp(pd.weights_desc(), eng);
+          dnnl::memory am(ad, eng, xb.data()), wu(wd_user, eng, w.data()),
+              wp(pd.weights_desc(), eng);
           std::vector<uint16_t> cb(size_t(M * s.N));
           dnnl::memory cm(cd, eng, out == dt::f32 ? static_cast<void*>(got.data()) : cb.data());
-          const double treorder = time([&] { dnnl::reorder(wu, wp).execute(st, wu, wp); st.wait(); });
+          const double treorder = time([&] {
+            dnnl::reorder(wu, wp).execute(st, wu, wp);
+            st.wait();
+          });
           dnnl::matmul prim(pd);
           const double tp = time([&] {
             prim.execute(st, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, cm}});

@@ -1,19 +1,20 @@
 // Times hidden-state extraction (every state, as output_hidden_states) of random-id prompts and
 // prints one JSON line with tokens/s and the peak RSS (getrusage):
-//   bench_hidden MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [ATTENTION=eager] [BATCH_TOKENS=4096]
+//   bench_hidden MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [ATTENTION=eager]
+//   [BATCH_TOKENS=4096]
 // Prompts go through the batched forward pass BATCH_TOKENS tokens at a time, as `nanscope
 // hidden` runs them; every state is received as float32 (nothing is written to disk).
 // bench/reference/ref_hidden.py is the transformers side (batched) for the side-by-side run.
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <random>
 #include <span>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -25,7 +26,8 @@ int main(int argc, char** argv) {
   using namespace nanscope;
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: %s MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [eager|fused] [BATCH_TOKENS=4096]\n",
+                 "usage: %s MODEL_DIR [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [eager|fused] "
+                 "[BATCH_TOKENS=4096]\n",
                  argv[0]);
     return 2;
   }
@@ -72,7 +74,8 @@ int main(int argc, char** argv) {
     const int64_t last = ck.config().num_hidden_layers;
     for (int64_t p0 = 0; p0 < prompts; p0 += per_batch) {
       std::vector<const HiddenInput*> batch;
-      for (int64_t p = p0; p < std::min(prompts, p0 + per_batch); ++p) batch.push_back(&inputs[size_t(p)]);
+      for (int64_t p = p0; p < std::min(prompts, p0 + per_batch); ++p)
+        batch.push_back(&inputs[size_t(p)]);
       hidden_states_batch(ck, batch, fwd, {}, [&](size_t i, int64_t k, std::span<const float> st) {
         if (i == 0 && k == last) checksum += double(st[0]);
       });

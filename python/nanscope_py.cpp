@@ -146,12 +146,12 @@ class Model {
           ++next;
         } while (next < inputs.size() && tokens + inputs[next].tokens() <= batch_tokens);
         const size_t first = size_t(batch.front() - inputs.data());
-        nanscope::hidden_states_batch(
-            *ck_, batch, f, ls, [&](size_t b, int64_t k, std::span<const float> st) {
-              HiddenStates& o = out[first + b];
-              o.T = int64_t(st.size()) / H;
-              o.states[size_t(k)].assign(st.begin(), st.end());
-            });
+        nanscope::hidden_states_batch(*ck_, batch, f, ls,
+                                      [&](size_t b, int64_t k, std::span<const float> st) {
+                                        HiddenStates& o = out[first + b];
+                                        o.T = int64_t(st.size()) / H;
+                                        o.states[size_t(k)].assign(st.begin(), st.end());
+                                      });
       }
     }
     py::list result;

@@ -9,17 +9,17 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
 #include <limits>
 #include <map>
 #include <string>
 
 #include "common/error.hpp"
-#include "numerics/activations.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
+#include "numerics/activations.hpp"
 #include "numerics/kernels.hpp"
 #include "numerics/parallel.hpp"
 #include "numerics/profile.hpp"
@@ -41,7 +41,6 @@ namespace {
 using Vec = Activations;
 
 struct StopForward {};
-
 
 double finite_abs_max(std::span<const float> v) {
   double m = 0;
@@ -284,7 +283,8 @@ class Model {
   // or all NaN) gets probabilities 0 and an output of 0 * v (qwen3-example: NaN q, finite
   // output under SDPA, NaN under eager).
   static constexpr int64_t kTorchLanes = 16;
-  static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention  // AVX512 float lanes (torch's CPU capability)
+  static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention  // AVX512
+                                            // float lanes (torch's CPU capability)
 
   Vec fused(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
     const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;

@@ -165,8 +165,7 @@ RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt) {
   return tab;
 }
 
-void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt,
-                int64_t pos0) {
+void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt, int64_t pos0) {
   const int64_t D = tab.D, half = D / 2;
   if (pos0 < 0 || pos0 + T > tab.T)
     throw std::logic_error("apply_rope: positions beyond the cos/sin tables");

@@ -16,9 +16,9 @@
 namespace nanscope {
 
 namespace activation_cache {
-void* acquire(size_t bytes);             // a kept block of exactly this size, or a new one
-void release(void* p, size_t bytes);     // keeps large blocks (up to a bound), frees the rest
-void trim();                             // frees every kept block (end of a forward pass)
+void* acquire(size_t bytes);          // a kept block of exactly this size, or a new one
+void release(void* p, size_t bytes);  // keeps large blocks (up to a bound), frees the rest
+void trim();                          // frees every kept block (end of a forward pass)
 }  // namespace activation_cache
 
 template <typename T>

@@ -182,7 +182,8 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
     // array here cost 1.4 s of 8.6 s for 2048 tokens of the 4B shape on the Xeon.
     std::vector<uint16_t, ActivationAllocator<uint16_t>> xb(static_cast<size_t>(T * K));
     parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) xb[size_t(i)] = uint16_t(std::bit_cast<uint32_t>(x[i]) >> 16);
+      for (int64_t i = lo; i < hi; ++i)
+        xb[size_t(i)] = uint16_t(std::bit_cast<uint32_t>(x[i]) >> 16);
     });
     std::vector<uint16_t, ActivationAllocator<uint16_t>> wb;
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data);
@@ -207,7 +208,8 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
     parallel_for(T * N, 1 << 16, [&](int64_t lo, int64_t hi) {
       int64_t i = lo;
       for (; i + 8 <= hi; i += 8) {
-        const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ob.data() + i)));
+        const __m256i u =
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ob.data() + i)));
         _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
       }
       for (; i < hi; ++i) out[i] = bf16_to_f32(ob[size_t(i)]);
@@ -281,21 +283,22 @@ inline void rmsnorm_finish(const float* x, int64_t n, float var, const float* we
 
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
              float* out) {
-  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
-  for (int64_t row = r0; row < r1; ++row) {
-    const float* xr = x + row * n;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const __m256 a = _mm256_loadu_ps(xr + i), b = _mm256_loadu_ps(xr + i + 8);
-      acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(a, a));
-      acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(b, b));
-    }
-    float s = hsum(_mm256_add_ps(acc0, acc1));
-    for (; i < n; ++i) s += xr[i] * xr[i];
-    rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
-  }
-  });
+  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t row = r0; row < r1; ++row) {
+                   const float* xr = x + row * n;
+                   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+                   int64_t i = 0;
+                   for (; i + 16 <= n; i += 16) {
+                     const __m256 a = _mm256_loadu_ps(xr + i), b = _mm256_loadu_ps(xr + i + 8);
+                     acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(a, a));
+                     acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(b, b));
+                   }
+                   float s = hsum(_mm256_add_ps(acc0, acc1));
+                   for (; i < n; ++i) s += xr[i] * xr[i];
+                   rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
+                 }
+               });
 }
 
 void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
@@ -382,7 +385,8 @@ void add_round(const float* a, const float* b, int64_t n, DType dt, float* out) 
   parallel_for(n, 1 << 16, [&](int64_t lo, int64_t hi) {
     int64_t i = lo;
     for (; i + 8 <= hi; i += 8)
-      _mm256_storeu_ps(out + i, round8(_mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)), dt));
+      _mm256_storeu_ps(out + i,
+                       round8(_mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)), dt));
     for (; i < hi; ++i) out[i] = round_to(a[i] + b[i], dt);
   });
 }
@@ -434,8 +438,8 @@ float torch_fexp_u20(float x) {
 void sgemm_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
               int64_t M, int64_t N, int64_t K) {
   blas_single_threaded();
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, a, int(lda),
-              b, int(ldb), 0.0f, c, int(ldc));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, a, int(lda), b,
+              int(ldb), 0.0f, c, int(ldc));
 }
 
 void sgemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,

@@ -9,7 +9,7 @@ namespace nanscope::profile {
 
 bool enabled();
 void add(const char* step, double seconds);  // thread-safe
-void print_and_reset(const char* what);       // one line on stderr, then zero the sums
+void print_and_reset(const char* what);      // one line on stderr, then zero the sums
 
 // Times its own lifetime into `step` when profiling is on.
 class Scope {

@@ -593,20 +593,23 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       p.id = in->id;
       p.tokens = in->tokens();
       p.kind = std::string(in->kind());
-      p.shape = opt.pool == Pool::None ? std::vector<int64_t>{p.tokens, H} : std::vector<int64_t>{H};
+      p.shape =
+          opt.pool == Pool::None ? std::vector<int64_t>{p.tokens, H} : std::vector<int64_t>{H};
       pending.push_back(std::move(p));
     }
     std::span<Pending> mine(pending.data() + first, batch.size());
-    hidden_states_batch(ck, batch, fwd, layers, [&](size_t b, int64_t layer, std::span<const float> st) {
-      Pending& p = mine[b];
-      std::vector<float> v = pool_state(st, p.tokens, H, opt.pool);
-      // What is written must be finite too (fp32 -> fp16 can overflow), and so must the
-      // state it came from (last-token pooling would hide earlier positions).
-      std::vector<float> rounded = v;
-      round_inplace(rounded.data(), rounded.size(), out_dt);
-      if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(layer);
-      p.tensors.emplace_back(layer, std::move(v));
-    });
+    hidden_states_batch(ck, batch, fwd, layers,
+                        [&](size_t b, int64_t layer, std::span<const float> st) {
+                          Pending& p = mine[b];
+                          std::vector<float> v = pool_state(st, p.tokens, H, opt.pool);
+                          // What is written must be finite too (fp32 -> fp16 can overflow), and so
+                          // must the state it came from (last-token pooling would hide earlier
+                          // positions).
+                          std::vector<float> rounded = v;
+                          round_inplace(rounded.data(), rounded.size(), out_dt);
+                          if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(layer);
+                          p.tensors.emplace_back(layer, std::move(v));
+                        });
     sum.tokens += batch_tokens;
     sum.written += int64_t(batch.size());
     done += int64_t(batch.size());

@@ -121,11 +121,11 @@ struct HiddenRunOptions {
   std::string layers = "all";
   Pool pool = Pool::None;
   ForwardOptions fwd;
-  bool out_run_dtype = false;   // store tensors in the run dtype instead of float32
+  bool out_run_dtype = false;  // store tensors in the run dtype instead of float32
   // Inputs (in file order) are run through the model together up to this many tokens (an
   // input longer than that alone); each batch is written as one shard.
   int64_t batch_tokens = 4096;
-  InputRules rules;             // vocab_size is taken from the model
+  InputRules rules;  // vocab_size is taken from the model
   // Called after each batch with (inputs done, inputs to do, tokens done, tokens to do).
   std::function<void(int64_t, int64_t, int64_t, int64_t)> progress;
 };

@@ -520,21 +520,24 @@ TEST_P(HiddenGoldenBatch, EverySequenceMatchesTransformersAlone) {
   if (o.fwd.dtype == DType::BF16) {
     EXPECT_GE(frac, 0.95);
   }
-  std::printf("[ golden   ] batch %s %s batch-tokens %lld: max rel err %.2e, bit-identical %.4f%%\n",
-              c.model.c_str(), c.dtype.c_str(), static_cast<long long>(c.batch_tokens), worst,
-              100.0 * frac);
+  std::printf(
+      "[ golden   ] batch %s %s batch-tokens %lld: max rel err %.2e, bit-identical %.4f%%\n",
+      c.model.c_str(), c.dtype.c_str(), static_cast<long long>(c.batch_tokens), worst,
+      100.0 * frac);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Goldens, HiddenGoldenBatch,
-    ::testing::Values(BatchCase{"qwen3-tiny", "float32", 4096}, BatchCase{"qwen3-tiny", "bfloat16", 4096},
-                      BatchCase{"qwen3-tiny", "bfloat16", 70}, BatchCase{"llama-tiny", "float32", 70},
-                      BatchCase{"llama-tiny", "bfloat16", 4096}),
-    [](const auto& p) {
-      std::string n = p.param.model + "_" + p.param.dtype + "_" + std::to_string(p.param.batch_tokens);
-      std::replace(n.begin(), n.end(), '-', '_');
-      return n;
-    });
+INSTANTIATE_TEST_SUITE_P(Goldens, HiddenGoldenBatch,
+                         ::testing::Values(BatchCase{"qwen3-tiny", "float32", 4096},
+                                           BatchCase{"qwen3-tiny", "bfloat16", 4096},
+                                           BatchCase{"qwen3-tiny", "bfloat16", 70},
+                                           BatchCase{"llama-tiny", "float32", 70},
+                                           BatchCase{"llama-tiny", "bfloat16", 4096}),
+                         [](const auto& p) {
+                           std::string n = p.param.model + "_" + p.param.dtype + "_" +
+                                           std::to_string(p.param.batch_tokens);
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
 
 }  // namespace
 }  // namespace nanscope

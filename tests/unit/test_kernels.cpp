@@ -50,11 +50,14 @@ double ulp(double x, DType dt) {
 const DType kRun[] = {DType::F32, DType::BF16, DType::F16};
 const DType kStorage[] = {DType::F32, DType::BF16, DType::F16};
 
+// T < 16: the streaming microkernel; 16 <= T: OpenBLAS sgemm on widened weights; bf16 with
+// T >= 32 on a processor with a oneDNN bf16 kernel (AMX, AVX512-BF16): oneDNN (with the bias
+// added inside it).
 TEST(Kernels, LinearFastMatchesScalarReference) {
   std::mt19937 rng(7);
   for (DType storage : kStorage)
     for (DType dt : kRun)
-      for (int64_t T : {1, 2, 3, 5})
+      for (int64_t T : {1, 2, 3, 5, 17, 40})
         for (auto [rows, cols] : {std::pair<int64_t, int64_t>{13, 37}, {64, 64}, {9, 128}}) {
           auto w = random_vec(size_t(rows * cols), rng, 0.5f, storage);
           auto x = random_vec(size_t(T * cols), rng, 1.0f, dt);
@@ -86,27 +89,29 @@ TEST(Kernels, LinearPropagatesNaNAndInfFromWeights) {
   std::mt19937 rng(3);
   for (DType storage : kStorage)
     for (DType dt : kRun) {
-      const int64_t rows = 11, cols = 40, T = 3;
-      auto w = random_vec(size_t(rows * cols), rng, 0.5f, storage);
-      w[size_t(4 * cols + 17)] = kNaN;  // row 4: every token's output must be NaN
-      w[size_t(7 * cols + 39)] = kInf;  // row 7 (in the scalar tail): non-finite
-      auto x = random_vec(size_t(T * cols), rng, 1.0f, dt);
-      x[size_t(1 * cols + 17)] = 0.0f;  // 0 * NaN is still NaN: no zero skipping
-      Stored s = make_weight(w, rows, cols, storage);
-      for (auto* fn : {&linear, &linear_ref}) {
-        std::vector<float> out(size_t(T * rows));
-        fn(x.data(), T, s.view, nullptr, dt, out.data());
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t r = 0; r < rows; ++r) {
-            const float v = out[size_t(t * rows + r)];
-            if (r == 4) {
-              EXPECT_TRUE(std::isnan(v)) << "t=" << t;
-            } else if (r == 7) {
-              EXPECT_FALSE(std::isfinite(v)) << "t=" << t;
-            } else {
-              EXPECT_TRUE(std::isfinite(v)) << "t=" << t << " r=" << r;
+      for (int64_t T : {3, 40}) {
+        const int64_t rows = 11, cols = 40;
+        auto w = random_vec(size_t(rows * cols), rng, 0.5f, storage);
+        w[size_t(4 * cols + 17)] = kNaN;  // row 4: every token's output must be NaN
+        w[size_t(7 * cols + 39)] = kInf;  // row 7 (in the scalar tail): non-finite
+        auto x = random_vec(size_t(T * cols), rng, 1.0f, dt);
+        x[size_t(1 * cols + 17)] = 0.0f;  // 0 * NaN is still NaN: no zero skipping
+        Stored s = make_weight(w, rows, cols, storage);
+        for (auto* fn : {&linear, &linear_ref}) {
+          std::vector<float> out(size_t(T * rows));
+          fn(x.data(), T, s.view, nullptr, dt, out.data());
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t r = 0; r < rows; ++r) {
+              const float v = out[size_t(t * rows + r)];
+              if (r == 4) {
+                EXPECT_TRUE(std::isnan(v)) << "t=" << t;
+              } else if (r == 7) {
+                EXPECT_FALSE(std::isfinite(v)) << "t=" << t;
+              } else {
+                EXPECT_TRUE(std::isfinite(v)) << "t=" << t << " r=" << r;
+              }
             }
-          }
+        }
       }
     }
 }
