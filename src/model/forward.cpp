@@ -74,7 +74,7 @@ class Model {
         att_(opt.attention),
         release_(opt.release_pages),
         obs_(obs),
-        sites_(obs != nullptr && lengths.size() == 1) {
+        sites_(obs != nullptr && obs->wants_sites() && lengths.size() == 1) {
     for (int64_t len : lengths) {
       segs_.push_back({T_, len});
       T_ += len;
@@ -503,7 +503,7 @@ class Model {
   AttentionProfile att_;
   bool release_;
   Observer* obs_;
-  bool sites_;  // report sites: an observer and a single sequence
+  bool sites_;  // report sites: an observer that wants them and a single sequence
   std::vector<Segment> segs_;
   int64_t T_ = 0, maxT_ = 0;  // all rows; the longest sequence
   int64_t H_ = 0, I_ = 0, D_ = 0, nH_ = 0, nKV_ = 0;

@@ -60,6 +60,9 @@ class Observer {
   // Checked after every site: returning true ends the forward pass early (the fp32 shadow
   // pass stops once it has seen the site it is looking for).
   virtual bool done() const { return false; }
+  // False for observers of hidden states only: the pass then skips building the sites (for
+  // attention, scores and probabilities of [heads, T, T] floats: 4 GB at T = 5792 with 32 heads).
+  virtual bool wants_sites() const { return true; }
 };
 
 }  // namespace nanscope

@@ -266,6 +266,7 @@ class StatesObserver : public Observer {
       out.states[size_t(index)].assign(v.begin(), v.end());
     if (index == last_) throw StatesDone{};
   }
+  bool wants_sites() const override { return false; }
   HiddenStates out;
 
  private:
@@ -291,6 +292,7 @@ class BatchObserver : public Observer {
     finished_ = index >= layers_.back();
   }
   bool done() const override { return finished_; }
+  bool wants_sites() const override { return false; }
 
  private:
   std::span<const int64_t> layers_, lengths_;
