@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 W=/tmp/nsbench; rm -rf "$W"; mkdir -p "$W"
 BIN=.carry/bin
+. bench/device_env.sh  # libdnnl and libOpenCL from .carry/deb (bench/carry.sh)
 if ldd $BIN/nanscope | grep -q "not found"; then export LD_LIBRARY_PATH=$PWD/.carry/lib; fi
 R=$OUT/results.jsonl; : > "$R"
 M="python3 bench/measure.py"

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 W=/tmp/nsbench; mkdir -p "$W"
 BIN=.carry/bin
+. bench/device_env.sh  # libdnnl and libOpenCL from .carry/deb (bench/carry.sh)
 PROMPTS=${PROMPTS:-64} TOKENS=${TOKENS:-128}
 R=$OUT/hidden.jsonl; : > "$R"
 M="python3 bench/measure.py"
