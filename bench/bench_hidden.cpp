@@ -69,13 +69,12 @@ int main(int argc, char** argv) {
       inputs[size_t(p)].id = std::to_string(p);
       for (int64_t t = 0; t < tokens; ++t) inputs[size_t(p)].ids.push_back(dist(rng));
     }
-    const int64_t per_batch = std::max<int64_t>(1, batch_tokens / tokens);
     double checksum = 0;
     const int64_t last = ck.config().num_hidden_layers;
-    for (int64_t p0 = 0; p0 < prompts; p0 += per_batch) {
+    const std::vector<int64_t> lengths(inputs.size(), tokens);
+    for (const auto& [b0, b1] : batch_ranges(lengths, batch_tokens)) {
       std::vector<const HiddenInput*> batch;
-      for (int64_t p = p0; p < std::min(prompts, p0 + per_batch); ++p)
-        batch.push_back(&inputs[size_t(p)]);
+      for (size_t p = b0; p < b1; ++p) batch.push_back(&inputs[p]);
       hidden_states_batch(ck, batch, fwd, {}, [&](size_t i, int64_t k, std::span<const float> st) {
         if (i == 0 && k == last) checksum += double(st[0]);
       });

@@ -137,18 +137,14 @@ class Model {
     for (auto& o : out) o.states.resize(size_t(S)), o.H = H;
     {
       py::gil_scoped_release nogil;
-      for (size_t next = 0; next < inputs.size();) {
+      std::vector<int64_t> lengths;
+      for (const auto& in : inputs) lengths.push_back(in.tokens());
+      for (const auto& [b0, b1] : batch_ranges(lengths, batch_tokens)) {
         std::vector<const HiddenInput*> batch;
-        int64_t tokens = 0;
-        do {
-          batch.push_back(&inputs[next]);
-          tokens += inputs[next].tokens();
-          ++next;
-        } while (next < inputs.size() && tokens + inputs[next].tokens() <= batch_tokens);
-        const size_t first = size_t(batch.front() - inputs.data());
+        for (size_t i = b0; i < b1; ++i) batch.push_back(&inputs[i]);
         nanscope::hidden_states_batch(*ck_, batch, f, ls,
                                       [&](size_t b, int64_t k, std::span<const float> st) {
-                                        HiddenStates& o = out[first + b];
+                                        HiddenStates& o = out[b0 + b];
                                         o.T = int64_t(st.size()) / H;
                                         o.states[size_t(k)].assign(st.begin(), st.end());
                                       });

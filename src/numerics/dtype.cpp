@@ -222,31 +222,15 @@ void round_inplace(float* x, size_t n, DType t) {
       return;
     case DType::BF16: {
 #if NANSCOPE_HAVE_AVX2_F16C
-      const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-      const __m256i inf_bits = _mm256_set1_epi32(0x7f800000);
-      const __m256i bias = _mm256_set1_epi32(0x7fff);
-      const __m256i one = _mm256_set1_epi32(1);
-      const __m256i quiet = _mm256_set1_epi32(0x00400000);
-      const __m256i top = _mm256_set1_epi32(int(0xffff0000u));
-      for (; i + 8 <= n; i += 8) {
-        const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-        const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf_bits);
-        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-        const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(bias, lsb));
-        const __m256i r =
-            _mm256_and_si256(_mm256_blendv_epi8(rounded, _mm256_or_si256(u, quiet), is_nan), top);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), r);
-      }
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, simd::round_bf16x8(_mm256_loadu_ps(x + i)));
 #endif
       for (; i < n; ++i) x[i] = round_bf16(x[i]);
       return;
     }
     case DType::F16: {
 #if NANSCOPE_HAVE_AVX2_F16C
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
-        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(h));
-      }
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, simd::round_f16x8(_mm256_loadu_ps(x + i)));
 #endif
       for (; i < n; ++i) x[i] = round_f16(x[i]);
       return;

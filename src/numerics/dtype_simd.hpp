@@ -49,6 +49,14 @@ inline __m128i to_f16x8(__m256 x) {
   return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
 }
 
+// The value each lane takes once stored in bf16 / fp16 and read back (round_bf16, round_f16).
+inline __m256 round_bf16x8(__m256 x) {
+  return widen_bf16x8(to_bf16x8(x));
+}
+inline __m256 round_f16x8(__m256 x) {
+  return widen_f16x8(to_f16x8(x));
+}
+
 }  // namespace nanscope::simd
 
 #else

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "numerics/activations.hpp"
+#include "numerics/dtype_simd.hpp"
 #include "numerics/gemm_bf16.hpp"
 #include "numerics/parallel.hpp"
 #include "numerics/profile.hpp"
@@ -35,47 +36,36 @@ inline float cast_weight(float stored, DType storage, DType dt) {
   return round_to(stored, dt);
 }
 
-// Eight consecutive stored values as fp32, rounded to dt (vector twin of cast_weight).
+// Eight consecutive stored values as fp32 (the lanes of dtype_simd.hpp).
 inline __m256 load8_stored(const std::byte* p, DType storage) {
   switch (storage) {
-    case DType::BF16: {
-      __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-    }
+    case DType::BF16:
+      return simd::load_bf16x8(p);
     case DType::F16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return simd::load_f16x8(p);
     default:
       return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
   }
 }
 
-inline __m256 round8_bf16(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  r = _mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u)));
-  // NaN stays NaN (quiet), as f32_to_bf16 does; the add above could carry it into the sign.
-  const __m256 nan_mask = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  const __m256 quiet = _mm256_castsi256_ps(_mm256_and_si256(
-      _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), _mm256_set1_epi32(int(0xffff0000u))));
-  return _mm256_blendv_ps(_mm256_castsi256_ps(r), quiet, nan_mask);
-}
-
-inline __m256 round8_f16(__m256 v) {
-  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
 // Eight fp32 values rounded to dt (F32: unchanged), lane for lane as round_to.
 inline __m256 round8(__m256 v, DType dt) {
-  if (dt == DType::BF16) return round8_bf16(v);
-  if (dt == DType::F16) return round8_f16(v);
+  if (dt == DType::BF16) return simd::round_bf16x8(v);
+  if (dt == DType::F16) return simd::round_f16x8(v);
   return v;
 }
 
 inline __m256 load8_weight(const std::byte* p, DType storage, DType dt) {
   __m256 v = load8_stored(p, storage);
   if (storage == dt || dt == DType::F32) return v;
-  return dt == DType::BF16 ? round8_bf16(v) : round8_f16(v);
+  return round8(v, dt);
+}
+
+inline std::byte* as_bytes(uint16_t* p) {
+  return reinterpret_cast<std::byte*>(p);
+}
+inline const std::byte* as_bytes(const uint16_t* p) {
+  return reinterpret_cast<const std::byte*>(p);
 }
 
 inline size_t elem_size(DType t) {
@@ -182,20 +172,16 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
     // array here cost 1.4 s of 8.6 s for 2048 tokens of the 4B shape on the Xeon.
     std::vector<uint16_t, ActivationAllocator<uint16_t>> xb(static_cast<size_t>(T * K));
     parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i)
-        xb[size_t(i)] = uint16_t(std::bit_cast<uint32_t>(x[i]) >> 16);
+      store_from_f32(x + lo, DType::BF16, as_bytes(xb.data() + lo), size_t(hi - lo));
     });
     std::vector<uint16_t, ActivationAllocator<uint16_t>> wb;
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data);
     if (w.storage != DType::BF16) {
       wb.resize(static_cast<size_t>(N * K));
       parallel_for(N, 16, [&](int64_t r0, int64_t r1) {
-        std::vector<float> row(static_cast<size_t>(K));
-        for (int64_t r = r0; r < r1; ++r) {
-          weight_rows(w, r, 1, dt, row.data());
-          for (int64_t k = 0; k < K; ++k)
-            wb[size_t(r * K + k)] = uint16_t(std::bit_cast<uint32_t>(row[size_t(k)]) >> 16);
-        }
+        std::vector<float> rows(static_cast<size_t>((r1 - r0) * K));
+        weight_rows(w, r0, r1 - r0, dt, rows.data());
+        store_from_f32(rows.data(), DType::BF16, as_bytes(wb.data() + r0 * K), rows.size());
       });
       wp = wb.data();
     }
@@ -206,13 +192,7 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
     gemm_bf16::matmul_bf16_out(xb.data(), T, K, wp, N, bias, ob.data());
     step.emplace("linear.widen");
     parallel_for(T * N, 1 << 16, [&](int64_t lo, int64_t hi) {
-      int64_t i = lo;
-      for (; i + 8 <= hi; i += 8) {
-        const __m256i u =
-            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ob.data() + i)));
-        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
-      }
-      for (; i < hi; ++i) out[i] = bf16_to_f32(ob[size_t(i)]);
+      load_to_f32(as_bytes(ob.data() + lo), DType::BF16, out + lo, size_t(hi - lo));
     });
     return;
   }

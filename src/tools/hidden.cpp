@@ -244,36 +244,6 @@ std::vector<float> input_embeddings(const Checkpoint& ck, const HiddenInput& in,
 
 namespace {
 
-// Thrown from the observer once the last state asked for is kept: the rest of the pass (later
-// layers, lm_head) is not needed. forward() lets exceptions through and holds no state.
-struct StatesDone {};
-
-class StatesObserver : public Observer {
- public:
-  StatesObserver(int64_t num_states, std::span<const int64_t> layers) : want_(size_t(num_states)) {
-    if (layers.empty()) {
-      std::fill(want_.begin(), want_.end(), true);
-      last_ = num_states - 1;
-    } else {
-      for (int64_t l : layers) want_[size_t(l)] = true;
-      last_ = *std::max_element(layers.begin(), layers.end());
-    }
-    out.states.resize(size_t(num_states));
-  }
-  void hidden_state(int64_t index, std::span<const float> v, int64_t T, int64_t H) override {
-    out.T = T, out.H = H;
-    if (index >= 0 && size_t(index) < want_.size() && want_[size_t(index)])
-      out.states[size_t(index)].assign(v.begin(), v.end());
-    if (index == last_) throw StatesDone{};
-  }
-  bool wants_sites() const override { return false; }
-  HiddenStates out;
-
- private:
-  std::vector<bool> want_;
-  int64_t last_ = 0;
-};
-
 // Hands each state asked for to the sink, input by input, as the batch's pass computes it.
 class BatchObserver : public Observer {
  public:
@@ -306,16 +276,29 @@ void check_layers(std::span<const int64_t> layers, int64_t num_states) {
       fail("hidden state {} does not exist: the model has states 0..{}", l, num_states - 1);
 }
 
+// `layers` checked against the model's states; empty = all of them.
+std::vector<int64_t> wanted_states(std::span<const int64_t> layers, int64_t num_states) {
+  check_layers(layers, num_states);
+  if (!layers.empty()) return {layers.begin(), layers.end()};
+  std::vector<int64_t> all(static_cast<size_t>(num_states));
+  for (int64_t i = 0; i < num_states; ++i) all[size_t(i)] = i;
+  return all;
+}
+
+// The states of one sequence of T tokens, kept whole; `run(observer)` runs the pass.
 template <typename Run>
-HiddenStates collect(const Checkpoint& ck, std::span<const int64_t> layers, Run&& run) {
+HiddenStates collect(const Checkpoint& ck, int64_t T, std::span<const int64_t> layers, Run&& run) {
   const int64_t S = ck.config().num_hidden_layers + 1;
-  check_layers(layers, S);
-  StatesObserver obs(S, layers);
-  try {
-    run(&obs);
-  } catch (const StatesDone&) {
-  }
-  return std::move(obs.out);
+  const std::vector<int64_t> wanted = wanted_states(layers, S);
+  HiddenStates out;
+  out.T = T, out.H = ck.config().hidden_size;
+  out.states.resize(size_t(S));
+  const StateSink keep = [&](size_t, int64_t k, std::span<const float> st) {
+    out.states[size_t(k)].assign(st.begin(), st.end());
+  };
+  BatchObserver obs(wanted, std::span<const int64_t>(&T, 1), keep);
+  run(&obs);
+  return out;
 }
 
 }  // namespace
@@ -323,7 +306,7 @@ HiddenStates collect(const Checkpoint& ck, std::span<const int64_t> layers, Run&
 HiddenStates hidden_states(const Checkpoint& ck, const HiddenInput& in, const ForwardOptions& fwd,
                            std::span<const int64_t> layers) {
   if (!in.has_soft()) {
-    return collect(ck, layers, [&](Observer* o) { forward(ck, in.ids, fwd, o); });
+    return collect(ck, in.tokens(), layers, [&](Observer* o) { forward(ck, in.ids, fwd, o); });
   }
   const std::vector<float> e = input_embeddings(ck, in, fwd.dtype);
   return hidden_states_embeddings(ck, e, in.tokens(), fwd, layers);
@@ -332,20 +315,15 @@ HiddenStates hidden_states(const Checkpoint& ck, const HiddenInput& in, const Fo
 HiddenStates hidden_states_embeddings(const Checkpoint& ck, std::span<const float> embeddings,
                                       int64_t T, const ForwardOptions& fwd,
                                       std::span<const int64_t> layers) {
-  return collect(ck, layers, [&](Observer* o) { forward_embeddings(ck, embeddings, T, fwd, o); });
+  return collect(ck, T, layers,
+                 [&](Observer* o) { forward_embeddings(ck, embeddings, T, fwd, o); });
 }
 
 void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
                          const ForwardOptions& fwd, std::span<const int64_t> layers,
                          const StateSink& sink) {
   if (inputs.empty()) return;
-  const int64_t S = ck.config().num_hidden_layers + 1;
-  check_layers(layers, S);
-  std::vector<int64_t> all;
-  if (layers.empty()) {
-    for (int64_t i = 0; i < S; ++i) all.push_back(i);
-    layers = all;
-  }
+  const std::vector<int64_t> wanted = wanted_states(layers, ck.config().num_hidden_layers + 1);
   std::vector<int64_t> lengths;
   std::vector<float> embeddings;
   for (const HiddenInput* in : inputs) {
@@ -353,8 +331,21 @@ void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* cons
     embeddings.insert(embeddings.end(), e.begin(), e.end());
     lengths.push_back(in->tokens());
   }
-  BatchObserver obs(layers, lengths, sink);
+  BatchObserver obs(wanted, lengths, sink);
   forward_batch(ck, embeddings, lengths, fwd, &obs);
+}
+
+std::vector<std::pair<size_t, size_t>> batch_ranges(std::span<const int64_t> tokens,
+                                                    int64_t batch_tokens) {
+  std::vector<std::pair<size_t, size_t>> out;
+  for (size_t b = 0; b < tokens.size();) {
+    size_t e = b + 1;
+    int64_t sum = tokens[b];
+    while (e < tokens.size() && sum + tokens[e] <= batch_tokens) sum += tokens[e++];
+    out.emplace_back(b, e);
+    b = e;
+  }
+  return out;
 }
 
 std::optional<Pool> parse_pool(std::string_view s) {
@@ -577,19 +568,11 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   // file-backed pages, which the kernel can still reclaim) instead of faulting them back in.
   ForwardOptions fwd = opt.fwd;
   if (todo_tokens > opt.batch_tokens) fwd.release_pages = false;
-  int64_t done = 0;
-  for (size_t next = 0; next < todo.size();) {
-    // A batch: inputs in file order up to --batch-tokens tokens (at least one input), run
-    // through the model together.
-    std::vector<const HiddenInput*> batch;
-    int64_t batch_tokens = 0;
-    do {
-      batch.push_back(todo[next]);
-      batch_tokens += todo[next]->tokens();
-      ++next;
-    } while (next < todo.size() && batch_tokens + todo[next]->tokens() <= opt.batch_tokens);
-
-    const size_t first = pending.size();
+  std::vector<int64_t> todo_lengths;
+  for (const HiddenInput* in : todo) todo_lengths.push_back(in->tokens());
+  for (const auto& [b0, b1] : batch_ranges(todo_lengths, opt.batch_tokens)) {
+    // One batch: run through the model together, written as one shard.
+    const std::span<const HiddenInput* const> batch(todo.data() + b0, b1 - b0);
     for (const HiddenInput* in : batch) {
       Pending p;
       p.id = in->id;
@@ -597,12 +580,12 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       p.kind = std::string(in->kind());
       p.shape =
           opt.pool == Pool::None ? std::vector<int64_t>{p.tokens, H} : std::vector<int64_t>{H};
+      sum.tokens += p.tokens;
       pending.push_back(std::move(p));
     }
-    std::span<Pending> mine(pending.data() + first, batch.size());
     hidden_states_batch(ck, batch, fwd, layers,
                         [&](size_t b, int64_t layer, std::span<const float> st) {
-                          Pending& p = mine[b];
+                          Pending& p = pending[b];
                           std::vector<float> v = pool_state(st, p.tokens, H, opt.pool);
                           // What is written must be finite too (fp32 -> fp16 can overflow), and so
                           // must the state it came from (last-token pooling would hide earlier
@@ -612,13 +595,10 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
                           if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(layer);
                           p.tensors.emplace_back(layer, std::move(v));
                         });
-    sum.tokens += batch_tokens;
     sum.written += int64_t(batch.size());
-    done += int64_t(batch.size());
-    flush();  // one shard per batch
-    if (opt.progress) opt.progress(done, int64_t(todo.size()), sum.tokens, todo_tokens);
+    flush();
+    if (opt.progress) opt.progress(sum.written, int64_t(todo.size()), sum.tokens, todo_tokens);
   }
-  flush();
 
   for (const auto& [id, v] : index["inputs"].items())
     if (!v.value("finite", true))

@@ -103,6 +103,11 @@ void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* cons
                          const ForwardOptions& fwd, std::span<const int64_t> layers,
                          const StateSink& sink);
 
+// Inputs of these token counts, in order, grouped into batches of at most batch_tokens tokens
+// (an input longer than that is a batch alone): the [begin, end) index range of each batch.
+std::vector<std::pair<size_t, size_t>> batch_ranges(std::span<const int64_t> tokens,
+                                                    int64_t batch_tokens);
+
 enum class Pool { None, Last, Mean };
 std::optional<Pool> parse_pool(std::string_view s);  // "none" | "last" | "mean"
 std::string_view pool_name(Pool p);
