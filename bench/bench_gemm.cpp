@@ -1,10 +1,11 @@
-// The bf16 linear layer at the shapes of a Qwen3-4B decoder, two ways, one JSON line per case:
-//   bench_gemm [--tokens 128,1024,4096] [--repeat 3]
-// "fp32": nanscope's OpenBLAS path (bf16 weights widened to fp32, sgemm); "onednn": the oneDNN
-// bf16 matmul (AMX / AVX512-BF16 where the processor has them) with an fp32 result;
-// "onednn_bf16_out": the same rounded to bf16 inside oneDNN, as the forward pass calls it. GFLOP/s
-// = 2*M*N*K / time. Also counts how many outputs, rounded to bf16, the two paths agree on bit for
-// bit.
+// The bf16 linear layer at the shapes of a Qwen3-4B decoder, several ways, one JSON line per case:
+//   bench_gemm [--tokens 128,1024,4096] [--repeat 3]    |    bench_gemm --peak STEPS
+// "linear": nanscope's linear() as the forward pass calls it (fp32 activations holding bf16
+// values in, bf16-rounded fp32 out: the AMX kernel where the processor has AMX, else oneDNN, else
+// OpenBLAS on widened weights); "amx": the AMX kernel alone (numerics/gemm_amx, packing
+// included); "onednn": the oneDNN bf16 matmul with an fp32 result on operands already in bf16;
+// "onednn_bf16_out": the same rounded to bf16 inside oneDNN. GFLOP/s = 2*M*N*K / time. Also
+// counts how many outputs of linear() and oneDNN, both rounded to bf16, agree bit for bit.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -17,8 +18,10 @@
 #include <nlohmann/json.hpp>
 
 #include "numerics/dtype.hpp"
+#include "numerics/gemm_amx.hpp"
 #include "numerics/gemm_bf16.hpp"
 #include "numerics/kernels.hpp"
+#include "numerics/parallel.hpp"
 
 int main(int argc, char** argv) {
   using namespace nanscope;
@@ -30,6 +33,16 @@ int main(int argc, char** argv) {
       tokens.clear();
       std::stringstream ss(v);
       for (std::string p; std::getline(ss, p, ',');) tokens.push_back(std::atoll(p.c_str()));
+    } else if (k == "--peak") {
+      if (gemm_amx::available()) {
+        const auto p = gemm_amx::peak(std::atoll(v.c_str()));
+        std::printf("%s\n", nlohmann::json{{"amx_peak_products_gflops", p.products},
+                                           {"amx_peak_with_loads_gflops", p.with_loads},
+                                           {"threads", default_threads()}}
+                                .dump()
+                                .c_str());
+      }
+      return 0;
     } else if (k == "--repeat") {
       repeat = std::atoi(v.c_str());
     } else {
@@ -38,7 +51,8 @@ int main(int argc, char** argv) {
     }
   }
   const bool have = gemm_bf16::available();
-  std::fprintf(stderr, "oneDNN: %s\n", gemm_bf16::implementation().c_str());
+  std::fprintf(stderr, "oneDNN: %s; AMX kernel: %s\n", gemm_bf16::implementation().c_str(),
+               gemm_amx::available() ? "yes" : "no");
   struct Shape {
     const char* name;
     int64_t K, N;
@@ -70,8 +84,15 @@ int main(int argc, char** argv) {
       };
       const double flop = 2.0 * double(M) * double(s.N) * double(s.K);
       const double t32 = time([&] { linear(x.data(), M, wv, nullptr, DType::BF16, ref.data()); });
-      nlohmann::json j = {{"shape", s.name}, {"M", M},        {"K", s.K},
-                          {"N", s.N},        {"fp32_s", t32}, {"fp32_gflops", flop / t32 / 1e9}};
+      nlohmann::json j = {{"shape", s.name}, {"M", M},
+                          {"K", s.K},        {"N", s.N},
+                          {"linear_s", t32}, {"linear_gflops", flop / t32 / 1e9}};
+      if (gemm_amx::available()) {
+        std::vector<float> a(ref.size());
+        const double ta =
+            time([&] { gemm_amx::linear(x.data(), M, s.K, w.data(), s.N, nullptr, a.data()); });
+        j["amx_gflops"] = flop / ta / 1e9;
+      }
       if (have) {
         const double t16 =
             time([&] { gemm_bf16::matmul(xb.data(), M, s.K, w.data(), s.N, got.data()); });

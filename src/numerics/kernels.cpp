@@ -20,6 +20,7 @@
 
 #include "numerics/activations.hpp"
 #include "numerics/dtype_simd.hpp"
+#include "numerics/gemm_amx.hpp"
 #include "numerics/gemm_bf16.hpp"
 #include "numerics/parallel.hpp"
 #include "numerics/profile.hpp"
@@ -163,17 +164,11 @@ void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, fl
 void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
             float* out) {
   const int64_t K = w.cols, N = w.rows;
-  if (dt == DType::BF16 && T >= kBf16GemmTokens && gemm_bf16::available()) {
-    // bf16 run, many tokens: oneDNN's bf16 kernel (AMX / AVX512-BF16), as torch's bf16 linear.
-    // The activations already hold bf16 values, so narrowing them is exact; weights stored
-    // in bf16 are passed as mapped, others are cast to bf16 first (the cast at load).
-    std::optional<profile::Scope> step(std::in_place, "linear.to_bf16");
-    // Uninitialised and reused between calls (numerics/activations.hpp): a zero-filled fresh
-    // array here cost 1.4 s of 8.6 s for 2048 tokens of the 4B shape on the Xeon.
-    std::vector<uint16_t, ActivationAllocator<uint16_t>> xb(static_cast<size_t>(T * K));
-    parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
-      store_from_f32(x + lo, DType::BF16, as_bytes(xb.data() + lo), size_t(hi - lo));
-    });
+  const bool amx = gemm_amx::available();
+  if (dt == DType::BF16 && T >= kBf16GemmTokens && (amx || gemm_bf16::available())) {
+    // bf16 run, many tokens: products of bf16 values accumulated in fp32 (AMX / AVX512-BF16),
+    // as torch's bf16 linear. Weights stored in bf16 are passed as mapped, others are cast to
+    // bf16 first (the cast at load).
     std::vector<uint16_t, ActivationAllocator<uint16_t>> wb;
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data);
     if (w.storage != DType::BF16) {
@@ -185,6 +180,18 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
       });
       wp = wb.data();
     }
+    if (amx) {  // our AMX kernel: fp32 activations in, bias and rounding inside, fp32 out
+      gemm_amx::linear(x, T, K, wp, N, bias, out);
+      return;
+    }
+    // oneDNN: the activations already hold bf16 values, so narrowing them is exact.
+    std::optional<profile::Scope> step(std::in_place, "linear.to_bf16");
+    // Uninitialised and reused between calls (numerics/activations.hpp): a zero-filled fresh
+    // array here cost 1.4 s of 8.6 s for 2048 tokens of the 4B shape on the Xeon.
+    std::vector<uint16_t, ActivationAllocator<uint16_t>> xb(static_cast<size_t>(T * K));
+    parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
+      store_from_f32(x + lo, DType::BF16, as_bytes(xb.data() + lo), size_t(hi - lo));
+    });
     // oneDNN adds the bias and rounds to bf16 itself (round(acc + bias), one rounding, as
     // the paths below); the bf16 result is widened back into the fp32 activations.
     std::vector<uint16_t, ActivationAllocator<uint16_t>> ob(static_cast<size_t>(T * N));

@@ -10,6 +10,7 @@
 
 #include "common/error.hpp"
 #include "model/rope.hpp"
+#include "numerics/gemm_amx.hpp"
 #include "numerics/kernels.hpp"
 
 namespace nanscope {
@@ -83,6 +84,49 @@ TEST(Kernels, LinearFastMatchesScalarReference) {
               }
           }
         }
+}
+
+// The AMX kernel's packing, padding and blocking (shapes that are not multiples of the 32-row,
+// 32-column micro blocks or of the 128 x 128 x 256 blocks) on emulated tiles, on any processor;
+// the real tiles too where the processor has AMX. Reference: the sum in double, rounded once.
+TEST(Kernels, AmxLinearMatchesDoubleReference) {
+  std::mt19937 rng(11);
+  struct Shape {
+    int64_t M, K, N;
+  };
+  for (Shape sh : {Shape{1, 32, 32}, Shape{37, 70, 50}, Shape{64, 64, 64}, Shape{160, 600, 140},
+                   Shape{33, 8, 3}}) {
+    const int64_t M = sh.M, K = sh.K, N = sh.N;
+    auto w = random_vec(size_t(N * K), rng, 0.5f, DType::BF16);
+    auto x = random_vec(size_t(M * K), rng, 1.0f, DType::BF16);
+    auto b = random_vec(size_t(N), rng, 0.1f, DType::BF16);
+    std::vector<uint16_t> wb(w.size());
+    store_from_f32(w.data(), DType::BF16, reinterpret_cast<std::byte*>(wb.data()), w.size());
+    for (bool with_bias : {false, true}) {
+      const float* bp = with_bias ? b.data() : nullptr;
+      std::vector<std::pair<const char*, decltype(&gemm_amx::linear)>> impls = {
+          {"emulated", &gemm_amx::linear_emulated}};
+      if (gemm_amx::available()) impls.push_back({"amx", &gemm_amx::linear});
+      for (auto [name, fn] : impls) {
+        std::vector<float> out(size_t(M * N), kNaN);
+        fn(x.data(), M, K, wb.data(), N, bp, out.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double sum = 0, mag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const double p = double(x[size_t(m * K + k)]) * w[size_t(n * K + k)];
+              sum += p;
+              mag += std::fabs(p);
+            }
+            const float ref = round_bf16(float(sum + (bp ? bp[n] : 0.0)));
+            const float got = out[size_t(m * N + n)];
+            ASSERT_LE(std::fabs(double(got) - ref), 1e-6 * mag + ulp(ref, DType::BF16))
+                << name << " M=" << M << " K=" << K << " N=" << N << " at " << m << "," << n;
+            ASSERT_EQ(round_bf16(got), got) << name << ": output not a bf16 value";
+          }
+      }
+    }
+  }
 }
 
 TEST(Kernels, LinearPropagatesNaNAndInfFromWeights) {

@@ -1,0 +1,416 @@
+// AMX bf16 linear layers: see gemm_amx.hpp. The tile instructions run only after available()
+// said yes.
+#include "numerics/gemm_amx.hpp"
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "numerics/activations.hpp"
+#include "numerics/dtype.hpp"
+#include "numerics/dtype_simd.hpp"
+#include "numerics/parallel.hpp"
+#include "numerics/profile.hpp"
+
+namespace nanscope::gemm_amx {
+
+namespace {
+
+// A tile register as configured here: 16 rows of 64 bytes (16 fp32, or 32 bf16 = 16 pairs).
+constexpr int64_t kRows = 16;
+constexpr int64_t kPairK = 32;                  // bf16 values of K per tile row
+constexpr int64_t kTileElems = kRows * kPairK;  // bf16 per packed weight tile (1 KB)
+constexpr int64_t kMicro = 32;                  // 2 x 2 tiles of C: 32 rows x 32 columns
+
+// Block sizes: a worker computes C blocks of m x n (fp32, in its own buffer), K in steps of k,
+// inside which 32 x 32 micro blocks run k / 32 steps of four tile products. The 32 x k slice of A
+// of a micro block stays in L1 while the micro blocks of its row pass over it; the next step's
+// B tiles are prefetched. Chosen on the 16-core Xeon among 64-256 x 64-256 x 128-512 with and
+// without prefetch (bench_gemm, BENCHMARKS.md): 128 x 128 x 512 with prefetch was best.
+struct Blocking {
+  int64_t m = 128, n = 128, k = 512;
+  bool prefetch = true;  // software prefetch of the next step's B tiles into L1
+};
+
+Blocking blocking() {
+  static const Blocking b = [] {
+    Blocking r;
+    // For tuning on a new processor (bench_gemm): NANSCOPE_AMX_BLOCK=M,N,K, multiples of 32.
+    if (const char* e = std::getenv("NANSCOPE_AMX_BLOCK")) {
+      long m = 0, n = 0, k = 0;
+      if (std::sscanf(e, "%ld,%ld,%ld", &m, &n, &k) == 3 && m > 0 && n > 0 && k > 0 &&
+          m % kMicro == 0 && n % kMicro == 0 && k % kPairK == 0)
+        r = {m, n, k, r.prefetch};
+    }
+    if (const char* e = std::getenv("NANSCOPE_AMX_PREFETCH")) r.prefetch = *e != '0';
+    return r;
+  }();
+  return b;
+}
+
+// ---- Tile backends -------------------------------------------------------------------------
+// The kernel below is written against this interface; tile numbers are template arguments
+// because the AMX instructions take them as immediates.
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64);
+
+// The instructions as inline assembly: the compiler's _tile_* macros paste their tile number
+// into the instruction text, so they cannot take a template argument, and the mnemonics need no
+// AMX compiler flags (binutils knows them), so no other code of this file can pick up AMX.
+struct AmxTiles {
+  void config() {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kRows;
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+  }
+  void release() { __asm__ volatile("tilerelease" ::: "memory"); }
+  template <int T>
+  void zero() {
+    __asm__ volatile("tilezero %%tmm%c0" : : "i"(T));
+  }
+  template <int T>
+  void load(const void* p, int64_t stride) {
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" : : "r"(p), "r"(stride), "i"(T) : "memory");
+  }
+  template <int T>
+  void store(void* p, int64_t stride) {
+    __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" : : "r"(p), "r"(stride), "i"(T) : "memory");
+  }
+  template <int C, int A, int B>
+  void dp() {
+    __asm__ volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" : : "i"(C), "i"(A), "i"(B));
+  }
+};
+
+// The same operations on eight 1 KB arrays, following the instruction set reference's
+// pseudo-code for TDPBF16PS (products of bf16 pairs added in order into fp32, bf16 subnormal
+// inputs read as zero). Not bit-exact with every processor's internal rounding (the tests
+// compare both with a tolerance); it exercises the packing, padding and blocking.
+struct EmulatedTiles {
+  alignas(64) uint8_t t[8][kRows * 64];
+  void config() { std::memset(t, 0, sizeof t); }
+  void release() {}
+  template <int T>
+  void zero() {
+    std::memset(t[T], 0, sizeof t[T]);
+  }
+  template <int T>
+  void load(const void* p, int64_t stride) {
+    for (int64_t r = 0; r < kRows; ++r)
+      std::memcpy(t[T] + r * 64, static_cast<const uint8_t*>(p) + r * stride, 64);
+  }
+  template <int T>
+  void store(void* p, int64_t stride) {
+    for (int64_t r = 0; r < kRows; ++r)
+      std::memcpy(static_cast<uint8_t*>(p) + r * stride, t[T] + r * 64, 64);
+  }
+  static float daz(uint16_t h) {
+    if ((h & 0x7f80) == 0) h &= 0x8000;  // subnormal (or zero) -> signed zero
+    return bf16_to_f32(h);
+  }
+  template <int C, int A, int B>
+  void dp() {
+    for (int64_t m = 0; m < kRows; ++m) {
+      float acc[16];
+      std::memcpy(acc, t[C] + m * 64, 64);
+      uint16_t a[32];
+      std::memcpy(a, t[A] + m * 64, 64);
+      for (int64_t k = 0; k < 16; ++k) {
+        uint16_t b[32];
+        std::memcpy(b, t[B] + k * 64, 64);
+        for (int64_t n = 0; n < 16; ++n) {
+          acc[n] += daz(a[2 * k]) * daz(b[2 * n]);
+          acc[n] += daz(a[2 * k + 1]) * daz(b[2 * n + 1]);
+        }
+      }
+      std::memcpy(t[C] + m * 64, acc, 64);
+    }
+  }
+};
+
+// ---- Operands ------------------------------------------------------------------------------
+
+int64_t round_up(int64_t v, int64_t to) {
+  return (v + to - 1) / to * to;
+}
+
+template <typename T>
+using Buffer = std::vector<T, ActivationAllocator<T>>;
+
+// 8 x 8 transpose of 32-bit elements: out row i = column i of the 8 input rows.
+inline void transpose8(const __m256i in[8], __m256i out[8]) {
+  const __m256 r0 = _mm256_castsi256_ps(in[0]), r1 = _mm256_castsi256_ps(in[1]),
+               r2 = _mm256_castsi256_ps(in[2]), r3 = _mm256_castsi256_ps(in[3]),
+               r4 = _mm256_castsi256_ps(in[4]), r5 = _mm256_castsi256_ps(in[5]),
+               r6 = _mm256_castsi256_ps(in[6]), r7 = _mm256_castsi256_ps(in[7]);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+               t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+               t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  out[0] = _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x20));
+  out[1] = _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x20));
+  out[2] = _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x20));
+  out[3] = _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x20));
+  out[4] = _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x31));
+  out[5] = _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x31));
+  out[6] = _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x31));
+  out[7] = _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// W [N, K] bf16 -> tiles of 16 output columns x 32 K values in the pair-interleaved layout the
+// B operand of TDPBF16PS wants (row r of a tile holds, for each of its 16 columns, the pair
+// K = 2r, 2r + 1), tile (nb, kb) at (nb * kt + kb) * 512. N padded to a multiple of 32, K to a
+// multiple of 32, with zeros. As 32-bit pairs, each tile is a 16 x 16 transpose of W: four 8 x 8
+// register transposes for whole tiles, element by element at the edges. Packs the column tiles
+// [nb0, nb1) into packed (tile nb at (nb - nb0) * kt * 512): each worker packs the panel of
+// columns it is about to use into its own buffer, which then stays in its caches (a separate
+// packing pass wrote and re-read the whole matrix: 13 % of the products' time for a 4B model).
+void pack_weights(const uint16_t* w, int64_t N, int64_t K, int64_t Kp, int64_t nb0, int64_t nb1,
+                  uint16_t* packed) {
+  const int64_t kt = Kp / kPairK;
+  {
+    for (int64_t nb = nb0; nb < nb1; ++nb)
+      for (int64_t kb = 0; kb < kt; ++kb) {
+        uint32_t* tile = reinterpret_cast<uint32_t*>(packed + ((nb - nb0) * kt + kb) * kTileElems);
+        if ((nb + 1) * kRows <= N && (kb + 1) * kPairK <= K) {
+          const uint16_t* src = w + nb * kRows * K + kb * kPairK;
+          for (int q = 0; q < 4; ++q) {  // quadrant: input rows n0.., pair columns r0..
+            const int64_t n0 = (q & 1) * 8, r0 = (q >> 1) * 8;
+            __m256i in[8], out[8];
+            for (int i = 0; i < 8; ++i)
+              in[i] =
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (n0 + i) * K + 2 * r0));
+            transpose8(in, out);
+            for (int i = 0; i < 8; ++i)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + (r0 + i) * kRows + n0), out[i]);
+          }
+          continue;
+        }
+        for (int64_t n = 0; n < kRows; ++n) {
+          const int64_t row = nb * kRows + n;
+          for (int64_t r = 0; r < kRows; ++r) {
+            const int64_t k = kb * kPairK + 2 * r;
+            uint32_t v = 0;
+            if (row < N) {
+              if (k + 1 < K) {
+                std::memcpy(&v, w + row * K + k, 4);
+              } else if (k < K) {
+                v = w[row * K + k];
+              }
+            }
+            tile[r * kRows + n] = v;
+          }
+        }
+      }
+  }
+}
+
+// x [M, K] fp32 -> bf16 tiles of 16 rows x 32 K values, tile (mb, kb) at (mb * kt + kb) * 512,
+// rows laid out one after another (a tile is 1 KB of contiguous memory: one stream for the
+// prefetchers, no cache-set conflicts between its rows). Zero padded to [Mp, Kp]; x holds bf16
+// values, so the narrowing is exact.
+void pack_activations(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t* a) {
+  const int64_t kt = Kp / kPairK;
+  parallel_for(Mp, kRows, [&](int64_t r0, int64_t r1) {
+    std::vector<uint16_t> row(static_cast<size_t>(Kp), 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (r < M) {
+        store_from_f32(x + r * K, DType::BF16, reinterpret_cast<std::byte*>(row.data()), size_t(K));
+      } else {
+        std::fill(row.begin(), row.end(), uint16_t{0});
+      }
+      uint16_t* dst = a + (r / kRows) * kt * kTileElems + (r % kRows) * kPairK;
+      for (int64_t kb = 0; kb < kt; ++kb)
+        std::memcpy(dst + kb * kTileElems, row.data() + kb * kPairK, kPairK * 2);
+    }
+  });
+}
+
+// Rows [m0, m1) x columns [n0, n1) of C (fp32, row stride ldc) + bias, rounded to bf16, into out.
+void finish(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+            const float* bias, int64_t N, float* out) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* cr = c + (m - m0) * ldc - n0;
+    float* o = out + m * N;
+    int64_t n = n0;
+#if NANSCOPE_HAVE_AVX2_F16C
+    for (; n + 8 <= n1; n += 8) {
+      __m256 v = _mm256_loadu_ps(cr + n);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+      _mm256_storeu_ps(o + n, simd::round_bf16x8(v));
+    }
+#endif
+    for (; n < n1; ++n) o[n] = round_bf16(bias ? cr[n] + bias[n] : cr[n]);
+  }
+}
+
+// ---- The kernel ----------------------------------------------------------------------------
+
+template <typename Tiles>
+void run(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
+         float* out) {
+  if (M <= 0 || N <= 0) return;
+  const Blocking bs = blocking();
+  const int64_t Mp = round_up(M, kMicro), Np = round_up(N, kMicro), Kp = round_up(K, kPairK);
+  const int64_t kt = Kp / kPairK;
+  Buffer<uint16_t> a(static_cast<size_t>(Mp * Kp));
+  {
+    profile::Scope s("linear.amx_pack");
+    pack_activations(x, M, K, Mp, Kp, a.data());
+  }
+  profile::Scope s("linear.amx");
+  const int64_t mblocks = (Mp + bs.m - 1) / bs.m, nblocks = (Np + bs.n - 1) / bs.n;
+  const int64_t ldc = bs.n;
+  // Consecutive blocks of a worker share their columns (B stays in its caches).
+  parallel_for(mblocks * nblocks, 1, [&](int64_t lo, int64_t hi) {
+    Tiles tiles;
+    tiles.config();
+    std::vector<float> cbuf(static_cast<size_t>(bs.m * bs.n));
+    float* C = cbuf.data();
+    std::vector<uint16_t> panel(static_cast<size_t>(bs.n * Kp));  // this worker's B columns
+    int64_t panel_n0 = -1;
+    for (int64_t idx = lo; idx < hi; ++idx) {
+      const int64_t m0 = (idx % mblocks) * bs.m, m1 = std::min(Mp, m0 + bs.m);
+      const int64_t n0 = (idx / mblocks) * bs.n, n1 = std::min(Np, n0 + bs.n);
+      if (panel_n0 != n0) {
+        pack_weights(w, N, K, Kp, n0 / kRows, n1 / kRows, panel.data());
+        panel_n0 = n0;
+      }
+      for (int64_t k0 = 0; k0 < Kp; k0 += bs.k) {
+        const int64_t k1 = std::min(Kp, k0 + bs.k);
+        for (int64_t mi = m0; mi < m1; mi += kMicro) {
+          const uint16_t* a0 = a.data() + (mi / kRows) * kt * kTileElems;
+          const uint16_t* a1 = a0 + kt * kTileElems;
+          for (int64_t ni = n0; ni < n1; ni += kMicro) {
+            float* c = C + (mi - m0) * ldc + (ni - n0);
+            if (k0 == 0) {
+              tiles.template zero<0>();
+              tiles.template zero<1>();
+              tiles.template zero<2>();
+              tiles.template zero<3>();
+            } else {
+              tiles.template load<0>(c, ldc * 4);
+              tiles.template load<1>(c + kRows, ldc * 4);
+              tiles.template load<2>(c + kRows * ldc, ldc * 4);
+              tiles.template load<3>(c + kRows * ldc + kRows, ldc * 4);
+            }
+            const uint16_t* b0 = panel.data() + ((ni - n0) / kRows) * kt * kTileElems;
+            const uint16_t* b1 = b0 + kt * kTileElems;
+            for (int64_t k = k0; k < k1; k += kPairK) {
+              if (bs.prefetch && k + kPairK < Kp) {
+                const char* p0 = reinterpret_cast<const char*>(b0 + (k / kPairK + 1) * kTileElems);
+                const char* p1 = reinterpret_cast<const char*>(b1 + (k / kPairK + 1) * kTileElems);
+                for (int l = 0; l < 1024; l += 64) {
+                  _mm_prefetch(p0 + l, _MM_HINT_T0);
+                  _mm_prefetch(p1 + l, _MM_HINT_T0);
+                }
+              }
+              tiles.template load<4>(a0 + (k / kPairK) * kTileElems, 64);
+              tiles.template load<5>(a1 + (k / kPairK) * kTileElems, 64);
+              tiles.template load<6>(b0 + (k / kPairK) * kTileElems, 64);
+              tiles.template load<7>(b1 + (k / kPairK) * kTileElems, 64);
+              tiles.template dp<0, 4, 6>();
+              tiles.template dp<1, 4, 7>();
+              tiles.template dp<2, 5, 6>();
+              tiles.template dp<3, 5, 7>();
+            }
+            tiles.template store<0>(c, ldc * 4);
+            tiles.template store<1>(c + kRows, ldc * 4);
+            tiles.template store<2>(c + kRows * ldc, ldc * 4);
+            tiles.template store<3>(c + kRows * ldc + kRows, ldc * 4);
+          }
+        }
+      }
+      finish(C, ldc, m0, std::min(m1, M), n0, std::min(n1, N), bias, N, out);
+    }
+    tiles.release();
+  });
+}
+
+// CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (tile state) enabled by
+// the OS; then Linux >= 5.16 must grant the process the tile data state (arch_prctl).
+bool detect() {
+  if (const char* off = std::getenv("NANSCOPE_NO_AMX"); off && *off && std::string(off) != "0")
+    return false;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;
+#ifdef __linux__
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (::syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool available() {
+  static const bool ok = detect();
+  return ok;
+}
+
+void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
+            float* out) {
+  run<AmxTiles>(x, M, K, w, N, bias, out);
+}
+
+Peak peak(int64_t steps) {
+  Peak p;
+  for (int pass = 0; pass < 2; ++pass) {
+    const int threads = default_threads();
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_for(threads, 1, [&](int64_t, int64_t) {
+      alignas(64) static thread_local uint16_t buf[4 * kTileElems] = {};
+      AmxTiles t;
+      t.config();
+      t.zero<0>(), t.zero<1>(), t.zero<2>(), t.zero<3>();
+      t.load<4>(buf, 64), t.load<5>(buf + kTileElems, 64);
+      t.load<6>(buf + 2 * kTileElems, 64), t.load<7>(buf + 3 * kTileElems, 64);
+      for (int64_t i = 0; i < steps; ++i) {
+        if (pass == 1) {
+          t.load<4>(buf, 64), t.load<5>(buf + kTileElems, 64);
+          t.load<6>(buf + 2 * kTileElems, 64), t.load<7>(buf + 3 * kTileElems, 64);
+        }
+        t.dp<0, 4, 6>(), t.dp<1, 4, 7>(), t.dp<2, 5, 6>(), t.dp<3, 5, 7>();
+      }
+      t.release();
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // Each product: 16 x 16 outputs x 32 products x 2 FLOP.
+    const double gflops = double(threads) * double(steps) * 4 * 16 * 16 * 32 * 2 / s / 1e9;
+    (pass == 0 ? p.products : p.with_loads) = gflops;
+  }
+  return p;
+}
+
+void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                     const float* bias, float* out) {
+  run<EmulatedTiles>(x, M, K, w, N, bias, out);
+}
+
+}  // namespace nanscope::gemm_amx

@@ -1,0 +1,49 @@
+// bf16 linear layers on Intel AMX tiles (Sapphire Rapids and later), written for nanscope's
+// batched bf16 runs (`nanscope hidden`): out = round_bf16(x @ W^T + bias), read from and written
+// to the fp32 activation arrays directly.
+//
+// Why our own kernel and not only oneDNN: Debian 12's oneDNN 2.6 reached 2.7-4.8 TFLOP/s on the
+// decoder's shapes on the 16-core Xeon, and on top of it every product needed a pass converting
+// the activations to bf16, a reorder of the weights and a pass widening the bf16 result back to
+// fp32 (bench_gemm, docs/forward.md). Here the weights are packed once per call into the tiles'
+// pair-interleaved layout, the activations are narrowed once, and bias, rounding and widening
+// happen while each finished block is still in cache.
+//
+// Numerics: TDPBF16PS multiplies bf16 pairs exactly and accumulates in fp32 (the order is the
+// kernel's, as with any BLAS), treating bf16 subnormal inputs as zero, as oneDNN's AMX and
+// AVX512-BF16 kernels inside torch do; bias added in fp32, one rounding to bf16 (round to
+// nearest even) = torch's bf16 addmm.
+//
+// The same blocking runs on an emulation of the tiles in plain C++ (`emulated`), which is how
+// the layout, padding and blocking are tested on machines without AMX.
+#pragma once
+
+#include <cstdint>
+
+namespace nanscope::gemm_amx {
+
+// Whether this processor has AMX-BF16 and the kernel may use it (asks Linux for the tile state
+// once). False on other processors and with NANSCOPE_NO_AMX=1 in the environment.
+bool available();
+
+// out[M, N] (fp32 row-major, every value a bf16 value) = round_bf16(x[M, K] @ w[N, K]^T + bias),
+// x fp32 row-major holding bf16 values (narrowed with round to nearest even otherwise), w bf16 bit
+// patterns row-major as checkpoints store linear weights, bias nullable (N fp32). Uses the
+// process's parallel_for workers. Requires available().
+void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
+            float* out);
+
+// The same computation with the tiles emulated in C++ (slow; for tests on any x86-64 machine).
+void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                     const float* bias, float* out);
+
+// Benchmark aid (bench_gemm --peak): what the tile units of this machine deliver with every
+// worker busy, in GFLOP/s: `products` runs the kernel's four tile products per step on tiles
+// already loaded; `with_loads` adds its four tile loads per step, from 4 KB that stay in L1.
+// The ceiling any kernel here can reach. Requires available().
+struct Peak {
+  double products = 0, with_loads = 0;
+};
+Peak peak(int64_t steps_per_thread = 1 << 20);
+
+}  // namespace nanscope::gemm_amx
