@@ -11,6 +11,7 @@ packages=(
   libutf8proc-dev         # NFC normalisation for the tokenizer
   libopenblas-dev         # fp32 matrix products (sgemm) for merge and the fp32 forward
   libdnnl-dev             # oneDNN: bf16 matrix products (Intel AMX / AVX512-BF16) for batched runs
+  libsleef-dev            # SLEEF: the vector expf of torch's CPU kernels (SiLU), same bits
   libgtest-dev libgmock-dev  # unit tests
   libbenchmark-dev        # micro-benchmarks in bench/
   python3 python3-dev pybind11-dev python3-numpy python3-pytest  # Python bindings and their tests

@@ -251,13 +251,7 @@ class Model {
             const int64_t i = i0 + r;
             float* si = S + r * T;
             float* pi = P + r * T;
-            for (int64_t j = 0; j <= i; ++j)
-              if (std::isfinite(si[j])) peak = std::max(peak, double(std::fabs(si[j])));
-            round_inplace(si, size_t(T), dt_);
-            for (int64_t j = 0; j < T; ++j) si[j] = si[j] * scaling;
-            round_inplace(si, size_t(T), dt_);
-            for (int64_t j = i + 1; j < T; ++j) si[j] = si[j] + mask;
-            round_inplace(si, size_t(T), dt_);
+            attention_scores_row(si, T, i, scaling, mask, dt_, peak);
             softmax_row(si, T, pi);
             round_inplace(pi, size_t(T), dt_);
           }

@@ -8,6 +8,7 @@
 
 #include <cblas.h>
 #include <immintrin.h>
+#include <sleef.h>
 
 #include <algorithm>
 #include <bit>
@@ -300,6 +301,11 @@ void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, d
 
 // ---- softmax (fp32) --------------------------------------------------------------------------
 namespace {
+// SLEEF's expf_u10 (torch's Vectorized<float>::exp) for one value.
+inline float sleef_expf(float x) {
+  return _mm256_cvtss_f32(Sleef_expf8_u10avx2(_mm256_set1_ps(x)));
+}
+
 // torch's max reduction propagates NaN.
 inline float nan_max(float a, float b) {
   if (std::isnan(a)) return a;
@@ -308,16 +314,88 @@ inline float nan_max(float a, float b) {
 }
 }  // namespace
 
-void softmax_row(const float* x, int64_t n, float* out) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = std::exp(x[i] - m);
-    sum += out[i];
+// torch's _vec_softmax_lastdim for float (the softmax of eager attention, run in fp32), with the
+// 16 float lanes of the AVX-512 build the goldens were made with: the max and the sum are
+// vec::reduce_all (lane-wise over whole vectors, the remainder into the first lanes, then halves,
+// quarters, pairs, neighbours; fewer than 16 values in order), exp(x - max) is SLEEF's expf_u10 on
+// every element (vec::map sends the remainder through a partial vector too), then x * (1 / sum).
+namespace {
+constexpr int64_t kTorchLanes = 16;
+
+template <typename Op>
+float torch_reduce_all(const float* d, int64_t n, Op op) {
+  float acc[kTorchLanes];
+  if (n < kTorchLanes) {
+    float a = d[0];
+    for (int64_t i = 1; i < n; ++i) a = op(a, d[i]);
+    return a;
   }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < n; ++i) out[i] *= inv;
+  std::memcpy(acc, d, sizeof acc);
+  int64_t k = kTorchLanes;
+  for (; k < n - n % kTorchLanes; k += kTorchLanes)
+    for (int64_t l = 0; l < kTorchLanes; ++l) acc[l] = op(acc[l], d[k + l]);
+  for (int64_t l = 0; k + l < n; ++l) acc[l] = op(acc[l], d[k + l]);
+  for (int64_t w = kTorchLanes / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] = op(acc[l], acc[l + w]);
+  return acc[0];
+}
+}  // namespace
+
+void softmax_row(const float* x, int64_t n, float* out) {
+  const float m = torch_reduce_all(x, n, nan_max);
+  const __m256 mv = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv)));
+  for (; i < n; ++i) out[i] = sleef_expf(x[i] - m);
+  const float inv = 1.0f / torch_reduce_all(out, n, [](float a, float b) { return a + b; });
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), iv));
+  for (; i < n; ++i) out[i] = out[i] * inv;
+}
+
+void attention_scores_row(float* s, int64_t T, int64_t i, float scaling, float mask, DType dt,
+                          double& peak) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 sc = _mm256_set1_ps(scaling), mk = _mm256_set1_ps(mask);
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 last = _mm256_set1_ps(float(i));
+  __m256 pk = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= T; j += 8) {
+    __m256 v = _mm256_loadu_ps(s + j);
+    const __m256 col = _mm256_add_ps(lane, _mm256_set1_ps(float(j)));  // exact below 2^24
+    const __m256 masked = _mm256_cmp_ps(col, last, _CMP_GT_OQ);
+    const __m256 a = _mm256_and_ps(v, abs_mask);
+    const __m256 counts = _mm256_andnot_ps(masked, _mm256_cmp_ps(a, inf, _CMP_LT_OQ));
+    pk = _mm256_max_ps(pk, _mm256_and_ps(a, counts));
+    v = round8(_mm256_mul_ps(round8(v, dt), sc), dt);
+    if (_mm256_movemask_ps(masked)) {
+      const __m256 added = round8(_mm256_add_ps(v, mk), dt);
+      v = _mm256_blendv_ps(v, added, masked);
+    }
+    _mm256_storeu_ps(s + j, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, pk);
+  for (float p : lanes) peak = std::max(peak, double(p));
+  for (; j < T; ++j) {
+    if (j <= i && std::isfinite(s[j])) peak = std::max(peak, double(std::fabs(s[j])));
+    float v = round_to(round_to(s[j], dt) * scaling, dt);
+    if (j > i) v = round_to(v + mask, dt);
+    s[j] = v;
+  }
+}
+
+void attention_scores_row_ref(float* s, int64_t T, int64_t i, float scaling, float mask, DType dt,
+                              double& peak) {
+  for (int64_t j = 0; j <= i && j < T; ++j)
+    if (std::isfinite(s[j])) peak = std::max(peak, double(std::fabs(s[j])));
+  for (int64_t j = 0; j < T; ++j) s[j] = round_to(s[j], dt);
+  for (int64_t j = 0; j < T; ++j) s[j] = round_to(s[j] * scaling, dt);
+  for (int64_t j = i + 1; j < T; ++j) s[j] = round_to(s[j] + mask, dt);
 }
 
 void softmax_row_ref(const float* x, int64_t n, float* out) {
@@ -337,33 +415,34 @@ void softmax_row_ref(const float* x, int64_t n, float* out) {
 }
 
 // ---- SiLU(gate) * up -------------------------------------------------------------------------
+// torch's CPU silu (aten/src/ATen/native/cpu/Activation.cpp) is x / (1 + exp(-x)) on whole
+// vectors with Vectorized<float>::exp(), which is SLEEF's expf_u10, and the C library's expf on
+// the elements left over. Here too: SLEEF (Debian's libsleef) for every 8 lanes, whose AVX2 and
+// AVX-512 builds compute the same function, and std::exp for the remainder of the array (the
+// chunks of parallel_for are multiples of 8, so which elements are left over does not depend on
+// the thread count). Eight lanes of SLEEF also cost a tenth of eight calls of expf.
 void silu_mul(const float* gate, const float* up, int64_t n, DType dt, float* out) {
   parallel_for(n, 4096, [&](int64_t b, int64_t e) {
-    // exp one element at a time (the C library's expf, as the scalar twin), the rest eight
-    // lanes at a time: the same operations, so the same roundings.
-    constexpr int64_t kBlock = 256;
-    float ex[kBlock];
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (int64_t i0 = b; i0 < e; i0 += kBlock) {
-      const int64_t m = std::min(kBlock, e - i0);
-      for (int64_t j = 0; j < m; ++j) ex[j] = std::exp(-gate[i0 + j]);
-      int64_t j = 0;
-      for (; j + 8 <= m; j += 8) {
-        const __m256 g = _mm256_loadu_ps(gate + i0 + j);
-        const __m256 sv = round8(_mm256_div_ps(g, _mm256_add_ps(one, _mm256_loadu_ps(ex + j))), dt);
-        _mm256_storeu_ps(out + i0 + j, round8(_mm256_mul_ps(sv, _mm256_loadu_ps(up + i0 + j)), dt));
-      }
-      for (; j < m; ++j) {
-        const float sv = round_to(gate[i0 + j] / (1.0f + ex[j]), dt);
-        out[i0 + j] = round_to(sv * up[i0 + j], dt);
-      }
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = b;
+    for (; i + 8 <= e; i += 8) {
+      const __m256 g = _mm256_loadu_ps(gate + i);
+      const __m256 ex = Sleef_expf8_u10avx2(_mm256_xor_ps(g, sign));  // exp(-g)
+      const __m256 sv = round8(_mm256_div_ps(g, _mm256_add_ps(one, ex)), dt);
+      _mm256_storeu_ps(out + i, round8(_mm256_mul_ps(sv, _mm256_loadu_ps(up + i)), dt));
+    }
+    for (; i < e; ++i) {
+      const float sv = round_to(gate[i] / (1.0f + std::exp(-gate[i])), dt);
+      out[i] = round_to(sv * up[i], dt);
     }
   });
 }
 
 void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float* out) {
+  const int64_t vec_end = n / 8 * 8;  // elements torch computes in vectors
   for (int64_t i = 0; i < n; ++i) {
-    const float s = round_to(gate[i] / (1.0f + std::exp(-gate[i])), dt);
+    const float ex = i < vec_end ? sleef_expf(-gate[i]) : std::exp(-gate[i]);
+    const float s = round_to(gate[i] / (1.0f + ex), dt);
     out[i] = round_to(s * up[i], dt);
   }
 }

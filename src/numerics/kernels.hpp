@@ -52,6 +52,13 @@ void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, d
 // Softmax of one row in fp32 (torch's: max, exp(x - max), sum, multiply by 1/sum). A NaN or
 // +inf anywhere, or a row of only -inf, gives a row of NaN, as in torch.
 void softmax_row(const float* x, int64_t n, float* out);
+// The elementwise steps of eager attention on row i of the scores s[0, T) (transformers'
+// eager_attention_forward): peak = max(peak, |s_j|) over finite s_j with j <= i (before any
+// rounding), then s = round(round(round(s) * scaling) + mask) with mask added where j > i.
+void attention_scores_row(float* s, int64_t T, int64_t i, float scaling, float mask, DType dt,
+                          double& peak);
+void attention_scores_row_ref(float* s, int64_t T, int64_t i, float scaling, float mask, DType dt,
+                              double& peak);
 void softmax_row_ref(const float* x, int64_t n, float* out);
 
 // out = round_dt(round_dt(silu(gate)) * up), silu(x) = x / (1 + exp(-x)) in fp32.

@@ -258,6 +258,29 @@ TEST(Kernels, SoftmaxMatchesReferenceAndTorchNaNRules) {
   EXPECT_EQ(p[0], 0.5f);
 }
 
+TEST(Kernels, AttentionScoresRowMatchesReference) {
+  std::mt19937 rng(13);
+  for (DType dt : kRun)
+    for (int64_t T : {1, 5, 8, 37, 128})
+      for (int64_t i : {int64_t(0), T / 2, T - 1}) {
+        auto s = random_vec(size_t(T), rng, 30.0f, DType::F32);
+        if (T > 5) s[3] = kNaN, s[4] = kInf, s[T - 1] = -kInf;
+        if (T > 2) s[1] = 7e4f;  // beyond fp16's range once rounded
+        std::vector<float> a = s, b = s;
+        double pa = 0.5, pb = 0.5;
+        const float mask = dtype_lowest(dt);
+        attention_scores_row(a.data(), T, i, 0.125f, mask, dt, pa);
+        attention_scores_row_ref(b.data(), T, i, 0.125f, mask, dt, pb);
+        EXPECT_EQ(pa, pb) << dtype_name(dt) << " T=" << T << " i=" << i;
+        for (int64_t j = 0; j < T; ++j) {
+          if (std::isnan(b[size_t(j)]))
+            EXPECT_TRUE(std::isnan(a[size_t(j)])) << j;
+          else
+            EXPECT_EQ(a[size_t(j)], b[size_t(j)]) << dtype_name(dt) << " T=" << T << " j=" << j;
+        }
+      }
+}
+
 TEST(Kernels, SiluMulMatchesReference) {
   std::mt19937 rng(9);
   for (DType dt : kRun) {
