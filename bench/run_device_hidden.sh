@@ -20,7 +20,7 @@ cat "$OUT/hidden-machine.txt"
 # The bf16 products alone (AMX kernel, oneDNN), with a few block sizes of the AMX kernel, and
 # the ceiling of the tile units (products alone / with the kernel's loads from L1).
 [ -x $BIN/bench_gemm ] && $BIN/bench_gemm --peak 2000000 > "$OUT/amx-peak.json" 2>&1; cat "$OUT/amx-peak.json"
-for blk in ${AMX_BLOCKS:-default}; do
+[ "${GEMM:-1}" = 1 ] && for blk in ${AMX_BLOCKS:-default}; do
   if [ "$blk" = default ]; then $BIN/bench_gemm --tokens 1024,4096 --repeat 2
   else NANSCOPE_AMX_BLOCK=$blk $BIN/bench_gemm --tokens 4096 --repeat 2 | sed "s/^{/{\"amx_block\":\"$blk\",/"; fi
 done > "$OUT/gemm.jsonl" 2>&1
@@ -30,7 +30,7 @@ cat $W/q4b/*.safetensors > /dev/null  # warm the page cache for both sides
 $M ref_hidden python3 bench/reference/ref_hidden.py $W/q4b $PROMPTS $TOKENS bf16 $PROMPTS eager >> "$R"
 $M nanscope_hidden_4096 $BIN/bench_hidden $W/q4b $PROMPTS $TOKENS bf16 eager 4096 >> "$R"
 [ -n "${HIDDEN_BLOCK:-}" ] && NANSCOPE_AMX_BLOCK=$HIDDEN_BLOCK $M nanscope_hidden_4096_block_$HIDDEN_BLOCK $BIN/bench_hidden $W/q4b $PROMPTS $TOKENS bf16 eager 4096 >> "$R"
-NANSCOPE_NO_AMX=1 $M nanscope_hidden_4096_onednn $BIN/bench_hidden $W/q4b $PROMPTS $TOKENS bf16 eager 4096 >> "$R"
+[ "${ONEDNN:-1}" = 1 ] && NANSCOPE_NO_AMX=1 $M nanscope_hidden_4096_onednn $BIN/bench_hidden $W/q4b $PROMPTS $TOKENS bf16 eager 4096 >> "$R"
 NANSCOPE_PROFILE=1 $BIN/bench_hidden $W/q4b 16 $TOKENS bf16 eager 2048 2>&1 | tail -2
 # The command itself, end to end: last-token states of every layer, written to disk.
 python3 -c "

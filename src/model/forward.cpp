@@ -20,6 +20,7 @@
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "numerics/activations.hpp"
+#include "numerics/gemm_amx.hpp"
 #include "numerics/kernels.hpp"
 #include "numerics/parallel.hpp"
 #include "numerics/profile.hpp"
@@ -229,6 +230,8 @@ class Model {
     const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
     const float scaling = float(std::pow(double(D), -0.5));
     const float mask = dtype_lowest(dt_);
+    // q, k, p and v hold bf16 values in a bf16 run: their products go to AMX where there is AMX.
+    const bool amx = dt_ == DType::BF16 && gemm_amx::available();
     AttentionBuffers buf = attention_buffers();
     parallel_for(buf.jobs, 1, [&](int64_t j0, int64_t j1) {
       // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
@@ -246,7 +249,10 @@ class Model {
           const int64_t rows = std::min(kRowBlock, T - i0);
           float* S = buf.keep ? buf.s.data() + (h * T + i0) * T : sblk.data();
           float* P = buf.keep ? buf.p.data() + (h * T + i0) * T : pblk.data();
-          sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
+          if (amx)  // bf16 products on AMX tiles, as torch's bf16 matmul there
+            gemm_amx::matmul_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);
+          else
+            sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
             float* si = S + r * T;
@@ -255,7 +261,10 @@ class Model {
             softmax_row(si, T, pi);
             round_inplace(pi, size_t(T), dt_);
           }
-          sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
+          if (amx)
+            gemm_amx::matmul_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);
+          else
+            sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
           round_inplace(oblk.data(), size_t(rows * D), dt_);
           for (int64_t r = 0; r < rows; ++r)
             std::copy_n(oblk.data() + r * D, D, buf.ctx.data() + (g.off + i0 + r) * qd + h * D);

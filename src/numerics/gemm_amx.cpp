@@ -349,8 +349,6 @@ void run(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, con
 // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (tile state) enabled by
 // the OS; then Linux >= 5.16 must grant the process the tile data state (arch_prctl).
 bool detect() {
-  if (const char* off = std::getenv("NANSCOPE_NO_AMX"); off && *off && std::string(off) != "0")
-    return false;
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return false;
@@ -367,16 +365,178 @@ bool detect() {
 #endif
 }
 
+// Where the kernels run: the processor's tiles, the emulation (NANSCOPE_AMX_EMULATE=1: the
+// forward pass's AMX paths testable on any machine, slowly), or nowhere (no AMX, or
+// NANSCOPE_NO_AMX=1).
+enum class Mode { kNone, kHardware, kEmulated };
+
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::string(v) != "0";
+}
+
+Mode mode() {
+  static const Mode m = env_on("NANSCOPE_NO_AMX")        ? Mode::kNone
+                        : env_on("NANSCOPE_AMX_EMULATE") ? Mode::kEmulated
+                        : detect()                       ? Mode::kHardware
+                                                         : Mode::kNone;
+  return m;
+}
+
+// ---- Small products for attention ---------------------------------------------------------
+// One (sequence, head) of eager attention at a time, inside the caller's parallel loop: operands
+// packed into thread-local tiles, 2 x 2 tiles of C over the whole (short) K, C through a
+// thread-local buffer.
+
+struct SmallBuffers {
+  std::vector<uint16_t> a, b;
+  std::vector<float> c;
+};
+
+SmallBuffers& small_buffers() {
+  static thread_local SmallBuffers s;
+  return s;
+}
+
+// n fp32 values -> bf16 (round to nearest even; exact for the bf16 values attention holds).
+void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), simd::to_bf16x8(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
+}
+
+// Rows [0, M) x K of an fp32 matrix holding bf16 values -> A tiles [mt][kt], zero padded.
+void pack_a_f32(const float* a, int64_t lda, int64_t M, int64_t K, int64_t mt, int64_t kt,
+                uint16_t* out) {
+  std::fill(out, out + mt * kt * kTileElems, uint16_t{0});
+  uint16_t row[1024];
+  for (int64_t r = 0; r < M; ++r) {
+    uint16_t* dst = out + (r / kRows) * kt * kTileElems + (r % kRows) * kPairK;
+    for (int64_t k0 = 0; k0 < K; k0 += 1024) {
+      const int64_t n = std::min<int64_t>(1024, K - k0);
+      to_bf16(a + r * lda + k0, n, row);
+      for (int64_t k = 0; k < n; k += kPairK)
+        std::memcpy(dst + ((k0 + k) / kPairK) * kTileElems, row + k,
+                    size_t(std::min<int64_t>(kPairK, n - k)) * 2);
+    }
+  }
+}
+
+// B tiles [nt][kt] for c = a @ op(b): element (k, n) of op(b) is b[n * ldb + k] when b_rows_are_n
+// (b holds N rows of K, as k for q @ k^T), else b[k * ldb + n] (b holds K rows of N, as v). A
+// tile's row r holds, for each of its 16 columns, the pair of K = 2r, 2r + 1.
+void pack_b_f32(const float* b, int64_t ldb, bool b_rows_are_n, int64_t N, int64_t K, int64_t nt,
+                int64_t kt, uint16_t* out) {
+  std::fill(out, out + nt * kt * kTileElems, uint16_t{0});
+  std::vector<uint16_t> row(static_cast<size_t>(std::max(K, N) + 1), 0);
+  if (b_rows_are_n) {
+    for (int64_t n = 0; n < N; ++n) {  // a row of b: K values, i.e. K / 2 pairs
+      row[size_t(K)] = 0;
+      to_bf16(b + n * ldb, K, row.data());
+      for (int64_t k = 0; k < K; k += 2) {
+        uint16_t* tile = out + ((n / kRows) * kt + k / kPairK) * kTileElems;
+        uint16_t* pair = tile + ((k % kPairK) / 2) * kPairK + (n % kRows) * 2;
+        pair[0] = row[size_t(k)];
+        pair[1] = row[size_t(k + 1)];  // 0 past K
+      }
+    }
+    return;
+  }
+  std::vector<uint16_t> row2(row.size(), 0);
+  for (int64_t k = 0; k < K; k += 2) {  // rows k and k + 1 of b interleave into one tile row
+    to_bf16(b + k * ldb, N, row.data());
+    if (k + 1 < K)
+      to_bf16(b + (k + 1) * ldb, N, row2.data());
+    else
+      std::fill(row2.begin(), row2.end(), uint16_t{0});
+    for (int64_t n0 = 0; n0 < N; n0 += kRows) {
+      uint16_t* dst =
+          out + ((n0 / kRows) * kt + k / kPairK) * kTileElems + ((k % kPairK) / 2) * kPairK;
+      const int64_t w = std::min<int64_t>(kRows, N - n0);
+      for (int64_t n = 0; n < w; ++n) {
+        dst[2 * n] = row[size_t(n0 + n)];
+        dst[2 * n + 1] = row2[size_t(n0 + n)];
+      }
+    }
+  }
+}
+
+template <typename Tiles>
+void small_product(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_rows_are_n,
+                   int64_t M, int64_t N, int64_t K, float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t Mp = round_up(M, kMicro), Np = round_up(N, kMicro), Kp = round_up(K, kPairK);
+  const int64_t mt = Mp / kRows, nt = Np / kRows, kt = Kp / kPairK;
+  SmallBuffers& sb = small_buffers();
+  sb.a.resize(size_t(mt * kt * kTileElems));
+  sb.b.resize(size_t(nt * kt * kTileElems));
+  sb.c.resize(size_t(Mp * Np));
+  pack_a_f32(a, lda, M, K, mt, kt, sb.a.data());
+  pack_b_f32(b, ldb, b_rows_are_n, N, K, nt, kt, sb.b.data());
+  Tiles tiles;
+  tiles.config();
+  const int64_t ldcb = Np * 4;
+  for (int64_t mi = 0; mi < mt; mi += 2)
+    for (int64_t ni = 0; ni < nt; ni += 2) {
+      float* C = sb.c.data() + mi * kRows * Np + ni * kRows;
+      tiles.template zero<0>();
+      tiles.template zero<1>();
+      tiles.template zero<2>();
+      tiles.template zero<3>();
+      const uint16_t* a0 = sb.a.data() + mi * kt * kTileElems;
+      const uint16_t* a1 = a0 + kt * kTileElems;
+      const uint16_t* b0 = sb.b.data() + ni * kt * kTileElems;
+      const uint16_t* b1 = b0 + kt * kTileElems;
+      for (int64_t k = 0; k < kt; ++k) {
+        tiles.template load<4>(a0 + k * kTileElems, 64);
+        tiles.template load<5>(a1 + k * kTileElems, 64);
+        tiles.template load<6>(b0 + k * kTileElems, 64);
+        tiles.template load<7>(b1 + k * kTileElems, 64);
+        tiles.template dp<0, 4, 6>();
+        tiles.template dp<1, 4, 7>();
+        tiles.template dp<2, 5, 6>();
+        tiles.template dp<3, 5, 7>();
+      }
+      tiles.template store<0>(C, ldcb);
+      tiles.template store<1>(C + kRows, ldcb);
+      tiles.template store<2>(C + kRows * Np, ldcb);
+      tiles.template store<3>(C + kRows * Np + kRows, ldcb);
+    }
+  tiles.release();
+  for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc, sb.c.data() + m * Np, size_t(N) * 4);
+}
+
+template <typename... Args>
+void small(Args... args) {
+  if (mode() == Mode::kEmulated)
+    small_product<EmulatedTiles>(args...);
+  else
+    small_product<AmxTiles>(args...);
+}
+
 }  // namespace
 
 bool available() {
-  static const bool ok = detect();
-  return ok;
+  return mode() != Mode::kNone;
 }
 
 void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
             float* out) {
-  run<AmxTiles>(x, M, K, w, N, bias, out);
+  if (mode() == Mode::kEmulated)
+    run<EmulatedTiles>(x, M, K, w, N, bias, out);
+  else
+    run<AmxTiles>(x, M, K, w, N, bias, out);
+}
+
+void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+               int64_t M, int64_t N, int64_t K) {
+  small(a, lda, b, ldb, true, M, N, K, c, ldc);
+}
+
+void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+               int64_t M, int64_t N, int64_t K) {
+  small(a, lda, b, ldb, false, M, N, K, c, ldc);
 }
 
 Peak peak(int64_t steps) {

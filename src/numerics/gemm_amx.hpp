@@ -24,6 +24,8 @@ namespace nanscope::gemm_amx {
 
 // Whether this processor has AMX-BF16 and the kernel may use it (asks Linux for the tile state
 // once). False on other processors and with NANSCOPE_NO_AMX=1 in the environment.
+// NANSCOPE_AMX_EMULATE=1 makes it true everywhere and runs every AMX path on emulated tiles: how
+// the forward pass's AMX paths are tested against the goldens on machines without AMX (slow).
 bool available();
 
 // out[M, N] (fp32 row-major, every value a bf16 value) = round_bf16(x[M, K] @ w[N, K]^T + bias),
@@ -32,6 +34,16 @@ bool available();
 // process's parallel_for workers. Requires available().
 void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
             float* out);
+
+// Single-threaded products for eager attention (called inside the caller's parallel loop), on
+// fp32 arrays holding bf16 values, fp32 results not rounded: c[M, N] = a[M, K] @ b[N, K]^T
+// (matmul_nt, q @ k^T) or a[M, K] @ b[K, N] (matmul_nn, p @ v), leading dimensions in elements.
+// Same contract as sgemm_nt / sgemm_nn of kernels.hpp with bf16 products (subnormals as zero).
+// Requires available().
+void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+               int64_t M, int64_t N, int64_t K);
+void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+               int64_t M, int64_t N, int64_t K);
 
 // The same computation with the tiles emulated in C++ (slow; for tests on any x86-64 machine).
 void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,

@@ -129,6 +129,46 @@ TEST(Kernels, AmxLinearMatchesDoubleReference) {
   }
 }
 
+// The attention products on tiles against sgemm on the same bf16 values: the products are exact,
+// so only the fp32 accumulation order differs. Runs where AMX is available, which includes every
+// machine under NANSCOPE_AMX_EMULATE=1 (the amx_emulated test of CMakeLists.txt).
+TEST(Kernels, AmxAttentionProductsMatchSgemm) {
+  if (!gemm_amx::available()) GTEST_SKIP() << "no AMX here (covered by the amx_emulated test)";
+  std::mt19937 rng(17);
+  struct Shape {
+    int64_t M, N, K;
+  };
+  for (Shape sh : {Shape{37, 50, 70}, Shape{64, 128, 128}, Shape{1, 3, 5}}) {
+    const int64_t M = sh.M, N = sh.N, K = sh.K, lda = K + 3, ldc = N + 5;
+    auto a = random_vec(size_t(M * lda), rng, 1.0f, DType::BF16);
+    auto bt = random_vec(size_t(N * (K + 1)), rng, 1.0f, DType::BF16);  // [N, K], ld K + 1
+    auto bn = random_vec(size_t(K * (N + 2)), rng, 1.0f, DType::BF16);  // [K, N], ld N + 2
+    a[size_t(2 % M * lda + 1)] = kNaN;  // row 2 % M: NaN in every output of that row
+    for (bool nt : {true, false}) {
+      std::vector<float> got(size_t(M * ldc), -1.0f), ref(got.size(), -1.0f);
+      if (nt) {
+        gemm_amx::matmul_nt(a.data(), lda, bt.data(), K + 1, got.data(), ldc, M, N, K);
+        sgemm_nt(a.data(), lda, bt.data(), K + 1, ref.data(), ldc, M, N, K);
+      } else {
+        gemm_amx::matmul_nn(a.data(), lda, bn.data(), N + 2, got.data(), ldc, M, N, K);
+        sgemm_nn(a.data(), lda, bn.data(), N + 2, ref.data(), ldc, M, N, K);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < ldc; ++n) {
+          const float g = got[size_t(m * ldc + n)], r = ref[size_t(m * ldc + n)];
+          if (n >= N) {
+            ASSERT_EQ(g, -1.0f) << "wrote past column N";
+          } else if (m == 2 % M) {
+            ASSERT_TRUE(std::isnan(g)) << m << "," << n;
+          } else {
+            ASSERT_NEAR(g, r, 1e-5f * (1.0f + std::fabs(r)))
+                << (nt ? "nt " : "nn ") << m << "," << n;
+          }
+        }
+    }
+  }
+}
+
 TEST(Kernels, LinearPropagatesNaNAndInfFromWeights) {
   std::mt19937 rng(3);
   for (DType storage : kStorage)
