@@ -163,9 +163,11 @@ class Model {
     // MLP block.
     x = rmsnorm_sites(l, n.post_attention_layernorm, h, H_,
                       param(W(n.post_attention_layernorm, {H_}), H_), T_);
-    Vec gate =
-        linear_site(l, n.gate_proj, x, W(n.gate_proj, {I_, H_}), B(mlp_bias_, n.gate_proj, I_));
-    Vec up = linear_site(l, n.up_proj, x, W(n.up_proj, {I_, H_}), B(mlp_bias_, n.up_proj, I_));
+    std::vector<Vec> gate_up =
+        linear_sites_shared(l, x,
+                            {{n.gate_proj, W(n.gate_proj, {I_, H_}), B(mlp_bias_, n.gate_proj, I_)},
+                             {n.up_proj, W(n.up_proj, {I_, H_}), B(mlp_bias_, n.up_proj, I_)}});
+    Vec gate = std::move(gate_up[0]), up = std::move(gate_up[1]);
     Vec act(gate.size());
     {
       const profile::Scope t("elementwise");
@@ -188,9 +190,12 @@ class Model {
   template <typename WFn, typename BFn>
   Vec attention(int64_t l, const LayerNames& n, const Vec& x, WFn& W, BFn& B) {
     const int64_t qd = nH_ * D_, kvd = nKV_ * D_;
-    Vec q = linear_site(l, n.q_proj, x, W(n.q_proj, {qd, H_}), B(qkv_bias_, n.q_proj, qd));
-    Vec k = linear_site(l, n.k_proj, x, W(n.k_proj, {kvd, H_}), B(qkv_bias_, n.k_proj, kvd));
-    Vec v = linear_site(l, n.v_proj, x, W(n.v_proj, {kvd, H_}), B(qkv_bias_, n.v_proj, kvd));
+    std::vector<Vec> qkv =
+        linear_sites_shared(l, x,
+                            {{n.q_proj, W(n.q_proj, {qd, H_}), B(qkv_bias_, n.q_proj, qd)},
+                             {n.k_proj, W(n.k_proj, {kvd, H_}), B(qkv_bias_, n.k_proj, kvd)},
+                             {n.v_proj, W(n.v_proj, {kvd, H_}), B(qkv_bias_, n.v_proj, kvd)}});
+    Vec q = std::move(qkv[0]), k = std::move(qkv[1]), v = std::move(qkv[2]);
     if (arch_.qk_norm) {  // Qwen3: RMSNorm over each head's D values, before RoPE
       q = rmsnorm_sites(l, n.q_norm, q, D_, param(W(n.q_norm, {D_}), D_), T_ * nH_, {T_, nH_, D_});
       k = rmsnorm_sites(l, n.k_norm, k, D_, param(W(n.k_norm, {D_}), D_), T_ * nKV_,
@@ -428,6 +433,31 @@ class Model {
     }
     site(l, module, out, {T_, wv.rows});
     return out;
+  }
+
+  // Linear layers of the same input (q/k/v, gate/up), computed together (the AMX path packs the
+  // input once), then reported in order as linear_site would.
+  struct LinearSpec {
+    const std::string& module;
+    TensorRef w;
+    Vec bias;
+  };
+  std::vector<Vec> linear_sites_shared(int64_t l, const Vec& x, std::vector<LinearSpec> specs) {
+    std::vector<Vec> outs;
+    std::vector<LinearOutput> jobs;
+    outs.reserve(specs.size());  // the jobs point into these
+    for (const LinearSpec& sp : specs) {
+      const WeightView wv = view(sp.w);
+      outs.emplace_back(size_t(T_ * wv.rows));
+      jobs.push_back({wv, sp.bias.empty() ? nullptr : sp.bias.data(), outs.back().data()});
+    }
+    {
+      const profile::Scope t("linear");
+      linear_shared_input(x.data(), T_, jobs, dt_);
+    }
+    for (size_t i = 0; i < specs.size(); ++i)
+      site(l, specs[i].module, outs[i], {T_, jobs[i].w.rows});
+    return outs;
   }
 
   Vec rmsnorm_sites(int64_t l, const std::string& module, const Vec& x, int64_t n, const Vec& w,

@@ -265,18 +265,29 @@ void finish(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int
 
 // ---- The kernel ----------------------------------------------------------------------------
 
+// The input packed once for one or more products (linear_many: q/k/v, gate/up).
+struct PackedInput {
+  int64_t M = 0, K = 0, Mp = 0, Kp = 0;
+  Buffer<uint16_t> a;
+};
+
+PackedInput pack_input(const float* x, int64_t M, int64_t K) {
+  profile::Scope s("linear.amx_pack");
+  PackedInput p;
+  p.M = M, p.K = K, p.Mp = round_up(M, kMicro), p.Kp = round_up(K, kPairK);
+  p.a.resize(static_cast<size_t>(p.Mp * p.Kp));
+  pack_activations(x, M, K, p.Mp, p.Kp, p.a.data());
+  return p;
+}
+
 template <typename Tiles>
-void run(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
-         float* out) {
+void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias, float* out) {
+  const int64_t M = in.M, K = in.K, Mp = in.Mp, Kp = in.Kp;
   if (M <= 0 || N <= 0) return;
   const Blocking bs = blocking();
-  const int64_t Mp = round_up(M, kMicro), Np = round_up(N, kMicro), Kp = round_up(K, kPairK);
+  const int64_t Np = round_up(N, kMicro);
   const int64_t kt = Kp / kPairK;
-  Buffer<uint16_t> a(static_cast<size_t>(Mp * Kp));
-  {
-    profile::Scope s("linear.amx_pack");
-    pack_activations(x, M, K, Mp, Kp, a.data());
-  }
+  const Buffer<uint16_t>& a = in.a;
   profile::Scope s("linear.amx");
   const int64_t mblocks = (Mp + bs.m - 1) / bs.m, nblocks = (Np + bs.n - 1) / bs.n;
   const int64_t ldc = bs.n;
@@ -523,10 +534,19 @@ bool available() {
 
 void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
             float* out) {
-  if (mode() == Mode::kEmulated)
-    run<EmulatedTiles>(x, M, K, w, N, bias, out);
-  else
-    run<AmxTiles>(x, M, K, w, N, bias, out);
+  const LinearJob job{w, N, bias, out};
+  linear_many(x, M, K, std::span<const LinearJob>(&job, 1));
+}
+
+void linear_many(const float* x, int64_t M, int64_t K, std::span<const LinearJob> jobs) {
+  if (M <= 0 || jobs.empty()) return;
+  const PackedInput in = pack_input(x, M, K);
+  for (const LinearJob& j : jobs) {
+    if (mode() == Mode::kEmulated)
+      run<EmulatedTiles>(in, j.w, j.N, j.bias, j.out);
+    else
+      run<AmxTiles>(in, j.w, j.N, j.bias, j.out);
+  }
 }
 
 void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
@@ -570,7 +590,8 @@ Peak peak(int64_t steps) {
 
 void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,
                      const float* bias, float* out) {
-  run<EmulatedTiles>(x, M, K, w, N, bias, out);
+  if (M <= 0) return;
+  run<EmulatedTiles>(pack_input(x, M, K), w, N, bias, out);
 }
 
 }  // namespace nanscope::gemm_amx

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 namespace nanscope::gemm_amx {
 
@@ -44,6 +45,15 @@ void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
                int64_t M, int64_t N, int64_t K);
 void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                int64_t M, int64_t N, int64_t K);
+
+// Several products of the same input (q/k/v, gate/up): the input is narrowed and packed once.
+struct LinearJob {
+  const uint16_t* w;  // [N, K] bf16
+  int64_t N;
+  const float* bias;  // nullable
+  float* out;         // [M, N]
+};
+void linear_many(const float* x, int64_t M, int64_t K, std::span<const LinearJob> jobs);
 
 // The same computation with the tiles emulated in C++ (slow; for tests on any x86-64 machine).
 void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,

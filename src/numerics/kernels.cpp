@@ -239,6 +239,20 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
   });
 }
 
+void linear_shared_input(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt) {
+  bool shared = dt == DType::BF16 && T >= kBf16GemmTokens && gemm_amx::available() && !outs.empty();
+  for (const LinearOutput& o : outs)
+    shared = shared && o.w.storage == DType::BF16 && o.w.cols == outs[0].w.cols;
+  if (!shared) {
+    for (const LinearOutput& o : outs) linear(x, T, o.w, o.bias, dt, o.out);
+    return;
+  }
+  std::vector<gemm_amx::LinearJob> jobs;
+  for (const LinearOutput& o : outs)
+    jobs.push_back({reinterpret_cast<const uint16_t*>(o.w.data), o.w.rows, o.bias, o.out});
+  gemm_amx::linear_many(x, T, outs[0].w.cols, jobs);
+}
+
 void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
                 float* out) {
   for (int64_t t = 0; t < T; ++t)

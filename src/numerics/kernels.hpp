@@ -37,6 +37,14 @@ void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, fl
 // the run dtype. Threaded over output rows; AVX2 converts bf16/f16 weights in registers.
 void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
             float* out);
+// Several linear layers of the same input (q/k/v, gate/up): each as linear() computes it, with
+// the input prepared once where the kernel repacks it (the AMX path).
+struct LinearOutput {
+  WeightView w;
+  const float* bias;  // nullable
+  float* out;
+};
+void linear_shared_input(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt);
 void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
                 float* out);
 
