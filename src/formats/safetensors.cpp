@@ -412,9 +412,11 @@ struct SafetensorsWriter::Impl {
   // block size of the device; 4096 covers every device in use.
   static constexpr size_t kAlign = 4096;
   static constexpr size_t kMaxChunk = size_t(8) << 20;
-  // Two chunks on the way to disk while the caller fills a third and a fourth waits: the disk
-  // is never idle for want of bytes unless the caller is slower than the disk.
-  static constexpr int kChunks = 4;
+  // Up to 16 chunks (128 MB) between the caller and the disk: a caller faster than the disk for a
+  // while (a copied embedding) runs ahead, so the disk does not wait when it is slower (LoRA
+  // products). With 4 chunks the merge of the 0.6B synthetic took 1.02-1.54 s on the dev box,
+  // with 16 0.92-1.15 s (8 runs each, interleaved), with 32 no better.
+  static constexpr int kChunks = 16;
 
   std::filesystem::path path;
   std::filesystem::path tmp;
