@@ -243,6 +243,7 @@ class Model {
       // probabilities @ v) with the elementwise steps in between, row by row.
       Vec sblk(static_cast<size_t>(kRowBlock * maxT_)), pblk(sblk.size());
       Vec oblk(static_cast<size_t>(kRowBlock * D));
+      gemm_amx::PackedB kt, vt;  // k and v of the job in tiles, packed once for all row blocks
       for (int64_t job = j0; job < j1; ++job) {
         const Segment& g = segs_[size_t(job / nH_)];
         const int64_t h = job % nH_, kvh = h / rep, T = g.len;
@@ -250,12 +251,16 @@ class Model {
         const float* kh = k.data() + g.off * kvd + kvh * D;
         const float* vh = v.data() + g.off * kvd + kvh * D;
         double& peak = buf.peak[size_t(job)];
+        if (amx) {
+          gemm_amx::pack_rows_n(kh, kvd, T, D, kt);
+          gemm_amx::pack_rows_k(vh, kvd, T, D, vt);
+        }
         for (int64_t i0 = 0; i0 < T; i0 += kRowBlock) {
           const int64_t rows = std::min(kRowBlock, T - i0);
           float* S = buf.keep ? buf.s.data() + (h * T + i0) * T : sblk.data();
           float* P = buf.keep ? buf.p.data() + (h * T + i0) * T : pblk.data();
           if (amx)  // bf16 products on AMX tiles, as torch's bf16 matmul there
-            gemm_amx::matmul_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);
+            gemm_amx::matmul_packed(qh + i0 * qd, qd, rows, kt, S, T);
           else
             sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
           for (int64_t r = 0; r < rows; ++r) {
@@ -267,7 +272,7 @@ class Model {
             round_inplace(pi, size_t(T), dt_);
           }
           if (amx)
-            gemm_amx::matmul_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);
+            gemm_amx::matmul_packed(P, T, rows, vt, oblk.data(), D);
           else
             sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
           round_inplace(oblk.data(), size_t(rows * D), dt_);

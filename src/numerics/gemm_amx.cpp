@@ -400,7 +400,7 @@ Mode mode() {
 // thread-local buffer.
 
 struct SmallBuffers {
-  std::vector<uint16_t> a, b;
+  std::vector<uint16_t> a;
   std::vector<float> c;
 };
 
@@ -434,27 +434,43 @@ void pack_a_f32(const float* a, int64_t lda, int64_t M, int64_t K, int64_t mt, i
   }
 }
 
-// B tiles [nt][kt] for c = a @ op(b): element (k, n) of op(b) is b[n * ldb + k] when b_rows_are_n
-// (b holds N rows of K, as k for q @ k^T), else b[k * ldb + n] (b holds K rows of N, as v). A
-// tile's row r holds, for each of its 16 columns, the pair of K = 2r, 2r + 1.
-void pack_b_f32(const float* b, int64_t ldb, bool b_rows_are_n, int64_t N, int64_t K, int64_t nt,
-                int64_t kt, uint16_t* out) {
-  std::fill(out, out + nt * kt * kTileElems, uint16_t{0});
-  std::vector<uint16_t> row(static_cast<size_t>(std::max(K, N) + 1), 0);
-  if (b_rows_are_n) {
-    for (int64_t n = 0; n < N; ++n) {  // a row of b: K values, i.e. K / 2 pairs
-      row[size_t(K)] = 0;
-      to_bf16(b + n * ldb, K, row.data());
-      for (int64_t k = 0; k < K; k += 2) {
-        uint16_t* tile = out + ((n / kRows) * kt + k / kPairK) * kTileElems;
-        uint16_t* pair = tile + ((k % kPairK) / 2) * kPairK + (n % kRows) * 2;
-        pair[0] = row[size_t(k)];
-        pair[1] = row[size_t(k + 1)];  // 0 past K
+// Operand (k, n) of a product's right-hand side -> PackedB tiles [nt][kt]: a tile's row r holds,
+// for each of its 16 columns, the pair of K = 2r, 2r + 1. From b holding N rows of K (k for
+// q @ k^T): as 32-bit pairs each tile is a 16 x 16 transpose, done 8 x 8 in registers where whole;
+// from b holding K rows of N (v for p @ v): two rows of b interleave into one tile row.
+void pack_b_rows_n(const float* b, int64_t ldb, PackedB& out) {
+  const int64_t N = out.N, K = out.K, kt = out.kt;
+  uint16_t* tiles = out.tiles.data();
+  const int64_t n8 = N / 8 * 8, k16 = K / 16 * 16;
+  for (int64_t n0 = 0; n0 < n8; n0 += 8)
+    for (int64_t k0 = 0; k0 < k16; k0 += 16) {
+      __m256i in[8], tr[8];
+      for (int i = 0; i < 8; ++i) {
+        const float* src = b + (n0 + i) * ldb + k0;
+        const __m128i lo = simd::to_bf16x8(_mm256_loadu_ps(src));
+        const __m128i hi = simd::to_bf16x8(_mm256_loadu_ps(src + 8));
+        in[i] = _mm256_set_m128i(hi, lo);  // 8 pairs of row n0 + i
+      }
+      transpose8(in, tr);  // tr[j]: pair k0 / 2 + j of rows n0 .. n0 + 7
+      uint16_t* tile = tiles + ((n0 / kRows) * kt + k0 / kPairK) * kTileElems;
+      for (int j = 0; j < 8; ++j) {
+        const int64_t r = (k0 % kPairK) / 2 + j;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * kPairK + (n0 % kRows) * 2),
+                            tr[j]);
       }
     }
-    return;
-  }
-  std::vector<uint16_t> row2(row.size(), 0);
+  // The edges: rows past n8, columns past k16.
+  auto one = [&](int64_t n, int64_t k) {
+    uint16_t* tile = tiles + ((n / kRows) * kt + k / kPairK) * kTileElems;
+    tile[((k % kPairK) / 2) * kPairK + (n % kRows) * 2 + (k & 1)] = f32_to_bf16(b[n * ldb + k]);
+  };
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = n < n8 ? k16 : 0; k < K; ++k) one(n, k);
+}
+
+void pack_b_rows_k(const float* b, int64_t ldb, PackedB& out) {
+  const int64_t N = out.N, K = out.K, kt = out.kt;
+  std::vector<uint16_t> row(static_cast<size_t>(N)), row2(row.size());
   for (int64_t k = 0; k < K; k += 2) {  // rows k and k + 1 of b interleave into one tile row
     to_bf16(b + k * ldb, N, row.data());
     if (k + 1 < K)
@@ -462,10 +478,22 @@ void pack_b_f32(const float* b, int64_t ldb, bool b_rows_are_n, int64_t N, int64
     else
       std::fill(row2.begin(), row2.end(), uint16_t{0});
     for (int64_t n0 = 0; n0 < N; n0 += kRows) {
-      uint16_t* dst =
-          out + ((n0 / kRows) * kt + k / kPairK) * kTileElems + ((k % kPairK) / 2) * kPairK;
+      uint16_t* dst = out.tiles.data() + ((n0 / kRows) * kt + k / kPairK) * kTileElems +
+                      ((k % kPairK) / 2) * kPairK;
       const int64_t w = std::min<int64_t>(kRows, N - n0);
-      for (int64_t n = 0; n < w; ++n) {
+      int64_t n = 0;
+      if (w == kRows) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row.data() + n0));
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row2.data() + n0));
+        // unpack works within 128-bit halves: lanes 0-3 + 8-11, then 4-7 + 12-15; permute back.
+        const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                            _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16),
+                            _mm256_permute2x128_si256(lo, hi, 0x31));
+        n = kRows;
+      }
+      for (; n < w; ++n) {
         dst[2 * n] = row[size_t(n0 + n)];
         dst[2 * n + 1] = row2[size_t(n0 + n)];
       }
@@ -473,18 +501,23 @@ void pack_b_f32(const float* b, int64_t ldb, bool b_rows_are_n, int64_t N, int64
   }
 }
 
+void prepare(PackedB& out, int64_t N, int64_t K) {
+  out.N = N, out.K = K;
+  out.nt = round_up(N, kMicro) / kRows, out.kt = round_up(K, kPairK) / kPairK;
+  out.tiles.assign(size_t(out.nt * out.kt * kTileElems), uint16_t{0});
+}
+
 template <typename Tiles>
-void small_product(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_rows_are_n,
-                   int64_t M, int64_t N, int64_t K, float* c, int64_t ldc) {
+void small_product(const float* a, int64_t lda, int64_t M, const PackedB& pb, float* c,
+                   int64_t ldc) {
+  const int64_t N = pb.N, K = pb.K;
   if (M <= 0 || N <= 0) return;
-  const int64_t Mp = round_up(M, kMicro), Np = round_up(N, kMicro), Kp = round_up(K, kPairK);
-  const int64_t mt = Mp / kRows, nt = Np / kRows, kt = Kp / kPairK;
+  const int64_t Mp = round_up(M, kMicro), Np = pb.nt * kRows;
+  const int64_t mt = Mp / kRows, nt = pb.nt, kt = pb.kt;
   SmallBuffers& sb = small_buffers();
   sb.a.resize(size_t(mt * kt * kTileElems));
-  sb.b.resize(size_t(nt * kt * kTileElems));
   sb.c.resize(size_t(Mp * Np));
   pack_a_f32(a, lda, M, K, mt, kt, sb.a.data());
-  pack_b_f32(b, ldb, b_rows_are_n, N, K, nt, kt, sb.b.data());
   Tiles tiles;
   tiles.config();
   const int64_t ldcb = Np * 4;
@@ -497,7 +530,7 @@ void small_product(const float* a, int64_t lda, const float* b, int64_t ldb, boo
       tiles.template zero<3>();
       const uint16_t* a0 = sb.a.data() + mi * kt * kTileElems;
       const uint16_t* a1 = a0 + kt * kTileElems;
-      const uint16_t* b0 = sb.b.data() + ni * kt * kTileElems;
+      const uint16_t* b0 = pb.tiles.data() + ni * kt * kTileElems;
       const uint16_t* b1 = b0 + kt * kTileElems;
       for (int64_t k = 0; k < kt; ++k) {
         tiles.template load<4>(a0 + k * kTileElems, 64);
@@ -518,12 +551,9 @@ void small_product(const float* a, int64_t lda, const float* b, int64_t ldb, boo
   for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc, sb.c.data() + m * Np, size_t(N) * 4);
 }
 
-template <typename... Args>
-void small(Args... args) {
-  if (mode() == Mode::kEmulated)
-    small_product<EmulatedTiles>(args...);
-  else
-    small_product<AmxTiles>(args...);
+PackedB& scratch_b() {
+  static thread_local PackedB b;
+  return b;
 }
 
 }  // namespace
@@ -549,14 +579,36 @@ void linear_many(const float* x, int64_t M, int64_t K, std::span<const LinearJob
   }
 }
 
+void pack_rows_n(const float* b, int64_t ldb, int64_t N, int64_t K, PackedB& out) {
+  prepare(out, N, K);
+  pack_b_rows_n(b, ldb, out);
+}
+
+void pack_rows_k(const float* b, int64_t ldb, int64_t K, int64_t N, PackedB& out) {
+  prepare(out, N, K);
+  pack_b_rows_k(b, ldb, out);
+}
+
+void matmul_packed(const float* a, int64_t lda, int64_t M, const PackedB& b, float* c,
+                   int64_t ldc) {
+  if (mode() == Mode::kEmulated)
+    small_product<EmulatedTiles>(a, lda, M, b, c, ldc);
+  else
+    small_product<AmxTiles>(a, lda, M, b, c, ldc);
+}
+
 void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                int64_t M, int64_t N, int64_t K) {
-  small(a, lda, b, ldb, true, M, N, K, c, ldc);
+  PackedB& pb = scratch_b();
+  pack_rows_n(b, ldb, N, K, pb);
+  matmul_packed(a, lda, M, pb, c, ldc);
 }
 
 void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                int64_t M, int64_t N, int64_t K) {
-  small(a, lda, b, ldb, false, M, N, K, c, ldc);
+  PackedB& pb = scratch_b();
+  pack_rows_k(b, ldb, K, N, pb);
+  matmul_packed(a, lda, M, pb, c, ldc);
 }
 
 Peak peak(int64_t steps) {

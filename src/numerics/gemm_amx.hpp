@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 namespace nanscope::gemm_amx {
 
@@ -45,6 +46,17 @@ void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
                int64_t M, int64_t N, int64_t K);
 void matmul_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                int64_t M, int64_t N, int64_t K);
+
+// The same with the right-hand side packed once for several products (k and v of one sequence
+// and head, for every block of query rows): pack_rows_n from b holding N rows of K (k),
+// pack_rows_k from b holding K rows of N (v); then matmul_packed(a, lda, M, b, c, ldc).
+struct PackedB {
+  int64_t N = 0, K = 0, nt = 0, kt = 0;
+  std::vector<uint16_t> tiles;
+};
+void pack_rows_n(const float* b, int64_t ldb, int64_t N, int64_t K, PackedB& out);
+void pack_rows_k(const float* b, int64_t ldb, int64_t K, int64_t N, PackedB& out);
+void matmul_packed(const float* a, int64_t lda, int64_t M, const PackedB& b, float* c, int64_t ldc);
 
 // Several products of the same input (q/k/v, gate/up): the input is narrowed and packed once.
 struct LinearJob {
