@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -265,6 +266,35 @@ void finish(const float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int
 
 // ---- The kernel ----------------------------------------------------------------------------
 
+// A worker's buffers, kept between products: its weight panel (up to 2.5 MB) and its block of C.
+// Allocated fresh and zero-filled for every product they cost a memset and page faults each
+// time; every element is written before it is read (pack_weights fills whole tiles).
+template <typename T>
+class Scratch {
+ public:
+  T* get(size_t n) {
+    if (n > size_) {
+      data_.reset(new T[n]);
+      size_ = n;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t size_ = 0;
+};
+
+struct WorkerBuffers {
+  Scratch<uint16_t> panel;
+  Scratch<float> c;
+};
+
+WorkerBuffers& worker_buffers() {
+  static thread_local WorkerBuffers b;
+  return b;
+}
+
 // The input packed once for one or more products (linear_many: q/k/v, gate/up).
 struct PackedInput {
   int64_t M = 0, K = 0, Mp = 0, Kp = 0;
@@ -295,15 +325,15 @@ void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
   parallel_for(mblocks * nblocks, 1, [&](int64_t lo, int64_t hi) {
     Tiles tiles;
     tiles.config();
-    std::vector<float> cbuf(static_cast<size_t>(bs.m * bs.n));
-    float* C = cbuf.data();
-    std::vector<uint16_t> panel(static_cast<size_t>(bs.n * Kp));  // this worker's B columns
+    WorkerBuffers& wb = worker_buffers();
+    float* C = wb.c.get(size_t(bs.m * bs.n));
+    uint16_t* panel = wb.panel.get(size_t(bs.n * Kp));  // this worker's B columns
     int64_t panel_n0 = -1;
     for (int64_t idx = lo; idx < hi; ++idx) {
       const int64_t m0 = (idx % mblocks) * bs.m, m1 = std::min(Mp, m0 + bs.m);
       const int64_t n0 = (idx / mblocks) * bs.n, n1 = std::min(Np, n0 + bs.n);
       if (panel_n0 != n0) {
-        pack_weights(w, N, K, Kp, n0 / kRows, n1 / kRows, panel.data());
+        pack_weights(w, N, K, Kp, n0 / kRows, n1 / kRows, panel);
         panel_n0 = n0;
       }
       for (int64_t k0 = 0; k0 < Kp; k0 += bs.k) {
@@ -324,7 +354,7 @@ void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
               tiles.template load<2>(c + kRows * ldc, ldc * 4);
               tiles.template load<3>(c + kRows * ldc + kRows, ldc * 4);
             }
-            const uint16_t* b0 = panel.data() + ((ni - n0) / kRows) * kt * kTileElems;
+            const uint16_t* b0 = panel + ((ni - n0) / kRows) * kt * kTileElems;
             const uint16_t* b1 = b0 + kt * kTileElems;
             for (int64_t k = k0; k < k1; k += kPairK) {
               if (bs.prefetch && k + kPairK < Kp) {
