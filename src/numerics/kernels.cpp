@@ -215,12 +215,17 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
         weight_rows(w, rt, nr, dt, tile.data());
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(nr), int(K), 1.0f, x,
                     int(K), tile.data(), int(K), 0.0f, acc.data(), int(nr));
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t r = 0; r < nr; ++r) {
-            float v = acc[size_t(t * nr + r)];
-            if (bias) v += bias[rt + r];
-            out[t * N + rt + r] = round_to(v, dt);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* a = acc.data() + t * nr;
+          float* o = out + t * N + rt;
+          int64_t r = 0;
+          for (; r + 8 <= nr; r += 8) {
+            __m256 v = _mm256_loadu_ps(a + r);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + rt + r));
+            _mm256_storeu_ps(o + r, round8(v, dt));
           }
+          for (; r < nr; ++r) o[r] = round_to(bias ? a[r] + bias[rt + r] : a[r], dt);
+        }
       }
     });
     return;
