@@ -5,9 +5,11 @@
 // Why our own kernel and not only oneDNN: Debian 12's oneDNN 2.6 reached 2.7-4.8 TFLOP/s on the
 // decoder's shapes on the 16-core Xeon, and on top of it every product needed a pass converting
 // the activations to bf16, a reorder of the weights and a pass widening the bf16 result back to
-// fp32 (bench_gemm, docs/forward.md). Here the weights are packed once per call into the tiles'
-// pair-interleaved layout, the activations are narrowed once, and bias, rounding and widening
-// happen while each finished block is still in cache.
+// fp32 (bench_gemm, docs/forward.md). Here each worker packs the panel of weights it multiplies
+// into the tiles' pair-interleaved layout in its own buffer, the activations are narrowed once
+// (once for q/k/v together, once for gate/up), and bias, rounding and widening happen while each
+// finished block is still in cache. Eager attention's q.k^T and p.v use the same tiles
+// (matmul_nt / matmul_nn / matmul_packed).
 //
 // Numerics: TDPBF16PS multiplies bf16 pairs exactly and accumulates in fp32 (the order is the
 // kernel's, as with any BLAS), treating bf16 subnormal inputs as zero, as oneDNN's AMX and
