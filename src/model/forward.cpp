@@ -295,9 +295,8 @@ class Model {
   // ignores NaN in the remaining columns (std::max), and a row whose max is -inf (all masked,
   // or all NaN) gets probabilities 0 and an output of 0 * v (qwen3-example: NaN q, finite
   // output under SDPA, NaN under eager).
-  static constexpr int64_t kTorchLanes = 16;
-  static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention  // AVX512
-                                            // float lanes (torch's CPU capability)
+  static constexpr int64_t kTorchLanes = kTorchFloatLanes;
+  static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention
 
   Vec fused(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
     const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
@@ -342,11 +341,7 @@ class Model {
               e[size_t(j)] = dt_ == DType::F32 ? torch_exp_u20(x) : torch_fexp_u20(x);
               lanes[j % kTorchLanes] += e[size_t(j)];
             }
-            if (nv > 0) {  // vec_reduce_all: halves, then quarters, pairs, neighbours
-              for (int64_t w = kTorchLanes / 2; w >= 1; w /= 2)
-                for (int64_t a = 0; a < w; ++a) lanes[a] = lanes[a] + lanes[a + w];
-              sum = lanes[0];
-            }
+            if (nv > 0) sum = torch_lanes_sum(lanes);
             for (int64_t j = nv; j < T; ++j) {
               e[size_t(j)] = std::exp(si[j] - m);
               sum += e[size_t(j)];
@@ -430,18 +425,11 @@ class Model {
   // ---- building blocks ----
   Vec linear_site(int64_t l, const std::string& module, const Vec& x, const TensorRef& w,
                   const Vec& bias) {
-    const WeightView wv = view(w);
-    Vec out(size_t(T_ * wv.rows));
-    {
-      const profile::Scope t("linear");
-      linear(x.data(), T_, wv, bias.empty() ? nullptr : bias.data(), dt_, out.data());
-    }
-    site(l, module, out, {T_, wv.rows});
-    return out;
+    return std::move(linear_sites_shared(l, x, {{module, w, bias}})[0]);
   }
 
-  // Linear layers of the same input (q/k/v, gate/up), computed together (the AMX path packs the
-  // input once), then reported in order as linear_site would.
+  // Linear layers of the same input (q/k/v, gate/up; one for linear_site), computed together (the
+  // AMX path packs the input once), then reported in module order.
   struct LinearSpec {
     const std::string& module;
     TensorRef w;

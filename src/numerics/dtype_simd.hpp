@@ -1,5 +1,6 @@
 // Eight-lane AVX2 forms of the bf16/fp16 conversions of dtype.hpp, for kernels that keep values
-// in registers from load to store (the bulk conversions of dtype.cpp, the merge's fused rows).
+// in registers from load to store (the bulk conversions of dtype.cpp, the merge's fused rows),
+// and the lane counters' horizontal sum those kernels share (tensor stats, merge fidelity).
 // Every lane computes exactly what the scalar function does; one definition serves both users so
 // that they cannot drift apart.
 #pragma once
@@ -8,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstddef>
+#include <cstdint>
 #define NANSCOPE_HAVE_AVX2_F16C 1
 
 namespace nanscope::simd {
@@ -55,6 +57,15 @@ inline __m256 round_bf16x8(__m256 x) {
 }
 inline __m256 round_f16x8(__m256 x) {
   return widen_f16x8(to_f16x8(x));
+}
+
+// The sum of eight unsigned 32-bit lane counters, without overflow.
+inline uint64_t sum_u32x8(__m256i v) {
+  alignas(32) uint32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  uint64_t s = 0;
+  for (uint32_t x : t) s += x;
+  return s;
 }
 
 }  // namespace nanscope::simd

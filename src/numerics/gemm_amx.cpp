@@ -12,7 +12,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -188,62 +187,108 @@ inline void transpose8(const __m256i in[8], __m256i out[8]) {
 void pack_weights(const uint16_t* w, int64_t N, int64_t K, int64_t Kp, int64_t nb0, int64_t nb1,
                   uint16_t* packed) {
   const int64_t kt = Kp / kPairK;
-  {
-    for (int64_t nb = nb0; nb < nb1; ++nb)
-      for (int64_t kb = 0; kb < kt; ++kb) {
-        uint32_t* tile = reinterpret_cast<uint32_t*>(packed + ((nb - nb0) * kt + kb) * kTileElems);
-        if ((nb + 1) * kRows <= N && (kb + 1) * kPairK <= K) {
-          const uint16_t* src = w + nb * kRows * K + kb * kPairK;
-          for (int q = 0; q < 4; ++q) {  // quadrant: input rows n0.., pair columns r0..
-            const int64_t n0 = (q & 1) * 8, r0 = (q >> 1) * 8;
-            __m256i in[8], out[8];
-            for (int i = 0; i < 8; ++i)
-              in[i] =
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (n0 + i) * K + 2 * r0));
-            transpose8(in, out);
-            for (int i = 0; i < 8; ++i)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + (r0 + i) * kRows + n0), out[i]);
-          }
-          continue;
+  for (int64_t nb = nb0; nb < nb1; ++nb)
+    for (int64_t kb = 0; kb < kt; ++kb) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(packed + ((nb - nb0) * kt + kb) * kTileElems);
+      if ((nb + 1) * kRows <= N && (kb + 1) * kPairK <= K) {
+        const uint16_t* src = w + nb * kRows * K + kb * kPairK;
+        for (int q = 0; q < 4; ++q) {  // quadrant: input rows n0.., pair columns r0..
+          const int64_t n0 = (q & 1) * 8, r0 = (q >> 1) * 8;
+          __m256i in[8], out[8];
+          for (int i = 0; i < 8; ++i)
+            in[i] =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (n0 + i) * K + 2 * r0));
+          transpose8(in, out);
+          for (int i = 0; i < 8; ++i)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + (r0 + i) * kRows + n0), out[i]);
         }
-        for (int64_t n = 0; n < kRows; ++n) {
-          const int64_t row = nb * kRows + n;
-          for (int64_t r = 0; r < kRows; ++r) {
-            const int64_t k = kb * kPairK + 2 * r;
-            uint32_t v = 0;
-            if (row < N) {
-              if (k + 1 < K) {
-                std::memcpy(&v, w + row * K + k, 4);
-              } else if (k < K) {
-                v = w[row * K + k];
-              }
+        continue;
+      }
+      for (int64_t n = 0; n < kRows; ++n) {
+        const int64_t row = nb * kRows + n;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const int64_t k = kb * kPairK + 2 * r;
+          uint32_t v = 0;
+          if (row < N) {
+            if (k + 1 < K) {
+              std::memcpy(&v, w + row * K + k, 4);
+            } else if (k < K) {
+              v = w[row * K + k];
             }
-            tile[r * kRows + n] = v;
           }
+          tile[r * kRows + n] = v;
         }
       }
+    }
+}
+
+// Rows [r0, r1) of x (M rows of K fp32 values holding bf16 values, row stride ldx) -> bf16 A
+// tiles of 16 rows x 32 K values, tile (mb, kb) at (mb * kt + kb) * 512, rows laid out one after
+// another (a tile is 1 KB of contiguous memory: one stream for the prefetchers, no cache-set
+// conflicts between its rows). Rows at or past M and columns past K are zeros; the narrowing is
+// exact. row: scratch of kt * 32 values whose tail past K is zero.
+void pack_a_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t kt, int64_t r0,
+                 int64_t r1, uint16_t* row, uint16_t* a) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r < M)
+      store_from_f32(x + r * ldx, DType::BF16, reinterpret_cast<std::byte*>(row), size_t(K));
+    else
+      std::fill(row, row + K, uint16_t{0});
+    uint16_t* dst = a + (r / kRows) * kt * kTileElems + (r % kRows) * kPairK;
+    for (int64_t kb = 0; kb < kt; ++kb)
+      std::memcpy(dst + kb * kTileElems, row + kb * kPairK, kPairK * 2);
   }
 }
 
-// x [M, K] fp32 -> bf16 tiles of 16 rows x 32 K values, tile (mb, kb) at (mb * kt + kb) * 512,
-// rows laid out one after another (a tile is 1 KB of contiguous memory: one stream for the
-// prefetchers, no cache-set conflicts between its rows). Zero padded to [Mp, Kp]; x holds bf16
-// values, so the narrowing is exact.
+// x [M, K] -> A tiles for [Mp, Kp], rows split among the workers.
 void pack_activations(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t* a) {
-  const int64_t kt = Kp / kPairK;
   parallel_for(Mp, kRows, [&](int64_t r0, int64_t r1) {
     std::vector<uint16_t> row(static_cast<size_t>(Kp), 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r < M) {
-        store_from_f32(x + r * K, DType::BF16, reinterpret_cast<std::byte*>(row.data()), size_t(K));
-      } else {
-        std::fill(row.begin(), row.end(), uint16_t{0});
-      }
-      uint16_t* dst = a + (r / kRows) * kt * kTileElems + (r % kRows) * kPairK;
-      for (int64_t kb = 0; kb < kt; ++kb)
-        std::memcpy(dst + kb * kTileElems, row.data() + kb * kPairK, kPairK * 2);
-    }
+    pack_a_rows(x, K, M, K, Kp / kPairK, r0, r1, row.data(), a);
   });
+}
+
+// C [32 x 32] (fp32, row stride ldc) = (accumulate ? C : 0) + A x B over the K tiles [kb0, kb1):
+// a0/a1 the A tiles of rows 0-15 / 16-31, b0/b1 the B tiles of columns 0-15 / 16-31 (consecutive
+// K tiles 512 values apart). Below prefetch_end, the next K tile of B is prefetched into L1.
+template <typename Tiles>
+void micro_block(Tiles& tiles, const uint16_t* a0, const uint16_t* a1, const uint16_t* b0,
+                 const uint16_t* b1, int64_t kb0, int64_t kb1, bool accumulate, float* c,
+                 int64_t ldc, int64_t prefetch_end) {
+  const int64_t stride = ldc * 4;
+  if (accumulate) {
+    tiles.template load<0>(c, stride);
+    tiles.template load<1>(c + kRows, stride);
+    tiles.template load<2>(c + kRows * ldc, stride);
+    tiles.template load<3>(c + kRows * ldc + kRows, stride);
+  } else {
+    tiles.template zero<0>();
+    tiles.template zero<1>();
+    tiles.template zero<2>();
+    tiles.template zero<3>();
+  }
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    if (kb + 1 < prefetch_end) {
+      const char* p0 = reinterpret_cast<const char*>(b0 + (kb + 1) * kTileElems);
+      const char* p1 = reinterpret_cast<const char*>(b1 + (kb + 1) * kTileElems);
+      for (int l = 0; l < 1024; l += 64) {
+        _mm_prefetch(p0 + l, _MM_HINT_T0);
+        _mm_prefetch(p1 + l, _MM_HINT_T0);
+      }
+    }
+    tiles.template load<4>(a0 + kb * kTileElems, 64);
+    tiles.template load<5>(a1 + kb * kTileElems, 64);
+    tiles.template load<6>(b0 + kb * kTileElems, 64);
+    tiles.template load<7>(b1 + kb * kTileElems, 64);
+    tiles.template dp<0, 4, 6>();
+    tiles.template dp<1, 4, 7>();
+    tiles.template dp<2, 5, 6>();
+    tiles.template dp<3, 5, 7>();
+  }
+  tiles.template store<0>(c, stride);
+  tiles.template store<1>(c + kRows, stride);
+  tiles.template store<2>(c + kRows * ldc, stride);
+  tiles.template store<3>(c + kRows * ldc + kRows, stride);
 }
 
 // Rows [m0, m1) x columns [n0, n1) of C (fp32, row stride ldc) + bias, rounded to bf16, into out.
@@ -342,42 +387,9 @@ void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
           const uint16_t* a0 = a.data() + (mi / kRows) * kt * kTileElems;
           const uint16_t* a1 = a0 + kt * kTileElems;
           for (int64_t ni = n0; ni < n1; ni += kMicro) {
-            float* c = C + (mi - m0) * ldc + (ni - n0);
-            if (k0 == 0) {
-              tiles.template zero<0>();
-              tiles.template zero<1>();
-              tiles.template zero<2>();
-              tiles.template zero<3>();
-            } else {
-              tiles.template load<0>(c, ldc * 4);
-              tiles.template load<1>(c + kRows, ldc * 4);
-              tiles.template load<2>(c + kRows * ldc, ldc * 4);
-              tiles.template load<3>(c + kRows * ldc + kRows, ldc * 4);
-            }
             const uint16_t* b0 = panel + ((ni - n0) / kRows) * kt * kTileElems;
-            const uint16_t* b1 = b0 + kt * kTileElems;
-            for (int64_t k = k0; k < k1; k += kPairK) {
-              if (bs.prefetch && k + kPairK < Kp) {
-                const char* p0 = reinterpret_cast<const char*>(b0 + (k / kPairK + 1) * kTileElems);
-                const char* p1 = reinterpret_cast<const char*>(b1 + (k / kPairK + 1) * kTileElems);
-                for (int l = 0; l < 1024; l += 64) {
-                  _mm_prefetch(p0 + l, _MM_HINT_T0);
-                  _mm_prefetch(p1 + l, _MM_HINT_T0);
-                }
-              }
-              tiles.template load<4>(a0 + (k / kPairK) * kTileElems, 64);
-              tiles.template load<5>(a1 + (k / kPairK) * kTileElems, 64);
-              tiles.template load<6>(b0 + (k / kPairK) * kTileElems, 64);
-              tiles.template load<7>(b1 + (k / kPairK) * kTileElems, 64);
-              tiles.template dp<0, 4, 6>();
-              tiles.template dp<1, 4, 7>();
-              tiles.template dp<2, 5, 6>();
-              tiles.template dp<3, 5, 7>();
-            }
-            tiles.template store<0>(c, ldc * 4);
-            tiles.template store<1>(c + kRows, ldc * 4);
-            tiles.template store<2>(c + kRows * ldc, ldc * 4);
-            tiles.template store<3>(c + kRows * ldc + kRows, ldc * 4);
+            micro_block(tiles, a0, a1, b0, b0 + kt * kTileElems, k0 / kPairK, k1 / kPairK, k0 > 0,
+                        C + (mi - m0) * ldc + (ni - n0), ldc, bs.prefetch ? kt : 0);
           }
         }
       }
@@ -430,38 +442,13 @@ Mode mode() {
 // thread-local buffer.
 
 struct SmallBuffers {
-  std::vector<uint16_t> a;
+  std::vector<uint16_t> a, row;
   std::vector<float> c;
 };
 
 SmallBuffers& small_buffers() {
   static thread_local SmallBuffers s;
   return s;
-}
-
-// n fp32 values -> bf16 (round to nearest even; exact for the bf16 values attention holds).
-void to_bf16(const float* x, int64_t n, uint16_t* out) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), simd::to_bf16x8(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) out[i] = f32_to_bf16(x[i]);
-}
-
-// Rows [0, M) x K of an fp32 matrix holding bf16 values -> A tiles [mt][kt], zero padded.
-void pack_a_f32(const float* a, int64_t lda, int64_t M, int64_t K, int64_t mt, int64_t kt,
-                uint16_t* out) {
-  std::fill(out, out + mt * kt * kTileElems, uint16_t{0});
-  uint16_t row[1024];
-  for (int64_t r = 0; r < M; ++r) {
-    uint16_t* dst = out + (r / kRows) * kt * kTileElems + (r % kRows) * kPairK;
-    for (int64_t k0 = 0; k0 < K; k0 += 1024) {
-      const int64_t n = std::min<int64_t>(1024, K - k0);
-      to_bf16(a + r * lda + k0, n, row);
-      for (int64_t k = 0; k < n; k += kPairK)
-        std::memcpy(dst + ((k0 + k) / kPairK) * kTileElems, row + k,
-                    size_t(std::min<int64_t>(kPairK, n - k)) * 2);
-    }
-  }
 }
 
 // Operand (k, n) of a product's right-hand side -> PackedB tiles [nt][kt]: a tile's row r holds,
@@ -502,9 +489,10 @@ void pack_b_rows_k(const float* b, int64_t ldb, PackedB& out) {
   const int64_t N = out.N, K = out.K, kt = out.kt;
   std::vector<uint16_t> row(static_cast<size_t>(N)), row2(row.size());
   for (int64_t k = 0; k < K; k += 2) {  // rows k and k + 1 of b interleave into one tile row
-    to_bf16(b + k * ldb, N, row.data());
+    store_from_f32(b + k * ldb, DType::BF16, reinterpret_cast<std::byte*>(row.data()), size_t(N));
     if (k + 1 < K)
-      to_bf16(b + (k + 1) * ldb, N, row2.data());
+      store_from_f32(b + (k + 1) * ldb, DType::BF16, reinterpret_cast<std::byte*>(row2.data()),
+                     size_t(N));
     else
       std::fill(row2.begin(), row2.end(), uint16_t{0});
     for (int64_t n0 = 0; n0 < N; n0 += kRows) {
@@ -546,39 +534,29 @@ void small_product(const float* a, int64_t lda, int64_t M, const PackedB& pb, fl
   const int64_t mt = Mp / kRows, nt = pb.nt, kt = pb.kt;
   SmallBuffers& sb = small_buffers();
   sb.a.resize(size_t(mt * kt * kTileElems));
+  sb.row.assign(size_t(kt * kPairK), uint16_t{0});
   sb.c.resize(size_t(Mp * Np));
-  pack_a_f32(a, lda, M, K, mt, kt, sb.a.data());
+  pack_a_rows(a, lda, M, K, kt, 0, Mp, sb.row.data(), sb.a.data());
   Tiles tiles;
   tiles.config();
-  const int64_t ldcb = Np * 4;
   for (int64_t mi = 0; mi < mt; mi += 2)
     for (int64_t ni = 0; ni < nt; ni += 2) {
-      float* C = sb.c.data() + mi * kRows * Np + ni * kRows;
-      tiles.template zero<0>();
-      tiles.template zero<1>();
-      tiles.template zero<2>();
-      tiles.template zero<3>();
       const uint16_t* a0 = sb.a.data() + mi * kt * kTileElems;
-      const uint16_t* a1 = a0 + kt * kTileElems;
       const uint16_t* b0 = pb.tiles.data() + ni * kt * kTileElems;
-      const uint16_t* b1 = b0 + kt * kTileElems;
-      for (int64_t k = 0; k < kt; ++k) {
-        tiles.template load<4>(a0 + k * kTileElems, 64);
-        tiles.template load<5>(a1 + k * kTileElems, 64);
-        tiles.template load<6>(b0 + k * kTileElems, 64);
-        tiles.template load<7>(b1 + k * kTileElems, 64);
-        tiles.template dp<0, 4, 6>();
-        tiles.template dp<1, 4, 7>();
-        tiles.template dp<2, 5, 6>();
-        tiles.template dp<3, 5, 7>();
-      }
-      tiles.template store<0>(C, ldcb);
-      tiles.template store<1>(C + kRows, ldcb);
-      tiles.template store<2>(C + kRows * Np, ldcb);
-      tiles.template store<3>(C + kRows * Np + kRows, ldcb);
+      micro_block(tiles, a0, a0 + kt * kTileElems, b0, b0 + kt * kTileElems, 0, kt, false,
+                  sb.c.data() + mi * kRows * Np + ni * kRows, Np, 0);
     }
   tiles.release();
   for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc, sb.c.data() + m * Np, size_t(N) * 4);
+}
+
+// Calls fn with the tile backend mode() selects (a default-constructed AmxTiles or EmulatedTiles).
+template <typename Fn>
+void with_tiles(Fn&& fn) {
+  if (mode() == Mode::kEmulated)
+    fn(EmulatedTiles{});
+  else
+    fn(AmxTiles{});
 }
 
 PackedB& scratch_b() {
@@ -601,12 +579,8 @@ void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, 
 void linear_many(const float* x, int64_t M, int64_t K, std::span<const LinearJob> jobs) {
   if (M <= 0 || jobs.empty()) return;
   const PackedInput in = pack_input(x, M, K);
-  for (const LinearJob& j : jobs) {
-    if (mode() == Mode::kEmulated)
-      run<EmulatedTiles>(in, j.w, j.N, j.bias, j.out);
-    else
-      run<AmxTiles>(in, j.w, j.N, j.bias, j.out);
-  }
+  for (const LinearJob& j : jobs)
+    with_tiles([&](auto tiles) { run<decltype(tiles)>(in, j.w, j.N, j.bias, j.out); });
 }
 
 void pack_rows_n(const float* b, int64_t ldb, int64_t N, int64_t K, PackedB& out) {
@@ -621,10 +595,7 @@ void pack_rows_k(const float* b, int64_t ldb, int64_t K, int64_t N, PackedB& out
 
 void matmul_packed(const float* a, int64_t lda, int64_t M, const PackedB& b, float* c,
                    int64_t ldc) {
-  if (mode() == Mode::kEmulated)
-    small_product<EmulatedTiles>(a, lda, M, b, c, ldc);
-  else
-    small_product<AmxTiles>(a, lda, M, b, c, ldc);
+  with_tiles([&](auto tiles) { small_product<decltype(tiles)>(a, lda, M, b, c, ldc); });
 }
 
 void matmul_nt(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,

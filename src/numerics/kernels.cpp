@@ -339,7 +339,15 @@ inline float nan_max(float a, float b) {
 // quarters, pairs, neighbours; fewer than 16 values in order), exp(x - max) is SLEEF's expf_u10 on
 // every element (vec::map sends the remainder through a partial vector too), then x * (1 / sum).
 namespace {
-constexpr int64_t kTorchLanes = 16;
+constexpr int64_t kTorchLanes = kTorchFloatLanes;
+
+// The tree of vec_reduce_all over acc's lanes.
+template <typename Op>
+float torch_lanes_reduce(float (&acc)[kTorchLanes], Op op) {
+  for (int64_t w = kTorchLanes / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] = op(acc[l], acc[l + w]);
+  return acc[0];
+}
 
 template <typename Op>
 float torch_reduce_all(const float* d, int64_t n, Op op) {
@@ -354,11 +362,17 @@ float torch_reduce_all(const float* d, int64_t n, Op op) {
   for (; k < n - n % kTorchLanes; k += kTorchLanes)
     for (int64_t l = 0; l < kTorchLanes; ++l) acc[l] = op(acc[l], d[k + l]);
   for (int64_t l = 0; k + l < n; ++l) acc[l] = op(acc[l], d[k + l]);
-  for (int64_t w = kTorchLanes / 2; w >= 1; w /= 2)
-    for (int64_t l = 0; l < w; ++l) acc[l] = op(acc[l], acc[l + w]);
-  return acc[0];
+  return torch_lanes_reduce(acc, op);
+}
+
+float add(float a, float b) {
+  return a + b;
 }
 }  // namespace
+
+float torch_lanes_sum(float (&lanes)[kTorchFloatLanes]) {
+  return torch_lanes_reduce(lanes, add);
+}
 
 void softmax_row(const float* x, int64_t n, float* out) {
   const float m = torch_reduce_all(x, n, nan_max);
@@ -367,7 +381,7 @@ void softmax_row(const float* x, int64_t n, float* out) {
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(out + i, Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv)));
   for (; i < n; ++i) out[i] = sleef_expf(x[i] - m);
-  const float inv = 1.0f / torch_reduce_all(out, n, [](float a, float b) { return a + b; });
+  const float inv = 1.0f / torch_reduce_all(out, n, add);
   const __m256 iv = _mm256_set1_ps(inv);
   for (i = 0; i + 8 <= n; i += 8)
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), iv));

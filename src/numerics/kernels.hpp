@@ -84,6 +84,13 @@ float torch_exp_u20(float x);
 // Not exp(): its results differ from expf by up to ~20 ulp.
 float torch_fexp_u20(float x);
 
+// Float lanes of torch's vectors on the machine the goldens were made with (AVX-512): the width of
+// its lane-wise reductions (softmax, SDPA's sums).
+inline constexpr int64_t kTorchFloatLanes = 16;
+// torch's vec_reduce_all for a sum of one vector's lanes: halves, then quarters, pairs,
+// neighbours.
+float torch_lanes_sum(float (&lanes)[kTorchFloatLanes]);
+
 // Plain fp32 matrix products, row-major with leading dimensions, on OpenBLAS in the calling
 // thread (callers parallelise around them): c[M, N] = a[M, K] @ b[N, K]^T (sgemm_nt) or
 // a[M, K] @ b[K, N] (sgemm_nn). Every product is computed (no skipping of zeros), so NaN and

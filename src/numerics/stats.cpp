@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "numerics/dtype_simd.hpp"
+
 namespace nanscope {
 
 void ValueStats::merge(const ValueStats& o) {
@@ -57,13 +59,6 @@ struct Acc {
   }
 };
 
-inline uint64_t hsum_epi32(__m256i v) {
-  alignas(32) uint32_t t[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
-  uint64_t s = 0;
-  for (uint32_t x : t) s += x;
-  return s;
-}
 inline uint16_t hreduce16(__m256i v, bool want_max) {
   alignas(32) uint16_t t[16];
   _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
@@ -107,9 +102,9 @@ void stats16(const uint16_t* x, size_t n, uint16_t exp_mask, uint16_t limit, Acc
       hpos = _mm256_or_si256(hpos, fpos);
       hneg = _mm256_or_si256(hneg, fneg);
     }
-    a.nan += hsum_epi32(_mm256_madd_epi16(cnan, ones));
-    a.inf += hsum_epi32(_mm256_madd_epi16(cinf, ones));
-    a.big += hsum_epi32(_mm256_madd_epi16(cbig, ones));
+    a.nan += simd::sum_u32x8(_mm256_madd_epi16(cnan, ones));
+    a.inf += simd::sum_u32x8(_mm256_madd_epi16(cinf, ones));
+    a.big += simd::sum_u32x8(_mm256_madd_epi16(cbig, ones));
   }
   if (!_mm256_testz_si256(hpos, hpos)) {
     a.has_pos = true;
@@ -148,9 +143,9 @@ void stats32(const uint32_t* x, size_t n, Acc<uint32_t>& a) {
     hpos = _mm256_or_si256(hpos, fpos);
     hneg = _mm256_or_si256(hneg, fneg);
   }
-  a.nan += hsum_epi32(cnan);
-  a.inf += hsum_epi32(cinf);
-  a.big += hsum_epi32(cbig);
+  a.nan += simd::sum_u32x8(cnan);
+  a.inf += simd::sum_u32x8(cinf);
+  a.big += simd::sum_u32x8(cbig);
   if (!_mm256_testz_si256(hpos, hpos)) {
     a.has_pos = true;
     a.pos_max = std::max(a.pos_max, hreduce32(pmax, true));

@@ -640,20 +640,12 @@ inline void row_stats_end(RowSums& a, Stats& st) {
   st.err += (v[3][0] + v[3][1]) + (v[3][2] + v[3][3]);
 }
 
-inline uint64_t lane_sum(__m256i v) {
-  alignas(32) uint32_t x[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(x), v);
-  uint64_t s = 0;
-  for (uint32_t e : x) s += e;
-  return s;
-}
-
 // Moves the counts into st and clears them.
 inline void add_counts(LaneCounts& c, Stats& st) {
-  st.updated += lane_sum(c.updated);
-  st.lost += lane_sum(c.lost);
-  st.base_nonfinite += c.elements - lane_sum(c.w_ok);
-  st.nonfinite += c.elements - lane_sum(c.r_ok);
+  st.updated += simd::sum_u32x8(c.updated);
+  st.lost += simd::sum_u32x8(c.lost);
+  st.base_nonfinite += c.elements - simd::sum_u32x8(c.w_ok);
+  st.nonfinite += c.elements - simd::sum_u32x8(c.r_ok);
   c = LaneCounts{};
 }
 #endif
