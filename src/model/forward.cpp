@@ -238,47 +238,56 @@ class Model {
     // q, k, p and v hold bf16 values in a bf16 run: their products go to AMX where there is AMX.
     const bool amx = dt_ == DType::BF16 && gemm_amx::available();
     AttentionBuffers buf = attention_buffers();
-    parallel_for(buf.jobs, 1, [&](int64_t j0, int64_t j1) {
-      // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
-      // probabilities @ v) with the elementwise steps in between, row by row.
-      Vec sblk(static_cast<size_t>(kRowBlock * maxT_)), pblk(sblk.size());
-      Vec oblk(static_cast<size_t>(kRowBlock * D));
+    // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
+    // probabilities @ v) with the elementwise steps in between, row by row. Jobs (sequence,
+    // head) are shared out with stealing; each worker keeps its scratch.
+    struct Scratch {
+      Vec sblk, pblk, oblk;
       gemm_amx::PackedB kt, vt;  // k and v of the job in tiles, packed once for all row blocks
-      for (int64_t job = j0; job < j1; ++job) {
-        const Segment& g = segs_[size_t(job / nH_)];
-        const int64_t h = job % nH_, kvh = h / rep, T = g.len;
-        const float* qh = q.data() + g.off * qd + h * D;
-        const float* kh = k.data() + g.off * kvd + kvh * D;
-        const float* vh = v.data() + g.off * kvd + kvh * D;
-        double& peak = buf.peak[size_t(job)];
-        if (amx) {
-          gemm_amx::pack_rows_n(kh, kvd, T, D, kt);
-          gemm_amx::pack_rows_k(vh, kvd, T, D, vt);
+    };
+    std::vector<Scratch> scratch(size_t(std::min<int64_t>(default_threads(), buf.jobs)));
+    parallel_for_stealing(buf.jobs, [&](int64_t worker, int64_t job) {
+      Scratch& sc = scratch[size_t(worker)];
+      if (sc.sblk.empty()) {
+        sc.sblk.resize(static_cast<size_t>(kRowBlock * maxT_));
+        sc.pblk.resize(sc.sblk.size());
+        sc.oblk.resize(static_cast<size_t>(kRowBlock * D));
+      }
+      Vec &sblk = sc.sblk, &pblk = sc.pblk, &oblk = sc.oblk;
+      gemm_amx::PackedB &kt = sc.kt, &vt = sc.vt;
+      const Segment& g = segs_[size_t(job / nH_)];
+      const int64_t h = job % nH_, kvh = h / rep, T = g.len;
+      const float* qh = q.data() + g.off * qd + h * D;
+      const float* kh = k.data() + g.off * kvd + kvh * D;
+      const float* vh = v.data() + g.off * kvd + kvh * D;
+      double& peak = buf.peak[size_t(job)];
+      if (amx) {
+        gemm_amx::pack_rows_n(kh, kvd, T, D, kt);
+        gemm_amx::pack_rows_k(vh, kvd, T, D, vt);
+      }
+      for (int64_t i0 = 0; i0 < T; i0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, T - i0);
+        float* S = buf.keep ? buf.s.data() + (h * T + i0) * T : sblk.data();
+        float* P = buf.keep ? buf.p.data() + (h * T + i0) * T : pblk.data();
+        if (amx)  // bf16 products on AMX tiles, as torch's bf16 matmul there
+          gemm_amx::matmul_packed(qh + i0 * qd, qd, rows, kt, S, T);
+        else
+          sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          float* si = S + r * T;
+          float* pi = P + r * T;
+          attention_scores_row(si, T, i, scaling, mask, dt_, peak);
+          softmax_row(si, T, pi);
+          round_inplace(pi, size_t(T), dt_);
         }
-        for (int64_t i0 = 0; i0 < T; i0 += kRowBlock) {
-          const int64_t rows = std::min(kRowBlock, T - i0);
-          float* S = buf.keep ? buf.s.data() + (h * T + i0) * T : sblk.data();
-          float* P = buf.keep ? buf.p.data() + (h * T + i0) * T : pblk.data();
-          if (amx)  // bf16 products on AMX tiles, as torch's bf16 matmul there
-            gemm_amx::matmul_packed(qh + i0 * qd, qd, rows, kt, S, T);
-          else
-            sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r;
-            float* si = S + r * T;
-            float* pi = P + r * T;
-            attention_scores_row(si, T, i, scaling, mask, dt_, peak);
-            softmax_row(si, T, pi);
-            round_inplace(pi, size_t(T), dt_);
-          }
-          if (amx)
-            gemm_amx::matmul_packed(P, T, rows, vt, oblk.data(), D);
-          else
-            sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
-          round_inplace(oblk.data(), size_t(rows * D), dt_);
-          for (int64_t r = 0; r < rows; ++r)
-            std::copy_n(oblk.data() + r * D, D, buf.ctx.data() + (g.off + i0 + r) * qd + h * D);
-        }
+        if (amx)
+          gemm_amx::matmul_packed(P, T, rows, vt, oblk.data(), D);
+        else
+          sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
+        round_inplace(oblk.data(), size_t(rows * D), dt_);
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy_n(oblk.data() + r * D, D, buf.ctx.data() + (g.off + i0 + r) * qd + h * D);
       }
     });
     report_attention(l, n, buf);

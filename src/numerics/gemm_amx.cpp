@@ -31,27 +31,42 @@ constexpr int64_t kPairK = 32;                  // bf16 values of K per tile row
 constexpr int64_t kTileElems = kRows * kPairK;  // bf16 per packed weight tile (1 KB)
 constexpr int64_t kMicro = 32;                  // 2 x 2 tiles of C: 32 rows x 32 columns
 
-// Block sizes: a worker computes C blocks of m x n (fp32, in its own buffer), K in steps of k,
-// inside which 32 x 32 micro blocks run k / 32 steps of four tile products. The 32 x k slice of A
-// of a micro block stays in L1 while the micro blocks of its row pass over it; the next step's
-// B tiles are prefetched. Chosen on the 16-core Xeon among 64-256 x 64-256 x 128-512 with and
-// without prefetch (bench_gemm, BENCHMARKS.md): 128 x 128 x 512 with prefetch was best.
+// Block sizes: a worker computes C blocks of m x n (fp32, in its own buffer), K in steps of k
+// (0: the whole K at once), inside which 32 x 32 micro blocks run k / 32 steps of four tile
+// products, accumulating in the tiles. The next step's B tiles are prefetched into L1, and A's in
+// the first micro block of a row (the one that brings that slice of A in from L3). Blocks are
+// shared out with stealing. Chosen on the 16-core Xeon (bench/amx_sweep.sh, session 4:
+// bench/results/2026-11-27-session4-call2-amx-sweep.txt, BENCHMARKS.md), each best of 3 passes:
+// 128 x 128 x whole K with both prefetches 157 ms of products per decoder layer at 4096 rows,
+// 128 x 128 x 512 with B's prefetch 177 ms, the same without stealing 210 / 228 ms.
 struct Blocking {
-  int64_t m = 128, n = 128, k = 512;
-  bool prefetch = true;  // software prefetch of the next step's B tiles into L1
+  int64_t m = 128, n = 128, k = 0;
+  bool prefetch_b = true;  // software prefetch of the next step's B tiles into L1
+  bool prefetch_a = true;  // the same for A, in the micro blocks that touch an A slice first
+  bool n_outer = false;    // inside a block: columns outer (B slice stays), rows inner
+  bool steal = true;       // blocks shared out with stealing (parallel_for_stealing)
 };
 
 Blocking blocking() {
   static const Blocking b = [] {
     Blocking r;
-    // For tuning on a new processor (bench_gemm): NANSCOPE_AMX_BLOCK=M,N,K, multiples of 32.
+    // For tuning on a new processor (bench/amx_sweep.sh): NANSCOPE_AMX_BLOCK=M,N,K, multiples of
+    // 32 (K 0: whole); NANSCOPE_AMX_PREFETCH=b|a|ab|0 (which operand's next tiles are prefetched);
+    // NANSCOPE_AMX_ORDER=mn|nm (rows or columns outer inside a block); NANSCOPE_AMX_STEAL=0
+    // (a static split of the blocks among the workers).
     if (const char* e = std::getenv("NANSCOPE_AMX_BLOCK")) {
       long m = 0, n = 0, k = 0;
-      if (std::sscanf(e, "%ld,%ld,%ld", &m, &n, &k) == 3 && m > 0 && n > 0 && k > 0 &&
+      if (std::sscanf(e, "%ld,%ld,%ld", &m, &n, &k) == 3 && m > 0 && n > 0 && k >= 0 &&
           m % kMicro == 0 && n % kMicro == 0 && k % kPairK == 0)
-        r = {m, n, k, r.prefetch};
+        r.m = m, r.n = n, r.k = k;
     }
-    if (const char* e = std::getenv("NANSCOPE_AMX_PREFETCH")) r.prefetch = *e != '0';
+    if (const char* e = std::getenv("NANSCOPE_AMX_PREFETCH")) {
+      const std::string v = e;
+      r.prefetch_b = v.find('b') != std::string::npos;
+      r.prefetch_a = v.find('a') != std::string::npos;
+    }
+    if (const char* e = std::getenv("NANSCOPE_AMX_ORDER")) r.n_outer = std::string(e) == "nm";
+    if (const char* e = std::getenv("NANSCOPE_AMX_STEAL")) r.steal = *e != '0';
     return r;
   }();
   return b;
@@ -250,11 +265,12 @@ void pack_activations(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t 
 
 // C [32 x 32] (fp32, row stride ldc) = (accumulate ? C : 0) + A x B over the K tiles [kb0, kb1):
 // a0/a1 the A tiles of rows 0-15 / 16-31, b0/b1 the B tiles of columns 0-15 / 16-31 (consecutive
-// K tiles 512 values apart). Below prefetch_end, the next K tile of B is prefetched into L1.
+// K tiles 512 values apart). Below prefetch_end, the next K tile of B (pf_b) and of A (pf_a) is
+// prefetched into L1.
 template <typename Tiles>
 void micro_block(Tiles& tiles, const uint16_t* a0, const uint16_t* a1, const uint16_t* b0,
                  const uint16_t* b1, int64_t kb0, int64_t kb1, bool accumulate, float* c,
-                 int64_t ldc, int64_t prefetch_end) {
+                 int64_t ldc, int64_t prefetch_end, bool pf_b = true, bool pf_a = false) {
   const int64_t stride = ldc * 4;
   if (accumulate) {
     tiles.template load<0>(c, stride);
@@ -267,14 +283,18 @@ void micro_block(Tiles& tiles, const uint16_t* a0, const uint16_t* a1, const uin
     tiles.template zero<2>();
     tiles.template zero<3>();
   }
+  auto prefetch = [](const uint16_t* t0, const uint16_t* t1) {
+    const char* p0 = reinterpret_cast<const char*>(t0);
+    const char* p1 = reinterpret_cast<const char*>(t1);
+    for (int l = 0; l < 1024; l += 64) {
+      _mm_prefetch(p0 + l, _MM_HINT_T0);
+      _mm_prefetch(p1 + l, _MM_HINT_T0);
+    }
+  };
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     if (kb + 1 < prefetch_end) {
-      const char* p0 = reinterpret_cast<const char*>(b0 + (kb + 1) * kTileElems);
-      const char* p1 = reinterpret_cast<const char*>(b1 + (kb + 1) * kTileElems);
-      for (int l = 0; l < 1024; l += 64) {
-        _mm_prefetch(p0 + l, _MM_HINT_T0);
-        _mm_prefetch(p1 + l, _MM_HINT_T0);
-      }
+      if (pf_b) prefetch(b0 + (kb + 1) * kTileElems, b1 + (kb + 1) * kTileElems);
+      if (pf_a) prefetch(a0 + (kb + 1) * kTileElems, a1 + (kb + 1) * kTileElems);
     }
     tiles.template load<4>(a0 + kb * kTileElems, 64);
     tiles.template load<5>(a1 + kb * kTileElems, 64);
@@ -366,37 +386,72 @@ void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
   profile::Scope s("linear.amx");
   const int64_t mblocks = (Mp + bs.m - 1) / bs.m, nblocks = (Np + bs.n - 1) / bs.n;
   const int64_t ldc = bs.n;
-  // Consecutive blocks of a worker share their columns (B stays in its caches).
-  parallel_for(mblocks * nblocks, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t pf_end = bs.prefetch_a || bs.prefetch_b ? kt : 0;
+  // One C block: consecutive blocks share their columns (B stays in the worker's caches).
+  auto block = [&](Tiles& tiles, float* C, uint16_t* panel, int64_t& panel_n0, int64_t idx) {
+    const int64_t m0 = (idx % mblocks) * bs.m, m1 = std::min(Mp, m0 + bs.m);
+    const int64_t n0 = (idx / mblocks) * bs.n, n1 = std::min(Np, n0 + bs.n);
+    if (panel_n0 != n0) {
+      pack_weights(w, N, K, Kp, n0 / kRows, n1 / kRows, panel);
+      panel_n0 = n0;
+    }
+    const int64_t kstep = bs.k > 0 ? bs.k : Kp;
+    for (int64_t k0 = 0; k0 < Kp; k0 += kstep) {
+      const int64_t k1 = std::min(Kp, k0 + kstep);
+      auto micro = [&](int64_t mi, int64_t ni, bool stream_a) {
+        const uint16_t* a0 = a.data() + (mi / kRows) * kt * kTileElems;
+        const uint16_t* b0 = panel + ((ni - n0) / kRows) * kt * kTileElems;
+        micro_block(tiles, a0, a0 + kt * kTileElems, b0, b0 + kt * kTileElems, k0 / kPairK,
+                    k1 / kPairK, k0 > 0, C + (mi - m0) * ldc + (ni - n0), ldc, pf_end,
+                    bs.prefetch_b, bs.prefetch_a && stream_a);
+      };
+      if (bs.n_outer) {
+        for (int64_t ni = n0; ni < n1; ni += kMicro)
+          for (int64_t mi = m0; mi < m1; mi += kMicro) micro(mi, ni, true);  // A streams
+      } else {
+        for (int64_t mi = m0; mi < m1; mi += kMicro)
+          for (int64_t ni = n0; ni < n1; ni += kMicro) micro(mi, ni, ni == n0);  // A's first use
+      }
+    }
+    finish(C, ldc, m0, std::min(m1, M), n0, std::min(n1, N), bias, N, out);
+  };
+  const int64_t blocks = mblocks * nblocks;
+  if (!bs.steal) {
+    parallel_for(blocks, 1, [&](int64_t lo, int64_t hi) {
+      Tiles tiles;
+      tiles.config();
+      WorkerBuffers& wb = worker_buffers();
+      float* C = wb.c.get(size_t(bs.m * bs.n));
+      uint16_t* panel = wb.panel.get(size_t(bs.n * Kp));  // this worker's B columns
+      int64_t panel_n0 = -1;
+      for (int64_t idx = lo; idx < hi; ++idx) block(tiles, C, panel, panel_n0, idx);
+      tiles.release();
+    });
+    return;
+  }
+  // Blocks shared out with stealing (parallel.hpp). The time workers spend waiting at the end
+  // goes to the profile as linear.amx_idle (mean over workers).
+  const int64_t workers = std::min<int64_t>(default_threads(), blocks);
+  std::vector<int64_t> panel_of(size_t(workers), -1);
+  const bool timing = profile::enabled();
+  using Clock = std::chrono::steady_clock;
+  std::vector<Clock::time_point> done(size_t(workers), Clock::now());
+  parallel_for_stealing(blocks, [&](int64_t wk, int64_t idx) {
     Tiles tiles;
     tiles.config();
     WorkerBuffers& wb = worker_buffers();
     float* C = wb.c.get(size_t(bs.m * bs.n));
-    uint16_t* panel = wb.panel.get(size_t(bs.n * Kp));  // this worker's B columns
-    int64_t panel_n0 = -1;
-    for (int64_t idx = lo; idx < hi; ++idx) {
-      const int64_t m0 = (idx % mblocks) * bs.m, m1 = std::min(Mp, m0 + bs.m);
-      const int64_t n0 = (idx / mblocks) * bs.n, n1 = std::min(Np, n0 + bs.n);
-      if (panel_n0 != n0) {
-        pack_weights(w, N, K, Kp, n0 / kRows, n1 / kRows, panel);
-        panel_n0 = n0;
-      }
-      for (int64_t k0 = 0; k0 < Kp; k0 += bs.k) {
-        const int64_t k1 = std::min(Kp, k0 + bs.k);
-        for (int64_t mi = m0; mi < m1; mi += kMicro) {
-          const uint16_t* a0 = a.data() + (mi / kRows) * kt * kTileElems;
-          const uint16_t* a1 = a0 + kt * kTileElems;
-          for (int64_t ni = n0; ni < n1; ni += kMicro) {
-            const uint16_t* b0 = panel + ((ni - n0) / kRows) * kt * kTileElems;
-            micro_block(tiles, a0, a1, b0, b0 + kt * kTileElems, k0 / kPairK, k1 / kPairK, k0 > 0,
-                        C + (mi - m0) * ldc + (ni - n0), ldc, bs.prefetch ? kt : 0);
-          }
-        }
-      }
-      finish(C, ldc, m0, std::min(m1, M), n0, std::min(n1, N), bias, N, out);
-    }
+    uint16_t* panel = wb.panel.get(size_t(bs.n * Kp));
+    block(tiles, C, panel, panel_of[size_t(wk)], idx);
     tiles.release();
+    if (timing) done[size_t(wk)] = Clock::now();
   });
+  if (timing) {
+    const Clock::time_point end = Clock::now();
+    double idle = 0;
+    for (const auto& t : done) idle += std::chrono::duration<double>(end - t).count();
+    profile::add("linear.amx_idle", idle / double(workers));
+  }
 }
 
 // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (tile state) enabled by

@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <vector>
@@ -54,6 +55,66 @@ void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
   }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
+}
+
+// Items [0, n) processed one at a time: fn(worker, item). Each worker starts on its own
+// contiguous share (neighbouring items share data: a worker's blocks of one weight panel) and,
+// when that is done, takes items one by one from the far end of the share with the most left.
+// For kernels whose items are large (a block of a matrix product: 50-200 us): on a machine whose
+// cores run at different speeds (a virtual machine sharing its cores), a static split makes all
+// wait for the slowest. Each item is processed whole by one worker, so results do not depend on
+// who took it. fn must not throw.
+template <typename Fn>
+void parallel_for_stealing(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(default_threads(), n);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(int64_t{0}, i);
+    return;
+  }
+  // Worker w's remaining share [lo, hi) packed in one 64-bit word: lo << 32 | hi.
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;
+  };
+  std::vector<Share> shares(static_cast<size_t>(workers));
+  for (int64_t w = 0; w < workers; ++w) {
+    const uint64_t lo = uint64_t(n * w / workers), hi = uint64_t(n * (w + 1) / workers);
+    shares[size_t(w)].range.store(lo << 32 | hi, std::memory_order_relaxed);
+  }
+  auto take_front = [&](int64_t w) -> int64_t {
+    std::atomic<uint64_t>& r = shares[size_t(w)].range;
+    uint64_t cur = r.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = cur >> 32, hi = cur & 0xffffffffu;
+      if (lo >= hi) return -1;
+      if (r.compare_exchange_weak(cur, (lo + 1) << 32 | hi, std::memory_order_relaxed))
+        return int64_t(lo);
+    }
+  };
+  auto steal_back = [&](int64_t thief) -> int64_t {
+    for (;;) {
+      int64_t victim = -1;
+      uint64_t most = 0;
+      for (int64_t w = 0; w < workers; ++w) {
+        if (w == thief) continue;
+        const uint64_t cur = shares[size_t(w)].range.load(std::memory_order_relaxed);
+        const uint64_t lo = cur >> 32, hi = cur & 0xffffffffu;
+        if (hi > lo && hi - lo > most) most = hi - lo, victim = w;
+      }
+      if (victim < 0) return -1;
+      std::atomic<uint64_t>& r = shares[size_t(victim)].range;
+      uint64_t cur = r.load(std::memory_order_relaxed);
+      const uint64_t lo = cur >> 32, hi = cur & 0xffffffffu;
+      if (lo < hi && r.compare_exchange_strong(cur, lo << 32 | (hi - 1), std::memory_order_relaxed))
+        return int64_t(hi - 1);
+    }
+  };
+  parallel_for(workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i; (i = take_front(w)) >= 0;) fn(w, i);
+      for (int64_t i; (i = steal_back(w)) >= 0;) fn(w, i);
+    }
+  });
 }
 
 }  // namespace nanscope
