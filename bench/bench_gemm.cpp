@@ -1,5 +1,5 @@
 // The bf16 linear layer at the shapes of a Qwen3-4B decoder, several ways, one JSON line per case:
-//   bench_gemm [--tokens 128,1024,4096] [--repeat 3]    |    bench_gemm --peak STEPS
+//   bench_gemm [--tokens 128,1024,4096] [--repeat 3] [--amx-only 1]  |  bench_gemm --peak STEPS
 // "linear": nanscope's linear() as the forward pass calls it (fp32 activations holding bf16
 // values in, bf16-rounded fp32 out: the AMX kernel where the processor has AMX, else oneDNN, else
 // OpenBLAS on widened weights); "amx": the AMX kernel alone (numerics/gemm_amx, packing
@@ -27,9 +27,12 @@ int main(int argc, char** argv) {
   using namespace nanscope;
   std::vector<int64_t> tokens = {128, 1024, 4096};
   int repeat = 3;
+  bool amx_only = false;  // --amx-only 1: only the AMX kernel's column (block-size sweeps)
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--tokens") {
+    if (k == "--amx-only") {
+      amx_only = v != "0";
+    } else if (k == "--tokens") {
       tokens.clear();
       std::stringstream ss(v);
       for (std::string p; std::getline(ss, p, ',');) tokens.push_back(std::atoll(p.c_str()));
@@ -46,7 +49,8 @@ int main(int argc, char** argv) {
     } else if (k == "--repeat") {
       repeat = std::atoi(v.c_str());
     } else {
-      std::fprintf(stderr, "usage: %s [--tokens 128,1024,4096] [--repeat 3]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--tokens 128,1024,4096] [--repeat 3] [--amx-only 1]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -83,17 +87,19 @@ int main(int argc, char** argv) {
         return best;
       };
       const double flop = 2.0 * double(M) * double(s.N) * double(s.K);
-      const double t32 = time([&] { linear(x.data(), M, wv, nullptr, DType::BF16, ref.data()); });
-      nlohmann::json j = {{"shape", s.name}, {"M", M},
-                          {"K", s.K},        {"N", s.N},
-                          {"linear_s", t32}, {"linear_gflops", flop / t32 / 1e9}};
+      nlohmann::json j = {{"shape", s.name}, {"M", M}, {"K", s.K}, {"N", s.N}};
+      if (!amx_only) {
+        const double t32 = time([&] { linear(x.data(), M, wv, nullptr, DType::BF16, ref.data()); });
+        j["linear_s"] = t32;
+        j["linear_gflops"] = flop / t32 / 1e9;
+      }
       if (gemm_amx::available()) {
         std::vector<float> a(ref.size());
         const double ta =
             time([&] { gemm_amx::linear(x.data(), M, s.K, w.data(), s.N, nullptr, a.data()); });
         j["amx_gflops"] = flop / ta / 1e9;
       }
-      if (have) {
+      if (have && !amx_only) {
         const double t16 =
             time([&] { gemm_bf16::matmul(xb.data(), M, s.K, w.data(), s.N, got.data()); });
         int64_t same = 0;
