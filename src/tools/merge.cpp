@@ -1,6 +1,7 @@
 #include "tools/merge.hpp"
 
 #include <fmt/format.h>
+#include <fcntl.h>
 #include <fmt/ranges.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -1095,11 +1097,27 @@ struct TmpDirGuard {
   }
 };
 
+// fsync of a written file or directory.
+void sync_path(const fs::path& p) {
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    const int e = errno;
+    if (fd >= 0) ::close(fd);
+    throw OutputError(fmt::format("{}: fsync failed: {}", p.string(), std::strerror(e)));
+  }
+  ::close(fd);
+}
+
+// Side files are fsynced like the shards: after a power cut the renamed directory must not hold
+// an empty config.json beside complete weights.
 void write_text(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-  f.flush();
-  if (!f) throw OutputError(fmt::format("{}: cannot write", p.string()));
+  {
+    std::ofstream f(p, std::ios::binary);
+    f << s;
+    f.flush();
+    if (!f) throw OutputError(fmt::format("{}: cannot write", p.string()));
+  }
+  sync_path(p);
 }
 
 }  // namespace
@@ -1385,8 +1403,10 @@ MergeResult merge(const MergeOptions& o) {
     if (ec)
       throw OutputError(fmt::format("{}: cannot copy to {} ({})", (base.dir() / f).string(),
                                     guard.path.string(), ec.message()));
+    sync_path(guard.path / f);
     res.side_files.push_back(f);
   }
+  sync_path(guard.path);  // the directory's entries, before it is renamed
 
   merger.check_cancel();
   if (fs::exists(out, ec)) fs::remove(out, ec);  // an empty directory: checked above
@@ -1395,6 +1415,13 @@ MergeResult merge(const MergeOptions& o) {
     throw OutputError(fmt::format("{}: cannot rename to {} ({})", guard.path.string(), out.string(),
                                   ec.message()));
   guard.keep = true;
+  {  // the rename itself; the model is complete either way, so not an error
+    const int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      ::fsync(dfd);
+      ::close(dfd);
+    }
+  }
   res.written = true;
   res.out = out;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
