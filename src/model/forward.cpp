@@ -163,17 +163,7 @@ class Model {
     // MLP block.
     x = rmsnorm_sites(l, n.post_attention_layernorm, h, H_,
                       param(W(n.post_attention_layernorm, {H_}), H_), T_);
-    std::vector<Vec> gate_up =
-        linear_sites_shared(l, x,
-                            {{n.gate_proj, W(n.gate_proj, {I_, H_}), B(mlp_bias_, n.gate_proj, I_)},
-                             {n.up_proj, W(n.up_proj, {I_, H_}), B(mlp_bias_, n.up_proj, I_)}});
-    Vec gate = std::move(gate_up[0]), up = std::move(gate_up[1]);
-    Vec act(gate.size());
-    {
-      const profile::Scope t("elementwise");
-      silu_mul(gate.data(), up.data(), int64_t(gate.size()), dt_, act.data());
-    }
-    site(l, n.prefix + "mlp.act", act, {T_, I_});
+    Vec act = mlp_act(l, n, x, W, B);
     Vec down =
         linear_site(l, n.down_proj, act, W(n.down_proj, {H_, I_}), B(mlp_bias_, n.down_proj, H_));
     r.resize(h.size());
@@ -185,6 +175,29 @@ class Model {
     h = std::move(r);
 
     for (const TensorRef& t : used) release(t);
+  }
+
+  // act = silu(gate_proj(x)) * up_proj(x). Without observed sites the products and silu_mul run
+  // as one step (linear_silu_mul: on AMX, gate and up are combined in cache, never written).
+  template <typename WFn, typename BFn>
+  Vec mlp_act(int64_t l, const LayerNames& n, const Vec& x, WFn& W, BFn& B) {
+    const TensorRef wg = W(n.gate_proj, {I_, H_}), wu = W(n.up_proj, {I_, H_});
+    const Vec bg = B(mlp_bias_, n.gate_proj, I_), bu = B(mlp_bias_, n.up_proj, I_);
+    Vec act(size_t(T_ * I_));
+    if (!sites_) {
+      const profile::Scope t("linear");
+      linear_silu_mul(x.data(), T_, {view(wg), bg.empty() ? nullptr : bg.data(), nullptr},
+                      {view(wu), bu.empty() ? nullptr : bu.data(), nullptr}, dt_, act.data());
+      return act;
+    }
+    std::vector<Vec> gate_up =
+        linear_sites_shared(l, x, {{n.gate_proj, wg, bg}, {n.up_proj, wu, bu}});
+    {
+      const profile::Scope t("elementwise");
+      silu_mul(gate_up[0].data(), gate_up[1].data(), int64_t(act.size()), dt_, act.data());
+    }
+    site(l, n.prefix + "mlp.act", act, {T_, I_});
+    return act;
   }
 
   template <typename WFn, typename BFn>

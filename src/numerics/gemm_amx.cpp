@@ -351,8 +351,8 @@ class Scratch {
 };
 
 struct WorkerBuffers {
-  Scratch<uint16_t> panel;
-  Scratch<float> c;
+  Scratch<uint16_t> panel[2];  // one per weight matrix of the product (two for linear_pair)
+  Scratch<float> c[2];
 };
 
 WorkerBuffers& worker_buffers() {
@@ -375,10 +375,14 @@ PackedInput pack_input(const float* x, int64_t M, int64_t K) {
   return p;
 }
 
-template <typename Tiles>
-void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias, float* out) {
+// The products of the packed input with one or two weight matrices of the same shape (ws, N
+// rows each), block by block; each finished block goes to done(C, ldc, m0, m1, n0, n1) with C[i]
+// the fp32 sums (no bias) of rows [m0, m1) x columns [n0, n1) for ws[i], row stride ldc.
+template <typename Tiles, typename Done>
+void run(const PackedInput& in, std::span<const uint16_t* const> ws, int64_t N, Done&& done) {
   const int64_t M = in.M, K = in.K, Mp = in.Mp, Kp = in.Kp;
   if (M <= 0 || N <= 0) return;
+  const int64_t nw = int64_t(ws.size());
   const Blocking bs = blocking();
   const int64_t Np = round_up(N, kMicro);
   const int64_t kt = Kp / kPairK;
@@ -387,44 +391,50 @@ void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
   const int64_t mblocks = (Mp + bs.m - 1) / bs.m, nblocks = (Np + bs.n - 1) / bs.n;
   const int64_t ldc = bs.n;
   const int64_t pf_end = bs.prefetch_a || bs.prefetch_b ? kt : 0;
+  const int64_t kstep = bs.k > 0 ? bs.k : Kp;
   // One C block: consecutive blocks share their columns (B stays in the worker's caches).
-  auto block = [&](Tiles& tiles, float* C, uint16_t* panel, int64_t& panel_n0, int64_t idx) {
+  auto block = [&](Tiles& tiles, int64_t& panel_n0, int64_t idx) {
+    WorkerBuffers& wb = worker_buffers();
     const int64_t m0 = (idx % mblocks) * bs.m, m1 = std::min(Mp, m0 + bs.m);
     const int64_t n0 = (idx / mblocks) * bs.n, n1 = std::min(Np, n0 + bs.n);
+    float* C[2] = {};
+    uint16_t* panel[2] = {};
+    for (int64_t i = 0; i < nw; ++i) {
+      C[i] = wb.c[i].get(size_t(bs.m * bs.n));
+      panel[i] = wb.panel[i].get(size_t(bs.n * Kp));  // this worker's B columns
+    }
     if (panel_n0 != n0) {
-      pack_weights(w, N, K, Kp, n0 / kRows, n1 / kRows, panel);
+      for (int64_t i = 0; i < nw; ++i)
+        pack_weights(ws[size_t(i)], N, K, Kp, n0 / kRows, n1 / kRows, panel[i]);
       panel_n0 = n0;
     }
-    const int64_t kstep = bs.k > 0 ? bs.k : Kp;
-    for (int64_t k0 = 0; k0 < Kp; k0 += kstep) {
-      const int64_t k1 = std::min(Kp, k0 + kstep);
-      auto micro = [&](int64_t mi, int64_t ni, bool stream_a) {
-        const uint16_t* a0 = a.data() + (mi / kRows) * kt * kTileElems;
-        const uint16_t* b0 = panel + ((ni - n0) / kRows) * kt * kTileElems;
-        micro_block(tiles, a0, a0 + kt * kTileElems, b0, b0 + kt * kTileElems, k0 / kPairK,
-                    k1 / kPairK, k0 > 0, C + (mi - m0) * ldc + (ni - n0), ldc, pf_end,
-                    bs.prefetch_b, bs.prefetch_a && stream_a);
-      };
-      if (bs.n_outer) {
-        for (int64_t ni = n0; ni < n1; ni += kMicro)
-          for (int64_t mi = m0; mi < m1; mi += kMicro) micro(mi, ni, true);  // A streams
-      } else {
-        for (int64_t mi = m0; mi < m1; mi += kMicro)
-          for (int64_t ni = n0; ni < n1; ni += kMicro) micro(mi, ni, ni == n0);  // A's first use
+    for (int64_t i = 0; i < nw; ++i)
+      for (int64_t k0 = 0; k0 < Kp; k0 += kstep) {
+        const int64_t k1 = std::min(Kp, k0 + kstep);
+        auto micro = [&](int64_t mi, int64_t ni, bool stream_a) {
+          const uint16_t* a0 = a.data() + (mi / kRows) * kt * kTileElems;
+          const uint16_t* b0 = panel[i] + ((ni - n0) / kRows) * kt * kTileElems;
+          micro_block(tiles, a0, a0 + kt * kTileElems, b0, b0 + kt * kTileElems, k0 / kPairK,
+                      k1 / kPairK, k0 > 0, C[i] + (mi - m0) * ldc + (ni - n0), ldc, pf_end,
+                      bs.prefetch_b, bs.prefetch_a && stream_a);
+        };
+        if (bs.n_outer) {
+          for (int64_t ni = n0; ni < n1; ni += kMicro)
+            for (int64_t mi = m0; mi < m1; mi += kMicro) micro(mi, ni, true);  // A streams
+        } else {
+          for (int64_t mi = m0; mi < m1; mi += kMicro)
+            for (int64_t ni = n0; ni < n1; ni += kMicro) micro(mi, ni, ni == n0);  // A's first use
+        }
       }
-    }
-    finish(C, ldc, m0, std::min(m1, M), n0, std::min(n1, N), bias, N, out);
+    done(static_cast<const float* const*>(C), ldc, m0, std::min(m1, M), n0, std::min(n1, N));
   };
   const int64_t blocks = mblocks * nblocks;
   if (!bs.steal) {
     parallel_for(blocks, 1, [&](int64_t lo, int64_t hi) {
       Tiles tiles;
       tiles.config();
-      WorkerBuffers& wb = worker_buffers();
-      float* C = wb.c.get(size_t(bs.m * bs.n));
-      uint16_t* panel = wb.panel.get(size_t(bs.n * Kp));  // this worker's B columns
       int64_t panel_n0 = -1;
-      for (int64_t idx = lo; idx < hi; ++idx) block(tiles, C, panel, panel_n0, idx);
+      for (int64_t idx = lo; idx < hi; ++idx) block(tiles, panel_n0, idx);
       tiles.release();
     });
     return;
@@ -435,23 +445,30 @@ void run(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
   std::vector<int64_t> panel_of(size_t(workers), -1);
   const bool timing = profile::enabled();
   using Clock = std::chrono::steady_clock;
-  std::vector<Clock::time_point> done(size_t(workers), Clock::now());
+  std::vector<Clock::time_point> finished(size_t(workers), Clock::now());
   parallel_for_stealing(blocks, [&](int64_t wk, int64_t idx) {
     Tiles tiles;
     tiles.config();
-    WorkerBuffers& wb = worker_buffers();
-    float* C = wb.c.get(size_t(bs.m * bs.n));
-    uint16_t* panel = wb.panel.get(size_t(bs.n * Kp));
-    block(tiles, C, panel, panel_of[size_t(wk)], idx);
+    block(tiles, panel_of[size_t(wk)], idx);
     tiles.release();
-    if (timing) done[size_t(wk)] = Clock::now();
+    if (timing) finished[size_t(wk)] = Clock::now();
   });
   if (timing) {
     const Clock::time_point end = Clock::now();
     double idle = 0;
-    for (const auto& t : done) idle += std::chrono::duration<double>(end - t).count();
+    for (const auto& t : finished) idle += std::chrono::duration<double>(end - t).count();
     profile::add("linear.amx_idle", idle / double(workers));
   }
+}
+
+// One product, finished into out with the bias and rounding to bf16.
+template <typename Tiles>
+void run_linear(const PackedInput& in, const uint16_t* w, int64_t N, const float* bias,
+                float* out) {
+  const uint16_t* const ws[1] = {w};
+  run<Tiles>(in, ws, N,
+             [&](const float* const* C, int64_t ldc, int64_t m0, int64_t m1, int64_t n0,
+                 int64_t n1) { finish(C[0], ldc, m0, m1, n0, n1, bias, N, out); });
 }
 
 // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (tile state) enabled by
@@ -635,7 +652,19 @@ void linear_many(const float* x, int64_t M, int64_t K, std::span<const LinearJob
   if (M <= 0 || jobs.empty()) return;
   const PackedInput in = pack_input(x, M, K);
   for (const LinearJob& j : jobs)
-    with_tiles([&](auto tiles) { run<decltype(tiles)>(in, j.w, j.N, j.bias, j.out); });
+    with_tiles([&](auto tiles) { run_linear<decltype(tiles)>(in, j.w, j.N, j.bias, j.out); });
+}
+
+void linear_pair(const float* x, int64_t M, int64_t K, const uint16_t* w0, const uint16_t* w1,
+                 int64_t N, const PairDone& done) {
+  if (M <= 0 || N <= 0) return;
+  const PackedInput in = pack_input(x, M, K);
+  const uint16_t* const ws[2] = {w0, w1};
+  with_tiles([&](auto tiles) {
+    run<decltype(tiles)>(in, ws, N,
+                         [&](const float* const* C, int64_t ldc, int64_t m0, int64_t m1, int64_t n0,
+                             int64_t n1) { done(C[0], C[1], ldc, m0, m1, n0, n1); });
+  });
 }
 
 void pack_rows_n(const float* b, int64_t ldb, int64_t N, int64_t K, PackedB& out) {
@@ -699,7 +728,7 @@ Peak peak(int64_t steps) {
 void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,
                      const float* bias, float* out) {
   if (M <= 0) return;
-  run<EmulatedTiles>(pack_input(x, M, K), w, N, bias, out);
+  run_linear<EmulatedTiles>(pack_input(x, M, K), w, N, bias, out);
 }
 
 }  // namespace nanscope::gemm_amx

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -68,6 +69,16 @@ struct LinearJob {
   float* out;         // [M, N]
 };
 void linear_many(const float* x, int64_t M, int64_t K, std::span<const LinearJob> jobs);
+
+// Two products of the same input with weights of the same shape (gate and up), combined while
+// each block is in cache: for every block of rows [m0, m1) x columns [n0, n1) of the outputs,
+// done(c0, c1, ldc, m0, m1, n0, n1) gets the fp32 sums of x @ w0^T and x @ w1^T (no bias, not
+// rounded; element (m, n) at (m - m0) * ldc + (n - n0)). Called from the workers, each block
+// once. Requires available().
+using PairDone = std::function<void(const float* c0, const float* c1, int64_t ldc, int64_t m0,
+                                    int64_t m1, int64_t n0, int64_t n1)>;
+void linear_pair(const float* x, int64_t M, int64_t K, const uint16_t* w0, const uint16_t* w1,
+                 int64_t N, const PairDone& done);
 
 // The same computation with the tiles emulated in C++ (slow; for tests on any x86-64 machine).
 void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,

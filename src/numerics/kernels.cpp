@@ -471,6 +471,52 @@ void silu_mul(const float* gate, const float* up, int64_t n, DType dt, float* ou
   });
 }
 
+void linear_silu_mul(const float* x, int64_t T, const LinearOutput& gate, const LinearOutput& up,
+                     DType dt, float* act) {
+  const bool pair = dt == DType::BF16 && T >= kBf16GemmTokens && gemm_amx::available() &&
+                    gate.w.storage == DType::BF16 && up.w.storage == DType::BF16 &&
+                    gate.w.rows == up.w.rows && gate.w.cols == up.w.cols;
+  if (!pair) {
+    std::vector<float, ActivationAllocator<float>> g(size_t(T * gate.w.rows)), u(g.size());
+    const LinearOutput outs[2] = {{gate.w, gate.bias, g.data()}, {up.w, up.bias, u.data()}};
+    linear_shared_input(x, T, outs, dt);
+    silu_mul(g.data(), u.data(), int64_t(g.size()), dt, act);
+    return;
+  }
+  const int64_t N = gate.w.rows;
+  const int64_t vec_end = T * N / 8 * 8;  // silu_mul's vector elements (flat index)
+  const float *bg = gate.bias, *bu = up.bias;
+  gemm_amx::linear_pair(
+      x, T, gate.w.cols, reinterpret_cast<const uint16_t*>(gate.w.data),
+      reinterpret_cast<const uint16_t*>(up.w.data), N,
+      [&](const float* cg, const float* cu, int64_t ldc, int64_t m0, int64_t m1, int64_t n0,
+          int64_t n1) {
+        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+        for (int64_t m = m0; m < m1; ++m) {
+          const float* gr = cg + (m - m0) * ldc - n0;  // gr[n]: column n of row m
+          const float* ur = cu + (m - m0) * ldc - n0;
+          float* o = act + m * N;
+          int64_t n = n0;
+          for (; n + 8 <= n1 && m * N + n + 8 <= vec_end; n += 8) {
+            __m256 g = _mm256_loadu_ps(gr + n), u = _mm256_loadu_ps(ur + n);
+            if (bg) g = _mm256_add_ps(g, _mm256_loadu_ps(bg + n));
+            if (bu) u = _mm256_add_ps(u, _mm256_loadu_ps(bu + n));
+            g = round8(g, dt);
+            u = round8(u, dt);
+            const __m256 ex = Sleef_expf8_u10avx2(_mm256_xor_ps(g, sign));  // exp(-g)
+            const __m256 sv = round8(_mm256_div_ps(g, _mm256_add_ps(one, ex)), dt);
+            _mm256_storeu_ps(o + n, round8(_mm256_mul_ps(sv, u), dt));
+          }
+          for (; n < n1; ++n) {
+            const float g = round_to(bg ? gr[n] + bg[n] : gr[n], dt);
+            const float u = round_to(bu ? ur[n] + bu[n] : ur[n], dt);
+            const float ex = m * N + n < vec_end ? sleef_expf(-g) : std::exp(-g);
+            o[n] = round_to(round_to(g / (1.0f + ex), dt) * u, dt);
+          }
+        }
+      });
+}
+
 void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float* out) {
   const int64_t vec_end = n / 8 * 8;  // elements torch computes in vectors
   for (int64_t i = 0; i < n; ++i) {

@@ -48,6 +48,12 @@ void linear_shared_input(const float* x, int64_t T, std::span<const LinearOutput
 void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
                 float* out);
 
+// The MLP's gate and up products and silu_mul in one: act = silu_mul(linear(x, gate),
+// linear(x, up)), the same numbers as those three calls. Where the AMX kernel runs the products
+// (bf16, T >= 32), gate and up are combined block by block while in cache and never written.
+void linear_silu_mul(const float* x, int64_t T, const LinearOutput& gate, const LinearOutput& up,
+                     DType dt, float* act);
+
 // RMSNorm over rows of length n (transformers' Qwen3/Llama RMSNorm):
 //   xf = x (fp32); var = mean(xf^2); y = round_dt(xf * (1 / sqrt(var + float(eps))));
 //   out = round_dt(weight * y)

@@ -2,6 +2,7 @@
 // propagation checked element by element.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -125,6 +126,43 @@ TEST(Kernels, AmxLinearMatchesDoubleReference) {
             ASSERT_EQ(round_bf16(got), got) << name << ": output not a bf16 value";
           }
       }
+    }
+  }
+}
+
+// The fused MLP step against its three separate steps, bit for bit: with AMX (every machine under
+// NANSCOPE_AMX_EMULATE=1, the amx_emulated test) gate and up are combined block by block, with
+// the bias, the roundings and torch's split between SLEEF and expf at the array's tail; shapes
+// with several blocks, odd widths (scalar columns) and T * N not a multiple of 8.
+TEST(Kernels, LinearSiluMulMatchesSeparateSteps) {
+  std::mt19937 rng(5);
+  struct Shape {
+    int64_t T, K, N;
+  };
+  for (Shape sh : {Shape{40, 64, 200}, Shape{161, 96, 131}, Shape{33, 40, 9}, Shape{5, 32, 16}}) {
+    for (bool with_bias : {false, true}) {
+      auto make_w = [&](std::vector<uint16_t>& bits) {
+        auto w = random_vec(size_t(sh.N * sh.K), rng, 0.3f, DType::BF16);
+        bits.resize(w.size());
+        store_from_f32(w.data(), DType::BF16, reinterpret_cast<std::byte*>(bits.data()), w.size());
+        return WeightView{reinterpret_cast<const std::byte*>(bits.data()), DType::BF16, sh.N, sh.K};
+      };
+      std::vector<uint16_t> gbits, ubits;
+      const WeightView wg = make_w(gbits), wu = make_w(ubits);
+      auto x = random_vec(size_t(sh.T * sh.K), rng, 1.0f, DType::BF16);
+      auto bg = random_vec(size_t(sh.N), rng, 0.5f, DType::BF16);
+      auto bu = random_vec(size_t(sh.N), rng, 0.5f, DType::BF16);
+      const float* pg = with_bias ? bg.data() : nullptr;
+      const float* pu = with_bias ? bu.data() : nullptr;
+      std::vector<float> g(size_t(sh.T * sh.N)), u(g.size()), want(g.size()), got(g.size(), kNaN);
+      linear(x.data(), sh.T, wg, pg, DType::BF16, g.data());
+      linear(x.data(), sh.T, wu, pu, DType::BF16, u.data());
+      silu_mul(g.data(), u.data(), int64_t(g.size()), DType::BF16, want.data());
+      linear_silu_mul(x.data(), sh.T, {wg, pg, nullptr}, {wu, pu, nullptr}, DType::BF16,
+                      got.data());
+      for (size_t i = 0; i < want.size(); ++i)
+        ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+            << "T " << sh.T << " N " << sh.N << " bias " << with_bias << " element " << i;
     }
   }
 }
