@@ -38,6 +38,7 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
     std::string base, adapter, out, dtype = "auto", max_shard;
     bool allow_nonfinite = false, json = false, peft_tied = false;
     int threads = 0;
+    bool no_fsync = false;
   };
   auto a = std::make_shared<Args>();
   auto* app = root.add_subcommand(
@@ -56,6 +57,10 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
   app->add_flag("--peft-tied", a->peft_tied,
                 "On a tied model, merge embedding/lm_head updates into the shared tensor and stay "
                 "tied, byte for byte like peft (changes the model's function)");
+  app->add_flag("--no-fsync", a->no_fsync,
+                "Write through the page cache and leave the bytes to the kernel's writeback, as "
+                "cp does, instead of fsyncing before the final rename (faster where the disk is "
+                "the limit; a power cut soon after may leave a partial model)");
   app->add_option("--threads", a->threads, "Worker threads (default: all cores)");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   out.push_back({app, [a] {
@@ -67,6 +72,7 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
                    o.allow_nonfinite = a->allow_nonfinite;
                    o.max_shard_size = parse_size(a->max_shard);
                    o.threads = a->threads;
+                   o.durable = !a->no_fsync;
                    o.tied = a->peft_tied ? TiedMode::Peft : TiedMode::Untie;
                    o.cancel = &merge_interrupt_flag();
                    std::signal(SIGINT, on_interrupt);

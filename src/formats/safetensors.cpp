@@ -448,6 +448,7 @@ struct SafetensorsWriter::Impl {
   std::exception_ptr err;
   bool direct = false;    // fd has O_DIRECT (only the I/O thread clears it, then commit reads it)
   bool can_flush = true;  // false once sync_file_range is refused (not Linux, odd fs)
+  bool durable = true;    // SafetensorsWriteOptions::durable
   std::thread io;
 
   ~Impl() {
@@ -514,7 +515,7 @@ struct SafetensorsWriter::Impl {
           // until commit() (the disk works while the caller computes, the final fsync has
           // little left to do, the writer is not throttled). Only a hint: commit() fsyncs.
 #ifdef __linux__
-          if (!direct && can_flush &&
+          if (!direct && durable && can_flush &&
               ::sync_file_range(fd, off_t(job.offset), off_t(job.len), SYNC_FILE_RANGE_WRITE) != 0)
             can_flush = false;
 #endif
@@ -692,6 +693,7 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   const std::filesystem::path tmp =
       w.path.parent_path() / (w.path.filename().string() + ".tmp-" + std::to_string(::getpid()));
   const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+  w.durable = options.durable;
   w.fd = ::open(tmp.c_str(), flags | (options.direct ? O_DIRECT : 0), 0644);
   if (w.fd < 0 && options.direct && errno == EINVAL) {
     w.fd = ::open(tmp.c_str(), flags, 0644);  // the file system has no O_DIRECT (tmpfs)
@@ -784,7 +786,7 @@ void SafetensorsWriter::commit() {
                                        w.data_written, w.data_total));
   }
   w.finish();
-  if (::fsync(w.fd) != 0) {
+  if (w.durable && ::fsync(w.fd) != 0) {
     throw OutputError(fmt::format("{}: fsync failed: {}", w.tmp.string(), std::strerror(errno)));
   }
   const int fd = w.fd;
@@ -797,6 +799,7 @@ void SafetensorsWriter::commit() {
                                   std::strerror(errno)));
   }
   w.committed = true;
+  if (!w.durable) return;
   // Make the rename itself durable; failure here leaves a complete file, so it is not an error.
   const std::filesystem::path dir = w.path.parent_path().empty() ? "." : w.path.parent_path();
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);

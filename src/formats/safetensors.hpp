@@ -114,6 +114,10 @@ struct SafetensorsWriteOptions {
   // allocated page per 4 KB, no dirty pages for the flusher; the disk is fed straight from the
   // writer's buffers. The finished file is then not in the page cache.
   bool direct = false;
+  // fsync the file before renaming it into place (and its directory after): the whole file
+  // survives a power cut too. false: the bytes are left to the kernel's writeback, as cp leaves
+  // them (no early writeback either); a killed process still leaves nothing or the whole file.
+  bool durable = true;
 };
 
 // Writes a safetensors file: header padded with spaces to a multiple of 8, tensors streamed in

@@ -62,8 +62,8 @@ Blocking blocking() {
     }
     if (const char* e = std::getenv("NANSCOPE_AMX_PREFETCH")) {
       const std::string v = e;
-      r.prefetch_b = v.find('b') != std::string::npos;
-      r.prefetch_a = v.find('a') != std::string::npos;
+      r.prefetch_b = v == "1" || v.find('b') != std::string::npos;  // 1: the default, both
+      r.prefetch_a = v == "1" || v.find('a') != std::string::npos;
     }
     if (const char* e = std::getenv("NANSCOPE_AMX_ORDER")) r.n_outer = std::string(e) == "nm";
     if (const char* e = std::getenv("NANSCOPE_AMX_STEAL")) r.steal = *e != '0';

@@ -1,7 +1,7 @@
 #include "tools/merge.hpp"
 
-#include <fmt/format.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -1110,14 +1110,14 @@ void sync_path(const fs::path& p) {
 
 // Side files are fsynced like the shards: after a power cut the renamed directory must not hold
 // an empty config.json beside complete weights.
-void write_text(const fs::path& p, const std::string& s) {
+void write_text(const fs::path& p, const std::string& s, bool durable) {
   {
     std::ofstream f(p, std::ios::binary);
     f << s;
     f.flush();
     if (!f) throw OutputError(fmt::format("{}: cannot write", p.string()));
   }
-  sync_path(p);
+  if (durable) sync_path(p);
 }
 
 }  // namespace
@@ -1276,7 +1276,8 @@ MergeResult merge(const MergeOptions& o) {
     std::vector<TensorSpec> specs;
     for (size_t i : sh.tensors)
       specs.push_back({tensors[i].name, tensors[i].dtype, tensors[i].shape});
-    SafetensorsWriter w(guard.path / sh.file, specs, {{"format", "pt"}}, {.direct = true});
+    SafetensorsWriter w(guard.path / sh.file, specs, {{"format", "pt"}},
+                        {.direct = o.durable, .durable = o.durable});
     for (size_t k = 0; k < sh.tensors.size(); ++k) {
       const size_t i = sh.tensors[k];
       if (k + 1 < sh.tensors.size()) {  // the next tensor's base bytes, read ahead
@@ -1371,7 +1372,7 @@ MergeResult merge(const MergeOptions& o) {
     idx["metadata"] = {{"total_parameters", params}, {"total_size", total_size}};
     idx["weight_map"] = nlohmann::ordered_json::object();
     for (const auto& [k, v] : wm) idx["weight_map"][k] = v;
-    write_text(guard.path / "model.safetensors.index.json", idx.dump(2) + "\n");
+    write_text(guard.path / "model.safetensors.index.json", idx.dump(2) + "\n", o.durable);
   }
 
   // config.json: the base's, with the dtype (transformers 5 reads `dtype`; `torch_dtype` is
@@ -1384,7 +1385,7 @@ MergeResult merge(const MergeOptions& o) {
     c["dtype"] = torch_dtype_name(res.out_dtype);
     if (c.contains("torch_dtype")) c["torch_dtype"] = torch_dtype_name(res.out_dtype);
     if (res.untied) c["tie_word_embeddings"] = false;
-    write_text(guard.path / "config.json", c.dump(2) + "\n");
+    write_text(guard.path / "config.json", c.dump(2) + "\n", o.durable);
   }
   static const char* kSideFiles[] = {"generation_config.json",
                                      "tokenizer.json",
@@ -1403,10 +1404,10 @@ MergeResult merge(const MergeOptions& o) {
     if (ec)
       throw OutputError(fmt::format("{}: cannot copy to {} ({})", (base.dir() / f).string(),
                                     guard.path.string(), ec.message()));
-    sync_path(guard.path / f);
+    if (o.durable) sync_path(guard.path / f);
     res.side_files.push_back(f);
   }
-  sync_path(guard.path);  // the directory's entries, before it is renamed
+  if (o.durable) sync_path(guard.path);  // the directory's entries, before it is renamed
 
   merger.check_cancel();
   if (fs::exists(out, ec)) fs::remove(out, ec);  // an empty directory: checked above
@@ -1415,7 +1416,7 @@ MergeResult merge(const MergeOptions& o) {
     throw OutputError(fmt::format("{}: cannot rename to {} ({})", guard.path.string(), out.string(),
                                   ec.message()));
   guard.keep = true;
-  {  // the rename itself; the model is complete either way, so not an error
+  if (o.durable) {  // the rename itself; the model is complete either way, so not an error
     const int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
       ::fsync(dfd);

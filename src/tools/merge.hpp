@@ -48,6 +48,12 @@ struct MergeOptions {
   bool allow_nonfinite = false;   // write even when merged weights hold NaN/inf
   uint64_t max_shard_size = 0;    // bytes; 0 = shard exactly like the base
   int threads = 0;                // 0 = hardware concurrency
+  // Every output file and the directory fsynced before the final rename (and the parent after):
+  // the merged model survives a power cut whole or not at all. false (--no-fsync): written
+  // through the page cache and left to the kernel's writeback, as cp does (faster where the disk
+  // is the limit, and the next command reads the model from memory); a killed process still
+  // leaves nothing or the whole model.
+  bool durable = true;
   TiedMode tied = TiedMode::Untie;
   // peft adds an EMBEDDING's update after rounding it to the weight's dtype (two roundings:
   // lora/layer.py Embedding.merge `get_delta_weight(...).to(orig_dtype)`). Off: one rounding.

@@ -2,6 +2,8 @@
 // --json documents, files written, messages on bad input.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <fstream>
+#include <iterator>
 
 #include "cli_util.hpp"
 #include "formats/safetensors.hpp"
@@ -87,6 +89,19 @@ TEST(Cli, MergeWritesAWholeCheckpointOrNothing) {
   EXPECT_FALSE(std::filesystem::exists(out2));
   for (const auto& e : std::filesystem::directory_iterator(d.path))
     EXPECT_THAT(e.path().filename().string(), ::testing::Not(HasSubstr(".tmp")));
+  // --no-fsync (page cache, no fsync): the same files, byte for byte.
+  const auto out3 = (d.path / "nofsync").string();
+  auto nf = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter",
+                     fixture("adapters/lora-bf16"), "--out", out3, "--no-fsync"});
+  ASSERT_EQ(nf.exit_code, 0) << nf.err;
+  for (const auto& e : std::filesystem::directory_iterator(out)) {
+    const auto name = e.path().filename().string();
+    auto slurp = [](const std::string& f) {
+      std::ifstream in(f, std::ios::binary);
+      return std::string(std::istreambuf_iterator<char>(in), {});
+    };
+    EXPECT_EQ(slurp(out3 + "/" + name), slurp(e.path().string())) << name;
+  }
   // A missing adapter file: exit 2 naming it.
   auto m = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter", "/nonexistent/a",
                     "--out", (d.path / "x").string()});
