@@ -3,16 +3,11 @@
 # (binaries built on a Debian 12 machine and carried in .carry/) against the reference tools
 # (safetensors + torch, transformers, peft, tokenizers) on a Qwen3-4B-shaped checkpoint.
 # Every figure of BENCHMARKS.md comes from the results.jsonl this writes.
-set -u
-export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
-W=/tmp/nsbench; rm -rf "$W"; mkdir -p "$W"
-BIN=.carry/bin
-. bench/device_env.sh  # libdnnl and libOpenCL from .carry/deb (bench/carry.sh)
+. bench/device_job.sh
+rm -rf "$W"; mkdir -p "$W"
 if ldd $BIN/nanscope | grep -q "not found"; then export LD_LIBRARY_PATH=$PWD/.carry/lib; fi
 R=$OUT/results.jsonl; : > "$R"
-M="python3 bench/measure.py"
 log() { echo "== $*" >&2; }
 { nproc; lscpu | grep -E 'Model name|^CPU\(s\)|L3'; free -g | head -2; python3 -c "import torch, transformers, peft, tokenizers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'tokenizers', tokenizers.__version__, 'threads', torch.get_num_threads())"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"

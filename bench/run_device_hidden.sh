@@ -3,16 +3,10 @@
 # transformers (bf16, eager, output_hidden_states=True, one batch of PROMPTS) against
 # nanscope's batched forward on the same Qwen3-4B-shaped checkpoint, same job.
 # Binaries built on Debian 12 are carried in .carry/bin (libdnnl from .carry/deb).
-set -u
-export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
-W=/tmp/nsbench; mkdir -p "$W"
-BIN=.carry/bin
-. bench/device_env.sh  # libdnnl and libOpenCL from .carry/deb (bench/carry.sh)
+. bench/device_job.sh
 PROMPTS=${PROMPTS:-64} TOKENS=${TOKENS:-128}
 R=$OUT/hidden.jsonl; : > "$R"
-M="python3 bench/measure.py"
 { nproc; lscpu | grep -E 'Model name|^CPU\(s\)|L3|Flags' | sed 's/Flags:.*\(amx_bf16\).*/Flags: ... \1 .../'; free -g | head -2
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'threads', torch.get_num_threads())"
   [ -x $BIN/bench_gemm ] && $BIN/bench_gemm --tokens 4096 --repeat 1 2>&1 | tail -1; } > "$OUT/hidden-machine.txt" 2>&1

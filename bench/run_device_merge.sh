@@ -5,15 +5,9 @@
 # round: as the first copy after other work, again right after deleting that copy (the page
 # cache reuses the pages just freed), and followed by `sync` (the durability the merge gives);
 # the merge by default (fsynced, O_DIRECT) and with --no-fsync (page cache, like cp).
-set -u
-export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
-W=/tmp/nsbench; mkdir -p "$W"
-BIN=.carry/bin
-. bench/device_env.sh
+. bench/device_job.sh
 R=$OUT/merge.jsonl; : > "$R"
-M="python3 bench/measure.py"
 [ -d $W/q4b ] && [ -d $W/lora16 ] || { rm -rf $W/q4b $W/lora16; $BIN/make_synthetic --out $W/q4b --preset qwen3-4b --adapter $W/lora16 --rank 16 > /dev/null; }
 cat $W/q4b/*.safetensors > /dev/null  # warm the page cache
 [ "${PEFT:-1}" = 1 ] && { $M ref_merge python3 bench/reference/ref_merge.py $W/q4b $W/lora16 $W/merged_peft >> "$R"; rm -rf $W/merged_peft; }

@@ -11,7 +11,7 @@
 
 namespace nanscope {
 
-void write_file_atomic(const std::filesystem::path& path, std::string_view content) {
+void write_file_atomic(const std::filesystem::path& path, std::string_view content, bool durable) {
   const std::string tmp = path.string() + ".tmp-" + std::to_string(getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw OutputError(fmt::format("{}: {}", path.string(), std::strerror(errno)));
@@ -27,7 +27,7 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
     }
     done += size_t(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+  if ((durable && ::fsync(fd) != 0) || ::close(fd) != 0) {
     const int e = errno;
     ::unlink(tmp.c_str());
     throw OutputError(fmt::format("{}: {}", path.string(), std::strerror(e)));
@@ -37,6 +37,23 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
     ::unlink(tmp.c_str());
     throw OutputError(fmt::format("{}: {}", path.string(), std::strerror(e)));
   }
+}
+
+void fsync_path(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    const int e = errno;
+    if (fd >= 0) ::close(fd);
+    throw OutputError(fmt::format("{}: fsync failed: {}", path.string(), std::strerror(e)));
+  }
+  ::close(fd);
+}
+
+void fsync_dir_quietly(const std::filesystem::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
 }
 
 }  // namespace nanscope

@@ -1,5 +1,5 @@
 // Small text outputs (reports, JSON side files) written whole or not at all: to a temporary
-// name beside the target, fsynced, renamed into place.
+// name beside the target, fsynced, renamed into place; and the fsyncs of other writers.
 #pragma once
 
 #include <filesystem>
@@ -8,6 +8,14 @@
 namespace nanscope {
 
 // Throws OutputError naming the path when the file cannot be written (full disk, permissions).
-void write_file_atomic(const std::filesystem::path& path, std::string_view content);
+// durable = false skips the fsync (the bytes are left to the kernel's writeback).
+void write_file_atomic(const std::filesystem::path& path, std::string_view content,
+                       bool durable = true);
+
+// fsync of a written file or directory; OutputError naming it on failure.
+void fsync_path(const std::filesystem::path& path);
+// fsync of a directory after a rename into it, where failing leaves the renamed file complete
+// (so not an error): errors are ignored.
+void fsync_dir_quietly(const std::filesystem::path& dir);
 
 }  // namespace nanscope

@@ -17,6 +17,8 @@
 #include <thread>
 #include <unordered_set>
 
+#include "common/atomic_file.hpp"
+
 namespace nanscope {
 
 namespace {
@@ -800,13 +802,8 @@ void SafetensorsWriter::commit() {
   }
   w.committed = true;
   if (!w.durable) return;
-  // Make the rename itself durable; failure here leaves a complete file, so it is not an error.
-  const std::filesystem::path dir = w.path.parent_path().empty() ? "." : w.path.parent_path();
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  // Make the rename itself durable.
+  fsync_dir_quietly(w.path.parent_path().empty() ? "." : w.path.parent_path());
 }
 
 bool SafetensorsWriter::direct() const {

@@ -454,20 +454,25 @@ void softmax_row_ref(const float* x, int64_t n, float* out) {
 // AVX-512 builds compute the same function, and std::exp for the remainder of the array (the
 // chunks of parallel_for are multiples of 8, so which elements are left over does not depend on
 // the thread count). Eight lanes of SLEEF also cost a tenth of eight calls of expf.
+namespace {
+// round(round(silu(g)) * u) for 8 lanes with SLEEF's exp, and for one element given exp(-g) (the
+// caller picks SLEEF or std::exp as torch would): silu_mul and linear_silu_mul's epilogue.
+inline __m256 silu_mul8(__m256 g, __m256 u, DType dt) {
+  const __m256 ex = Sleef_expf8_u10avx2(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));  // exp(-g)
+  const __m256 sv = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), ex)), dt);
+  return round8(_mm256_mul_ps(sv, u), dt);
+}
+inline float silu_mul1(float g, float u, float exp_minus_g, DType dt) {
+  return round_to(round_to(g / (1.0f + exp_minus_g), dt) * u, dt);
+}
+}  // namespace
+
 void silu_mul(const float* gate, const float* up, int64_t n, DType dt, float* out) {
   parallel_for(n, 4096, [&](int64_t b, int64_t e) {
-    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     int64_t i = b;
-    for (; i + 8 <= e; i += 8) {
-      const __m256 g = _mm256_loadu_ps(gate + i);
-      const __m256 ex = Sleef_expf8_u10avx2(_mm256_xor_ps(g, sign));  // exp(-g)
-      const __m256 sv = round8(_mm256_div_ps(g, _mm256_add_ps(one, ex)), dt);
-      _mm256_storeu_ps(out + i, round8(_mm256_mul_ps(sv, _mm256_loadu_ps(up + i)), dt));
-    }
-    for (; i < e; ++i) {
-      const float sv = round_to(gate[i] / (1.0f + std::exp(-gate[i])), dt);
-      out[i] = round_to(sv * up[i], dt);
-    }
+    for (; i + 8 <= e; i += 8)
+      _mm256_storeu_ps(out + i, silu_mul8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i), dt));
+    for (; i < e; ++i) out[i] = silu_mul1(gate[i], up[i], std::exp(-gate[i]), dt);
   });
 }
 
@@ -486,35 +491,29 @@ void linear_silu_mul(const float* x, int64_t T, const LinearOutput& gate, const 
   const int64_t N = gate.w.rows;
   const int64_t vec_end = T * N / 8 * 8;  // silu_mul's vector elements (flat index)
   const float *bg = gate.bias, *bu = up.bias;
-  gemm_amx::linear_pair(
-      x, T, gate.w.cols, reinterpret_cast<const uint16_t*>(gate.w.data),
-      reinterpret_cast<const uint16_t*>(up.w.data), N,
-      [&](const float* cg, const float* cu, int64_t ldc, int64_t m0, int64_t m1, int64_t n0,
-          int64_t n1) {
-        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-        for (int64_t m = m0; m < m1; ++m) {
-          const float* gr = cg + (m - m0) * ldc - n0;  // gr[n]: column n of row m
-          const float* ur = cu + (m - m0) * ldc - n0;
-          float* o = act + m * N;
-          int64_t n = n0;
-          for (; n + 8 <= n1 && m * N + n + 8 <= vec_end; n += 8) {
-            __m256 g = _mm256_loadu_ps(gr + n), u = _mm256_loadu_ps(ur + n);
-            if (bg) g = _mm256_add_ps(g, _mm256_loadu_ps(bg + n));
-            if (bu) u = _mm256_add_ps(u, _mm256_loadu_ps(bu + n));
-            g = round8(g, dt);
-            u = round8(u, dt);
-            const __m256 ex = Sleef_expf8_u10avx2(_mm256_xor_ps(g, sign));  // exp(-g)
-            const __m256 sv = round8(_mm256_div_ps(g, _mm256_add_ps(one, ex)), dt);
-            _mm256_storeu_ps(o + n, round8(_mm256_mul_ps(sv, u), dt));
-          }
-          for (; n < n1; ++n) {
-            const float g = round_to(bg ? gr[n] + bg[n] : gr[n], dt);
-            const float u = round_to(bu ? ur[n] + bu[n] : ur[n], dt);
-            const float ex = m * N + n < vec_end ? sleef_expf(-g) : std::exp(-g);
-            o[n] = round_to(round_to(g / (1.0f + ex), dt) * u, dt);
-          }
-        }
-      });
+  gemm_amx::linear_pair(x, T, gate.w.cols, reinterpret_cast<const uint16_t*>(gate.w.data),
+                        reinterpret_cast<const uint16_t*>(up.w.data), N,
+                        [&](const float* cg, const float* cu, int64_t ldc, int64_t m0, int64_t m1,
+                            int64_t n0, int64_t n1) {
+                          for (int64_t m = m0; m < m1; ++m) {
+                            const float* gr = cg + (m - m0) * ldc - n0;  // gr[n]: column n of row m
+                            const float* ur = cu + (m - m0) * ldc - n0;
+                            float* o = act + m * N;
+                            int64_t n = n0;
+                            for (; n + 8 <= n1 && m * N + n + 8 <= vec_end; n += 8) {
+                              __m256 g = _mm256_loadu_ps(gr + n), u = _mm256_loadu_ps(ur + n);
+                              if (bg) g = _mm256_add_ps(g, _mm256_loadu_ps(bg + n));
+                              if (bu) u = _mm256_add_ps(u, _mm256_loadu_ps(bu + n));
+                              _mm256_storeu_ps(o + n, silu_mul8(round8(g, dt), round8(u, dt), dt));
+                            }
+                            for (; n < n1; ++n) {
+                              const float g = round_to(bg ? gr[n] + bg[n] : gr[n], dt);
+                              const float u = round_to(bu ? ur[n] + bu[n] : ur[n], dt);
+                              o[n] = silu_mul1(
+                                  g, u, m * N + n < vec_end ? sleef_expf(-g) : std::exp(-g), dt);
+                            }
+                          }
+                        });
 }
 
 void silu_mul_ref(const float* gate, const float* up, int64_t n, DType dt, float* out) {

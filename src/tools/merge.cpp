@@ -1,6 +1,5 @@
 #include "tools/merge.hpp"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <sys/mman.h>
@@ -11,7 +10,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -26,6 +24,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
@@ -1097,29 +1096,6 @@ struct TmpDirGuard {
   }
 };
 
-// fsync of a written file or directory.
-void sync_path(const fs::path& p) {
-  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0 || ::fsync(fd) != 0) {
-    const int e = errno;
-    if (fd >= 0) ::close(fd);
-    throw OutputError(fmt::format("{}: fsync failed: {}", p.string(), std::strerror(e)));
-  }
-  ::close(fd);
-}
-
-// Side files are fsynced like the shards: after a power cut the renamed directory must not hold
-// an empty config.json beside complete weights.
-void write_text(const fs::path& p, const std::string& s, bool durable) {
-  {
-    std::ofstream f(p, std::ios::binary);
-    f << s;
-    f.flush();
-    if (!f) throw OutputError(fmt::format("{}: cannot write", p.string()));
-  }
-  if (durable) sync_path(p);
-}
-
 }  // namespace
 
 MergeResult merge(const MergeOptions& o) {
@@ -1372,7 +1348,7 @@ MergeResult merge(const MergeOptions& o) {
     idx["metadata"] = {{"total_parameters", params}, {"total_size", total_size}};
     idx["weight_map"] = nlohmann::ordered_json::object();
     for (const auto& [k, v] : wm) idx["weight_map"][k] = v;
-    write_text(guard.path / "model.safetensors.index.json", idx.dump(2) + "\n", o.durable);
+    write_file_atomic(guard.path / "model.safetensors.index.json", idx.dump(2) + "\n", o.durable);
   }
 
   // config.json: the base's, with the dtype (transformers 5 reads `dtype`; `torch_dtype` is
@@ -1385,7 +1361,7 @@ MergeResult merge(const MergeOptions& o) {
     c["dtype"] = torch_dtype_name(res.out_dtype);
     if (c.contains("torch_dtype")) c["torch_dtype"] = torch_dtype_name(res.out_dtype);
     if (res.untied) c["tie_word_embeddings"] = false;
-    write_text(guard.path / "config.json", c.dump(2) + "\n", o.durable);
+    write_file_atomic(guard.path / "config.json", c.dump(2) + "\n", o.durable);
   }
   static const char* kSideFiles[] = {"generation_config.json",
                                      "tokenizer.json",
@@ -1404,10 +1380,12 @@ MergeResult merge(const MergeOptions& o) {
     if (ec)
       throw OutputError(fmt::format("{}: cannot copy to {} ({})", (base.dir() / f).string(),
                                     guard.path.string(), ec.message()));
-    if (o.durable) sync_path(guard.path / f);
+    if (o.durable) fsync_path(guard.path / f);
     res.side_files.push_back(f);
   }
-  if (o.durable) sync_path(guard.path);  // the directory's entries, before it is renamed
+  // Durable: every file above and the directory's entries before the rename, the rename after
+  // it (a power cut must not leave a renamed directory with an empty config.json).
+  if (o.durable) fsync_path(guard.path);
 
   merger.check_cancel();
   if (fs::exists(out, ec)) fs::remove(out, ec);  // an empty directory: checked above
@@ -1416,13 +1394,7 @@ MergeResult merge(const MergeOptions& o) {
     throw OutputError(fmt::format("{}: cannot rename to {} ({})", guard.path.string(), out.string(),
                                   ec.message()));
   guard.keep = true;
-  if (o.durable) {  // the rename itself; the model is complete either way, so not an error
-    const int dfd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
-  }
+  if (o.durable) fsync_dir_quietly(parent);
   res.written = true;
   res.out = out;
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();

@@ -1,0 +1,10 @@
+# Sourced by the bench/run_device*.sh scripts from the repository root: what every benchmark job
+# on the GPU machine sets up. OUT (results, from the environment), W (scratch: checkpoints),
+# BIN (the carried binaries), M (bench/measure.py: wall time and peak RSS of one command).
+set -u
+export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
+OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
+W=/tmp/nsbench; mkdir -p "$W"
+BIN=.carry/bin
+M="python3 bench/measure.py"
+. bench/device_env.sh  # libdnnl, libOpenCL and libsleef from .carry/deb (bench/carry.sh)
