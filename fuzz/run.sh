@@ -15,7 +15,8 @@ echo "building $out/fuzz_safetensors_header"
 "$cxx" -std=c++20 -O1 -g -march=x86-64-v3 -fsanitize=fuzzer,address,undefined \
   -fno-sanitize-recover=undefined -I "$root/src" \
   "$root/fuzz/fuzz_safetensors_header.cpp" "$root/src/formats/safetensors.cpp" \
-  "$root/src/numerics/dtype.cpp" -lfmt -o "$out/fuzz_safetensors_header"
+  "$root/src/numerics/dtype.cpp" "$root/src/common/atomic_file.cpp" -lfmt \
+  -o "$out/fuzz_safetensors_header"
 
 # Seeds: a few valid files (and near misses) written here, so the corpus needs no binaries in git.
 seed() {  # seed NAME HEADER DATA_BYTES
