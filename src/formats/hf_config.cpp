@@ -80,6 +80,28 @@ std::optional<double> get_opt_num(const nlohmann::json& j, const char* key,
   return it->get<double>();
 }
 
+std::vector<double> get_num_list(const nlohmann::json& j, const char* key,
+                                 const std::string& what) {
+  std::vector<double> v;
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return v;
+  if (!it->is_array()) fail("{}: `{}` must be a list of numbers, found {}", what, key, it->dump());
+  for (const auto& x : *it) {
+    if (!x.is_number()) fail("{}: `{}` must be a list of numbers, found {}", what, key, x.dump());
+    v.push_back(x.get<double>());
+  }
+  return v;
+}
+
+std::optional<int64_t> get_opt_int(const nlohmann::json& j, const char* key,
+                                   const std::string& what) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return std::nullopt;
+  if (!it->is_number_integer())
+    fail("{}: `{}` must be an integer, found {}", what, key, it->dump());
+  return it->get<int64_t>();
+}
+
 // RoPE: transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
 RopeConfig parse_rope(const nlohmann::json& j, const std::string& what) {
   RopeConfig r;
@@ -106,6 +128,7 @@ RopeConfig parse_rope(const nlohmann::json& j, const std::string& what) {
     }
   }
   r.factor = get_num(p, "factor", 1.0, w);
+  r.has_factor = p.contains("factor") && !p["factor"].is_null();
   r.original_max_position = get_opt_num(p, "original_max_position_embeddings", w);
   r.low_freq_factor = get_num(p, "low_freq_factor", 1.0, w);
   r.high_freq_factor = get_num(p, "high_freq_factor", 4.0, w);
@@ -117,7 +140,33 @@ RopeConfig parse_rope(const nlohmann::json& j, const std::string& what) {
   r.truncate = get_bool(p, "truncate", true, w);
   if (!r.partial_rotary_factor)
     r.partial_rotary_factor = get_opt_num(p, "partial_rotary_factor", w);
+  r.short_factor = get_num_list(p, "short_factor", w);
+  r.long_factor = get_num_list(p, "long_factor", w);
   return r;
+}
+
+// Gemma 3 writes one set of rope parameters per layer type; older files `rope_theta` (global)
+// and `rope_local_base_freq` (sliding layers) with `rope_scaling` for the global ones.
+std::map<std::string, RopeConfig> parse_rope_by_layer_type(const nlohmann::json& j,
+                                                           const std::string& what) {
+  std::map<std::string, RopeConfig> out;
+  auto it = j.find("rope_parameters");
+  if (it != j.end() && it->is_object()) {
+    for (const char* lt : {"full_attention", "sliding_attention"}) {
+      auto p = it->find(lt);
+      if (p == it->end() || !p->is_object()) continue;
+      nlohmann::json sub = {{"rope_parameters", *p}};
+      out[lt] = parse_rope(sub, what + " (rope_parameters." + lt + ")");
+    }
+    if (!out.empty()) return out;
+  }
+  if (auto lb = j.find("rope_local_base_freq"); lb != j.end() && !lb->is_null()) {
+    out["full_attention"] = parse_rope(j, what);
+    RopeConfig local;
+    local.theta = get_num(j, "rope_local_base_freq", 10000.0, what);
+    out["sliding_attention"] = local;
+  }
+  return out;
 }
 
 }  // namespace
@@ -162,7 +211,55 @@ ModelConfig parse_model_config(const nlohmann::json& j, const std::string& what)
       break;
     }
   }
-  c.rope = parse_rope(j, what);
+  // Gemma names it hidden_activation (hidden_act is an older alias there).
+  if (auto it = j.find("hidden_activation"); it != j.end() && it->is_string())
+    c.hidden_act = it->get<std::string>();
+  c.rope_by_layer_type = parse_rope_by_layer_type(j, what);
+  c.rope =
+      c.rope_by_layer_type.empty() ? parse_rope(j, what) : c.rope_by_layer_type.begin()->second;
+  c.original_max_position_embeddings = get_opt_int(j, "original_max_position_embeddings", what);
+
+  c.sliding_window = get_opt_int(j, "sliding_window", what);
+  if (auto it = j.find("use_sliding_window"); it != j.end() && !it->is_null())
+    c.use_sliding_window = get_bool(j, "use_sliding_window", false, what);
+  c.max_window_layers = get_opt_int(j, "max_window_layers", what);
+  if (auto it = j.find("layer_types"); it != j.end() && !it->is_null()) {
+    if (!it->is_array()) fail("{}: `layer_types` must be a list, found {}", what, it->dump());
+    for (const auto& t : *it) {
+      if (!t.is_string()) fail("{}: `layer_types` holds {}, not a string", what, t.dump());
+      c.layer_types.push_back(t.get<std::string>());
+    }
+    if (int64_t(c.layer_types.size()) != c.num_hidden_layers)
+      fail("{}: `layer_types` has {} entries for {} layers", what, c.layer_types.size(),
+           c.num_hidden_layers);
+  }
+  c.query_pre_attn_scalar = get_opt_num(j, "query_pre_attn_scalar", what);
+  c.attn_logit_softcapping = get_opt_num(j, "attn_logit_softcapping", what);
+  c.final_logit_softcapping = get_opt_num(j, "final_logit_softcapping", what);
+  c.use_bidirectional_attention = get_bool(j, "use_bidirectional_attention", false, what);
+
+  for (const char* key : {"num_experts", "num_local_experts"})
+    if (auto e = get_opt_int(j, key, what)) c.num_experts = *e;
+  if (c.num_experts < 0) fail("{}: `num_experts` must not be negative", what);
+  if (c.num_experts > 0) {
+    c.num_experts_per_tok = get_int(j, "num_experts_per_tok", what);
+    if (c.num_experts_per_tok > c.num_experts)
+      fail("{}: num_experts_per_tok ({}) is more than num_experts ({})", what,
+           c.num_experts_per_tok, c.num_experts);
+    c.moe_intermediate_size = get_int(j, "moe_intermediate_size", what, c.intermediate_size);
+    c.shared_expert_intermediate_size =
+        get_opt_int(j, "shared_expert_intermediate_size", what).value_or(0);
+    c.norm_topk_prob = get_bool(j, "norm_topk_prob", false, what);
+    c.decoder_sparse_step = get_int(j, "decoder_sparse_step", what, 1);
+    if (auto it = j.find("mlp_only_layers"); it != j.end() && !it->is_null()) {
+      if (!it->is_array()) fail("{}: `mlp_only_layers` must be a list, found {}", what, it->dump());
+      for (const auto& v : *it) {
+        if (!v.is_number_integer())
+          fail("{}: `mlp_only_layers` holds {}, not a layer index", what, v.dump());
+        c.mlp_only_layers.push_back(v.get<int64_t>());
+      }
+    }
+  }
   return c;
 }
 

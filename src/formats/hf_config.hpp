@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -19,6 +20,7 @@ struct RopeConfig {
   std::string type = "default";  // default | linear | dynamic | yarn | llama3
   double theta = 10000.0;
   double factor = 1.0;                           // linear, dynamic, yarn, llama3
+  bool has_factor = false;                       // longrope derives it when absent
   std::optional<double> original_max_position;   // yarn, llama3, dynamic
   double low_freq_factor = 1.0;                  // llama3
   double high_freq_factor = 4.0;                 // llama3
@@ -27,6 +29,7 @@ struct RopeConfig {
   std::optional<double> mscale, mscale_all_dim;  // yarn (DeepSeek spelling)
   bool truncate = true;                          // yarn
   std::optional<double> partial_rotary_factor;
+  std::vector<double> short_factor, long_factor;  // longrope (Phi-3)
 };
 
 struct ModelConfig {
@@ -47,6 +50,29 @@ struct ModelConfig {
   std::string hidden_act = "silu";
   std::optional<DType> dtype;  // `dtype` or `torch_dtype`, absent in some files
   RopeConfig rope;
+  // Gemma 3: RoPE per layer type ("full_attention", "sliding_attention"); empty elsewhere.
+  std::map<std::string, RopeConfig> rope_by_layer_type;
+  std::optional<int64_t> original_max_position_embeddings;  // Phi-3 (longrope)
+
+  // Attention variants. sliding_window as written; which layers use it is the architecture's
+  // rule (model/arch.cpp), from layer_types or use_sliding_window / max_window_layers.
+  std::optional<int64_t> sliding_window;
+  std::optional<bool> use_sliding_window;
+  std::optional<int64_t> max_window_layers;
+  std::vector<std::string> layer_types;
+  std::optional<double> query_pre_attn_scalar;    // Gemma: scaling = scalar^-0.5
+  std::optional<double> attn_logit_softcapping;   // Gemma 2
+  std::optional<double> final_logit_softcapping;  // Gemma 2
+  bool use_bidirectional_attention = false;       // Gemma 3 (embedding variants): not causal
+
+  // Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral); num_experts 0 for dense models.
+  int64_t num_experts = 0;
+  int64_t num_experts_per_tok = 0;
+  int64_t moe_intermediate_size = 0;
+  int64_t shared_expert_intermediate_size = 0;
+  bool norm_topk_prob = false;
+  int64_t decoder_sparse_step = 1;
+  std::vector<int64_t> mlp_only_layers;
   nlohmann::json raw;  // the whole file, kept so merge can write it back with few edits
 };
 

@@ -1,6 +1,7 @@
-// The forward pass as a recipe: RMSNorm; Attention; Residual; RMSNorm; MLP; Residual. Every
-// rounding point is the one of transformers' modeling_qwen3.py / modeling_llama.py /
-// modeling_qwen2.py on CPU (docs/forward.md lists them with the code they mirror).
+// The forward pass as a recipe: Norm; Attention; (Norm;) Residual; Norm; MLP or experts; (Norm;)
+// Residual, read from the layer description of model/arch.hpp. Every rounding point is the one
+// of transformers' modeling code of the family on CPU (docs/forward.md lists them with the code
+// they mirror).
 #pragma GCC optimize("fp-contract=off")
 
 #include "model/forward.hpp"
@@ -20,6 +21,7 @@
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "numerics/activations.hpp"
+#include "numerics/elementwise.hpp"
 #include "numerics/gemm_amx.hpp"
 #include "numerics/kernels.hpp"
 #include "numerics/parallel.hpp"
@@ -61,6 +63,126 @@ struct Segment {
   int64_t off = 0, len = 0;
 };
 
+// One layer's weights, one member per weight, as the run dtype reads them: matrices in place
+// in the mapped checkpoint (q/k/v and gate/up may be row ranges of a fused tensor), norms and
+// biases converted. Experts are not here: a mixture-of-experts block reads only the experts its
+// tokens route to (Model::moe).
+struct LayerWeights {
+  Vec input_norm, attn_out_norm, mlp_in_norm, mlp_out_norm, q_norm, k_norm;
+  WeightView q, k, v, o;
+  Vec q_bias, k_bias, v_bias, o_bias;
+  WeightView gate, up, down;
+  Vec gate_bias, up_bias, down_bias;
+  WeightView router, shared_gate, shared_up, shared_down, shared_expert_gate;
+};
+
+// Where weights come from: the mapped checkpoint, checked against the shapes the layer
+// description gives, each layer's pages handed back once it is done. The seam a device
+// backend's uploader takes the place of.
+class WeightSource {
+ public:
+  WeightSource(const Checkpoint& ck, DType dt, bool release)
+      : ck_(ck), dt_(dt), release_(release) {}
+  ~WeightSource() { release_all(); }
+
+  WeightView matrix(const std::string& module, int64_t rows, int64_t cols) {
+    return view(get(module + ".weight", {rows, cols}));
+  }
+  // Rows [r0, r0 + rows) of a fused [total, cols] matrix.
+  WeightView rows_of(const WeightView& w, int64_t r0, int64_t rows) const {
+    WeightView v = w;
+    v.data = w.data + size_t(r0 * w.cols) * size_t(dtype_bits(w.storage) / 8);
+    v.rows = rows;
+    return v;
+  }
+  Vec vector(const std::string& module, const char* param, int64_t n) {
+    if (module.empty()) return {};
+    const TensorRef t = get(module + "." + param, {n});
+    Vec out(static_cast<size_t>(n));
+    weight_vector(t.bytes().data(), t.info->dtype, n, dt_, out.data());
+    return out;
+  }
+  LayerWeights layer(const LayerSpec& s, int64_t H) {
+    const LayerNames& n = s.names;
+    const AttentionSpec& a = s.attn;
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
+    LayerWeights w;
+    w.input_norm = vector(n.input_norm, "weight", H);
+    if (a.fused_qkv) {
+      const WeightView qkv = matrix(n.qkv_proj, qd + 2 * kvd, H);
+      w.q = rows_of(qkv, 0, qd), w.k = rows_of(qkv, qd, kvd), w.v = rows_of(qkv, qd + kvd, kvd);
+    } else {
+      w.q = matrix(n.q_proj, qd, H), w.k = matrix(n.k_proj, kvd, H), w.v = matrix(n.v_proj, kvd, H);
+    }
+    if (a.qkv_bias) {
+      w.q_bias = vector(n.q_proj, "bias", qd);
+      w.k_bias = vector(n.k_proj, "bias", kvd);
+      w.v_bias = vector(n.v_proj, "bias", kvd);
+    }
+    if (a.qk_norm)
+      w.q_norm = vector(n.q_norm, "weight", D), w.k_norm = vector(n.k_norm, "weight", D);
+    w.o = matrix(n.o_proj, H, qd);
+    if (a.o_bias) w.o_bias = vector(n.o_proj, "bias", H);
+    w.attn_out_norm = vector(n.attn_out_norm, "weight", H);
+    w.mlp_in_norm = vector(n.mlp_in_norm, "weight", H);
+    w.mlp_out_norm = vector(n.mlp_out_norm, "weight", H);
+    const MlpSpec& m = s.mlp;
+    const int64_t I = m.intermediate;
+    if (!m.moe) {
+      if (m.fused_gate_up) {
+        const WeightView gu = matrix(n.gate_up_proj, 2 * I, H);
+        w.gate = rows_of(gu, 0, I), w.up = rows_of(gu, I, I);
+      } else {
+        w.gate = matrix(n.gate_proj, I, H), w.up = matrix(n.up_proj, I, H);
+      }
+      w.down = matrix(n.down_proj, H, I);
+      if (m.bias) {
+        w.gate_bias = vector(n.gate_proj, "bias", I);
+        w.up_bias = vector(n.up_proj, "bias", I);
+        w.down_bias = vector(n.down_proj, "bias", H);
+      }
+    } else {
+      w.router = matrix(n.router, m.experts, H);
+      if (m.shared_intermediate > 0) {
+        const int64_t S = m.shared_intermediate;
+        w.shared_gate = matrix(n.shared_gate_proj, S, H);
+        w.shared_up = matrix(n.shared_up_proj, S, H);
+        w.shared_down = matrix(n.shared_down_proj, H, S);
+        w.shared_expert_gate = matrix(n.shared_expert_gate, 1, H);
+      }
+    }
+    return w;
+  }
+  // Hands back the pages of everything taken since the last call.
+  void release_all() {
+    if (release_)
+      for (const TensorRef& t : held_) t.release();
+    held_.clear();
+  }
+
+ private:
+  TensorRef get(const std::string& name, std::initializer_list<int64_t> shape) {
+    const TensorRef t = ck_.get(name);
+    if (!is_float_computable(t.info->dtype))
+      fail("{}: tensor {} has dtype {}; the forward pass reads F32, BF16 or F16",
+           ck_.dir().string(), name, dtype_name(t.info->dtype));
+    if (!std::equal(shape.begin(), shape.end(), t.info->shape.begin(), t.info->shape.end()))
+      fail("{}: tensor {} has shape [{}], expected [{}] from config.json", ck_.dir().string(), name,
+           fmt::join(t.info->shape, ", "), fmt::join(shape, ", "));
+    held_.push_back(t);
+    return t;
+  }
+  static WeightView view(const TensorRef& t) {
+    const auto& s = t.info->shape;
+    return WeightView{t.bytes().data(), t.info->dtype, s[0], s[1]};
+  }
+
+  const Checkpoint& ck_;
+  DType dt_;
+  bool release_;
+  std::vector<TensorRef> held_;
+};
+
 class Model {
  public:
   // `lengths`: the sequences computed together (one for trace/check, many for hidden). Rows of
@@ -70,12 +192,12 @@ class Model {
         std::span<const int64_t> lengths)
       : ck_(ck),
         c_(ck.config()),
-        arch_(find_architecture(c_.model_type)),
+        spec_(model_spec(c_)),
         dt_(opt.dtype),
         att_(opt.attention),
-        release_(opt.release_pages),
         obs_(obs),
-        sites_(obs != nullptr && obs->wants_sites() && lengths.size() == 1) {
+        sites_(obs != nullptr && obs->wants_sites() && lengths.size() == 1),
+        weights_(ck, opt.dtype, opt.release_pages) {
     for (int64_t len : lengths) {
       segs_.push_back({T_, len});
       T_ += len;
@@ -83,174 +205,267 @@ class Model {
     }
     if (!is_float_computable(dt_))
       fail("forward: run dtype {} is not one of F32, BF16, F16", dtype_name(dt_));
-    if (c_.hidden_act != "silu")
-      fail("{}: hidden_act \"{}\" is not supported (only silu)", ck.dir().string(), c_.hidden_act);
-    H_ = c_.hidden_size, I_ = c_.intermediate_size, D_ = c_.head_dim;
-    nH_ = c_.num_attention_heads, nKV_ = c_.num_key_value_heads;
-    attn_bias_ = arch_.attention_bias_from_config && c_.attention_bias;
-    qkv_bias_ = arch_.qkv_bias_always || attn_bias_;
-    mlp_bias_ = arch_.mlp_bias_from_config && c_.mlp_bias;
-    // cos/sin at a position do not depend on the sequence length, except for `dynamic` rope
-    // above max_position_embeddings: one table per distinct length then.
-    for (const Segment& g : segs_) {
-      const int64_t len = c_.rope.type == "dynamic" ? g.len : maxT_;
-      if (!rope_.contains(len)) rope_.emplace(len, rope_tables(c_, len, dt_));
-    }
+    H_ = spec_.hidden;
+    // cos/sin at a position do not depend on the sequence length, except for `dynamic` and
+    // `longrope` (their frequencies follow the length): one table per distinct length then.
+    for (const LayerSpec& s : spec_.layers)
+      for (const Segment& g : segs_) {
+        const auto key = rope_key_for(s.attn.rope, g.len);
+        if (!rope_.contains(key))
+          rope_.emplace(key, rope_tables(c_, spec_.ropes[size_t(s.attn.rope)], s.attn.rotary_dim,
+                                         key.second, dt_));
+      }
   }
 
   Vec embed(std::span<const int64_t> ids) {
-    const TensorRef e = get("model.embed_tokens.weight", {c_.vocab_size, H_});
-    const WeightView w = view(e);
+    const WeightView w = weights_.matrix(spec_.embed, spec_.vocab, H_);
     Vec h(size_t(T_ * H_));
     for (int64_t t = 0; t < T_; ++t) {
       const int64_t id = ids[size_t(t)];
-      if (id < 0 || id >= c_.vocab_size)
+      if (id < 0 || id >= spec_.vocab)
         fail("forward: token id {} (position {}) is out of range: vocab_size is {}", id, t,
-             c_.vocab_size);
+             spec_.vocab);
       weight_rows(w, id, 1, dt_, h.data() + t * H_);
     }
-    site(-1, "model.embed_tokens", h, {T_, H_});
-    release(e);
+    if (spec_.embed_scale) {  // Gemma: * sqrt(H), the float32 scalar cast to the run dtype first
+      const float scale = round_to(float(std::sqrt(double(H_))), dt_);
+      for (float& v : h) v = round_to(v * scale, dt_);
+    }
+    site(-1, spec_.embed, h, {T_, H_});
+    weights_.release_all();
     return h;
   }
 
   // Decoder layers, final norm and lm_head, from the embeddings h [T, H].
   Vec run(Vec h) {
     hidden(0, h);
-    const int64_t N = c_.num_hidden_layers;
+    const int64_t N = int64_t(spec_.layers.size());
     for (int64_t l = 0; l < N; ++l) {
-      layer(l, h);
+      layer(spec_.layers[size_t(l)], h);
       if (l + 1 < N) hidden(l + 1, h);
     }
-    const TensorRef nw = get("model.norm.weight", {H_});
-    Vec x = rmsnorm_sites(-1, "model.norm", h, H_, param(nw, H_), T_);
+    Vec x = norm(-1, spec_.final_norm, h, weights_.vector(spec_.final_norm, "weight", H_), H_, T_);
     hidden(N, x);
-    const bool tied = c_.tie_word_embeddings;
-    const TensorRef lm =
-        get(tied ? "model.embed_tokens.weight" : "lm_head.weight", {c_.vocab_size, H_});
-    Vec logits = linear_site(-1, "lm_head", x, lm, Vec{});
-    release(lm);
-    release(nw);
+    const WeightView lm =
+        weights_.matrix(spec_.tied ? spec_.embed : spec_.lm_head, spec_.vocab, H_);
+    Vec logits = linear_site(-1, spec_.lm_head, x, lm, Vec{});
+    if (spec_.final_softcap) {  // Gemma 2: logits = cap * tanh(logits / cap)
+      softcap_inplace(logits.data(), int64_t(logits.size()), *spec_.final_softcap, dt_);
+      site(-1, "final_logit_softcapping", logits, {T_, spec_.vocab});
+    }
+    weights_.release_all();
     return logits;
   }
 
  private:
-  // ---- one decoder layer ----
-  void layer(int64_t l, Vec& h) {
-    const LayerNames n = layer_names(l);
-    std::vector<TensorRef> used;
-    auto W = [&](const std::string& module, std::initializer_list<int64_t> shape) {
-      used.push_back(get(module + ".weight", shape));
-      return used.back();
-    };
-    auto B = [&](bool present, const std::string& module, int64_t size) -> Vec {
-      if (!present) return {};
-      used.push_back(get(module + ".bias", {size}));
-      return param(used.back(), size);
-    };
+  // ---- one decoder layer: the recipe ----
+  void layer(const LayerSpec& s, Vec& h) {
+    const int64_t l = s.index;
+    const LayerNames& n = s.names;
+    const LayerWeights w = weights_.layer(s, H_);
 
-    // Attention block.
-    Vec x = rmsnorm_sites(l, n.input_layernorm, h, H_, param(W(n.input_layernorm, {H_}), H_), T_);
-    Vec attn = attention(l, n, x, W, B);
+    Vec x = norm(l, n.input_norm, h, w.input_norm, H_, T_);
+    Vec a = attention(s, w, x);
+    if (!n.attn_out_norm.empty()) a = norm(l, n.attn_out_norm, a, w.attn_out_norm, H_, T_);
+    h = residual(l, n.prefix + "residual_attn", h, a);
+
+    x = norm(l, n.mlp_in_norm, h, w.mlp_in_norm, H_, T_);
+    Vec m = s.mlp.moe ? moe(s, w, x) : mlp(l, n, s.mlp, w, x);
+    if (!n.mlp_out_norm.empty()) m = norm(l, n.mlp_out_norm, m, w.mlp_out_norm, H_, T_);
+    h = residual(l, n.prefix + "residual_mlp", h, m);
+
+    weights_.release_all();
+  }
+
+  Vec residual(int64_t l, const std::string& name, const Vec& h, const Vec& y) {
     Vec r(h.size());
     {
       const profile::Scope t("elementwise");
-      add_round(h.data(), attn.data(), int64_t(h.size()), dt_, r.data());
+      add_round(h.data(), y.data(), int64_t(h.size()), dt_, r.data());
     }
-    site(l, n.prefix + "residual_attn", r, {T_, H_});
-    h = std::move(r);
-
-    // MLP block.
-    x = rmsnorm_sites(l, n.post_attention_layernorm, h, H_,
-                      param(W(n.post_attention_layernorm, {H_}), H_), T_);
-    Vec act = mlp_act(l, n, x, W, B);
-    Vec down =
-        linear_site(l, n.down_proj, act, W(n.down_proj, {H_, I_}), B(mlp_bias_, n.down_proj, H_));
-    r.resize(h.size());
-    {
-      const profile::Scope t("elementwise");
-      add_round(h.data(), down.data(), int64_t(h.size()), dt_, r.data());
-    }
-    site(l, n.prefix + "residual_mlp", r, {T_, H_});
-    h = std::move(r);
-
-    for (const TensorRef& t : used) release(t);
+    site(l, name, r, {T_, H_});
+    return r;
   }
 
-  // act = silu(gate_proj(x)) * up_proj(x). Without observed sites the products and silu_mul run
-  // as one step (linear_silu_mul: on AMX, gate and up are combined in cache, never written).
-  template <typename WFn, typename BFn>
-  Vec mlp_act(int64_t l, const LayerNames& n, const Vec& x, WFn& W, BFn& B) {
-    const TensorRef wg = W(n.gate_proj, {I_, H_}), wu = W(n.up_proj, {I_, H_});
-    const Vec bg = B(mlp_bias_, n.gate_proj, I_), bu = B(mlp_bias_, n.up_proj, I_);
-    Vec act(size_t(T_ * I_));
-    if (!sites_) {
+  // act = activation(gate_proj(x)) * up_proj(x); down_proj(act). Without observed sites and
+  // with SiLU the products and the activation run as one step (linear_silu_mul: on AMX, gate
+  // and up are combined in cache, never written).
+  Vec mlp(int64_t l, const LayerNames& n, const MlpSpec& m, const LayerWeights& w, const Vec& x,
+          bool report = true) {
+    const int64_t I = w.gate.rows, rows = int64_t(x.size()) / H_;
+    Vec act(size_t(rows * I));
+    const float* bg = w.gate_bias.empty() ? nullptr : w.gate_bias.data();
+    const float* bu = w.up_bias.empty() ? nullptr : w.up_bias.data();
+    if ((!sites_ || !report) && m.act == Activation::Silu) {
       const profile::Scope t("linear");
-      linear_silu_mul(x.data(), T_, {view(wg), bg.empty() ? nullptr : bg.data(), nullptr},
-                      {view(wu), bu.empty() ? nullptr : bu.data(), nullptr}, dt_, act.data());
-      return act;
-    }
-    std::vector<Vec> gate_up =
-        linear_sites_shared(l, x, {{n.gate_proj, wg, bg}, {n.up_proj, wu, bu}});
-    {
+      linear_silu_mul(x.data(), rows, {w.gate, bg, nullptr}, {w.up, bu, nullptr}, dt_, act.data());
+    } else {
+      Vec g(size_t(rows * I)), u(g.size());
+      const LinearOutput outs[2] = {{w.gate, bg, g.data()}, {w.up, bu, u.data()}};
+      {
+        const profile::Scope t("linear");
+        linear_shared_input(x.data(), rows, outs, dt_);
+      }
+      if (report) {
+        site(l, gate_name(n), g, {T_, I});
+        site(l, up_name(n), u, {T_, I});
+      }
       const profile::Scope t("elementwise");
-      silu_mul(gate_up[0].data(), gate_up[1].data(), int64_t(act.size()), dt_, act.data());
+      if (m.act == Activation::Silu)
+        silu_mul(g.data(), u.data(), int64_t(act.size()), dt_, act.data());
+      else
+        gelu_tanh_mul(g.data(), u.data(), int64_t(act.size()), dt_, act.data());
     }
-    site(l, n.prefix + "mlp.act", act, {T_, I_});
-    return act;
+    if (report) site(l, n.prefix + "mlp.act", act, {T_, I});
+    Vec down(size_t(rows * H_));
+    {
+      const profile::Scope t("linear");
+      linear(act.data(), rows, w.down, w.down_bias.empty() ? nullptr : w.down_bias.data(), dt_,
+             down.data());
+    }
+    if (report)
+      site(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj, down, {T_, H_});
+    return down;
+  }
+  static std::string gate_name(const LayerNames& n) {
+    return n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj;
+  }
+  static std::string up_name(const LayerNames& n) {
+    return n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj;
   }
 
-  template <typename WFn, typename BFn>
-  Vec attention(int64_t l, const LayerNames& n, const Vec& x, WFn& W, BFn& B) {
-    const int64_t qd = nH_ * D_, kvd = nKV_ * D_;
-    std::vector<Vec> qkv =
-        linear_sites_shared(l, x,
-                            {{n.q_proj, W(n.q_proj, {qd, H_}), B(qkv_bias_, n.q_proj, qd)},
-                             {n.k_proj, W(n.k_proj, {kvd, H_}), B(qkv_bias_, n.k_proj, kvd)},
-                             {n.v_proj, W(n.v_proj, {kvd, H_}), B(qkv_bias_, n.v_proj, kvd)}});
+  // Mixture of experts as transformers 5 computes it (its default grouped experts kernel,
+  // integrations/moe.py): router logits in the run dtype, softmax in fp32, top-k (renormalised
+  // where the family does), weights cast to the run dtype (Qwen) or kept in fp32 (Mixtral);
+  // each expert's MLP on the tokens routed to it, times their weight (the product rounded only
+  // when both are in the run dtype); per token the top-k products summed in fp32 in rank order
+  // and rounded once. Only the experts that some token routes to are read.
+  Vec moe(const LayerSpec& s, const LayerWeights& w, const Vec& x) {
+    const int64_t l = s.index, E = s.mlp.experts, K = s.mlp.top_k, I = s.mlp.intermediate;
+    const LayerNames& n = s.names;
+    Vec logits = linear_site(l, n.prefix + "mlp.gate", x, w.router, Vec{});  // HF's module name
+    // Per expert, (token, rank) in token order; weight[t * K + k] of token t's rank-k expert.
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> routed(static_cast<size_t>(E));
+    std::vector<float> weight(static_cast<size_t>(T_ * K));
+    {
+      std::vector<float> p(static_cast<size_t>(E));
+      std::vector<int64_t> idx(static_cast<size_t>(E));
+      for (int64_t t = 0; t < T_; ++t) {
+        softmax_row(logits.data() + t * E, E, p.data());
+        for (int64_t e = 0; e < E; ++e) idx[size_t(e)] = e;
+        // torch.topk: largest first; equal values keep the lower index first.
+        std::stable_sort(idx.begin(), idx.end(),
+                         [&](int64_t a, int64_t b) { return p[size_t(a)] > p[size_t(b)]; });
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; ++k) sum += p[size_t(idx[size_t(k)])];
+        for (int64_t k = 0; k < K; ++k) {
+          float wk = p[size_t(idx[size_t(k)])];
+          if (s.mlp.norm_topk) wk = wk / sum;
+          if (s.mlp.router_in_dtype) wk = round_to(wk, dt_);
+          weight[size_t(t * K + k)] = wk;
+          routed[size_t(idx[size_t(k)])].push_back({t, k});
+        }
+      }
+    }
+    Vec prod(size_t(T_ * K * H_));  // [T, K, H]: each token's weighted expert outputs by rank
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& toks = routed[size_t(e)];
+      if (toks.empty()) continue;
+      const int64_t ne = int64_t(toks.size());
+      Vec xe(size_t(ne * H_));
+      for (int64_t r = 0; r < ne; ++r)
+        std::copy_n(x.data() + toks[size_t(r)].first * H_, H_, xe.data() + r * H_);
+      LayerWeights ew;
+      ew.gate = weights_.matrix(n.expert(e, n.expert_gate), I, H_);
+      ew.up = weights_.matrix(n.expert(e, n.expert_up), I, H_);
+      ew.down = weights_.matrix(n.expert(e, n.expert_down), H_, I);
+      const Vec d = mlp(l, n, s.mlp, ew, xe, false);
+      for (int64_t r = 0; r < ne; ++r) {
+        const auto [t, k] = toks[size_t(r)];
+        const float wk = weight[size_t(t * K + k)];
+        float* pr = prod.data() + (t * K + k) * H_;
+        for (int64_t j = 0; j < H_; ++j) {
+          const float c = d[size_t(r * H_ + j)] * wk;
+          pr[j] = s.mlp.router_in_dtype ? round_to(c, dt_) : c;
+        }
+      }
+    }
+    Vec out(size_t(T_ * H_));
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t j = 0; j < H_; ++j) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += prod[size_t((t * K + k) * H_ + j)];
+        out[size_t(t * H_ + j)] = round_to(acc, dt_);
+      }
+    if (s.mlp.shared_intermediate > 0) {  // Qwen2-MoE: + sigmoid(gate(x)) * shared_expert(x)
+      LayerWeights sw;
+      sw.gate = w.shared_gate, sw.up = w.shared_up, sw.down = w.shared_down;
+      const Vec sh = mlp(l, n, s.mlp, sw, x, false);
+      Vec g(static_cast<size_t>(T_));
+      linear(x.data(), T_, w.shared_expert_gate, nullptr, dt_, g.data());
+      Vec scaled(sh.size());
+      sigmoid_scale_rows(g.data(), sh.data(), T_, H_, dt_, scaled.data());
+      add_round(out.data(), scaled.data(), int64_t(out.size()), dt_, out.data());
+    }
+    site(l, n.prefix + "mlp", out, {T_, H_});
+    return out;
+  }
+
+  Vec attention(const LayerSpec& s, const LayerWeights& w, const Vec& x) {
+    const int64_t l = s.index;
+    const LayerNames& n = s.names;
+    const AttentionSpec& a = s.attn;
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
+    const std::string& p = n.prefix;
+    std::vector<Vec> qkv = linear_sites_shared(l, x,
+                                               {{p + "self_attn.q_proj", w.q, w.q_bias},
+                                                {p + "self_attn.k_proj", w.k, w.k_bias},
+                                                {p + "self_attn.v_proj", w.v, w.v_bias}});
     Vec q = std::move(qkv[0]), k = std::move(qkv[1]), v = std::move(qkv[2]);
-    if (arch_.qk_norm) {  // Qwen3: RMSNorm over each head's D values, before RoPE
-      q = rmsnorm_sites(l, n.q_norm, q, D_, param(W(n.q_norm, {D_}), D_), T_ * nH_, {T_, nH_, D_});
-      k = rmsnorm_sites(l, n.k_norm, k, D_, param(W(n.k_norm, {D_}), D_), T_ * nKV_,
-                        {T_, nKV_, D_});
+    if (a.qk_norm) {  // RMSNorm over each head's D values, before RoPE
+      q = norm(l, n.q_norm, q, w.q_norm, D, T_ * a.heads, {T_, a.heads, D});
+      k = norm(l, n.k_norm, k, w.k_norm, D, T_ * a.kv_heads, {T_, a.kv_heads, D});
     }
     {
       const profile::Scope t("rope");
-      segment_rows([&](const Segment& g, int64_t a, int64_t b) {
-        const RopeTables& tab = rope_.at(c_.rope.type == "dynamic" ? g.len : maxT_);
-        apply_rope(q.data() + (g.off + a) * qd, b - a, nH_, tab, dt_, a);
-        apply_rope(k.data() + (g.off + a) * kvd, b - a, nKV_, tab, dt_, a);
+      segment_rows([&](const Segment& g, int64_t r0, int64_t r1) {
+        const RopeTables& tab = rope_.at(rope_key_for(a.rope, g.len));
+        apply_rope(q.data() + (g.off + r0) * qd, r1 - r0, a.heads, tab, dt_, r0, D);
+        apply_rope(k.data() + (g.off + r0) * kvd, r1 - r0, a.kv_heads, tab, dt_, r0, D);
       });
     }
     if (sites_) {
-      Vec qk(size_t(T_ * (nH_ + nKV_) * D_));
+      Vec qk(size_t(T_ * (qd + kvd)));
       for (int64_t t = 0; t < T_; ++t) {
         std::copy_n(q.data() + t * qd, qd, qk.data() + t * (qd + kvd));
         std::copy_n(k.data() + t * kvd, kvd, qk.data() + t * (qd + kvd) + qd);
       }
-      site(l, n.prefix + "self_attn.rope", qk, {T_, nH_ + nKV_, D_});
+      site(l, p + "self_attn.rope", qk, {T_, a.heads + a.kv_heads, D});
     }
     Vec ctx;
     {
       const profile::Scope t("attention");
-      ctx = att_ == AttentionProfile::Eager ? eager(l, n, q, k, v) : fused(l, n, q, k, v);
+      ctx = att_ == AttentionProfile::Eager ? eager(l, n, a, q, k, v) : fused(l, n, a, q, k, v);
     }
-    const bool ob = attn_bias_;
-    return linear_site(l, n.o_proj, ctx, W(n.o_proj, {H_, qd}), B(ob, n.o_proj, H_));
+    return linear_site(l, n.o_proj, ctx, w.o, w.o_bias);
   }
 
   // transformers' eager_attention_forward: s = round(q @ k^T); s = round(s * scaling);
-  // s = round(s + mask) (mask finfo(dt).min above the diagonal, 0 elsewhere);
-  // p = round(softmax_fp32(s)); o = round(p @ v). GQA: head h reads kv head h / (nH / nKV).
-  // Scores above the diagonal are computed too: a NaN or inf there survives the mask and
+  // soft-capping (Gemma 2) s = round(round(tanh(round(s / cap))) * cap); s = round(s + mask)
+  // (mask finfo(dt).min where the key is not visible: above the diagonal, or out of the
+  // sliding window); p = round(softmax_fp32(s)); o = round(p @ v). GQA: head h reads kv head
+  // h / (nH / nKV). Masked scores are computed too: a NaN or inf there survives the mask and
   // poisons the whole row, as in torch.
-  Vec eager(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
-    const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
-    const float scaling = float(std::pow(double(D), -0.5));
+  Vec eager(int64_t l, const LayerNames& n, const AttentionSpec& a, const Vec& q, const Vec& k,
+            const Vec& v) {
+    const int64_t D = a.head_dim, rep = a.heads / a.kv_heads, qd = a.heads * D,
+                  kvd = a.kv_heads * D;
+    const float scaling = a.scaling;
     const float mask = dtype_lowest(dt_);
+    const bool plain = a.window == 0 && !a.softcap;
     // q, k, p and v hold bf16 values in a bf16 run: their products go to AMX where there is AMX.
     const bool amx = dt_ == DType::BF16 && gemm_amx::available();
-    AttentionBuffers buf = attention_buffers();
+    AttentionBuffers buf = attention_buffers(a);
     // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
     // probabilities @ v) with the elementwise steps in between, row by row. Jobs (sequence,
     // head) are shared out with stealing; each worker keeps its scratch.
@@ -268,8 +483,8 @@ class Model {
       }
       Vec &sblk = sc.sblk, &pblk = sc.pblk, &oblk = sc.oblk;
       gemm_amx::PackedB &kt = sc.kt, &vt = sc.vt;
-      const Segment& g = segs_[size_t(job / nH_)];
-      const int64_t h = job % nH_, kvh = h / rep, T = g.len;
+      const Segment& g = segs_[size_t(job / a.heads)];
+      const int64_t h = job % a.heads, kvh = h / rep, T = g.len;
       const float* qh = q.data() + g.off * qd + h * D;
       const float* kh = k.data() + g.off * kvd + kvh * D;
       const float* vh = v.data() + g.off * kvd + kvh * D;
@@ -290,7 +505,11 @@ class Model {
           const int64_t i = i0 + r;
           float* si = S + r * T;
           float* pi = P + r * T;
-          attention_scores_row(si, T, i, scaling, mask, dt_, peak);
+          if (plain)
+            attention_scores_row(si, T, i, scaling, mask, dt_, peak);
+          else
+            attention_scores_row_window(si, T, i, a.window, scaling, a.softcap.value_or(0.0f), mask,
+                                        dt_, peak);
           softmax_row(si, T, pi);
           round_inplace(pi, size_t(T), dt_);
         }
@@ -303,14 +522,16 @@ class Model {
           std::copy_n(oblk.data() + r * D, D, buf.ctx.data() + (g.off + i0 + r) * qd + h * D);
       }
     });
-    report_attention(l, n, buf);
+    report_attention(l, n, a, buf);
     return std::move(buf.ctx);
   }
 
   // SDPA as torch's CPU flash-attention kernel computes it (transformers' `sdpa` on CPU; GPU
   // flash kernels keep the same fp32 scores and softmax): s = (q @ k^T) * scaling in fp32,
-  // masked positions -inf; m = row max; e = exp(s - m), l = sum(e) in fp32; e is cast to the
-  // run dtype for the e @ v product (fp32 accumulation); o = round((e @ v) * (1 / l)).
+  // masked positions (causal, sliding window) -inf; m = row max; e = exp(s - m), l = sum(e) in
+  // fp32; e is cast to the run dtype for the e @ v product (fp32 accumulation);
+  // o = round((e @ v) * (1 / l)). transformers' sdpa path has no soft-capping (Gemma 2's
+  // attn_logit_softcapping is applied by eager only), and neither does this one.
   // Bit-level details of that kernel, each confirmed by a golden: the columns in whole vectors
   // of kTorchLanes use torch's fexp_u20 (exp_u20 in fp32) and a lane-wise partial sum reduced as a
   // tree, the remaining columns std::exp and a sequential sum (llama-tiny-dynamic, T = 24); the max
@@ -320,17 +541,19 @@ class Model {
   static constexpr int64_t kTorchLanes = kTorchFloatLanes;
   static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention
 
-  Vec fused(int64_t l, const LayerNames& n, const Vec& q, const Vec& k, const Vec& v) {
-    const int64_t D = D_, rep = nH_ / nKV_, qd = nH_ * D, kvd = nKV_ * D;
-    const float scaling = float(std::pow(double(D), -0.5));
+  Vec fused(int64_t l, const LayerNames& n, const AttentionSpec& a, const Vec& q, const Vec& k,
+            const Vec& v) {
+    const int64_t D = a.head_dim, rep = a.heads / a.kv_heads, qd = a.heads * D,
+                  kvd = a.kv_heads * D;
+    const float scaling = a.scaling;
     const float ninf = -std::numeric_limits<float>::infinity();
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    AttentionBuffers buf = attention_buffers();
+    AttentionBuffers buf = attention_buffers(a);
     parallel_for(buf.jobs, 1, [&](int64_t j0, int64_t j1) {
       Vec e(static_cast<size_t>(maxT_)), srow(e.size()), prow(e.size());
       for (int64_t job = j0; job < j1; ++job) {
-        const Segment& g = segs_[size_t(job / nH_)];
-        const int64_t h = job % nH_, kvh = h / rep, T = g.len;
+        const Segment& g = segs_[size_t(job / a.heads)];
+        const int64_t h = job % a.heads, kvh = h / rep, T = g.len;
         const int64_t nv = T / kTorchLanes * kTorchLanes;
         const float* qs = q.data() + g.off * qd;
         const float* ks = k.data() + g.off * kvd;
@@ -342,7 +565,7 @@ class Model {
           const float* qi = qs + i * qd + h * D;
           for (int64_t j = 0; j < T; ++j) {
             float x = ninf;
-            if (j <= i) {
+            if (!masked_key(i, j, a.window)) {
               x = dot_f32(qi, ks + j * kvd + kvh * D, D) * scaling;
               if (std::isfinite(x)) peak = std::max(peak, double(std::fabs(x)));
             }
@@ -384,7 +607,7 @@ class Model {
         }
       }
     });
-    report_attention(l, n, buf);
+    report_attention(l, n, a, buf);
     return std::move(buf.ctx);
   }
 
@@ -397,15 +620,15 @@ class Model {
     std::vector<double> peak;  // per job: the largest finite |score| before rounding
   };
 
-  AttentionBuffers attention_buffers() const {
+  AttentionBuffers attention_buffers(const AttentionSpec& a) const {
     AttentionBuffers b;
     b.keep = sites_;
-    b.jobs = int64_t(segs_.size()) * nH_;
+    b.jobs = int64_t(segs_.size()) * a.heads;
     if (b.keep) {
-      b.s.resize(size_t(nH_ * T_ * T_));
+      b.s.resize(size_t(a.heads * T_ * T_));
       b.p.resize(b.s.size());
     }
-    b.ctx.resize(size_t(T_ * nH_ * D_));
+    b.ctx.resize(size_t(T_ * a.heads * a.head_dim));
     b.peak.assign(size_t(b.jobs), 0.0);
     return b;
   }
@@ -421,66 +644,71 @@ class Model {
     });
   }
 
-  void report_attention(int64_t l, const LayerNames& n, const AttentionBuffers& b) {
+  void report_attention(int64_t l, const LayerNames& n, const AttentionSpec& a,
+                        const AttentionBuffers& b) {
     if (!sites_) return;
     const int64_t T = T_;
     const Vec& s = b.s;
     // Masked scores may be -inf (fused, or fp16's min + negative score) without harm.
     bool finite = true;
-    for (int64_t h = 0; h < nH_ && finite; ++h)
+    for (int64_t h = 0; h < a.heads && finite; ++h)
       for (int64_t i = 0; i < T && finite; ++i)
         for (int64_t j = 0; j < T; ++j) {
           const float x = s[size_t((h * T + i) * T + j)];
-          const bool ok = j > i ? !(std::isnan(x) || x == std::numeric_limits<float>::infinity())
-                                : std::isfinite(x);
+          const bool ok = masked_key(i, j, a.window)
+                              ? !(std::isnan(x) || x == std::numeric_limits<float>::infinity())
+                              : std::isfinite(x);
           if (!ok) {
             finite = false;
             break;
           }
         }
-    emit(l, n.prefix + "self_attn.scores", s, {nH_, T, T}, finite,
+    emit(l, n.prefix + "self_attn.scores", s, {a.heads, T, T}, finite,
          *std::max_element(b.peak.begin(), b.peak.end()));
-    site(l, n.prefix + "self_attn.probs", b.p, {nH_, T, T});
-    site(l, n.prefix + "self_attn.context", b.ctx, {T, nH_ * D_});
+    site(l, n.prefix + "self_attn.probs", b.p, {a.heads, T, T});
+    site(l, n.prefix + "self_attn.context", b.ctx, {T, a.heads * a.head_dim});
   }
 
   // ---- building blocks ----
-  Vec linear_site(int64_t l, const std::string& module, const Vec& x, const TensorRef& w,
-                  const Vec& bias) {
-    return std::move(linear_sites_shared(l, x, {{module, w, bias}})[0]);
+  Vec linear_site(int64_t l, const std::string& module, const Vec& x, const WeightView& w,
+                  const Vec& bias, bool report = true) {
+    return std::move(linear_sites_shared(l, x, {{module, w, bias}}, report)[0]);
   }
 
   // Linear layers of the same input (q/k/v, gate/up; one for linear_site), computed together (the
   // AMX path packs the input once), then reported in module order.
   struct LinearSpec {
-    const std::string& module;
-    TensorRef w;
-    Vec bias;
+    std::string module;
+    WeightView w;
+    const Vec& bias;
   };
-  std::vector<Vec> linear_sites_shared(int64_t l, const Vec& x, std::vector<LinearSpec> specs) {
+  std::vector<Vec> linear_sites_shared(int64_t l, const Vec& x, std::vector<LinearSpec> specs,
+                                       bool report = true) {
+    const int64_t rows = int64_t(x.size()) / specs[0].w.cols;
     std::vector<Vec> outs;
     std::vector<LinearOutput> jobs;
     outs.reserve(specs.size());  // the jobs point into these
     for (const LinearSpec& sp : specs) {
-      const WeightView wv = view(sp.w);
-      outs.emplace_back(size_t(T_ * wv.rows));
-      jobs.push_back({wv, sp.bias.empty() ? nullptr : sp.bias.data(), outs.back().data()});
+      outs.emplace_back(size_t(rows * sp.w.rows));
+      jobs.push_back({sp.w, sp.bias.empty() ? nullptr : sp.bias.data(), outs.back().data()});
     }
     {
       const profile::Scope t("linear");
-      linear_shared_input(x.data(), T_, jobs, dt_);
+      linear_shared_input(x.data(), rows, jobs, dt_);
     }
-    for (size_t i = 0; i < specs.size(); ++i)
-      site(l, specs[i].module, outs[i], {T_, jobs[i].w.rows});
+    if (report)
+      for (size_t i = 0; i < specs.size(); ++i)
+        site(l, specs[i].module, outs[i], {rows, jobs[i].w.rows});
     return outs;
   }
 
-  Vec rmsnorm_sites(int64_t l, const std::string& module, const Vec& x, int64_t n, const Vec& w,
-                    int64_t rows, std::initializer_list<int64_t> shape = {}) {
+  Vec norm(int64_t l, const std::string& module, const Vec& x, const Vec& w, int64_t n,
+           int64_t rows, std::initializer_list<int64_t> shape = {}) {
     Vec out(x.size());
     {
       const profile::Scope t("rmsnorm");
-      rmsnorm(x.data(), rows, n, w.data(), c_.rms_norm_eps, dt_, out.data());
+      rmsnorm(x.data(), rows, n, w.data(), spec_.eps, dt_, out.data(),
+              spec_.norm == NormKind::RmsOffset);
     }
     if (shape.size() == 0)
       site(l, module, out, {T_, n});
@@ -489,31 +717,8 @@ class Model {
     return out;
   }
 
-  TensorRef get(const std::string& name, std::initializer_list<int64_t> shape) {
-    const TensorRef t = ck_.get(name);
-    if (!is_float_computable(t.info->dtype))
-      fail("{}: tensor {} has dtype {}; the forward pass reads F32, BF16 or F16",
-           ck_.dir().string(), name, dtype_name(t.info->dtype));
-    if (!std::equal(shape.begin(), shape.end(), t.info->shape.begin(), t.info->shape.end()))
-      fail("{}: tensor {} has shape [{}], expected [{}] from config.json", ck_.dir().string(), name,
-           fmt::join(t.info->shape, ", "), fmt::join(shape, ", "));
-    return t;
-  }
-
-  WeightView view(const TensorRef& t) const {
-    const auto& s = t.info->shape;
-    return WeightView{t.bytes().data(), t.info->dtype, s.size() == 2 ? s[0] : 1,
-                      s.size() == 2 ? s[1] : (s.empty() ? 1 : s[0])};
-  }
-
-  Vec param(const TensorRef& t, int64_t n) const {
-    Vec out(static_cast<size_t>(n));
-    weight_vector(t.bytes().data(), t.info->dtype, n, dt_, out.data());
-    return out;
-  }
-
-  void release(const TensorRef& t) const {
-    if (release_) t.release();
+  std::pair<int, int64_t> rope_key_for(int rope, int64_t len) const {
+    return {rope, rope_depends_on_length(spec_.ropes[size_t(rope)]) ? len : maxT_};
   }
 
   void site(int64_t l, const std::string& name, const Vec& v,
@@ -546,17 +751,16 @@ class Model {
 
   const Checkpoint& ck_;
   const ModelConfig& c_;
-  const Architecture& arch_;
+  const ModelSpec spec_;
   DType dt_;
   AttentionProfile att_;
-  bool release_;
   Observer* obs_;
   bool sites_;  // report sites: an observer that wants them and a single sequence
+  WeightSource weights_;
   std::vector<Segment> segs_;
   int64_t T_ = 0, maxT_ = 0;  // all rows; the longest sequence
-  int64_t H_ = 0, I_ = 0, D_ = 0, nH_ = 0, nKV_ = 0;
-  bool attn_bias_ = false, qkv_bias_ = false, mlp_bias_ = false;
-  std::map<int64_t, RopeTables> rope_;  // by sequence length (see the constructor)
+  int64_t H_ = 0;
+  std::map<std::pair<int, int64_t>, RopeTables> rope_;  // by (rope, length) (see the constructor)
 };
 
 template <typename Embed>

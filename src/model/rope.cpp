@@ -46,12 +46,12 @@ double get_mscale(double scale, double mscale = 1.0) {
 }  // namespace
 
 RopeParameters rope_parameters(const ModelConfig& c, int64_t seq_len) {
-  const RopeConfig& r = c.rope;
-  const double partial = r.partial_rotary_factor.value_or(1.0);
-  if (partial != 1.0)
-    fail("rope: partial_rotary_factor {} is not supported for model_type {} (only 1.0)", partial,
-         c.model_type);
-  const int64_t dim = c.head_dim;
+  const double partial = c.rope.partial_rotary_factor.value_or(1.0);
+  return rope_parameters(c, c.rope, int64_t(double(c.head_dim) * partial), seq_len);
+}
+
+RopeParameters rope_parameters(const ModelConfig& c, const RopeConfig& r, int64_t dim,
+                               int64_t seq_len) {
   RopeParameters out;
 
   if (r.type == "default") {
@@ -137,18 +137,50 @@ RopeParameters rope_parameters(const ModelConfig& c, int64_t seq_len) {
       out.inv_freq[j] = a + b;
     }
     out.attention_scaling = attention_factor;
+  } else if (r.type == "longrope") {
+    // Phi-3: per-frequency factors, the long ones once the input passes the original context
+    // (longrope_frequency_update); the cos/sin scaling from the context ratio.
+    const std::optional<double> orig_opt =
+        r.original_max_position ? r.original_max_position
+        : c.original_max_position_embeddings
+            ? std::optional<double>(double(*c.original_max_position_embeddings))
+            : std::nullopt;
+    if (!orig_opt) fail("rope: longrope needs `original_max_position_embeddings`");
+    const double orig = *orig_opt;
+    const std::vector<double>& ext = double(seq_len) > orig ? r.long_factor : r.short_factor;
+    if (int64_t(ext.size()) != dim / 2)
+      fail("rope: longrope {} has {} values, expected {} (rotary dimensions / 2)",
+           double(seq_len) > orig ? "long_factor" : "short_factor", ext.size(), dim / 2);
+    const double factor = r.has_factor ? r.factor : double(c.max_position_embeddings) / orig;
+    double attention_factor = 1.0;
+    if (r.attention_factor)
+      attention_factor = *r.attention_factor;
+    else if (factor > 1.0)
+      attention_factor = std::sqrt(1 + std::log(factor) / std::log(orig));
+    const std::vector<float> pos = pos_freqs(float(r.theta), dim);
+    out.inv_freq.resize(pos.size());
+    for (size_t j = 0; j < pos.size(); ++j) out.inv_freq[j] = recip(float(ext[j]) * pos[j]);
+    out.attention_scaling = attention_factor;
   } else {
-    fail("rope type \"{}\" is not supported (supported: default, linear, dynamic, yarn, llama3)",
-         r.type);
+    fail(
+        "rope type \"{}\" is not supported (supported: default, linear, dynamic, yarn, llama3, "
+        "longrope)",
+        r.type);
   }
   return out;
 }
 
 RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt) {
-  const RopeParameters p = rope_parameters(c, T);
+  const double partial = c.rope.partial_rotary_factor.value_or(1.0);
+  return rope_tables(c, c.rope, int64_t(double(c.head_dim) * partial), T, dt);
+}
+
+RopeTables rope_tables(const ModelConfig& c, const RopeConfig& r, int64_t dim, int64_t T,
+                       DType dt) {
+  const RopeParameters p = rope_parameters(c, r, dim, T);
   RopeTables tab;
   tab.T = T;
-  tab.D = c.head_dim;
+  tab.D = dim;
   const int64_t D = tab.D, half = D / 2;
   tab.cos.resize(size_t(T * D));
   tab.sin.resize(size_t(T * D));
@@ -165,8 +197,14 @@ RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt) {
   return tab;
 }
 
-void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt, int64_t pos0) {
+bool rope_depends_on_length(const RopeConfig& r) {
+  return r.type == "dynamic" || r.type == "longrope";
+}
+
+void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType dt, int64_t pos0,
+                int64_t head_dim) {
   const int64_t D = tab.D, half = D / 2;
+  const int64_t stride = head_dim > 0 ? head_dim : D;  // the dimensions past D pass through
   if (pos0 < 0 || pos0 + T > tab.T)
     throw std::logic_error("apply_rope: positions beyond the cos/sin tables");
   // Each step over whole rows so that the products and sums vectorise and the roundings go
@@ -176,7 +214,7 @@ void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType
     const float* cs = tab.cos.data() + (pos0 + t) * D;
     const float* sn = tab.sin.data() + (pos0 + t) * D;
     for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + (t * heads + h) * D;
+      float* v = x + (t * heads + h) * stride;
       for (int64_t j = 0; j < half; ++j) b[size_t(j)] = -v[j + half] * sn[j];
       for (int64_t j = half; j < D; ++j) b[size_t(j)] = v[j - half] * sn[j];
       for (int64_t j = 0; j < D; ++j) a[size_t(j)] = v[j] * cs[j];

@@ -272,9 +272,13 @@ void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bia
 // ---- RMSNorm ---------------------------------------------------------------------------------
 namespace {
 inline void rmsnorm_finish(const float* x, int64_t n, float var, const float* weight, double eps,
-                           DType dt, float* out) {
+                           DType dt, float* out, bool offset) {
   // torch: variance + eps (eps as float), rsqrt (computed as 1/sqrt), multiply, cast, * weight.
   const float r = 1.0f / std::sqrt(var + float(eps));
+  if (offset) {  // Gemma: (x * r) * (1 + w) in fp32, one rounding
+    for (int64_t i = 0; i < n; ++i) out[i] = round_to((x[i] * r) * (1.0f + weight[i]), dt);
+    return;
+  }
   int64_t i = 0;
   const __m256 rv = _mm256_set1_ps(r);
   for (; i + 8 <= n; i += 8) {
@@ -289,7 +293,7 @@ inline void rmsnorm_finish(const float* x, int64_t n, float var, const float* we
 }  // namespace
 
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
-             float* out) {
+             float* out, bool offset) {
   parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)),
                [&](int64_t r0, int64_t r1) {
                  for (int64_t row = r0; row < r1; ++row) {
@@ -303,18 +307,18 @@ void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, doubl
                    }
                    float s = hsum(_mm256_add_ps(acc0, acc1));
                    for (; i < n; ++i) s += xr[i] * xr[i];
-                   rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
+                   rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n, offset);
                  }
                });
 }
 
 void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
-                 float* out) {
+                 float* out, bool offset) {
   for (int64_t row = 0; row < rows; ++row) {
     const float* xr = x + row * n;
     float s = 0.0f;
     for (int64_t i = 0; i < n; ++i) s += xr[i] * xr[i];
-    rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n);
+    rmsnorm_finish(xr, n, s / float(n), weight, eps, dt, out + row * n, offset);
   }
 }
 

@@ -58,10 +58,12 @@ void linear_silu_mul(const float* x, int64_t T, const LinearOutput& gate, const 
 //   xf = x (fp32); var = mean(xf^2); y = round_dt(xf * (1 / sqrt(var + float(eps))));
 //   out = round_dt(weight * y)
 // `weight` holds n values already in the run dtype. rows x n, in place allowed.
+// offset (Gemma's RMSNorm): out = round_dt(xf * (1 / sqrt(var + eps)) * (1 + weight)), no
+// rounding in between.
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
-             float* out);
+             float* out, bool offset = false);
 void rmsnorm_ref(const float* x, int64_t rows, int64_t n, const float* weight, double eps, DType dt,
-                 float* out);
+                 float* out, bool offset = false);
 
 // Softmax of one row in fp32 (torch's: max, exp(x - max), sum, multiply by 1/sum). A NaN or
 // +inf anywhere, or a row of only -inf, gives a row of NaN, as in torch.
