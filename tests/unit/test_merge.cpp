@@ -189,7 +189,11 @@ const char* kOkCases[] = {"lora-bf16",        "lora-fp32",
                           "layers",           "regex",
                           "trainable-tokens", "sharded",
                           "scale-odd",        "scale-odd-fp32",
-                          "rslora-odd"};
+                          "rslora-odd",
+                          // one LoRA per family beyond Qwen/Llama
+                          "family-mistral",   "family-gemma2",
+                          "family-gemma3",    "family-phi3",
+                          "family-qwen3-moe", "family-mixtral"};
 
 }  // namespace
 
