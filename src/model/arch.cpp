@@ -211,6 +211,9 @@ ModelSpec model_spec(const ModelConfig& c) {
   if (c.attn_logit_softcapping && !a.sandwich_norms)
     fail("{}: attn_logit_softcapping is not supported for model_type {}", what, c.model_type);
 
+  for (const std::string& t : c.layer_types)
+    if (t != "full_attention" && t != "sliding_attention")
+      fail("{}: layer_types holds \"{}\"; supported: full_attention, sliding_attention", what, t);
   const bool attn_bias = a.attention_bias_from_config && c.attention_bias;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerSpec s;
