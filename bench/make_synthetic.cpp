@@ -1,9 +1,10 @@
-// Writes a synthetic Hugging Face checkpoint of any Qwen3/Qwen2/Llama shape (Qwen3-4B's by
+// Writes a synthetic Hugging Face checkpoint of a supported shape (Qwen3-4B's by
 // default) with random, realistic weights (normal(0, 0.02); norms near 1), and optionally a LoRA
 // adapter for it, so benchmarks run at real sizes without downloading a model.
 //
-//   make_synthetic --out DIR [--preset qwen3-4b|qwen3-0.6b|tiny] [--dtype bf16|fp16|fp32]
-//                  [--shard-gb 4] [--adapter DIR --rank 16] [--seed 1]
+//   make_synthetic --out DIR [--preset qwen3-4b|qwen3-0.6b|qwen3-30b-a3b|tiny]
+//                  [--dtype bf16|fp16|fp32] [--layers N] [--shard-gb 4]
+//                  [--adapter DIR --rank 16] [--seed 1]
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -52,7 +53,29 @@ nlohmann::json preset(const std::string& name) {
             {"vocab_size", 4096},       {"max_position_embeddings", 4096},
             {"rms_norm_eps", 1e-6},     {"tie_word_embeddings", true},
             {"hidden_act", "silu"},     {"rope_theta", 1000000.0}};
-  fail("unknown preset {} (qwen3-4b, qwen3-0.6b, tiny)", name);
+  if (name == "qwen3-30b-a3b")  // the mixture of experts: 128 experts, 8 per token
+    return {{"model_type", "qwen3_moe"},
+            {"architectures", {"Qwen3MoeForCausalLM"}},
+            {"hidden_size", 2048},
+            {"intermediate_size", 6144},
+            {"moe_intermediate_size", 768},
+            {"num_hidden_layers", 48},
+            {"num_attention_heads", 32},
+            {"num_key_value_heads", 4},
+            {"head_dim", 128},
+            {"num_experts", 128},
+            {"num_experts_per_tok", 8},
+            {"norm_topk_prob", true},
+            {"decoder_sparse_step", 1},
+            {"mlp_only_layers", nlohmann::json::array()},
+            {"vocab_size", 151936},
+            {"max_position_embeddings", 40960},
+            {"rms_norm_eps", 1e-6},
+            {"tie_word_embeddings", false},
+            {"hidden_act", "silu"},
+            {"rope_theta", 1000000.0},
+            {"attention_bias", false}};
+  fail("unknown preset {} (qwen3-4b, qwen3-0.6b, qwen3-30b-a3b, tiny)", name);
 }
 
 // Fills n values of dtype t with normal(mean, std) from a per-chunk seeded generator, threaded.
@@ -87,6 +110,7 @@ int main(int argc, char** argv) try {
   std::string out, preset_name = "qwen3-4b", dtype = "bf16", adapter;
   double shard_gb = 4.0;
   int rank = 16;
+  int64_t layers = 0;  // 0: the preset's
   uint64_t seed = 1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -104,6 +128,8 @@ int main(int argc, char** argv) try {
       shard_gb = std::stod(next());
     else if (a == "--adapter")
       adapter = next();
+    else if (a == "--layers")
+      layers = std::stoll(next());
     else if (a == "--rank")
       rank = std::stoi(next());
     else if (a == "--seed")
@@ -115,6 +141,7 @@ int main(int argc, char** argv) try {
   const DType t = dtype == "bf16" ? DType::BF16 : dtype == "fp16" ? DType::F16 : DType::F32;
   nlohmann::json cj = preset(preset_name);
   cj["dtype"] = torch_dtype_name(t);
+  if (layers > 0) cj["num_hidden_layers"] = layers;
   const ModelConfig cfg = parse_model_config(cj, "preset " + preset_name);
   const auto tensors = expected_tensors(cfg);
   fs::create_directories(out);

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <set>
 #include <string>
 
 #include "common/error.hpp"
@@ -153,6 +154,7 @@ class WeightSource {
     }
     return w;
   }
+  uint64_t bytes_read() const { return bytes_; }  // each tensor counted once
   // Hands back the pages of everything taken since the last call.
   void release_all() {
     if (release_)
@@ -170,6 +172,7 @@ class WeightSource {
       fail("{}: tensor {} has shape [{}], expected [{}] from config.json", ck_.dir().string(), name,
            fmt::join(t.info->shape, ", "), fmt::join(shape, ", "));
     held_.push_back(t);
+    if (counted_.insert(t.info).second) bytes_ += t.bytes().size();
     return t;
   }
   static WeightView view(const TensorRef& t) {
@@ -181,6 +184,8 @@ class WeightSource {
   DType dt_;
   bool release_;
   std::vector<TensorRef> held_;
+  std::set<const TensorInfo*> counted_;
+  uint64_t bytes_ = 0;
 };
 
 class Model {
@@ -235,6 +240,8 @@ class Model {
     weights_.release_all();
     return h;
   }
+
+  uint64_t weight_bytes() const { return weights_.bytes_read(); }
 
   // Decoder layers, final norm and lm_head, from the embeddings h [T, H].
   Vec run(Vec h) {
@@ -791,6 +798,7 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
   } catch (const StopForward&) {
     res.stopped_early = true;
   }
+  res.weight_bytes = m.weight_bytes();
   return res;
 }
 

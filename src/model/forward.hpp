@@ -36,6 +36,9 @@ struct ForwardResult {
   int64_t tokens = 0, hidden = 0, vocab = 0;
   std::vector<float> logits;   // [tokens, vocab], rounded to the run dtype
   bool stopped_early = false;  // the observer's done() ended the pass (logits then empty)
+  // Bytes of weight tensors the pass read: the whole checkpoint for a dense model, only the
+  // routed experts' share of a mixture of experts.
+  uint64_t weight_bytes = 0;
 };
 
 // Runs the model on token ids. Throws InputError for an id outside [0, vocab_size), a missing

@@ -140,6 +140,7 @@ TraceResult trace(const Checkpoint& ck, const TraceOptions& opt) {
   r.hidden = std::move(obs.hidden);
   r.logits = stats(fr.logits);
   r.first_nonfinite = std::move(obs.first);
+  r.weight_bytes = fr.weight_bytes;
 
   if (r.first_nonfinite && opt.shadow_fp32) {
     FirstNonfinite& f = *r.first_nonfinite;
@@ -200,6 +201,7 @@ nlohmann::json trace_json(const TraceResult& r) {
   }
   j["hidden"] = std::move(hidden);
   j["logits"] = stats_json(r.logits);
+  j["weight_bytes"] = r.weight_bytes;
   if (r.first_nonfinite) {
     const FirstNonfinite& f = *r.first_nonfinite;
     j["first_nonfinite"] = {{"layer", f.layer},

@@ -65,6 +65,7 @@ struct TraceResult {
   std::vector<HiddenStateStats> hidden;  // N + 1 states
   Stats logits;
   std::optional<FirstNonfinite> first_nonfinite;
+  uint64_t weight_bytes = 0;  // weights the run-dtype pass read (MoE: the routed experts only)
   bool finite() const;  // every hidden state and the logits finite
 };
 
