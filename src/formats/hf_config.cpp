@@ -173,6 +173,28 @@ std::map<std::string, RopeConfig> parse_rope_by_layer_type(const nlohmann::json&
 
 ModelConfig parse_model_config(const nlohmann::json& j, const std::string& what) {
   if (!j.is_object()) fail("{}: expected a JSON object", what);
+  // A multimodal Gemma 3: the text tower's config is text_config, with the top level's dtype.
+  if (auto mt = j.find("model_type"); mt != j.end() && *mt == "gemma3") {
+    auto tc = j.find("text_config");
+    if (tc == j.end() || !tc->is_object())
+      fail("{}: model_type gemma3 without a `text_config` object", what);
+    nlohmann::json text = *tc;
+    text["model_type"] = text.value("model_type", "gemma3_text");
+    for (const char* key : {"dtype", "torch_dtype", "tie_word_embeddings"})
+      if (!text.contains(key) && j.contains(key)) text[key] = j[key];
+    ModelConfig c = parse_model_config(text, what + " (text_config)");
+    if (c.model_type != "gemma3_text")
+      fail("{}: text_config has model_type \"{}\", expected gemma3_text", what, c.model_type);
+    c.raw = j;
+    c.multimodal_type = "gemma3";
+    c.text_prefix = "language_model.";
+    if (auto a = j.find("architectures"); a != j.end() && a->is_array()) {
+      c.architectures.clear();
+      for (const auto& x : *a)
+        if (x.is_string()) c.architectures.push_back(x.get<std::string>());
+    }
+    return c;
+  }
   ModelConfig c;
   c.raw = j;
   auto mt = j.find("model_type");

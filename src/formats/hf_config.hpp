@@ -74,6 +74,11 @@ struct ModelConfig {
   int64_t decoder_sparse_step = 1;
   std::vector<int64_t> mlp_only_layers;
   nlohmann::json raw;  // the whole file, kept so merge can write it back with few edits
+  // A multimodal checkpoint's text tower (Gemma 3's Gemma3ForConditionalGeneration): the
+  // fields above are its text_config's; its tensors sit under `text_prefix` ("" otherwise)
+  // beside a vision tower the text forward pass does not read.
+  std::string multimodal_type;  // "gemma3", or empty
+  std::string text_prefix;      // "language_model." for Gemma 3's saved layout
 };
 
 // Parses and checks config.json; `what` names the file in messages. Throws InputError.

@@ -102,9 +102,9 @@ bool is_moe_layer(const ModelConfig& c, int64_t l) {
   return (l + 1) % c.decoder_sparse_step == 0;
 }
 
-LayerNames names_of(const Architecture& a, const LayerSpec& s) {
+LayerNames names_of(const Architecture& a, const LayerSpec& s, const std::string& root) {
   LayerNames n;
-  n.prefix = fmt::format("model.layers.{}.", s.index);
+  n.prefix = fmt::format("{}model.layers.{}.", root, s.index);
   const std::string& p = n.prefix;
   n.input_norm = p + "input_layernorm";
   if (s.attn.fused_qkv) {
@@ -179,6 +179,12 @@ ModelSpec model_spec(const ModelConfig& c) {
   m.norm = a.norm, m.eps = c.rms_norm_eps;
   m.embed_scale = a.embed_scale;
   m.tied = c.tie_word_embeddings;
+  if (!c.text_prefix.empty()) {  // a multimodal checkpoint's text tower
+    m.embed = c.text_prefix + "model.embed_tokens";
+    m.final_norm = c.text_prefix + "model.norm";
+    m.lm_head = c.text_prefix + "lm_head";
+    m.foreign_prefixes = {"vision_tower.", "multi_modal_projector."};
+  }
   if (c.final_logit_softcapping) {
     if (!a.sandwich_norms)
       fail("{}: final_logit_softcapping is not supported for model_type {}", what, c.model_type);
@@ -250,7 +256,7 @@ ModelSpec model_spec(const ModelConfig& c) {
       mp.router_in_dtype = a.router_weights_in_dtype;
       if (a.shared_expert) mp.shared_intermediate = c.shared_expert_intermediate_size;
     }
-    s.names = names_of(a, s);
+    s.names = names_of(a, s, c.text_prefix);
     m.layers.push_back(std::move(s));
   }
   return m;

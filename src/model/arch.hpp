@@ -109,6 +109,9 @@ struct ModelSpec {
   std::optional<float> final_softcap;
   bool tied = false;
   std::string embed = "model.embed_tokens", final_norm = "model.norm", lm_head = "lm_head";
+  // Tensors of a multimodal checkpoint that the text forward pass does not read (its vision
+  // tower): scan accepts them without expecting them.
+  std::vector<std::string> foreign_prefixes;
   std::vector<RopeConfig> ropes;  // [0] for most families; Gemma 3: full, then sliding layers
   std::vector<LayerSpec> layers;
 };

@@ -19,6 +19,7 @@
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "formats/safetensors.hpp"
+#include "model/arch.hpp"
 #include "numerics/kernels.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
@@ -214,11 +215,13 @@ std::vector<HiddenInput> read_hidden_inputs(const fs::path& jsonl, const fs::pat
 
 std::vector<float> input_embeddings(const Checkpoint& ck, const HiddenInput& in, DType dt) {
   const int64_t H = ck.config().hidden_size, V = ck.config().vocab_size, T = in.tokens();
-  const TensorRef e = ck.get("model.embed_tokens.weight");
+  const ModelSpec spec = model_spec(ck.config());
+  const std::string embed = spec.embed + ".weight";
+  const TensorRef e = ck.get(embed);
   const auto& s = e.info->shape;
   if (s.size() != 2 || s[0] != V || s[1] != H)
-    fail("{}: model.embed_tokens.weight has shape [{}], expected [{}, {}]", ck.dir().string(),
-         fmt::join(s, ", "), V, H);
+    fail("{}: {} has shape [{}], expected [{}, {}]", ck.dir().string(), embed, fmt::join(s, ", "),
+         V, H);
   const WeightView w{e.bytes().data(), e.info->dtype, V, H};
   validate_input(in, InputRules{V, 0, true}, ck.dir().string());
   std::vector<float> out(size_t(T * H), 0.0f);
@@ -239,6 +242,12 @@ std::vector<float> input_embeddings(const Checkpoint& ck, const HiddenInput& in,
     }
   }
   round_inplace(out.data(), out.size(), dt);
+  // Gemma scales its embeddings by sqrt(hidden_size) in the run dtype, as forward() does for
+  // ids: a one-hot mixture stays exactly the discrete input.
+  if (spec.embed_scale) {
+    const float scale = round_to(float(std::sqrt(double(H))), dt);
+    for (float& v : out) v = round_to(v * scale, dt);
+  }
   return out;
 }
 

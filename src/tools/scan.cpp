@@ -81,8 +81,13 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
                      fmt::format("expected {} from config.json, found {}", shape_str(e.shape),
                                  shape_str(ref->info->shape))});
   }
+  const ModelSpec spec = model_spec(c);
   for (const auto& [name, ref] : ck.tensors()) {
     if (expected_names.count(name)) continue;
+    if (std::any_of(spec.foreign_prefixes.begin(), spec.foreign_prefixes.end(),
+                    [&](const std::string& p) { return name.starts_with(p); }))
+      continue;  // a multimodal checkpoint's vision tower: not part of the text model
+
     if (is_peft_key(name)) {
       out.push_back({"error", "adapter_keys", name, 0,
                      name.find("lora_") != std::string::npos

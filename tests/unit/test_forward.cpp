@@ -103,14 +103,37 @@ double tolerance(DType dt) {
   return dt == DType::F32 ? 1e-5 : dt == DType::BF16 ? 1e-4 : 1e-3;
 }
 
-// Goldens where one such flip, located by the per-site goldens, propagates through a tiny
-// model to a larger norm-wise error downstream: gemma2-tiny bf16 (one element of layer 0's
-// up_proj and of layer 1's down_proj, then every later site of those rows, amplified by the
-// sandwich norms and the soft-capping), qwen2-moe-tiny bf16 (one element of the final norm).
-// Every site before the flip stays bit-identical; the bound is the observed error times ~1.5.
+// A first difference that is a rounding flip: at most max(2, n / 200) elements differ, each by
+// at most one unit in the last place of the run dtype.
+bool is_flip(const std::vector<float>& ours, const std::vector<float>& gold, DType dt) {
+  const int mantissa = dt == DType::BF16 ? 7 : 10;
+  size_t differing = 0;
+  for (size_t i = 0; i < gold.size(); ++i) {
+    if (std::memcmp(&ours[i], &gold[i], 4) == 0) continue;
+    const double a = std::fabs(double(ours[i])), b = std::fabs(double(gold[i]));
+    if (!std::isfinite(a) || !std::isfinite(b)) return false;
+    if (std::fabs(double(ours[i]) - double(gold[i])) > std::ldexp(std::max(a, b), -mantissa))
+      return false;
+    ++differing;
+  }
+  return differing <= std::max<size_t>(2, gold.size() / 200);
+}
+
+// What one flip becomes after a few layers of a tiny model (observed up to 2.4e-3 in bf16).
+double propagated_flip_tolerance(DType dt) {
+  return dt == DType::BF16 ? 1e-2 : 5e-3;
+}
+
+// Hidden-state goldens where one such flip, located and checked to be one by the per-site
+// goldens (SiteGolden below), propagates through a tiny model to a larger norm-wise error:
+// gemma2-tiny bf16 (one element of layer 0's up_proj, amplified by the sandwich norms and the
+// soft-capping: 2.4e-3), qwen2-moe-tiny bf16 (one element of the final norm: 4.4e-4),
+// qwen3-moe-tiny bf16 on the AMX machine (one element of layer 0's v_proj: 3.7e-3). Which
+// element flips depends on the processor's kernel; the bound is the largest seen times ~1.5.
 double tolerance(const std::string& model, DType dt) {
-  if (dt == DType::BF16 && model == "gemma2-tiny") return 4e-3;
-  if (dt == DType::BF16 && model == "qwen2-moe-tiny") return 7e-4;
+  if (dt == DType::BF16 &&
+      (model == "gemma2-tiny" || model == "qwen2-moe-tiny" || model == "qwen3-moe-tiny"))
+    return 6e-3;
   return tolerance(dt);
 }
 
@@ -211,24 +234,34 @@ TEST_P(SiteGolden, EveryModuleOutputMatches) {
   forward(ck, ids, opt, &cap);
 
   // golden module name -> our site name
+  // golden module name -> our site name, in the order the forward pass computes them.
   std::vector<std::pair<std::string, std::string>> pairs = {
-      {"model.embed_tokens", "model.embed_tokens"},
-      {"model.norm", "model.norm"},
-      {"lm_head", "lm_head"}};
+      {"model.embed_tokens", "model.embed_tokens"}};
   for (int64_t l = 0; l < ck.config().num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    for (const char* m :
-         {"input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-          "self_attn.q_norm", "self_attn.k_norm", "self_attn.o_proj", "post_attention_layernorm",
-          "pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp.gate_proj", "mlp.up_proj",
-          "mlp.down_proj", "mlp.gate"})
-      pairs.push_back({p + m, p + m});
+    auto same = [&](std::initializer_list<const char*> ms) {
+      for (const char* m : ms) pairs.push_back({p + m, p + m});
+    };
+    same({"input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+          "self_attn.q_norm", "self_attn.k_norm"});
+    pairs.push_back({"attn_probs." + std::to_string(l), p + "self_attn.probs"});
+    same({"self_attn.o_proj"});
     pairs.push_back({p + "self_attn", p + "self_attn.o_proj"});
+    same({"post_attention_layernorm", "pre_feedforward_layernorm", "mlp.gate", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj"});
     // The MLP block's output: down_proj's, or the mixture of experts' own site.
     pairs.push_back({p + "mlp", cap.sites.contains(p + "mlp") ? p + "mlp" : p + "mlp.down_proj"});
+    same({"post_feedforward_layernorm"});
     pairs.push_back({"model.layers." + std::to_string(l), p + "residual_mlp"});
-    pairs.push_back({"attn_probs." + std::to_string(l), p + "self_attn.probs"});
   }
+  pairs.push_back({"model.norm", "model.norm"});
+  pairs.push_back({"lm_head", "lm_head"});
+  // In bf16/fp16, everything up to the first site that differs is bit-identical. When that
+  // site differs like one near-tie rounding flip (a handful of elements, each one unit in the
+  // last place of the run dtype: another accumulation order), the sites after it carry that
+  // flip through the remaining layers and are held to the looser bound of a propagated flip
+  // instead; any other first difference keeps the strict tolerance everywhere.
+  bool propagating = false;
   int64_t checked = 0;
   for (const auto& [gname, ours] : pairs) {
     if (!g.has(gname)) continue;
@@ -253,7 +286,12 @@ TEST_P(SiteGolden, EveryModuleOutputMatches) {
     ASSERT_EQ(mine.size(), gold.size()) << gname;
     const Cmp m = compare(mine, gold);
     EXPECT_EQ(m.pattern_mismatch, 0) << gname << ": finite pattern differs";
-    EXPECT_LE(m.rel, tolerance(c.model, dt)) << gname;
+    if (!propagating && dt != DType::F32 && m.bit_identical < m.n && is_flip(mine, gold, dt)) {
+      propagating = true;
+      std::printf("[ site     ] %s: first difference at %s looks like a rounding flip\n",
+                  c.model.c_str(), gname.c_str());
+    }
+    EXPECT_LE(m.rel, propagating ? propagated_flip_tolerance(dt) : tolerance(dt)) << gname;
     std::printf("[ site     ] %-14s %-8s %-44s rel %.2e identical %.2f%%\n", c.model.c_str(),
                 c.dtype.c_str(), gname.c_str(), m.rel,
                 100.0 * double(m.bit_identical) / double(m.n));
@@ -283,7 +321,7 @@ TEST_P(SiteGolden, EveryModuleOutputMatches) {
     for (size_t i = 0; i < a.size(); ++i) a[i] = round_to(a[i] * u[i], dt);
     const Cmp m = compare(cap.sites[p + "act"], a);
     EXPECT_EQ(m.pattern_mismatch, 0) << p << "act";
-    EXPECT_LE(m.rel, tolerance(c.model, dt)) << p << "act";
+    EXPECT_LE(m.rel, propagating ? propagated_flip_tolerance(dt) : tolerance(dt)) << p << "act";
   }
 }
 
