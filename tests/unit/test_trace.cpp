@@ -165,3 +165,37 @@ TEST(Trace, NoTokensIsAnInputError) {
 
 }  // namespace
 }  // namespace nanscope
+
+namespace nanscope {
+namespace {
+
+// Gemma's fp16 story on a new family: the MLP's down_proj passes 65504 in fp16 (its fp32 value
+// is named), bf16 is finite; transformers' goldens show the same NaN pattern.
+TEST(Trace, Fp16MlpOverflowIsNamedOnGemma) {
+  TraceResult r = run("gemma2-fp16-mlp", DType::F16, AttentionProfile::Eager);
+  ASSERT_TRUE(r.first_nonfinite);
+  EXPECT_EQ(r.first_nonfinite->site, "model.layers.1.mlp.down_proj");
+  EXPECT_TRUE(r.first_nonfinite->finite_in_fp32);
+  ASSERT_TRUE(r.first_nonfinite->value_fp32);
+  EXPECT_GT(*r.first_nonfinite->value_fp32, 65504.0);
+  EXPECT_TRUE(run("gemma2-fp16-mlp", DType::BF16, AttentionProfile::Eager).finite());
+}
+
+// A mixture of experts reads only the experts its tokens route to.
+TEST(Trace, MixtureOfExpertsReadsOnlyRoutedExperts) {
+  const Checkpoint ck = Checkpoint::open(kModels / "qwen3-moe-tiny");
+  TraceOptions opt;
+  opt.ids = {1, 2};
+  opt.dtype = DType::BF16;
+  const TraceResult r = trace(ck, opt);
+  EXPECT_GT(r.weight_bytes, 0u);
+  EXPECT_LT(r.weight_bytes, ck.total_bytes());
+  // Two tokens route to at most 4 of 8 experts per MoE layer: the rest is never read.
+  uint64_t experts = 0;
+  for (const auto& [name, t] : ck.tensors())
+    if (name.find(".experts.") != std::string::npos) experts += t.bytes().size();
+  EXPECT_LE(r.weight_bytes, ck.total_bytes() - experts / 2);
+}
+
+}  // namespace
+}  // namespace nanscope
