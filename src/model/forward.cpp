@@ -375,18 +375,26 @@ class Model {
       }
     }
     Vec prod(size_t(T_ * K * H_));  // [T, K, H]: each token's weighted expert outputs by rank
+    // The routed experts' weights, taken in order (the source is not thread-safe), then the
+    // experts computed side by side: one expert per worker, its products single-threaded
+    // inside (nested parallel loops run inline), each (token, rank) row written by one expert.
+    std::vector<int64_t> active;
+    std::vector<LayerWeights> ew(static_cast<size_t>(E));
     for (int64_t e = 0; e < E; ++e) {
+      if (routed[size_t(e)].empty()) continue;
+      active.push_back(e);
+      ew[size_t(e)].gate = weights_.matrix(n.expert(e, n.expert_gate), I, H_);
+      ew[size_t(e)].up = weights_.matrix(n.expert(e, n.expert_up), I, H_);
+      ew[size_t(e)].down = weights_.matrix(n.expert(e, n.expert_down), H_, I);
+    }
+    parallel_for_stealing(int64_t(active.size()), [&](int64_t, int64_t job) {
+      const int64_t e = active[size_t(job)];
       const auto& toks = routed[size_t(e)];
-      if (toks.empty()) continue;
       const int64_t ne = int64_t(toks.size());
       Vec xe(size_t(ne * H_));
       for (int64_t r = 0; r < ne; ++r)
         std::copy_n(x.data() + toks[size_t(r)].first * H_, H_, xe.data() + r * H_);
-      LayerWeights ew;
-      ew.gate = weights_.matrix(n.expert(e, n.expert_gate), I, H_);
-      ew.up = weights_.matrix(n.expert(e, n.expert_up), I, H_);
-      ew.down = weights_.matrix(n.expert(e, n.expert_down), H_, I);
-      const Vec d = mlp(l, n, s.mlp, ew, xe, false);
+      const Vec d = mlp(l, n, s.mlp, ew[size_t(e)], xe, false);
       for (int64_t r = 0; r < ne; ++r) {
         const auto [t, k] = toks[size_t(r)];
         const float wk = weight[size_t(t * K + k)];
@@ -396,7 +404,7 @@ class Model {
           pr[j] = s.mlp.router_in_dtype ? round_to(c, dt_) : c;
         }
       }
-    }
+    });
     Vec out(size_t(T_ * H_));
     for (int64_t t = 0; t < T_; ++t)
       for (int64_t j = 0; j < H_; ++j) {
