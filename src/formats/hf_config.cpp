@@ -21,12 +21,8 @@ nlohmann::json read_json_file(const std::filesystem::path& p) {
   }
 }
 
-std::optional<DType> parse_torch_dtype(const std::string& s0) {
-  std::string s = s0.rfind("torch.", 0) == 0 ? s0.substr(6) : s0;
-  if (s == "bfloat16") return DType::BF16;
-  if (s == "float16" || s == "half") return DType::F16;
-  if (s == "float32" || s == "float") return DType::F32;
-  return std::nullopt;
+std::optional<DType> parse_torch_dtype(const std::string& s) {
+  return parse_float_dtype(s);
 }
 
 std::string torch_dtype_name(DType t) {

@@ -1,5 +1,6 @@
 #include "numerics/dtype.hpp"
 
+#include <cctype>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -48,6 +49,16 @@ int dtype_bits(DType t) {
 
 std::string_view dtype_name(DType t) {
   return row(t).name;
+}
+
+std::optional<DType> parse_float_dtype(std::string_view s0) {
+  std::string s(s0);
+  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  if (s.rfind("torch.", 0) == 0) s = s.substr(6);
+  if (s == "fp32" || s == "float32" || s == "f32" || s == "float") return DType::F32;
+  if (s == "bf16" || s == "bfloat16") return DType::BF16;
+  if (s == "fp16" || s == "float16" || s == "f16" || s == "half") return DType::F16;
+  return std::nullopt;
 }
 
 std::optional<DType> parse_dtype(std::string_view safetensors_name) {

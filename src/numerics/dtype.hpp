@@ -38,6 +38,10 @@ enum class DType : uint8_t {
 int dtype_bits(DType t);
 std::string_view dtype_name(DType t);  // the safetensors spelling: "BF16"
 std::optional<DType> parse_dtype(std::string_view safetensors_name);
+// The one spelling table of the float dtypes users type (flags, Python, config.json's `dtype`):
+// fp32 float32 f32 float, bf16 bfloat16, fp16 float16 f16 half, each also with a `torch.`
+// prefix, case-insensitive. Anything else: nullopt.
+std::optional<DType> parse_float_dtype(std::string_view s);
 inline bool is_float_computable(DType t) {
   return t == DType::F32 || t == DType::BF16 || t == DType::F16;
 }

@@ -11,10 +11,7 @@
 namespace nanscope {
 
 std::optional<DType> parse_run_dtype(std::string_view s) {
-  if (s == "fp32" || s == "float32" || s == "f32") return DType::F32;
-  if (s == "bf16" || s == "bfloat16") return DType::BF16;
-  if (s == "fp16" || s == "float16" || s == "f16" || s == "half") return DType::F16;
-  return std::nullopt;
+  return parse_float_dtype(s);
 }
 
 std::string_view run_dtype_name(DType t) {
