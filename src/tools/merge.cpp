@@ -12,10 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
-#include <condition_variable>
-#include <functional>
 #include <map>
-#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -25,6 +22,7 @@
 #include "formats/checkpoint.hpp"
 #include "formats/safetensors.hpp"
 #include "numerics/lora_kernels.hpp"
+#include "numerics/parallel.hpp"
 #include "numerics/stats.hpp"
 #include "tools/merge_plan.hpp"
 
@@ -101,95 +99,6 @@ PreparedLora prepare(const LoraModule& m, const SafetensorsFile& f, bool fan_in_
   return p;
 }
 
-// A fixed set of worker threads, started once per merge: each parallel step runs on them
-// instead of on threads spawned for every block.
-class Pool {
- public:
-  explicit Pool(int n) : n_(std::max(1, n)) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      ++gen_;
-    }
-    cv_.notify_all();
-    for (auto& th : workers_) th.join();
-  }
-  Pool(const Pool&) = delete;
-  Pool& operator=(const Pool&) = delete;
-  int size() const { return n_; }
-
-  // fn(b, e, w) over [0, n) in contiguous chunks, one per worker w; the caller is worker 0.
-  template <typename Fn>
-  void parallel_rows(int64_t n, Fn&& fn) {
-    const int t = int(std::min<int64_t>(n_, std::max<int64_t>(1, n / 4)));
-    if (t <= 1) {
-      fn(int64_t{0}, n, 0);
-      return;
-    }
-    const int64_t chunk = (n + t - 1) / t;
-    std::vector<std::exception_ptr> errs(static_cast<size_t>(t));
-    std::function<void(int)> job = [&](int w) {
-      const int64_t b = w * chunk, e = std::min(n, b + chunk);
-      if (b >= e) return;
-      try {
-        fn(b, e, w);
-      } catch (...) {
-        errs[size_t(w)] = std::current_exception();
-      }
-    };
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      job_ = &job;
-      active_ = t;
-      remaining_ = t - 1;
-      ++gen_;
-    }
-    cv_.notify_all();
-    job(0);
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      done_cv_.wait(lk, [&] { return remaining_ == 0; });
-      job_ = nullptr;
-    }
-    for (auto& e : errs)
-      if (e) std::rethrow_exception(e);
-  }
-
- private:
-  void loop(int id) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* job = nullptr;
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return gen_ != seen; });
-        seen = gen_;
-        if (stop_) return;
-        if (id >= active_) continue;
-        job = job_;
-      }
-      (*job)(id);
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        --remaining_;
-      }
-      done_cv_.notify_one();
-    }
-  }
-
-  int n_;
-  std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  uint64_t gen_ = 0;
-  bool stop_ = false;
-  int active_ = 0, remaining_ = 0;
-  const std::function<void(int)>* job_ = nullptr;
-};
-
 // Asks the kernel to read a mapped range ahead (whole pages inside it).
 void prefetch(std::span<const std::byte> bytes) {
   if (bytes.empty()) return;
@@ -202,7 +111,7 @@ void prefetch(std::span<const std::byte> bytes) {
 class Merger {
  public:
   Merger(const MergeOptions& o, const Checkpoint& base, const Adapter& ad, int threads)
-      : o_(o), base_(base), ad_(ad), pool_(threads), scratch_(size_t(pool_.size())) {}
+      : o_(o), base_(base), ad_(ad), threads_(std::max(1, threads)), scratch_(size_t(threads_)) {}
 
   void check_cancel() const {
     if (o_.cancel && o_.cancel->load()) fail("merge: interrupted; nothing was written");
@@ -223,11 +132,11 @@ class Merger {
       // byte, so that an element split by a chunk's end is counted once.
       const std::span<const std::byte> bytes = t.source.bytes();
       const size_t es = is_float ? size_t(dtype_bits(src_dtype) / 8) : 1;
-      std::vector<uint64_t> bad(size_t(pool_.size()), 0);
+      std::vector<uint64_t> bad(size_t(threads_), 0);
       for (size_t off = 0; off < bytes.size();) {
         check_cancel();
         const std::span<std::byte> room = w.room(bytes.size() - off);
-        pool_.parallel_rows(int64_t(room.size()), [&](int64_t b, int64_t e, int tid) {
+        parallel_rows(int64_t(room.size()), [&](int64_t b, int64_t e, int tid) {
           std::memcpy(room.data() + b, bytes.data() + off + size_t(b), size_t(e - b));
           if (!is_float) return;
           const size_t e0 = (off + size_t(b) + es - 1) / es, e1 = (off + size_t(e) + es - 1) / es;
@@ -381,7 +290,7 @@ class Merger {
       // the borders, so that each worker's fidelity sums see the same rows in the same order.
       if (bytes > w.chunk_size()) {  // a row longer than a chunk (a huge 1-D tensor)
         spill.resize(bytes);
-        pool_.parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+        parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
           compute_rows(r0 + b, r0 + e, spill.data() + size_t(b) * row_bytes, tid);
         });
         w.write(spill);
@@ -392,7 +301,7 @@ class Merger {
       const size_t cut = first.size() % row_bytes;  // bytes of row r0 + x in the first chunk
       const int64_t after = x + (cut ? 1 : 0);      // first row wholly in the second chunk
       spill.resize(row_bytes);
-      pool_.parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+      parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
         if (b < x)
           compute_rows(r0 + b, r0 + std::min(e, x), first.data() + size_t(b) * row_bytes, tid);
         if (cut && b <= x && x < e) compute_rows(r0 + x, r0 + x + 1, spill.data(), tid);
@@ -416,6 +325,26 @@ class Merger {
     return st;
   }
 
+  // fn(b, e, piece) over [0, n) in contiguous pieces, min(threads, n / 4) of them (at least
+  // one), on OpenMP's workers (numerics/parallel.hpp); `piece` picks the scratch and the sums.
+  // The split depends on n and the thread count alone, never on which worker runs a piece, so
+  // the fidelity sums (added piece by piece, in order) are the same on every run.
+  template <typename Fn>
+  void parallel_rows(int64_t n, Fn&& fn) {
+    const int64_t pieces = std::min<int64_t>(threads_, std::max<int64_t>(1, n / 4));
+    if (pieces <= 1) {
+      fn(int64_t{0}, n, 0);
+      return;
+    }
+    const int64_t chunk = (n + pieces - 1) / pieces;
+    parallel_for(pieces, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b = c * chunk, e = std::min(n, b + chunk);
+        if (b < e) fn(b, e, int(c));
+      }
+    });
+  }
+
  private:
   struct Scratch {
     std::vector<float> w0, s, r, tmp;  // one row each
@@ -423,7 +352,7 @@ class Merger {
   const MergeOptions& o_;
   const Checkpoint& base_;
   const Adapter& ad_;
-  Pool pool_;
+  int threads_;
   std::vector<Scratch> scratch_;
 };
 
