@@ -111,7 +111,7 @@ void prefetch(std::span<const std::byte> bytes) {
 class Merger {
  public:
   Merger(const MergeOptions& o, const Checkpoint& base, const Adapter& ad, int threads)
-      : o_(o), base_(base), ad_(ad), threads_(std::max(1, threads)), scratch_(size_t(threads_)) {}
+      : o_(o), base_(base), ad_(ad), pool_(threads), scratch_(size_t(pool_.size())) {}
 
   void check_cancel() const {
     if (o_.cancel && o_.cancel->load()) fail("merge: interrupted; nothing was written");
@@ -132,11 +132,11 @@ class Merger {
       // byte, so that an element split by a chunk's end is counted once.
       const std::span<const std::byte> bytes = t.source.bytes();
       const size_t es = is_float ? size_t(dtype_bits(src_dtype) / 8) : 1;
-      std::vector<uint64_t> bad(size_t(threads_), 0);
+      std::vector<uint64_t> bad(size_t(pool_.size()), 0);
       for (size_t off = 0; off < bytes.size();) {
         check_cancel();
         const std::span<std::byte> room = w.room(bytes.size() - off);
-        parallel_rows(int64_t(room.size()), [&](int64_t b, int64_t e, int tid) {
+        pool_.parallel_pieces(int64_t(room.size()), [&](int64_t b, int64_t e, int tid) {
           std::memcpy(room.data() + b, bytes.data() + off + size_t(b), size_t(e - b));
           if (!is_float) return;
           const size_t e0 = (off + size_t(b) + es - 1) / es, e1 = (off + size_t(e) + es - 1) / es;
@@ -290,7 +290,7 @@ class Merger {
       // the borders, so that each worker's fidelity sums see the same rows in the same order.
       if (bytes > w.chunk_size()) {  // a row longer than a chunk (a huge 1-D tensor)
         spill.resize(bytes);
-        parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+        pool_.parallel_pieces(n, [&](int64_t b, int64_t e, int tid) {
           compute_rows(r0 + b, r0 + e, spill.data() + size_t(b) * row_bytes, tid);
         });
         w.write(spill);
@@ -301,7 +301,7 @@ class Merger {
       const size_t cut = first.size() % row_bytes;  // bytes of row r0 + x in the first chunk
       const int64_t after = x + (cut ? 1 : 0);      // first row wholly in the second chunk
       spill.resize(row_bytes);
-      parallel_rows(n, [&](int64_t b, int64_t e, int tid) {
+      pool_.parallel_pieces(n, [&](int64_t b, int64_t e, int tid) {
         if (b < x)
           compute_rows(r0 + b, r0 + std::min(e, x), first.data() + size_t(b) * row_bytes, tid);
         if (cut && b <= x && x < e) compute_rows(r0 + x, r0 + x + 1, spill.data(), tid);
@@ -325,26 +325,6 @@ class Merger {
     return st;
   }
 
-  // fn(b, e, piece) over [0, n) in contiguous pieces, min(threads, n / 4) of them (at least
-  // one), on OpenMP's workers (numerics/parallel.hpp); `piece` picks the scratch and the sums.
-  // The split depends on n and the thread count alone, never on which worker runs a piece, so
-  // the fidelity sums (added piece by piece, in order) are the same on every run.
-  template <typename Fn>
-  void parallel_rows(int64_t n, Fn&& fn) {
-    const int64_t pieces = std::min<int64_t>(threads_, std::max<int64_t>(1, n / 4));
-    if (pieces <= 1) {
-      fn(int64_t{0}, n, 0);
-      return;
-    }
-    const int64_t chunk = (n + pieces - 1) / pieces;
-    parallel_for(pieces, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t b = c * chunk, e = std::min(n, b + chunk);
-        if (b < e) fn(b, e, int(c));
-      }
-    });
-  }
-
  private:
   struct Scratch {
     std::vector<float> w0, s, r, tmp;  // one row each
@@ -352,7 +332,7 @@ class Merger {
   const MergeOptions& o_;
   const Checkpoint& base_;
   const Adapter& ad_;
-  int threads_;
+  BlockingPool pool_;  // numerics/parallel.hpp: sleeps while the writer works
   std::vector<Scratch> scratch_;
 };
 
