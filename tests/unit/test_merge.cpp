@@ -367,6 +367,27 @@ TEST(MergeEmbeddingRounding, EmbedLmheadUntiedMatchesPeftBitForBit) {
   expect_bit_identical_by_default("embed-lmhead-untied");
 }
 
+// The report: untied Llama in bf16, LoRA on embed_tokens, q_proj, v_proj, modules_to_save
+// ["lm_head"]. Golden case `embed-modules-to-save` of tools/fixtures/make_merge_goldens.py.
+TEST(MergeEmbeddingRounding, EmbedModulesToSaveMatchesPeftBitForBit) {
+  expect_bit_identical_by_default("embed-modules-to-save");
+}
+
+// The same with the LoRA tensors stored in bf16: peft upcasts them to fp32 at load
+// (autocast_adapter_dtype), so the roundings are the same. Golden case
+// `embed-modules-to-save-bf16-adapter`.
+TEST(MergeEmbeddingRounding, Bf16StoredAdapterMatchesPeftBitForBit) {
+  const std::string name = "embed-modules-to-save-bf16-adapter";
+  const fs::path f = golden_root() / "adapters" / name / "adapter_model.safetensors";
+  if (fs::exists(f)) {
+    auto file = SafetensorsFile::open(f);
+    const TensorInfo* a = file->find("base_model.model.model.embed_tokens.lora_embedding_A");
+    ASSERT_NE(a, nullptr);
+    EXPECT_EQ(a->dtype, DType::BF16) << "the fixture should store its LoRA tensors in bf16";
+  }
+  expect_bit_identical_by_default(name);
+}
+
 // ---- refusals
 // -------------------------------------------------------------------------------------
 
