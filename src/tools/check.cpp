@@ -10,25 +10,19 @@
 
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
+#include "formats/peft_names.hpp"
 #include "tools/html_report.hpp"
 
 namespace nanscope {
 
 namespace {
 
+// The module an adapter tensor belongs to:
 // "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" ->
-// "model.layers.0.self_attn.q_proj"
-std::string adapter_module(std::string key) {
-  if (key.rfind("base_model.model.", 0) == 0) key = key.substr(17);
-  for (std::string_view m :
-       {".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"}) {
-    auto p = key.find(m);
-    if (p != std::string::npos) return key.substr(0, p);
-  }
-  for (std::string_view suffix : {".weight", ".bias"})
-    if (key.size() > suffix.size() && key.ends_with(suffix))
-      return key.substr(0, key.size() - suffix.size());
-  return key;
+// "model.layers.0.self_attn.q_proj".
+std::string adapter_module(const std::string& key) {
+  const std::optional<PeftName> p = parse_peft_name(key);
+  return p ? p->module : key;
 }
 
 std::string module_of_tensor(const std::string& t) {

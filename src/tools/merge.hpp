@@ -1,7 +1,8 @@
 // nanscope merge: a PEFT LoRA adapter merged into a base checkpoint as peft 0.21's
-// merge_and_unload() does it, but with every update computed in fp32 and rounded ONCE into the
-// output dtype, streamed tensor by tensor (memory does not grow with the model), written
-// atomically, and refused when the result would hold NaN/inf.
+// merge_and_unload() does it, with every update computed in fp32 and rounded into the output
+// dtype where peft rounds it (once for linear layers, before and after the add for embeddings),
+// streamed tensor by tensor (memory does not grow with the model), written atomically, and
+// refused when the result would hold NaN/inf.
 //
 // API for the CLI (`nanscope merge --base B --adapter A --out O [--dtype ...] [--json]`):
 //
@@ -56,9 +57,10 @@ struct MergeOptions {
   bool durable = true;
   TiedMode tied = TiedMode::Untie;
   // peft adds an EMBEDDING's update after rounding it to the weight's dtype (two roundings:
-  // lora/layer.py Embedding.merge `get_delta_weight(...).to(orig_dtype)`). Off: one rounding.
-  // On: bit-identical to peft for embeddings (used by the golden tests).
-  bool peft_embedding_rounding = false;
+  // lora/layer.py Embedding.merge `get_delta_weight(...).to(orig_dtype)`), a linear layer's in
+  // fp32 (one). On (default): bit-identical to peft for embeddings too. Off: one rounding
+  // (round(W + dW), never farther from the fp32 result than peft, but other bytes than peft's).
+  bool peft_embedding_rounding = true;
   const std::atomic<bool>* cancel = nullptr;  // checked between tensors and blocks
   // Progress (tensor name, index, count); called from the merging thread.
   std::function<void(const std::string&, size_t, size_t)> progress;

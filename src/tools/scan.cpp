@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "formats/adapter.hpp"
+#include "formats/peft_names.hpp"
 #include "model/arch.hpp"
 
 namespace nanscope {
@@ -20,25 +21,6 @@ bool ScanResult::has_error() const {
 }
 
 namespace {
-
-bool is_peft_key(std::string_view n) {
-  for (std::string_view marker :
-       {".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
-        ".base_layer.", ".modules_to_save.", ".original_module.", "lora_A.weight", "lora_B.weight"})
-    if (n.find(marker) != std::string_view::npos) return true;
-  return n.rfind("base_model.model.", 0) == 0;
-}
-
-// The Hugging Face name a PEFT-saved key stands for ("base_model.model.model.x.base_layer.weight"
-// -> "model.x.weight"), so a missing tensor can be blamed on leftover PEFT wrapping.
-std::string strip_peft(std::string n) {
-  if (n.rfind("base_model.model.", 0) == 0) n = n.substr(17);
-  for (std::string_view marker : {".base_layer", ".modules_to_save.default", ".original_module"}) {
-    auto p = n.find(marker);
-    if (p != std::string::npos) n.erase(p, marker.size());
-  }
-  return n;
-}
 
 std::string shape_str(const std::vector<int64_t>& s) {
   return fmt::format("[{}]", fmt::join(s, ", "));
@@ -53,10 +35,14 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
   std::set<std::string, std::less<>> expected_names;
   for (const auto& e : expected) expected_names.insert(e.name);
 
-  // Leftover PEFT keys, keyed by the model tensor they stand for.
+  // Leftover PEFT-wrapped keys, keyed by the model tensor they stand for
+  // ("base_model.model.model.x.base_layer.weight" -> "model.x.weight"), so that a missing tensor
+  // can be blamed on the wrapping.
   std::map<std::string, std::vector<std::string>> peft_for;
-  for (const auto& [name, ref] : ck.tensors())
-    if (is_peft_key(name)) peft_for[strip_peft(name)].push_back(name);
+  for (const auto& [name, ref] : ck.tensors()) {
+    const std::optional<PeftName> p = parse_peft_name(name);
+    if (p && !p->is_lora() && (p->prefixed || p->wrapped)) peft_for[p->target].push_back(name);
+  }
 
   for (const auto& e : expected) {
     auto ref = ck.find(e.name);
@@ -89,13 +75,14 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
       continue;  // a multimodal checkpoint's vision tower: not part of the text model
 
     if (is_peft_key(name)) {
+      const std::optional<PeftName> p = parse_peft_name(name);
       out.push_back({"error", "adapter_keys", name, 0,
-                     name.find("lora_") != std::string::npos
+                     !p || (p->is_lora() && p->role != PeftRole::TokenRows)
                          ? "unmerged LoRA tensor left in the model: merge_and_unload() was not "
                            "called, or the PeftModel's state dict was saved"
                          : fmt::format("PEFT-wrapped name of {}: transformers will not find it "
                                        "and initialises that weight at random",
-                                       strip_peft(name))});
+                                       p->target)});
       continue;
     }
     if (name == "lm_head.weight" && c.tie_word_embeddings) {

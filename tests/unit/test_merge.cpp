@@ -240,7 +240,7 @@ INSTANTIATE_TEST_SUITE_P(Peft, MergeGolden, ::testing::ValuesIn(kOkCases), [](co
   return s;
 });
 
-// ---- the default: one rounding, untie when the adapter changes a tied embedding ----------------
+// ---- the default: untie when the adapter changes a tied embedding; peft's roundings ------------
 
 class MergeDefault : public ::testing::TestWithParam<const char*> {};
 
@@ -262,16 +262,17 @@ TEST_P(MergeDefault, WithinOneUlpOfPeft) {
   Compare cmp;
   Checkpoint a = Checkpoint::open(d.path / "out");
   Checkpoint g = Checkpoint::open(golden_root() / "merged" / name);
-  for (const auto& [tn, ref] : g.tensors()) {
-    if (embed_lora && tn == "model.embed_tokens.weight") continue;
-    compare_tensor(a.get(tn), ref, name + ":" + tn, cmp);
-  }
+  for (const auto& [tn, ref] : g.tensors()) compare_tensor(a.get(tn), ref, name + ":" + tn, cmp);
   EXPECT_LE(cmp.max_ulp, 1u) << name << " worst " << cmp.worst_tensor;
   if (embed_lora) {
+    // With peft's embedding rounding off, one rounding: exactly round(S), never farther from S.
+    MergeOptions one = options_for(name, *c, d.path / "one");
+    one.peft_embedding_rounding = false;
+    ASSERT_TRUE(merge(one).written);
     MergeOptions o = options_for(name, *c, d.path / "fp32");
     o.dtype = DType::F32;
     ASSERT_TRUE(merge(o).written);
-    expect_correctly_rounded(d.path / "out", d.path / "fp32", name, "model.embed_tokens.weight");
+    expect_correctly_rounded(d.path / "one", d.path / "fp32", name, "model.embed_tokens.weight");
   }
 }
 
@@ -317,15 +318,78 @@ TEST(MergeTied, EmbeddingLoraUntiesByDefault) {
   EXPECT_TRUE(r.untied);
   Checkpoint ours = Checkpoint::open(d.path / "out");
   Checkpoint base = Checkpoint::open(golden_root() / "models" / c->base);
-  Compare head;
+  Compare head, emb;
   compare_tensor(ours.get("lm_head.weight"), base.get("model.embed_tokens.weight"),
                  "lm_head vs base", head);
   EXPECT_EQ(head.identical, head.elements) << "lm_head must stay the base embedding";
+  // The embedding holds peft's value (its update rounded before the add, as peft does).
+  Checkpoint gold = Checkpoint::open(golden_root() / "merged" / "embed-tied");
+  compare_tensor(ours.get("model.embed_tokens.weight"), gold.get("model.embed_tokens.weight"),
+                 "embed vs peft", emb);
+  EXPECT_EQ(emb.identical, emb.elements);
+  MergeOptions one = options_for("embed-tied", *c, d.path / "one");
+  one.peft_embedding_rounding = false;
+  ASSERT_TRUE(merge(one).written);
   MergeOptions o = options_for("embed-tied", *c, d.path / "fp32");
   o.dtype = DType::F32;
   ASSERT_TRUE(merge(o).written);
-  expect_correctly_rounded(d.path / "out", d.path / "fp32", "embed-tied",
+  expect_correctly_rounded(d.path / "one", d.path / "fp32", "embed-tied",
                            "model.embed_tokens.weight");
+}
+
+// ---- embedding LoRA on a bf16 base: peft's rounding, bit for bit, by default -------------------
+// peft 0.21 merges a linear layer as W' = bf16(W + dW) (Linear.merge adds the fp32 delta: one
+// rounding) but an embedding as W' = bf16(W + bf16(dW)) (Embedding.merge adds
+// `get_delta_weight(...).to(orig_dtype)`: the update is rounded first). The default merge must
+// give peft's bytes for every tensor, embed_tokens included.
+
+namespace {
+
+void expect_bit_identical_by_default(const std::string& name) {
+  auto c = load_case(name);
+  if (!c) return;
+  ASSERT_EQ(c->expect, "ok");
+  ScratchDir d;
+  MergeResult r = merge(options_for(name, *c, d.path / "out"));  // the defaults, as the CLI
+  ASSERT_TRUE(r.written) << merge_summary(r);
+  Compare all = compare_with_golden(d.path / "out", name);
+  ASSERT_GT(all.elements, 0u);
+  EXPECT_EQ(all.identical, all.elements)
+      << name << ": " << all.elements - all.identical << " elements differ from peft (worst "
+      << all.worst_tensor << ", " << all.max_ulp << " ulp)";
+  Compare emb;
+  compare_tensor(Checkpoint::open(d.path / "out").get("model.embed_tokens.weight"),
+                 Checkpoint::open(golden_root() / "merged" / name).get("model.embed_tokens.weight"),
+                 name + ":embed", emb);
+  EXPECT_EQ(emb.identical, emb.elements) << name << ": embed_tokens differs from peft";
+}
+
+}  // namespace
+
+// Already in the goldens: llama-tiny (bf16, untied), LoRA on embed_tokens, lm_head, q_proj.
+TEST(MergeEmbeddingRounding, EmbedLmheadUntiedMatchesPeftBitForBit) {
+  expect_bit_identical_by_default("embed-lmhead-untied");
+}
+
+// The report: untied Llama in bf16, LoRA on embed_tokens, q_proj, v_proj, modules_to_save
+// ["lm_head"]. Golden case `embed-modules-to-save` of tools/fixtures/make_merge_goldens.py.
+TEST(MergeEmbeddingRounding, EmbedModulesToSaveMatchesPeftBitForBit) {
+  expect_bit_identical_by_default("embed-modules-to-save");
+}
+
+// The same with the LoRA tensors stored in bf16: peft upcasts them to fp32 at load
+// (autocast_adapter_dtype), so the roundings are the same. Golden case
+// `embed-modules-to-save-bf16-adapter`.
+TEST(MergeEmbeddingRounding, Bf16StoredAdapterMatchesPeftBitForBit) {
+  const std::string name = "embed-modules-to-save-bf16-adapter";
+  const fs::path f = golden_root() / "adapters" / name / "adapter_model.safetensors";
+  if (fs::exists(f)) {
+    auto file = SafetensorsFile::open(f);
+    const TensorInfo* a = file->find("base_model.model.model.embed_tokens.lora_embedding_A");
+    ASSERT_NE(a, nullptr);
+    EXPECT_EQ(a->dtype, DType::BF16) << "the fixture should store its LoRA tensors in bf16";
+  }
+  expect_bit_identical_by_default(name);
 }
 
 // ---- refusals
