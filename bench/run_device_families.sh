@@ -22,8 +22,13 @@ if [ "${DENSE:-1}" = 1 ]; then
   $M ref_quicktest_bf16 python3 bench/reference/ref_quicktest.py $W/q4b bf16 eager $IDS >> "$R"
   $M nanscope_trace_bf16 $BIN/nanscope trace $W/q4b --ids $IDS --dtype bf16 --json >> "$R"
   $M nanscope_check $BIN/nanscope check $W/q4b --ids $IDS --json >> "$R"
-  $M ref_hidden python3 bench/reference/ref_hidden.py $W/q4b 64 128 bf16 64 eager >> "$R"
-  $M nanscope_hidden $BIN/bench_hidden $W/q4b 64 128 bf16 eager 4096 >> "$R"
+  # Alternating with the previous release's binary (bench_hidden_old, when carried): the
+  # machine's speed drifts between runs, the A/B of one repetition does not.
+  for rep in $(seq "${REPS:-1}"); do
+    $M ref_hidden_r$rep python3 bench/reference/ref_hidden.py $W/q4b 64 128 bf16 64 eager >> "$R"
+    $M nanscope_hidden_r$rep $BIN/bench_hidden $W/q4b 64 128 bf16 eager 4096 >> "$R"
+    [ -x $BIN/bench_hidden_old ] && $M nanscope_hidden_old_r$rep $BIN/bench_hidden_old $W/q4b 64 128 bf16 eager 4096 >> "$R"
+  done
   rm -rf $W/q4b
 fi
 if [ "${MOE:-1}" = 1 ]; then

@@ -50,9 +50,7 @@ std::string dtype_cli_name(DType t) {
 
 std::optional<DType> parse_merge_dtype(const std::string& s) {
   if (s == "auto") return std::nullopt;
-  if (s == "bf16" || s == "bfloat16") return DType::BF16;
-  if (s == "fp16" || s == "float16" || s == "f16") return DType::F16;
-  if (s == "fp32" || s == "float32" || s == "f32") return DType::F32;
+  if (const auto t = parse_float_dtype(s)) return t;
   fail("merge: --dtype {} is not one of auto, bf16, fp16, fp32", s);
 }
 
