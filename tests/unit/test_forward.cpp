@@ -388,3 +388,48 @@ TEST(Forward, ResultDoesNotDependOnThreadCountOrPageRelease) {
 
 }  // namespace
 }  // namespace nanscope
+
+namespace nanscope {
+namespace {
+
+// `hidden` runs sequences stacked (forward_batch): each one must come out as it does alone, for
+// every family (sliding windows, experts, per-layer RoPE), up to a last-bit difference where a
+// product sees another number of rows.
+TEST(Forward, BatchOfSequencesEqualsEachAloneInEveryFamily) {
+  for (const char* m : {"qwen3-tiny", "qwen2-tiny-window", "mistral-tiny", "gemma2-tiny",
+                        "gemma3-tiny", "gemma3-mm-tiny", "phi3-tiny", "phi4-tiny-partial",
+                        "qwen3-moe-tiny", "mixtral-tiny", "qwen2-moe-tiny"}) {
+    const Checkpoint ck = Checkpoint::open(kModels / m);
+    ForwardOptions opt;
+    opt.dtype = DType::F32;
+    const std::vector<std::vector<int64_t>> seqs = {
+        {5, 17, 300, 2, 9, 44, 1},
+        {3, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 4, 6, 10, 16, 26, 42, 68, 110}};
+    std::vector<float> emb;
+    std::vector<int64_t> lengths;
+    std::vector<std::vector<float>> alone_last;
+    for (const auto& ids : seqs) {
+      Capture cap;
+      forward(ck, ids, opt, &cap);
+      emb.insert(emb.end(), cap.hidden[0].begin(), cap.hidden[0].end());
+      alone_last.push_back(cap.hidden.back());
+      lengths.push_back(int64_t(ids.size()));
+    }
+    Capture batch;
+    forward_batch(ck, emb, lengths, opt, &batch);
+    const std::vector<float>& last = batch.hidden.back();
+    const int64_t H = ck.config().hidden_size;
+    size_t off = 0;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      const std::vector<float> part(last.begin() + long(off),
+                                    last.begin() + long(off + seqs[s].size() * size_t(H)));
+      const Cmp c = compare(part, alone_last[s]);
+      EXPECT_EQ(c.pattern_mismatch, 0) << m;
+      EXPECT_LE(c.rel, 1e-5) << m << " sequence " << s;
+      off += seqs[s].size() * size_t(H);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nanscope
