@@ -9,14 +9,21 @@
 #include <bit>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <limits>
 #include <optional>
 #include <ostream>
 #include <random>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "formats/checkpoint.hpp"
+#include "formats/safetensors.hpp"
+#include "model/forward.hpp"
+#include "model/observer.hpp"
 #include "numerics/backend.hpp"
 #include "numerics/gemm_amx.hpp"
 #include "numerics/kernels.hpp"
@@ -258,6 +265,76 @@ TEST_P(BackendPath, LinearSiluMulMatchesSeparateStepsAndScalarReference) {
 // sgemm_nt / sgemm_nn otherwise), on bf16 values, against the sums in double: the products of
 // bf16 values are exact in fp32, so only the accumulation order differs. A NaN in q poisons its
 // row of scores; nothing is written past column N.
+// The whole forward pass on the path, against transformers: every trace golden in eager
+// attention (tests/fixtures/goldens/trace, made by tools/fixtures/make_trace_goldens.py) in each
+// run dtype the path computes, hidden states and logits, with test_forward.cpp's norm-wise
+// tolerances and the same finite/non-finite pattern. Forced, the path runs every product,
+// including those of fewer tokens than its usual threshold (the goldens have 4-24 tokens).
+class Capture : public Observer {
+ public:
+  void hidden_state(int64_t, std::span<const float> v, int64_t, int64_t) override {
+    hidden.emplace_back(v.begin(), v.end());
+  }
+  bool wants_sites() const override { return false; }
+  std::vector<std::vector<float>> hidden;
+};
+
+std::vector<float> golden_tensor(const SafetensorsFile& f, const std::string& name) {
+  const TensorInfo* t = f.find(name);
+  if (!t) return {};
+  std::vector<float> v(size_t(t->numel()));
+  load_to_f32(f.data(*t).data(), t->dtype, v.data(), v.size());
+  return v;
+}
+
+TEST_P(BackendPath, ForwardMatchesTransformersGoldens) {
+  namespace fs = std::filesystem;
+  const fs::path goldens = fs::path(NANSCOPE_FIXTURES) / "goldens" / "trace";
+  const fs::path models = fs::path(NANSCOPE_FIXTURES) / "models";
+  int64_t checked = 0;
+  for (DType dt : dtypes()) {
+    const std::string suffix = std::string("__") +
+                               (dt == DType::F32    ? "float32"
+                                : dt == DType::BF16 ? "bfloat16"
+                                                    : "float16") +
+                               "__eager.safetensors";
+    const double tol = dt == DType::F32 ? 1e-5 : dt == DType::BF16 ? 1e-4 : 1e-3;
+    for (const auto& e : fs::directory_iterator(goldens)) {
+      const std::string file = e.path().filename().string();
+      if (file.size() <= suffix.size() || !file.ends_with(suffix)) continue;
+      const std::string model = file.substr(0, file.size() - suffix.size());
+      const auto g = SafetensorsFile::open(e.path());
+      const TensorInfo* idt = g->find("input_ids");
+      ASSERT_NE(idt, nullptr) << file;
+      std::vector<int64_t> ids(size_t(idt->numel()));
+      std::memcpy(ids.data(), g->data(*idt).data(), ids.size() * 8);
+      const Checkpoint ck = Checkpoint::open(models / model);
+      ForwardOptions opt;
+      opt.dtype = dt;
+      Capture cap;
+      const ForwardResult r = forward(ck, ids, opt, &cap);
+      for (size_t i = 0; i <= cap.hidden.size(); ++i) {
+        const bool logits = i == cap.hidden.size();
+        const std::string key = logits ? "logits" : "hidden." + std::to_string(i);
+        const std::vector<float> gold = golden_tensor(*g, key);
+        const std::vector<float>& ours = logits ? r.logits : cap.hidden[i];
+        ASSERT_EQ(ours.size(), gold.size()) << file << " " << key;
+        double num = 0, den = 0;
+        for (size_t j = 0; j < gold.size(); ++j) {
+          const float a = ours[j], b = gold[j];
+          ASSERT_EQ(std::isfinite(a), std::isfinite(b)) << file << " " << key << " [" << j << "]";
+          ASSERT_EQ(std::isnan(a), std::isnan(b)) << file << " " << key << " [" << j << "]";
+          if (std::isfinite(a)) num += (double(a) - b) * (double(a) - b), den += double(b) * b;
+        }
+        const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+        EXPECT_LE(rel, tol) << file << " " << key;
+      }
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 0) << "no trace goldens in " << goldens;
+}
+
 // Eager attention has these paths only (no scalar, streaming or oneDNN one).
 using AttentionPath = BackendPath;
 
