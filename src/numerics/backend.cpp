@@ -3,6 +3,7 @@
 #include "numerics/backend.hpp"
 
 #include <cpuid.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -179,7 +180,9 @@ MatmulPath choose_linear_path(DType dt, int64_t tokens, const Backend& b) {
   }
   if (dt == DType::BF16 && tokens >= kBf16GemmTokens) {
     if (const auto t = amx_tiles(b)) return *t;
-    if (b.onednn && has_onednn_bf16()) return MatmulPath::OneDnn;
+    // oneDNN takes one caller at a time and runs on the OpenMP pool itself: not from inside a
+    // parallel loop (products computed side by side, one per worker).
+    if (b.onednn && !omp_in_parallel() && has_onednn_bf16()) return MatmulPath::OneDnn;
   }
   return tokens >= kGemmTokens ? MatmulPath::Blas : MatmulPath::Stream;
 }

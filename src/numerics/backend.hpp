@@ -133,8 +133,9 @@ bool path_runs_here(MatmulPath p, const char** why = nullptr);
 // The path of a linear layer (x[tokens, K] @ W^T) in run dtype dt under options b:
 //   force, where set and applicable;
 //   bf16, tokens >= 32: AMX (tiles or emulated, per b.amx) if usable, else oneDNN if it has a
-//     bf16 kernel and b.onednn (measured on a Sapphire Rapids Xeon: 3-4x the fp32 path already at
-//     128 tokens, bench/bench_gemm.cpp);
+//     bf16 kernel, b.onednn, and the caller is not inside a parallel loop (oneDNN takes one caller
+//     at a time) (measured on a Sapphire Rapids Xeon: 3-4x the fp32 path already at 128 tokens,
+//     bench/bench_gemm.cpp);
 //   tokens >= 16: OpenBLAS (compute-bound);
 //   else the streaming kernel (memory-bound: the weights are read once).
 MatmulPath choose_linear_path(DType dt, int64_t tokens, const Backend& b = backend());

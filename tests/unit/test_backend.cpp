@@ -4,6 +4,7 @@
 // this machine cannot run (AMX tiles without AMX, oneDNN without a bf16 kernel) is skipped with
 // the reason; scalar, streaming, OpenBLAS and emulated AMX tiles run everywhere.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <bit>
@@ -438,6 +439,27 @@ TEST(Backend, ChoiceFollowsDtypeTokensAndOptions) {
             has_onednn_bf16() ? MatmulPath::OneDnn : MatmulPath::Blas);
   EXPECT_EQ(choose_linear_path(DType::F32, 32, b), MatmulPath::Blas);
   EXPECT_EQ(choose_attention_path(DType::BF16, b), MatmulPath::Blas);
+  // Products computed side by side inside a parallel loop never go to oneDNN (one caller at a
+  // time there); AMX tiles are per thread and stay.
+  Backend two = backend();
+  two.threads = 2;
+  const ScopedBackend workers(two);
+  for (AmxUse amx : {AmxUse::Off, AmxUse::Emulated}) {
+    b.amx = amx;
+    std::vector<MatmulPath> inside(2, MatmulPath::Scalar);
+    std::vector<int> in_parallel(2, 0);
+    parallel_for(2, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        inside[size_t(i)] = choose_linear_path(DType::BF16, 64, b);
+        in_parallel[size_t(i)] = omp_in_parallel();
+      }
+    });
+    for (size_t i = 0; i < 2; ++i) {
+      if (!in_parallel[i]) continue;
+      EXPECT_EQ(inside[i], amx == AmxUse::Off ? MatmulPath::Blas : MatmulPath::AmxEmulated)
+          << path_name(inside[i]);
+    }
+  }
   // The processor's AMX where it has it.
   b.amx = AmxUse::Auto;
   EXPECT_EQ(choose_attention_path(DType::BF16, b),
