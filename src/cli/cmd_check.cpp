@@ -41,7 +41,7 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
       ->capture_default_str();
   app->add_option("--report", a->report, "Write a self-contained HTML report");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
-  app->add_option("--threads", a->threads, "Worker threads for scanning (default: all cores)");
+  add_threads_option(app, a->threads, " for scanning and the forward passes");
   out.push_back({app, [a] {
                    CheckOptions opt;
                    opt.dtypes.clear();
@@ -59,7 +59,7 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
                      fail("--attention {}: expected eager, fused or both", a->attention);
                    if (!a->base.empty()) opt.base = a->base;
                    if (!a->adapter.empty()) opt.adapter = a->adapter;
-                   opt.threads = a->threads;
+                   opt.threads = apply_threads(a->threads);
                    const bool has_tok =
                        !a->tokenizer.empty() ||
                        std::filesystem::exists(std::filesystem::path(a->model) / "tokenizer.json");

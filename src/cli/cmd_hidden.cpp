@@ -43,6 +43,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                                               attention = "eager", out_dtype = "fp32";
     int64_t batch_tokens = 4096;
     bool allow_unnormalized = false, json = false;
+    int threads = 0;
   };
   auto a = std::make_shared<Args>();
   auto* app = root.add_subcommand(
@@ -70,7 +71,9 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
   app->add_flag("--allow-unnormalized", a->allow_unnormalized,
                 "Accept soft probabilities that do not sum to 1 (used as given)");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  add_threads_option(app, a->threads, " of the forward passes");
   out.push_back({app, [a] {
+                   apply_threads(a->threads);
                    HiddenRunOptions opt;
                    auto dt = parse_run_dtype(a->dtype);
                    if (!dt) fail("--dtype {}: expected fp32, bf16 or fp16", a->dtype);

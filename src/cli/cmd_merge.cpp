@@ -61,7 +61,7 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
                 "Write through the page cache and leave the bytes to the kernel's writeback, as "
                 "cp does, instead of fsyncing before the final rename (faster where the disk is "
                 "the limit; a power cut soon after may leave a partial model)");
-  app->add_option("--threads", a->threads, "Worker threads (default: all cores)");
+  add_threads_option(app, a->threads, "");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   out.push_back({app, [a] {
                    MergeOptions o;
@@ -71,7 +71,7 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
                    o.dtype = parse_merge_dtype(a->dtype);
                    o.allow_nonfinite = a->allow_nonfinite;
                    o.max_shard_size = parse_size(a->max_shard);
-                   o.threads = a->threads;
+                   o.threads = apply_threads(a->threads);
                    o.durable = !a->no_fsync;
                    o.tied = a->peft_tied ? TiedMode::Peft : TiedMode::Untie;
                    o.cancel = &merge_interrupt_flag();

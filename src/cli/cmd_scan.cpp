@@ -16,11 +16,11 @@ void add_scan(CLI::App& root, std::vector<Command>& out) {
   app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
   app->add_option("--adapter", a->adapter, "PEFT adapter directory to scan too");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
-  app->add_option("--threads", a->threads, "Worker threads (default: all cores)");
+  add_threads_option(app, a->threads, "");
   out.push_back({app, [a] {
                    ScanOptions opt;
                    if (!a->adapter.empty()) opt.adapter = a->adapter;
-                   opt.threads = a->threads;
+                   opt.threads = apply_threads(a->threads);
                    ScanResult r = scan(a->model, opt);
                    print_out(a->json ? scan_to_json(r).dump(2) : scan_to_text(r));
                    return r.has_error() ? kProblem : kClean;

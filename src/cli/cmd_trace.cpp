@@ -9,6 +9,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save;
     bool json = false;
+    int threads = 0;
   };
   auto a = std::make_shared<Args>();
   auto* app = root.add_subcommand(
@@ -26,7 +27,9 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
       ->capture_default_str();
   app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  add_threads_option(app, a->threads, " of the forward pass");
   out.push_back({app, [a] {
+                   apply_threads(a->threads);
                    TraceOptions opt;
                    auto dt = parse_run_dtype(a->dtype);
                    if (!dt) fail("--dtype {}: expected fp32, bf16 or fp16", a->dtype);

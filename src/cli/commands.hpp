@@ -27,4 +27,11 @@ void add_hidden(CLI::App& root, std::vector<Command>& out);
 // Writes a JSON document or human text to stdout.
 void print_out(const std::string& s);
 
+// --threads N on a subcommand: the worker count of its parallel steps (scan, merge, the forward
+// pass), kept in the kernels' options (numerics/backend.hpp, which also reads NANSCOPE_THREADS).
+void add_threads_option(CLI::App* app, int& threads, const std::string& what);
+// Puts a --threads value (0: not given) into the kernels' options and returns the worker count
+// in force: N, else NANSCOPE_THREADS, else one per hardware thread.
+int apply_threads(int threads);
+
 }  // namespace nanscope::cli

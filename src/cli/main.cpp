@@ -6,12 +6,29 @@
 
 #include "cli/commands.hpp"
 #include "common/error.hpp"
+#include "numerics/backend.hpp"
+#include "numerics/parallel.hpp"
 
 namespace nanscope::cli {
 void print_out(const std::string& s) {
   std::fwrite(s.data(), 1, s.size(), stdout);
   if (!s.empty() && s.back() != '\n') std::fputc('\n', stdout);
   std::fflush(stdout);
+}
+
+void add_threads_option(CLI::App* app, int& threads, const std::string& what) {
+  app->add_option("--threads", threads,
+                  "Worker threads" + what + " (default: NANSCOPE_THREADS, else all cores)")
+      ->check(CLI::Range(0, 1 << 16));
+}
+
+int apply_threads(int threads) {
+  if (threads > 0) {
+    nanscope::Backend b = nanscope::backend();
+    b.threads = threads;
+    nanscope::set_backend(b);
+  }
+  return nanscope::default_threads();
 }
 }  // namespace nanscope::cli
 

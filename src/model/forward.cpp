@@ -479,7 +479,7 @@ class Model {
     const float mask = dtype_lowest(dt_);
     const bool plain = a.window == 0 && !a.softcap;
     // q, k, p and v hold bf16 values in a bf16 run: their products go to AMX where there is AMX.
-    const bool amx = dt_ == DType::BF16 && gemm_amx::available();
+    const bool amx = is_amx(choose_attention_path(dt_));
     AttentionBuffers buf = attention_buffers(a);
     // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
     // probabilities @ v) with the elementwise steps in between, row by row. Jobs (sequence,

@@ -2,17 +2,12 @@
 // said yes.
 #include "numerics/gemm_amx.hpp"
 
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include "numerics/activations.hpp"
@@ -31,45 +26,20 @@ constexpr int64_t kPairK = 32;                  // bf16 values of K per tile row
 constexpr int64_t kTileElems = kRows * kPairK;  // bf16 per packed weight tile (1 KB)
 constexpr int64_t kMicro = 32;                  // 2 x 2 tiles of C: 32 rows x 32 columns
 
-// Block sizes: a worker computes C blocks of m x n (fp32, in its own buffer), K in steps of k
-// (0: the whole K at once), inside which 32 x 32 micro blocks run k / 32 steps of four tile
-// products, accumulating in the tiles. The next step's B tiles are prefetched into L1, and A's in
-// the first micro block of a row (the one that brings that slice of A in from L3). Blocks are
-// shared out with stealing. Chosen on the 16-core Xeon (bench/amx_sweep.sh, session 4:
+// Block sizes (AmxTuning of backend.hpp, NANSCOPE_AMX_* for tuning): a worker computes C blocks
+// of m x n (fp32, in its own buffer), K in steps of k (0: the whole K at once), inside which
+// 32 x 32 micro blocks run k / 32 steps of four tile products, accumulating in the tiles. The next
+// step's B tiles are prefetched into L1, and A's in the first micro block of a row (the one that
+// brings that slice of A in from L3). Blocks are shared out with stealing. Defaults chosen on the
+// 16-core Xeon (bench/amx_sweep.sh, session 4:
 // bench/results/2026-11-27-session4-call2-amx-sweep.txt, BENCHMARKS.md), each best of 3 passes:
 // 128 x 128 x whole K with both prefetches 157 ms of products per decoder layer at 4096 rows,
 // 128 x 128 x 512 with B's prefetch 177 ms, the same without stealing 210 / 228 ms.
-struct Blocking {
-  int64_t m = 128, n = 128, k = 0;
-  bool prefetch_b = true;  // software prefetch of the next step's B tiles into L1
-  bool prefetch_a = true;  // the same for A, in the micro blocks that touch an A slice first
-  bool n_outer = false;    // inside a block: columns outer (B slice stays), rows inner
-  bool steal = true;       // blocks shared out with stealing (parallel_for_stealing)
-};
+static_assert(kMicro == 32 && kPairK == 32, "valid(AmxTuning) of backend.cpp assumes 32");
 
-Blocking blocking() {
-  static const Blocking b = [] {
-    Blocking r;
-    // For tuning on a new processor (bench/amx_sweep.sh): NANSCOPE_AMX_BLOCK=M,N,K, multiples of
-    // 32 (K 0: whole); NANSCOPE_AMX_PREFETCH=b|a|ab|0 (which operand's next tiles are prefetched);
-    // NANSCOPE_AMX_ORDER=mn|nm (rows or columns outer inside a block); NANSCOPE_AMX_STEAL=0
-    // (a static split of the blocks among the workers).
-    if (const char* e = std::getenv("NANSCOPE_AMX_BLOCK")) {
-      long m = 0, n = 0, k = 0;
-      if (std::sscanf(e, "%ld,%ld,%ld", &m, &n, &k) == 3 && m > 0 && n > 0 && k >= 0 &&
-          m % kMicro == 0 && n % kMicro == 0 && k % kPairK == 0)
-        r.m = m, r.n = n, r.k = k;
-    }
-    if (const char* e = std::getenv("NANSCOPE_AMX_PREFETCH")) {
-      const std::string v = e;
-      r.prefetch_b = v == "1" || v.find('b') != std::string::npos;  // 1: the default, both
-      r.prefetch_a = v == "1" || v.find('a') != std::string::npos;
-    }
-    if (const char* e = std::getenv("NANSCOPE_AMX_ORDER")) r.n_outer = std::string(e) == "nm";
-    if (const char* e = std::getenv("NANSCOPE_AMX_STEAL")) r.steal = *e != '0';
-    return r;
-  }();
-  return b;
+AmxTuning blocking() {
+  const AmxTuning& t = backend().amx_tuning;
+  return valid(t) ? t : AmxTuning{};
 }
 
 // ---- Tile backends -------------------------------------------------------------------------
@@ -383,7 +353,7 @@ void run(const PackedInput& in, std::span<const uint16_t* const> ws, int64_t N, 
   const int64_t M = in.M, K = in.K, Mp = in.Mp, Kp = in.Kp;
   if (M <= 0 || N <= 0) return;
   const int64_t nw = int64_t(ws.size());
-  const Blocking bs = blocking();
+  const AmxTuning bs = blocking();
   const int64_t Np = round_up(N, kMicro);
   const int64_t kt = Kp / kPairK;
   const Buffer<uint16_t>& a = in.a;
@@ -469,43 +439,6 @@ void run_linear(const PackedInput& in, const uint16_t* w, int64_t N, const float
   run<Tiles>(in, ws, N,
              [&](const float* const* C, int64_t ldc, int64_t m0, int64_t m1, int64_t n0,
                  int64_t n1) { finish(C[0], ldc, m0, m1, n0, n1, bias, N, out); });
-}
-
-// CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (tile state) enabled by
-// the OS; then Linux >= 5.16 must grant the process the tile data state (arch_prctl).
-bool detect() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return false;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
-  unsigned lo = 0, hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  if ((lo & (3u << 17)) != (3u << 17)) return false;
-#ifdef __linux__
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  if (::syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
-  return true;
-#else
-  return false;
-#endif
-}
-
-// Where the kernels run: the processor's tiles, the emulation (NANSCOPE_AMX_EMULATE=1: the
-// forward pass's AMX paths testable on any machine, slowly), or nowhere (no AMX, or
-// NANSCOPE_NO_AMX=1).
-enum class Mode { kNone, kHardware, kEmulated };
-
-bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::string(v) != "0";
-}
-
-Mode mode() {
-  static const Mode m = env_on("NANSCOPE_NO_AMX")        ? Mode::kNone
-                        : env_on("NANSCOPE_AMX_EMULATE") ? Mode::kEmulated
-                        : detect()                       ? Mode::kHardware
-                                                         : Mode::kNone;
-  return m;
 }
 
 // ---- Small products for attention ---------------------------------------------------------
@@ -622,10 +555,11 @@ void small_product(const float* a, int64_t lda, int64_t M, const PackedB& pb, fl
   for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc, sb.c.data() + m * Np, size_t(N) * 4);
 }
 
-// Calls fn with the tile backend mode() selects (a default-constructed AmxTiles or EmulatedTiles).
+// Calls fn with the tiles amx_tiles() of backend.hpp selects (a default-constructed AmxTiles or
+// EmulatedTiles); callers reach here only where it selects some.
 template <typename Fn>
 void with_tiles(Fn&& fn) {
-  if (mode() == Mode::kEmulated)
+  if (amx_tiles() == MatmulPath::AmxEmulated)
     fn(EmulatedTiles{});
   else
     fn(AmxTiles{});
@@ -639,7 +573,7 @@ PackedB& scratch_b() {
 }  // namespace
 
 bool available() {
-  return mode() != Mode::kNone;
+  return amx_tiles().has_value();
 }
 
 void linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,

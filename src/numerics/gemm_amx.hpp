@@ -20,6 +20,10 @@
 //
 // The same blocking runs on an emulation of the tiles in plain C++ (`emulated`), which is how
 // the layout, padding and blocking are tested on machines without AMX.
+//
+// Which tiles run (the processor's, the emulation) is amx_tiles() of numerics/backend.hpp, where
+// the callers' choice of the AMX path is made too (choose_linear_path, choose_attention_path);
+// the blocking is backend().amx_tuning.
 #pragma once
 
 #include <cstdint>
@@ -27,12 +31,13 @@
 #include <span>
 #include <vector>
 
+#include "numerics/backend.hpp"
+
 namespace nanscope::gemm_amx {
 
-// Whether this processor has AMX-BF16 and the kernel may use it (asks Linux for the tile state
-// once). False on other processors and with NANSCOPE_NO_AMX=1 in the environment.
-// NANSCOPE_AMX_EMULATE=1 makes it true everywhere and runs every AMX path on emulated tiles: how
-// the forward pass's AMX paths are tested against the goldens on machines without AMX (slow).
+// Whether the AMX paths are in use under backend(): the processor has AMX-BF16 (and Linux granted
+// the tile state) and the options allow it, or the options ask for emulated tiles (AmxUse::
+// Emulated, NANSCOPE_AMX_EMULATE=1, or a forced AmxEmulated path: slow, for tests).
 bool available();
 
 // out[M, N] (fp32 row-major, every value a bf16 value) = round_bf16(x[M, K] @ w[N, K]^T + bias),
@@ -82,7 +87,8 @@ using PairDone = std::function<void(const float* c0, const float* c1, int64_t ld
 void linear_pair(const float* x, int64_t M, int64_t K, const uint16_t* w0, const uint16_t* w1,
                  int64_t N, const PairDone& done);
 
-// The same computation with the tiles emulated in C++ (slow; for tests on any x86-64 machine).
+// The same computation with the tiles emulated in C++ whatever backend() says (slow; for tests on
+// any x86-64 machine).
 void linear_emulated(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N,
                      const float* bias, float* out);
 

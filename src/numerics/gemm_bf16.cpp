@@ -2,11 +2,12 @@
 
 #include <oneapi/dnnl/dnnl.hpp>
 
-#include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+
+#include "numerics/backend.hpp"
 
 namespace nanscope::gemm_bf16 {
 
@@ -48,9 +49,9 @@ Runtime& runtime() {
     try {
       // oneDNN 2.6 keeps Intel AMX behind an opt-in (the default became "on" in 2.7); AMX is
       // what makes bf16 fast on Sapphire Rapids and later. Must precede the first primitive.
-      // ONEDNN_MAX_CPU_ISA in the environment (e.g. AVX512_CORE_BF16) still caps it.
-      if (!std::getenv("ONEDNN_MAX_CPU_ISA"))
-        (void)dnnl::set_max_cpu_isa(dnnl::cpu_isa::avx512_core_amx);
+      // ONEDNN_MAX_CPU_ISA in the environment (e.g. AVX512_CORE_BF16) still caps it: then
+      // backend().onednn_amx is false (numerics/backend.hpp).
+      if (backend().onednn_amx) (void)dnnl::set_max_cpu_isa(dnnl::cpu_isa::avx512_core_amx);
       rt.engine = dnnl::engine(dnnl::engine::kind::cpu, 0);
       rt.stream = dnnl::stream(rt.engine);
       // A shape of the size we use: the implementation chosen for it tells whether oneDNN
@@ -70,8 +71,6 @@ Runtime& runtime() {
 }  // namespace
 
 bool available() {
-  if (const char* off = std::getenv("NANSCOPE_NO_ONEDNN"); off && *off && std::string(off) != "0")
-    return false;
   return runtime().ok;
 }
 

@@ -2,7 +2,8 @@
 // CPU bf16 linear layers call too. Used for the compute-bound case of bf16 runs: many tokens
 // at once (nanscope hidden batches). oneDNN picks the best kernel the processor has (Intel AMX
 // tiles, AVX512-BF16 dot products); where it only has its reference implementation (e.g. an
-// AVX2-only machine) `available()` is false and callers keep the fp32 OpenBLAS path.
+// AVX2-only machine) `available()` is false and callers keep the fp32 OpenBLAS path. Whether a
+// product runs here is decided by choose_linear_path (numerics/backend.hpp).
 //
 // Numerics: products of bf16 values accumulated in fp32 (order chosen by the kernel, as in
 // torch), no rounding of the output here. AMX and AVX512-BF16 flush bf16 subnormal inputs to
@@ -14,7 +15,8 @@
 
 namespace nanscope::gemm_bf16 {
 
-// Whether a non-reference oneDNN bf16 matmul exists on this machine (decided once).
+// Whether a non-reference oneDNN bf16 matmul exists on this machine (decided once, whatever the
+// options say: backend.hpp's has_onednn_bf16).
 bool available();
 // The oneDNN implementation used ("brg:avx512_core_amx", ...) or why none is ("unavailable: ...").
 std::string implementation();

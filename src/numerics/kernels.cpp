@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "numerics/activations.hpp"
+#include "numerics/backend.hpp"
 #include "numerics/dtype_simd.hpp"
 #include "numerics/gemm_amx.hpp"
 #include "numerics/gemm_bf16.hpp"
@@ -136,12 +137,8 @@ void blas_single_threaded() {
   std::call_once(once, [] { openblas_set_num_threads(1); });
 }
 
-constexpr int64_t kTileRows = 8;
-constexpr int64_t kGemmTokens = 16;  // from this many tokens on, sgemm on converted blocks
-constexpr int64_t kGemmRows = 64;
-// From this many tokens on, bf16 runs use oneDNN where it has a bf16 kernel: measured on a
-// Sapphire Rapids Xeon (bench/bench_gemm.cpp) it is 3-4x the fp32 path already at 128 tokens.
-constexpr int64_t kBf16GemmTokens = 32;
+constexpr int64_t kTileRows = 8;   // weight rows converted at a time by the streaming kernel
+constexpr int64_t kGemmRows = 64;  // weight rows widened at a time for sgemm
 
 }  // namespace
 
@@ -162,75 +159,90 @@ void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, fl
   weight_rows(WeightView{data, storage, 1, n}, 0, 1, dt, out);
 }
 
-void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
-            float* out) {
+// ---- linear layers: one function per path of backend.hpp, chosen by choose_linear_path --------
+namespace {
+
+using U16Buffer = std::vector<uint16_t, ActivationAllocator<uint16_t>>;
+
+// The weights as bf16 bit patterns for the bf16 products: weights stored in bf16 as mapped,
+// others cast to bf16 first into wb (the cast at load).
+const uint16_t* bf16_weights(const WeightView& w, DType dt, U16Buffer& wb) {
+  if (w.storage == DType::BF16) return reinterpret_cast<const uint16_t*>(w.data);
   const int64_t K = w.cols, N = w.rows;
-  const bool amx = gemm_amx::available();
-  if (dt == DType::BF16 && T >= kBf16GemmTokens && (amx || gemm_bf16::available())) {
-    // bf16 run, many tokens: products of bf16 values accumulated in fp32 (AMX / AVX512-BF16),
-    // as torch's bf16 linear. Weights stored in bf16 are passed as mapped, others are cast to
-    // bf16 first (the cast at load).
-    std::vector<uint16_t, ActivationAllocator<uint16_t>> wb;
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data);
-    if (w.storage != DType::BF16) {
-      wb.resize(static_cast<size_t>(N * K));
-      parallel_for(N, 16, [&](int64_t r0, int64_t r1) {
-        std::vector<float> rows(static_cast<size_t>((r1 - r0) * K));
-        weight_rows(w, r0, r1 - r0, dt, rows.data());
-        store_from_f32(rows.data(), DType::BF16, as_bytes(wb.data() + r0 * K), rows.size());
-      });
-      wp = wb.data();
-    }
-    if (amx) {  // our AMX kernel: fp32 activations in, bias and rounding inside, fp32 out
-      gemm_amx::linear(x, T, K, wp, N, bias, out);
-      return;
-    }
-    // oneDNN: the activations already hold bf16 values, so narrowing them is exact.
-    std::optional<profile::Scope> step(std::in_place, "linear.to_bf16");
-    // Uninitialised and reused between calls (numerics/activations.hpp): a zero-filled fresh
-    // array here cost 1.4 s of 8.6 s for 2048 tokens of the 4B shape on the Xeon.
-    std::vector<uint16_t, ActivationAllocator<uint16_t>> xb(static_cast<size_t>(T * K));
-    parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
-      store_from_f32(x + lo, DType::BF16, as_bytes(xb.data() + lo), size_t(hi - lo));
-    });
-    // oneDNN adds the bias and rounds to bf16 itself (round(acc + bias), one rounding, as
-    // the paths below); the bf16 result is widened back into the fp32 activations.
-    std::vector<uint16_t, ActivationAllocator<uint16_t>> ob(static_cast<size_t>(T * N));
-    step.emplace("linear.onednn");
-    gemm_bf16::matmul_bf16_out(xb.data(), T, K, wp, N, bias, ob.data());
-    step.emplace("linear.widen");
-    parallel_for(T * N, 1 << 16, [&](int64_t lo, int64_t hi) {
-      load_to_f32(as_bytes(ob.data() + lo), DType::BF16, out + lo, size_t(hi - lo));
-    });
-    return;
-  }
-  if (T >= kGemmTokens) {
-    // Many tokens: compute-bound. Convert a block of rows to fp32 once, then OpenBLAS sgemm
-    // (single-threaded inside each of our threads), then bias and one rounding.
-    blas_single_threaded();
-    parallel_for(N, kGemmRows, [&](int64_t r0, int64_t r1) {
-      std::vector<float> tile(static_cast<size_t>(kGemmRows * K)), acc(size_t(T * kGemmRows));
-      for (int64_t rt = r0; rt < r1; rt += kGemmRows) {
-        const int64_t nr = std::min(kGemmRows, r1 - rt);
-        weight_rows(w, rt, nr, dt, tile.data());
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(nr), int(K), 1.0f, x,
-                    int(K), tile.data(), int(K), 0.0f, acc.data(), int(nr));
-        for (int64_t t = 0; t < T; ++t) {
-          const float* a = acc.data() + t * nr;
-          float* o = out + t * N + rt;
-          int64_t r = 0;
-          for (; r + 8 <= nr; r += 8) {
-            __m256 v = _mm256_loadu_ps(a + r);
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + rt + r));
-            _mm256_storeu_ps(o + r, round8(v, dt));
-          }
-          for (; r < nr; ++r) o[r] = round_to(bias ? a[r] + bias[rt + r] : a[r], dt);
+  wb.resize(static_cast<size_t>(N * K));
+  parallel_for(N, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> rows(static_cast<size_t>((r1 - r0) * K));
+    weight_rows(w, r0, r1 - r0, dt, rows.data());
+    store_from_f32(rows.data(), DType::BF16, as_bytes(wb.data() + r0 * K), rows.size());
+  });
+  return wb.data();
+}
+
+// Our AMX kernel (bf16 runs): fp32 activations in, bias and rounding inside, fp32 out.
+void linear_amx(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                float* out) {
+  U16Buffer wb;
+  gemm_amx::linear(x, T, w.cols, bf16_weights(w, dt, wb), w.rows, bias, out);
+}
+
+// oneDNN (bf16 runs): products of bf16 values accumulated in fp32 (AVX512-BF16 / AMX), as
+// torch's bf16 linear.
+void linear_onednn(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                   float* out) {
+  const int64_t K = w.cols, N = w.rows;
+  U16Buffer wb;
+  const uint16_t* wp = bf16_weights(w, dt, wb);
+  // The activations already hold bf16 values, so narrowing them is exact.
+  std::optional<profile::Scope> step(std::in_place, "linear.to_bf16");
+  // Uninitialised and reused between calls (numerics/activations.hpp): a zero-filled fresh
+  // array here cost 1.4 s of 8.6 s for 2048 tokens of the 4B shape on the Xeon.
+  U16Buffer xb(static_cast<size_t>(T * K));
+  parallel_for(T * K, 1 << 16, [&](int64_t lo, int64_t hi) {
+    store_from_f32(x + lo, DType::BF16, as_bytes(xb.data() + lo), size_t(hi - lo));
+  });
+  // oneDNN adds the bias and rounds to bf16 itself (round(acc + bias), one rounding, as
+  // the other paths); the bf16 result is widened back into the fp32 activations.
+  U16Buffer ob(static_cast<size_t>(T * N));
+  step.emplace("linear.onednn");
+  gemm_bf16::matmul_bf16_out(xb.data(), T, K, wp, N, bias, ob.data());
+  step.emplace("linear.widen");
+  parallel_for(T * N, 1 << 16, [&](int64_t lo, int64_t hi) {
+    load_to_f32(as_bytes(ob.data() + lo), DType::BF16, out + lo, size_t(hi - lo));
+  });
+}
+
+// Many tokens: compute-bound. Convert a block of rows to fp32 once, then OpenBLAS sgemm
+// (single-threaded inside each of our threads), then bias and one rounding.
+void linear_blas(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                 float* out) {
+  const int64_t K = w.cols, N = w.rows;
+  blas_single_threaded();
+  parallel_for(N, kGemmRows, [&](int64_t r0, int64_t r1) {
+    std::vector<float> tile(static_cast<size_t>(kGemmRows * K)), acc(size_t(T * kGemmRows));
+    for (int64_t rt = r0; rt < r1; rt += kGemmRows) {
+      const int64_t nr = std::min(kGemmRows, r1 - rt);
+      weight_rows(w, rt, nr, dt, tile.data());
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(nr), int(K), 1.0f, x, int(K),
+                  tile.data(), int(K), 0.0f, acc.data(), int(nr));
+      for (int64_t t = 0; t < T; ++t) {
+        const float* a = acc.data() + t * nr;
+        float* o = out + t * N + rt;
+        int64_t r = 0;
+        for (; r + 8 <= nr; r += 8) {
+          __m256 v = _mm256_loadu_ps(a + r);
+          if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + rt + r));
+          _mm256_storeu_ps(o + r, round8(v, dt));
         }
+        for (; r < nr; ++r) o[r] = round_to(bias ? a[r] + bias[rt + r] : a[r], dt);
       }
-    });
-    return;
-  }
-  // Few tokens: memory-bound, the weights are streamed once through an AVX2 microkernel.
+    }
+  });
+}
+
+// Few tokens: memory-bound, the weights are streamed once through an AVX2 microkernel.
+void linear_stream(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                   float* out) {
+  const int64_t K = w.cols, N = w.rows;
   parallel_for(N, kTileRows, [&](int64_t r0, int64_t r1) {
     std::vector<float> tile(static_cast<size_t>(kTileRows * K));
     for (int64_t rt = r0; rt < r1; rt += kTileRows) {
@@ -244,8 +256,29 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
   });
 }
 
+}  // namespace
+
+void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+            float* out) {
+  switch (choose_linear_path(dt, T)) {
+    case MatmulPath::Scalar:
+      return linear_ref(x, T, w, bias, dt, out);
+    case MatmulPath::Stream:
+      return linear_stream(x, T, w, bias, dt, out);
+    case MatmulPath::Blas:
+      return linear_blas(x, T, w, bias, dt, out);
+    case MatmulPath::OneDnn:
+      return linear_onednn(x, T, w, bias, dt, out);
+    case MatmulPath::AmxTiles:
+    case MatmulPath::AmxEmulated:
+      return linear_amx(x, T, w, bias, dt, out);
+  }
+}
+
 void linear_shared_input(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt) {
-  bool shared = dt == DType::BF16 && T >= kBf16GemmTokens && gemm_amx::available() && !outs.empty();
+  // On the AMX path the input is narrowed and packed once for all outputs of bf16 weights of one
+  // width; every other case is one linear() per output.
+  bool shared = is_amx(choose_linear_path(dt, T)) && !outs.empty();
   for (const LinearOutput& o : outs)
     shared = shared && o.w.storage == DType::BF16 && o.w.cols == outs[0].w.cols;
   if (!shared) {
@@ -482,9 +515,9 @@ void silu_mul(const float* gate, const float* up, int64_t n, DType dt, float* ou
 
 void linear_silu_mul(const float* x, int64_t T, const LinearOutput& gate, const LinearOutput& up,
                      DType dt, float* act) {
-  const bool pair = dt == DType::BF16 && T >= kBf16GemmTokens && gemm_amx::available() &&
-                    gate.w.storage == DType::BF16 && up.w.storage == DType::BF16 &&
-                    gate.w.rows == up.w.rows && gate.w.cols == up.w.cols;
+  const bool pair = is_amx(choose_linear_path(dt, T)) && gate.w.storage == DType::BF16 &&
+                    up.w.storage == DType::BF16 && gate.w.rows == up.w.rows &&
+                    gate.w.cols == up.w.cols;
   if (!pair) {
     std::vector<float, ActivationAllocator<float>> g(size_t(T * gate.w.rows)), u(g.size());
     const LinearOutput outs[2] = {{gate.w, gate.bias, g.data()}, {up.w, up.bias, u.data()}};

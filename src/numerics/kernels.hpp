@@ -34,7 +34,8 @@ void weight_vector(const std::byte* data, DType storage, int64_t n, DType dt, fl
 // out[t, r] = round_dt(sum_k x[t, k] * W[r, k] (+ bias[r])) for t < T, r < W.rows: x @ W^T with
 // fp32 accumulation and one rounding of the output, as torch's CPU bf16/fp16 GEMM (and addmm
 // with bias) does. x is [T, W.cols] row-major; bias (nullable) holds W.rows values already in
-// the run dtype. Threaded over output rows; AVX2 converts bf16/f16 weights in registers.
+// the run dtype. Threaded over output rows; AVX2 converts bf16/f16 weights in registers. The
+// kernel (streaming, OpenBLAS, oneDNN, AMX tiles) is choose_linear_path's (numerics/backend.hpp).
 void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
             float* out);
 // Several linear layers of the same input (q/k/v, gate/up): each as linear() computes it, with
@@ -49,8 +50,9 @@ void linear_ref(const float* x, int64_t T, const WeightView& w, const float* bia
                 float* out);
 
 // The MLP's gate and up products and silu_mul in one: act = silu_mul(linear(x, gate),
-// linear(x, up)), the same numbers as those three calls. Where the AMX kernel runs the products
-// (bf16, T >= 32), gate and up are combined block by block while in cache and never written.
+// linear(x, up)), the same numbers as those three calls. Where choose_linear_path picks the AMX
+// kernel (bf16, T >= 32 by default), gate and up are combined block by block while in cache and
+// never written.
 void linear_silu_mul(const float* x, int64_t T, const LinearOutput& gate, const LinearOutput& up,
                      DType dt, float* act);
 

@@ -1,25 +1,18 @@
 #include "numerics/parallel.hpp"
 
+#include <algorithm>
 #include <condition_variable>
-#include <cstdlib>
 #include <mutex>
-#include <string>
 #include <thread>
+
+#include "numerics/backend.hpp"
 
 namespace nanscope {
 
 int default_threads() {
-  static const int n = [] {
-    if (const char* env = std::getenv("NANSCOPE_THREADS")) {
-      try {
-        int v = std::stoi(env);
-        if (v > 0) return v;
-      } catch (...) {
-      }
-    }
-    return std::max(1, int(std::thread::hardware_concurrency()));
-  }();
-  return n;
+  static const int hardware = std::max(1, int(std::thread::hardware_concurrency()));
+  const int n = backend().threads;
+  return n > 0 ? n : hardware;
 }
 
 struct BlockingPool::Workers {

@@ -21,7 +21,8 @@
 
 namespace nanscope {
 
-// Worker count: hardware_concurrency (at least 1), or NANSCOPE_THREADS from the environment.
+// Worker count: backend().threads (NANSCOPE_THREADS, --threads: numerics/backend.hpp), or
+// hardware_concurrency (at least 1) where that is 0.
 int default_threads();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n); chunks are multiples of `grain`

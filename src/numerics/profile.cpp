@@ -3,11 +3,11 @@
 #include <fmt/format.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
-#include <string_view>
+
+#include "numerics/backend.hpp"
 
 namespace nanscope::profile {
 
@@ -20,11 +20,7 @@ std::map<std::string, double>& sums() {
 }  // namespace
 
 bool enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("NANSCOPE_PROFILE");
-    return e != nullptr && *e != '\0' && std::string_view(e) != "0";
-  }();
-  return on;
+  return backend().profile;
 }
 
 void add(const char* step, double seconds) {

@@ -1,13 +1,14 @@
-// NANSCOPE_PROFILE=1 in the environment: wall time per kind of step (linear, attention, ...),
-// summed over one forward pass and printed on stderr at its end. For tuning on a machine
-// without a profiler; no effect on results, and a few clock reads per step when off.
+// NANSCOPE_PROFILE=1 in the environment (backend().profile, numerics/backend.hpp): wall time per
+// kind of step (linear, attention, ...), summed over one forward pass and printed on stderr at
+// its end. For tuning on a machine without a profiler; no effect on results, and a few clock
+// reads per step when off.
 #pragma once
 
 #include <chrono>
 
 namespace nanscope::profile {
 
-bool enabled();
+bool enabled();                              // backend().profile
 void add(const char* step, double seconds);  // thread-safe
 void print_and_reset(const char* what);      // one line on stderr, then zero the sums
 

@@ -6,11 +6,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <vector>
 
 #include "common/error.hpp"
 #include "model/rope.hpp"
+#include "numerics/backend.hpp"
 #include "numerics/gemm_amx.hpp"
 #include "numerics/kernels.hpp"
 
@@ -131,7 +133,8 @@ TEST(Kernels, AmxLinearMatchesDoubleReference) {
 }
 
 // The fused MLP step against its three separate steps, bit for bit: with AMX (every machine under
-// NANSCOPE_AMX_EMULATE=1, the amx_emulated test) gate and up are combined block by block, with
+// NANSCOPE_AMX_EMULATE=1, the amx_emulated test; every path in-process: test_backend.cpp) gate
+// and up are combined block by block, with
 // the bias, the roundings and torch's split between SLEEF and expf at the array's tail; shapes
 // with several blocks, odd widths (scalar columns) and T * N not a multiple of 8.
 TEST(Kernels, LinearSiluMulMatchesSeparateSteps) {
@@ -168,10 +171,13 @@ TEST(Kernels, LinearSiluMulMatchesSeparateSteps) {
 }
 
 // The attention products on tiles against sgemm on the same bf16 values: the products are exact,
-// so only the fp32 accumulation order differs. Runs where AMX is available, which includes every
-// machine under NANSCOPE_AMX_EMULATE=1 (the amx_emulated test of CMakeLists.txt).
+// so only the fp32 accumulation order differs. On the processor's tiles where AMX is in use, else
+// on emulated ones (forced in-process: numerics/backend.hpp).
 TEST(Kernels, AmxAttentionProductsMatchSgemm) {
-  if (!gemm_amx::available()) GTEST_SKIP() << "no AMX here (covered by the amx_emulated test)";
+  Backend emulated = backend();
+  emulated.force = MatmulPath::AmxEmulated;
+  std::optional<ScopedBackend> scoped;
+  if (!gemm_amx::available()) scoped.emplace(emulated);
   std::mt19937 rng(17);
   struct Shape {
     int64_t M, N, K;

@@ -1,0 +1,151 @@
+// Which kernel computes each matrix product of the forward pass, decided in one place.
+//
+// A product's path (MatmulPath) follows from the run dtype, its number of tokens (rows), the
+// processor's features (has_amx_hardware, has_onednn_bf16) and the options (Backend):
+// choose_linear_path for the linear layers, choose_attention_path for eager attention's q.k^T
+// and p.v. The kernels (kernels.cpp, gemm_amx.cpp) and the forward pass ask these two functions
+// and nothing else. The options are read from the environment once (backend_from_environment)
+// and can be replaced in-process (set_backend, ScopedBackend): `--threads` on the command line,
+// and the tests, which force each path in turn so that one run covers every path this machine
+// can run, emulated AMX tiles included (tests/unit/test_backend.cpp).
+//
+// Every path computes the same function up to the fp32 accumulation order: products summed in
+// fp32, bias added in fp32, one rounding to the run dtype (docs/forward.md). The AMX and oneDNN
+// paths multiply bf16 values and read bf16 subnormal inputs as zero, as torch's bf16 kernels do.
+//
+// The environment (read by backend_from_environment only; docs/backend.md has the same table):
+//
+// | variable                       | field             | effect                                 |
+// |--------------------------------|-------------------|----------------------------------------|
+// | NANSCOPE_THREADS=N             | threads           | workers of parallel_for (default: one  |
+// |                                |                   | per hardware thread)                   |
+// | NANSCOPE_PROFILE=1             | profile           | time per step of each forward pass on  |
+// |                                |                   | stderr (profile.hpp)                   |
+// | NANSCOPE_NO_AMX=1              | amx = Off         | bf16 products on oneDNN (or OpenBLAS)  |
+// |                                |                   | even where the processor has AMX       |
+// | NANSCOPE_AMX_EMULATE=1         | amx = Emulated    | every AMX path on tiles emulated in    |
+// |                                |                   | C++, on any machine (slow; tests)      |
+// | NANSCOPE_NO_ONEDNN=1           | onednn = false    | bf16 products without AMX on OpenBLAS  |
+// | NANSCOPE_AMX_BLOCK=M,N,K       | amx_tuning.m/n/k  | the AMX kernel's C block and K step,   |
+// |                                |                   | multiples of 32 (K 0: the whole K)     |
+// | NANSCOPE_AMX_PREFETCH=ab|a|b|0 | amx_tuning.       | which operand's next tiles are         |
+// |                                |   prefetch_a/_b   | prefetched into L1 (1: both)           |
+// | NANSCOPE_AMX_ORDER=mn|nm       | amx_tuning.       | rows (mn) or columns (nm) outer inside |
+// |                                |   n_outer         | a block                                |
+// | NANSCOPE_AMX_STEAL=0|1         | amx_tuning.steal  | 0: a static split of the AMX blocks    |
+// |                                |                   | among the workers instead of stealing  |
+// | ONEDNN_MAX_CPU_ISA (oneDNN's)  | onednn_amx=false  | when set, oneDNN's own cap decides;    |
+// |                                |                   | otherwise nanscope lets oneDNN 2.6 use |
+// |                                |                   | AMX (opt-in there)                     |
+//
+// A value that does not parse keeps the default (as before: these are tuning aids, not input).
+// The AMX tuning variables are for bench/amx_sweep.sh; defaults were chosen on the 16-core Xeon
+// (gemm_amx.cpp, BENCHMARKS.md).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "numerics/dtype.hpp"
+
+namespace nanscope {
+
+// The kernels a matrix product can run on.
+enum class MatmulPath : uint8_t {
+  Scalar,       // linear_ref's plain loops: the reference; chosen only when forced
+  Stream,       // AVX2 microkernel streaming the weights once: few tokens (memory-bound)
+  Blas,         // OpenBLAS sgemm on weights widened to fp32: many tokens, any dtype
+  OneDnn,       // oneDNN's bf16 matmul (AVX512-BF16 or AMX inside oneDNN): bf16 runs
+  AmxTiles,     // nanscope's tile kernel (gemm_amx) on the processor's AMX: bf16 runs
+  AmxEmulated,  // the same kernel on tiles emulated in C++ (slow): bf16 runs, tests
+};
+inline constexpr MatmulPath kAllMatmulPaths[] = {MatmulPath::Scalar,   MatmulPath::Stream,
+                                                 MatmulPath::Blas,     MatmulPath::OneDnn,
+                                                 MatmulPath::AmxTiles, MatmulPath::AmxEmulated};
+
+// "scalar", "stream", "blas", "onednn", "amx", "amx-emulated".
+const char* path_name(MatmulPath p);
+inline bool is_amx(MatmulPath p) {
+  return p == MatmulPath::AmxTiles || p == MatmulPath::AmxEmulated;
+}
+
+// The AMX kernel's blocking (gemm_amx.cpp explains each choice). m and n multiples of 32, k a
+// multiple of 32 or 0 (the whole K at once); other values are replaced by the defaults.
+struct AmxTuning {
+  int64_t m = 128, n = 128, k = 0;
+  bool prefetch_b = true;  // software prefetch of the next step's B tiles into L1
+  bool prefetch_a = true;  // the same for A, in the micro blocks that touch an A slice first
+  bool n_outer = false;    // inside a block: columns outer (B slice stays), rows inner
+  bool steal = true;       // blocks shared out with stealing (parallel_for_stealing)
+};
+bool valid(const AmxTuning& t);
+
+// Where the AMX paths may run.
+enum class AmxUse : uint8_t {
+  Auto,      // on the processor's tiles where it has AMX
+  Off,       // never (NANSCOPE_NO_AMX=1)
+  Emulated,  // on emulated tiles, on every machine (NANSCOPE_AMX_EMULATE=1)
+};
+
+// The options of the kernels: every tuning knob of src/numerics in one struct.
+struct Backend {
+  int threads = 0;  // parallel_for's workers; 0: std::thread::hardware_concurrency()
+  bool profile = false;
+  AmxUse amx = AmxUse::Auto;
+  bool onednn = true;      // bf16 products on oneDNN where it has a bf16 kernel and AMX is not used
+  bool onednn_amx = true;  // raise oneDNN 2.6's ISA cap to AMX at its first use (see the table)
+  AmxTuning amx_tuning;
+  // Tests and experiments: every product this path can compute runs on it, whatever its number
+  // of tokens (the bf16-only paths take bf16 runs only; other runs keep the usual choice).
+  // choose_*_path throws std::logic_error if this machine cannot run it (path_runs_here).
+  std::optional<MatmulPath> force;
+};
+
+// The options from the environment (the table above). The only reader of these variables.
+Backend backend_from_environment();
+
+// The options in force: backend_from_environment() at the first call, or what set_backend put
+// there. set_backend and ScopedBackend must not run while a kernel does (they are not
+// synchronised with the workers); threads == 0 and invalid AMX tuning mean the defaults.
+const Backend& backend();
+void set_backend(const Backend& b);
+
+// Replaces the options for its lifetime (tests: one path at a time), then restores them.
+class ScopedBackend {
+ public:
+  explicit ScopedBackend(const Backend& b);
+  ~ScopedBackend();
+  ScopedBackend(const ScopedBackend&) = delete;
+  ScopedBackend& operator=(const ScopedBackend&) = delete;
+
+ private:
+  Backend saved_;
+};
+
+// Processor features, each detected once at its first use.
+bool has_amx_hardware();  // AMX-BF16 tiles, granted to the process by the kernel
+bool has_onednn_bf16();   // a oneDNN bf16 matmul other than its reference loops
+
+// Whether this machine can run path p (Scalar, Stream, Blas, AmxEmulated: always), and if not
+// why not ("no AMX on this processor", ...), for tests to report skipped paths.
+bool path_runs_here(MatmulPath p, const char** why = nullptr);
+
+// The path of a linear layer (x[tokens, K] @ W^T) in run dtype dt under options b:
+//   force, where set and applicable;
+//   bf16, tokens >= 32: AMX (tiles or emulated, per b.amx) if usable, else oneDNN if it has a
+//     bf16 kernel, b.onednn, and the caller is not inside a parallel loop (oneDNN takes one caller
+//     at a time) (measured on a Sapphire Rapids Xeon: 3-4x the fp32 path already at 128 tokens,
+//     bench/bench_gemm.cpp);
+//   tokens >= 16: OpenBLAS (compute-bound);
+//   else the streaming kernel (memory-bound: the weights are read once).
+MatmulPath choose_linear_path(DType dt, int64_t tokens, const Backend& b = backend());
+
+// The path of eager attention's q.k^T and p.v products (any number of rows): AMX (tiles or
+// emulated) in bf16 runs where it is usable (q, k, p and v hold bf16 values), else OpenBLAS.
+MatmulPath choose_attention_path(DType dt, const Backend& b = backend());
+
+// The tiles the gemm_amx kernels run on under b: AmxTiles, AmxEmulated, or nullopt where the AMX
+// paths are not used at all (the same rule choose_*_path apply).
+std::optional<MatmulPath> amx_tiles(const Backend& b = backend());
+
+}  // namespace nanscope
