@@ -6,6 +6,7 @@
 
 #include "cli/commands.hpp"
 #include "common/error.hpp"
+#include "common/mapped_files.hpp"
 
 namespace nanscope::cli {
 void print_out(const std::string& s) {
@@ -36,6 +37,8 @@ int main(int argc, char** argv) {
     app.exit(e);  // prints the message and usage to stderr
     return kBadInput;
   }
+  // A mapped file truncated under us: a message naming it and exit 2, not SIGBUS.
+  nanscope::install_mapping_fault_handler();
   try {
     for (auto& c : commands)
       if (c.app->parsed()) return c.run();

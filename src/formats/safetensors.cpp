@@ -18,6 +18,7 @@
 #include <unordered_set>
 
 #include "common/atomic_file.hpp"
+#include "common/mapped_files.hpp"
 
 namespace nanscope {
 
@@ -109,6 +110,8 @@ std::string_view error_kind_name(SafetensorsErrorKind k) {
       return "trailing_bytes";
     case SafetensorsErrorKind::Io:
       return "io";
+    case SafetensorsErrorKind::Changed:
+      return "changed";
   }
   return "unknown";
 }
@@ -364,8 +367,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
       io_fail(path, "mmap", err);
     }
     f->base_ = static_cast<const std::byte*>(p);
+    f->path_c_ = path.string();
+    f->slot_ = register_mapping(p, size_t(f->size_), f->path_c_.c_str());
   }
-  ::close(fd);  // the mapping keeps the file alive
+  f->fd_ = fd;  // kept for check_unchanged(); the mapping alone would keep the file alive
 
   f->header_ =
       parse_safetensors(std::span<const std::byte>(f->base_, size_t(f->size_)), path.string());
@@ -377,7 +382,20 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
 }
 
 SafetensorsFile::~SafetensorsFile() {
+  unregister_mapping(slot_);
   if (base_ != nullptr) ::munmap(const_cast<std::byte*>(base_), size_t(size_));
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void SafetensorsFile::check_unchanged() const {
+  struct stat st {};
+  if (fd_ < 0 || ::fstat(fd_, &st) != 0) return;  // nothing to compare: the reads will tell
+  if (uint64_t(st.st_size) == size_) return;
+  throw SafetensorsError(
+      SafetensorsErrorKind::Changed,
+      fmt::format("{}: changed while reading: the file is now {} bytes, it had {} when it was "
+                  "opened (another process is writing it?)",
+                  path_.string(), uint64_t(st.st_size), size_));
 }
 
 const TensorInfo* SafetensorsFile::find(std::string_view name) const {

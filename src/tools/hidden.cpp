@@ -390,6 +390,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   for (const HiddenInput* in : todo) todo_lengths.push_back(in->tokens());
   for (const auto& [b0, b1] : batch_ranges(todo_lengths, opt.batch_tokens)) {
     // One batch: run through the model together, written as one shard.
+    ck.check_unchanged();  // weights rewritten by another process during a long run
     const std::span<const HiddenInput* const> batch(todo.data() + b0, b1 - b0);
     for (const HiddenInput* in : batch) {
       Pending p;
