@@ -19,6 +19,7 @@
 
 #include "common/atomic_file.hpp"
 #include "common/mapped_files.hpp"
+#include "common/temp_files.hpp"
 
 namespace nanscope {
 
@@ -483,6 +484,7 @@ struct SafetensorsWriter::Impl {
     for (std::byte* b : bufs) std::free(b);
     if (fd >= 0) ::close(fd);
     if (!committed && !tmp.empty()) ::unlink(tmp.c_str());
+    if (!tmp.empty()) unregister_temporary(tmp);
   }
 
   [[noreturn]] void write_failed(const char* what, int e) const {
@@ -710,8 +712,7 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   w.chunk = size_t(std::min<uint64_t>(
       Impl::kMaxChunk, (file_size + Impl::kAlign - 1) & ~uint64_t(Impl::kAlign - 1)));
 
-  const std::filesystem::path tmp =
-      w.path.parent_path() / (w.path.filename().string() + ".tmp-" + std::to_string(::getpid()));
+  const std::filesystem::path tmp = claim_temporary(w.path);
   const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
   w.durable = options.durable;
   w.fd = ::open(tmp.c_str(), flags | (options.direct ? O_DIRECT : 0), 0644);
@@ -721,8 +722,10 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
     w.direct = options.direct;
   }
   if (w.fd < 0) {
+    const int e = errno;
+    unregister_temporary(tmp);
     throw OutputError(fmt::format("{}: cannot create temporary file {}: {}", w.path.string(),
-                                  tmp.string(), std::strerror(errno)));
+                                  tmp.string(), std::strerror(e)));
   }
   w.tmp = tmp;  // from here on ours to remove if not committed
   // Direct writes land in extents reserved up front: no block allocation and no size update
@@ -819,6 +822,7 @@ void SafetensorsWriter::commit() {
                                   std::strerror(errno)));
   }
   w.committed = true;
+  unregister_temporary(w.tmp);
   if (!w.durable) return;
   // Make the rename itself durable.
   fsync_dir_quietly(w.path.parent_path().empty() ? "." : w.path.parent_path());

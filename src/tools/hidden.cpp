@@ -18,9 +18,9 @@
 
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/temp_files.hpp"
 #include "formats/safetensors.hpp"
 #include "numerics/kernels.hpp"
-#include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
 
 namespace nanscope {
@@ -288,6 +288,11 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   std::error_code ec;
   fs::create_directories(opt.out, ec);
   if (ec) throw OutputError(fmt::format("{}: {}", opt.out.string(), ec.message()));
+  // Shards and index temporaries of an earlier run that was killed.
+  for (const StaleTemporary& t : remove_stale_temporaries_in(opt.out, [](std::string_view b) {
+         return b == "index.json" || (b.starts_with("hidden-") && b.ends_with(".safetensors"));
+       }))
+    notice(describe(t));
 
   // The index: settings, shards, and per input its file. Resuming checks the settings agree.
   const json settings = settings_json(opt, layers, out_dt, ck);
@@ -376,6 +381,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     index["nonfinite"] = nf;
     write_file_atomic(sum.index, index.dump(1) + "\n");
     sum.shards.push_back(name);
+    if (opt.on_shard) opt.on_shard(sum, int64_t(pending.size()));
     pending.clear();
   };
 

@@ -122,6 +122,8 @@ std::vector<float> pool_state(std::span<const float> state, int64_t T, int64_t H
 // the end (-1 = N). Throws InputError for an index out of range.
 std::vector<int64_t> parse_layers(std::string_view s, int64_t num_states);
 
+struct HiddenRunSummary;
+
 struct HiddenRunOptions {
   std::filesystem::path model, input, out;
   std::filesystem::path tokenizer;  // empty: MODEL/tokenizer.json
@@ -135,6 +137,9 @@ struct HiddenRunOptions {
   InputRules rules;  // vocab_size is taken from the model
   // Called after each batch with (inputs done, inputs to do, tokens done, tokens to do).
   std::function<void(int64_t, int64_t, int64_t, int64_t)> progress;
+  // Called once a shard and the index naming it are in place: the summary so far (its last
+  // shard is that one) and how many inputs the shard holds.
+  std::function<void(const HiddenRunSummary&, int64_t)> on_shard;
 };
 
 struct NonfiniteInput {

@@ -19,6 +19,7 @@
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "common/mapped_files.hpp"
+#include "common/temp_files.hpp"
 #include "formats/adapter.hpp"
 #include "formats/hf_config.hpp"
 #include "formats/safetensors.hpp"
@@ -32,6 +33,236 @@ using testing::fixture;
 using ::testing::HasSubstr;
 using testing::run_cli;
 using testing::TempDir;
+
+// The PID of a process that has ended (and been reaped): no process has it for a while.
+pid_t dead_pid() {
+  const pid_t p = ::fork();
+  if (p == 0) ::_exit(0);
+  int st = 0;
+  ::waitpid(p, &st, 0);
+  return p;
+}
+
+// A child that lives until killed.
+struct LiveChild {
+  pid_t pid = ::fork();
+  LiveChild() {
+    if (pid == 0) {
+      for (;;) ::pause();
+    }
+  }
+  ~LiveChild() {
+    ::kill(pid, SIGKILL);
+    int st = 0;
+    ::waitpid(pid, &st, 0);
+  }
+};
+
+void write_bytes(const fs::path& p, size_t n) {
+  std::ofstream(p, std::ios::binary) << std::string(n, 'x');
+}
+
+fs::path tmp_of(const fs::path& final_path, long pid) {
+  fs::path p = final_path;
+  p += ".tmp-" + std::to_string(pid);
+  return p;
+}
+
+TEST(TempFiles, StaleTemporaryOfADeadProcessIsRemovedALiveOneKept) {
+  TempDir d;
+  const fs::path out = d.path / "merged";
+  const pid_t dead = dead_pid();
+  LiveChild live;
+  const fs::path stale = tmp_of(out, dead), alive = tmp_of(out, live.pid);
+  fs::create_directories(stale / "sub");
+  write_bytes(stale / "model.safetensors", 1000);
+  write_bytes(stale / "sub" / "x", 24);
+  fs::create_directory(alive);
+  write_bytes(alive / "model.safetensors", 10);
+  // Not temporaries of this output: another name, a PID that is not a number.
+  const fs::path other = tmp_of(d.path / "other", dead);
+  fs::create_directory(other);
+  fs::create_directory(d.path / "merged.tmp-abc");
+
+  const auto removed = remove_stale_temporaries(out);
+  ASSERT_EQ(removed.size(), 1u);
+  EXPECT_EQ(removed[0].path, stale);
+  EXPECT_EQ(removed[0].pid, dead);
+  EXPECT_EQ(removed[0].bytes, 1024u);
+  EXPECT_TRUE(removed[0].error.empty());
+  EXPECT_EQ(describe(removed[0]),
+            "removed stale temporary " + stale.string() + " of a dead process (1024 bytes)");
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(alive / "model.safetensors"));
+  EXPECT_TRUE(fs::exists(other));
+  EXPECT_TRUE(fs::exists(d.path / "merged.tmp-abc"));
+}
+
+TEST(TempFiles, OwnPidIsStaleUnlessThisProcessRegisteredIt) {
+  TempDir d;
+  const fs::path a = d.path / "a.json", b = d.path / "b.json";
+  write_bytes(temporary_path(a), 5);  // left by an earlier process that had our PID
+  const fs::path tb = claim_temporary(b);
+  write_bytes(tb, 5);
+  EXPECT_EQ(remove_stale_temporaries(a).size(), 1u);
+  EXPECT_TRUE(remove_stale_temporaries(b).empty());
+  EXPECT_TRUE(fs::exists(tb));
+  unregister_temporary(tb);
+}
+
+TEST(TempFiles, StaleShardsAndIndexOfHiddenByPattern) {
+  TempDir d;
+  const pid_t dead = dead_pid();
+  write_bytes(tmp_of(d.path / "hidden-00003.safetensors", dead), 100);
+  write_bytes(tmp_of(d.path / "index.json", dead), 7);
+  write_bytes(tmp_of(d.path / "notes.txt", dead), 7);
+  const auto removed = remove_stale_temporaries_in(d.path, [](std::string_view b) {
+    return b == "index.json" || (b.starts_with("hidden-") && b.ends_with(".safetensors"));
+  });
+  EXPECT_EQ(removed.size(), 2u);
+  EXPECT_TRUE(fs::exists(tmp_of(d.path / "notes.txt", dead)));
+}
+
+TEST(TempFiles, ClaimReportsWhatItRemovedThroughTheNoticeSink) {
+  TempDir d;
+  const fs::path out = d.path / "report.html";
+  write_bytes(tmp_of(out, dead_pid()), 3);
+  std::vector<std::string> notices;
+  set_notice_sink([&](const std::string& m) { notices.push_back(m); });
+  write_file_atomic(out, "<html></html>\n");
+  set_notice_sink(nullptr);
+  ASSERT_EQ(notices.size(), 1u);
+  EXPECT_THAT(notices[0], HasSubstr("removed stale temporary"));
+  EXPECT_THAT(notices[0], HasSubstr("(3 bytes)"));
+  for (const auto& e : fs::directory_iterator(d.path))
+    EXPECT_EQ(e.path().filename(), "report.html");
+}
+
+TEST(TempFiles, InterruptCleanupRemovesRegisteredFilesAndDirectories) {
+  TempDir d;
+  const fs::path dir = claim_temporary(d.path / "merged");
+  fs::create_directory(dir);
+  write_bytes(dir / "model.safetensors", 64);
+  const fs::path file = claim_temporary(d.path / "hidden-00001.safetensors");
+  write_bytes(file, 16);
+  const fs::path done = claim_temporary(d.path / "index.json");  // renamed into place already
+  set_interrupt_note("hidden: 1 input(s) complete");
+  const std::vector<std::string> lines = remove_registered_temporaries();
+  set_interrupt_note("");
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_EQ(lines[0], "removed temporary " + dir.string() + " (64 bytes)");
+  EXPECT_EQ(lines[1], "removed temporary " + file.string() + " (16 bytes)");
+  EXPECT_EQ(lines[2], "hidden: 1 input(s) complete");
+  EXPECT_FALSE(fs::exists(dir));
+  EXPECT_FALSE(fs::exists(file));
+  EXPECT_TRUE(fs::is_empty(d.path));
+  (void)done;
+}
+
+TEST(TempFiles, WritersUnregisterWhatTheyRenamed) {
+  TempDir d;
+  write_file_atomic(d.path / "a.json", "{}\n");
+  {
+    SafetensorsWriter w(d.path / "x.safetensors", {{"t", DType::F32, {2}}});
+    const float v[2] = {1, 2};
+    w.write(std::as_bytes(std::span<const float>(v)));
+    w.commit();
+  }
+  {  // destroyed without commit: removed and unregistered
+    SafetensorsWriter w(d.path / "y.safetensors", {{"t", DType::F32, {2}}});
+  }
+  EXPECT_TRUE(remove_registered_temporaries().empty());
+  EXPECT_TRUE(fs::exists(d.path / "a.json"));
+  EXPECT_TRUE(fs::exists(d.path / "x.safetensors"));
+  EXPECT_FALSE(fs::exists(d.path / "y.safetensors"));
+}
+
+// ---- the command line ----
+
+TEST(CliTempFiles, MergeRemovesTheStaleTemporaryOfAKilledMergeAndSaysSo) {
+  TempDir d;
+  const fs::path out = d.path / "merged", stale = tmp_of(out, dead_pid());
+  fs::create_directory(stale);
+  write_bytes(stale / "model.safetensors", 4096);
+  auto r = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter",
+                    fixture("adapters/lora-bf16"), "--out", out.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("nanscope: removed stale temporary " + stale.string() +
+                               " of a dead process (4096 bytes)"));
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(out / "model.safetensors"));
+}
+
+TEST(CliTempFiles, HiddenRemovesStaleShardTemporaries) {
+  TempDir d;
+  const fs::path out = d.path / "states", in = d.path / "in.jsonl";
+  fs::create_directory(out);
+  const pid_t dead = dead_pid();
+  write_bytes(tmp_of(out / "hidden-00001.safetensors", dead), 500);
+  write_bytes(tmp_of(out / "index.json", dead), 5);
+  std::ofstream(in) << "{\"id\": \"a\", \"ids\": [1, 2]}\n";
+  auto r = run_cli(
+      {"hidden", fixture("models/qwen3-tiny"), "--input", in.string(), "--out", out.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("hidden-00001.safetensors.tmp-" + std::to_string(dead) +
+                               " of a dead process (500 bytes)"));
+  EXPECT_THAT(r.err, HasSubstr("index.json.tmp-"));
+  for (const auto& e : fs::directory_iterator(out))
+    EXPECT_THAT(e.path().filename().string(), ::testing::Not(HasSubstr(".tmp-")));
+}
+
+// Ctrl-C in the middle of a long `hidden` run (many one-token shards): the temporaries go at
+// once, the shards already complete stay listed in the index, the status is 128 + SIGINT, and
+// a rerun finishes the rest.
+TEST(CliTempFiles, CtrlCDuringHiddenKeepsCompleteShardsAndLeavesNoTemporary) {
+  TempDir d;
+  const fs::path out = d.path / "states", in = d.path / "in.jsonl", err = d.path / "err.txt";
+  constexpr int kInputs = 3000;
+  {
+    std::ofstream f(in);
+    for (int i = 0; i < kInputs; ++i)
+      f << "{\"id\": \"i" << i << "\", \"ids\": [" << i % 30 << "]}\n";
+  }
+  const std::string model = fixture("models/qwen3-tiny");
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 2);
+    ::execl(NANSCOPE_BINARY, NANSCOPE_BINARY, "hidden", model.c_str(), "--input", in.c_str(),
+            "--out", out.c_str(), "--batch-tokens", "1", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait for a few complete shards (the 4th in place: the index names the first 3), then
+  // interrupt.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!fs::exists(out / "hidden-00004.safetensors") &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ::kill(pid, SIGINT);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  std::ifstream ef(err);
+  const std::string msg((std::istreambuf_iterator<char>(ef)), std::istreambuf_iterator<char>());
+  if (WIFEXITED(st) && WEXITSTATUS(st) == 0) GTEST_SKIP() << "the run finished before the signal";
+  ASSERT_TRUE(WIFSIGNALED(st)) << "status " << st << ": " << msg;
+  EXPECT_EQ(WTERMSIG(st), SIGINT);
+  EXPECT_THAT(msg, HasSubstr("nanscope: interrupted: hidden: "));
+  EXPECT_THAT(msg, HasSubstr("rerun the same command to resume"));
+  std::cerr << msg;
+  for (const auto& e : fs::directory_iterator(out))
+    EXPECT_THAT(e.path().filename().string(), ::testing::Not(HasSubstr(".tmp-")));
+  // Every shard the index names is there; a rerun computes only the rest.
+  const nlohmann::json index = nlohmann::json::parse(std::ifstream(out / "index.json"));
+  const size_t done = index["inputs"].size();
+  EXPECT_GE(done, 3u);
+  EXPECT_LT(done, size_t(kInputs));
+  for (const auto& s : index["shards"]) EXPECT_TRUE(fs::exists(out / s.get<std::string>()));
+  auto r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(),
+                    "--batch-tokens", "4096", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.json()["skipped"].get<size_t>(), done);
+  EXPECT_EQ(r.json()["written"].get<size_t>(), kInputs - done);
+}
 
 // ---- files truncated while mapped ----
 
