@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "common/error.hpp"
+#include "common/json_depth.hpp"
 
 namespace nanscope {
 
@@ -407,7 +408,7 @@ bool is_targeted(const AdapterConfig& c, const std::string& key) {
 AdapterConfig parse_adapter_config_text(std::string_view text, const std::string& what) {
   ojson j;
   try {
-    j = ojson::parse(text);
+    j = ojson::parse(text, json_depth_limit<ojson>(what));
   } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e400
     fail("{}: not valid JSON ({})", what, e.what());
   }

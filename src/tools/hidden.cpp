@@ -18,6 +18,7 @@
 
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/json_depth.hpp"
 #include "common/temp_files.hpp"
 #include "formats/safetensors.hpp"
 #include "numerics/kernels.hpp"
@@ -305,7 +306,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     std::ifstream f(sum.index);
     json old;
     try {
-      old = json::parse(f);
+      old = json::parse(f, json_depth_limit<json>(sum.index.string()));
     } catch (const json::exception& e) {  // parse_error, or out_of_range for 1e400
       fail("{}: not valid JSON ({}); remove it to start over", sum.index.string(), e.what());
     }

@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "common/error.hpp"
+#include "common/json_depth.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/hidden.hpp"
 
@@ -170,7 +171,7 @@ std::vector<HiddenInput> parse_hidden_jsonl(std::string_view text, std::string_v
     const std::string where = fmt::format("{}:{}", what, n);
     json j;
     try {
-      j = json::parse(line);
+      j = json::parse(line, json_depth_limit<json>(where));
     } catch (const json::exception& e) {  // parse_error, or out_of_range for 1e400
       fail("{}: invalid JSON: {}", where, e.what());
     }

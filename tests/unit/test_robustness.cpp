@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -23,6 +24,7 @@
 #include "formats/adapter.hpp"
 #include "formats/hf_config.hpp"
 #include "formats/safetensors.hpp"
+#include "tokenizer/bpe.hpp"
 #include "tools/hidden.hpp"
 
 namespace nanscope {
@@ -342,6 +344,42 @@ TEST(FuzzFindings, NumberOverflowInConfigJsonIsAnInputError) {
   } catch (const InputError& e) {
     EXPECT_THAT(e.what(), HasSubstr("in.jsonl:2: invalid JSON"));
   }
+}
+
+// Found by hand past the fuzzers' 8 KB inputs: a million nested lists parsed, and then printing
+// the value for the error message recursed until the stack overflowed (SIGSEGV, exit 139).
+TEST(FuzzFindings, DeeplyNestedJsonIsAnInputErrorNotACrash) {
+  auto nested = [](int d) { return std::string(size_t(d), '[') + std::string(size_t(d), ']'); };
+  const std::string deep = nested(1000000);
+  auto expect_too_deep = [](const std::function<void()>& f, const std::string& what) {
+    try {
+      f();
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const InputError& e) {
+      EXPECT_THAT(e.what(), HasSubstr(what));
+      EXPECT_THAT(e.what(), HasSubstr("nests deeper than 128 levels"));
+    }
+  };
+  expect_too_deep([&] { parse_json_text("{\"model_type\": " + deep + "}", "config.json"); },
+                  "config.json: not valid JSON");
+  expect_too_deep([&] { parse_adapter_config_text("{\"r\": " + deep + "}", "a.json"); },
+                  "a.json: not valid JSON");
+  expect_too_deep([&] { parse_hidden_jsonl("{\"id\": " + deep + "}\n", "in.jsonl", {}, {}); },
+                  "in.jsonl:1: not valid JSON");
+  expect_too_deep([&] { Tokenizer::from_json("{\"model\": {\"x\": " + deep + "}}", "t.json"); },
+                  "tokenizer: t.json is not valid JSON");
+  // Depths that real files could have still parse.
+  EXPECT_NO_THROW(parse_json_text("{\"x\": " + nested(120) + "}", "config.json"));
+}
+
+TEST(FuzzFindings, DeeplyNestedConfigJsonExitsTwo) {
+  TempDir d;
+  fs::copy_file(fixture("models/qwen3-tiny/model.safetensors"), d.path / "model.safetensors");
+  std::ofstream(d.path / "config.json")
+      << "{\"model_type\": " << std::string(1000000, '[') << std::string(1000000, ']') << "}";
+  auto r = run_cli({"scan", d.path.string()});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("config.json: not valid JSON (nests deeper than 128 levels)"));
 }
 
 TEST(FuzzFindings, NumberOverflowInTheHiddenIndexExitsTwo) {
