@@ -12,7 +12,7 @@
 namespace nanscope {
 
 void write_file_atomic(const std::filesystem::path& path, std::string_view content, bool durable) {
-  const std::string tmp = claim_temporary(path).string();
+  const std::string tmp = register_new_temporary(path).string();
   // Unregistered once renamed into place or removed, whichever way this function leaves.
   struct Unregister {
     const std::string& p;

@@ -236,11 +236,15 @@ void unregister_temporary(const fs::path& path) {
   std::erase(g_registered, path);
 }
 
-fs::path claim_temporary(const fs::path& final_path) {
-  for (const StaleTemporary& t : remove_stale_temporaries(final_path)) notice(describe(t));
+fs::path register_new_temporary(const fs::path& final_path) {
   const fs::path tmp = temporary_path(final_path);
   register_temporary(tmp);
   return tmp;
+}
+
+fs::path claim_temporary(const fs::path& final_path) {
+  for (const StaleTemporary& t : remove_stale_temporaries(final_path)) notice(describe(t));
+  return register_new_temporary(final_path);
 }
 
 void set_interrupt_note(std::string note) {

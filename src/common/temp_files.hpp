@@ -52,8 +52,12 @@ void notice(const std::string& message);
 void register_temporary(const std::filesystem::path& path);
 void unregister_temporary(const std::filesystem::path& path);
 
-// The one call before creating a temporary: removes stale ones of final_path (each reported
-// through notice()), registers temporary_path(final_path) and returns it.
+// Before creating a temporary: registers temporary_path(final_path) and returns it. Used by
+// the writers of files (write_file_atomic, SafetensorsWriter), which may run thousands of times
+// into one directory: they do not look for stale temporaries, the command does once.
+std::filesystem::path register_new_temporary(const std::filesystem::path& final_path);
+// The same after removing stale temporaries of final_path (each reported through notice()):
+// the one call for an output that a command writes once (merge's directory).
 std::filesystem::path claim_temporary(const std::filesystem::path& final_path);
 
 // What the run has finished so far, printed after "nanscope: interrupted: " when a signal ends

@@ -712,7 +712,7 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   w.chunk = size_t(std::min<uint64_t>(
       Impl::kMaxChunk, (file_size + Impl::kAlign - 1) & ~uint64_t(Impl::kAlign - 1)));
 
-  const std::filesystem::path tmp = claim_temporary(w.path);
+  const std::filesystem::path tmp = register_new_temporary(w.path);
   const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
   w.durable = options.durable;
   w.fd = ::open(tmp.c_str(), flags | (options.direct ? O_DIRECT : 0), 0644);
