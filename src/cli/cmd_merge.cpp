@@ -78,6 +78,9 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
                        if (i + 1 == n) fmt::print(stderr, "\n");
                      };
                    MergeResult r = merge(o);
+                   set_interrupt_note(r.refused
+                                          ? fmt::format("merge: nothing was written to {}", a->out)
+                                          : fmt::format("merge: {} is complete", a->out));
                    print_out(a->json ? merge_result_json(r).dump(2) : merge_summary(r));
                    return r.refused ? kProblem : kClean;
                  }});
