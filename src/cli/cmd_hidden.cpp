@@ -6,6 +6,7 @@
 
 #include "cli/commands.hpp"
 #include "common/error.hpp"
+#include "common/temp_files.hpp"
 #include "tools/hidden.hpp"
 #include "tools/trace.hpp"
 
@@ -96,6 +97,19 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.rules.allow_unnormalized = a->allow_unnormalized;
                    ProgressBar bar;
                    if (isatty(STDERR_FILENO)) opt.progress = std::ref(bar);
+                   // Ctrl-C: what is complete (and listed in the index) stays; a rerun resumes.
+                   const std::string index = (opt.out / "index.json").string();
+                   set_interrupt_note(fmt::format(
+                       "hidden: no shard was completed by this run; rerun the same command to "
+                       "resume from {}",
+                       index));
+                   opt.on_shard = [index](const HiddenRunSummary& s, int64_t) {
+                     set_interrupt_note(fmt::format(
+                         "hidden: {} input(s) complete in {} shard(s) of this run ({}{}), listed "
+                         "in {}; rerun the same command to resume",
+                         s.written, s.shards.size(), s.shards.front(),
+                         s.shards.size() > 1 ? " to " + s.shards.back() : "", index));
+                   };
                    HiddenRunSummary r = run_hidden(opt);
                    print_out(a->json ? hidden_summary_json(r).dump(2) : hidden_summary_text(r));
                    return r.clean() ? kClean : kProblem;

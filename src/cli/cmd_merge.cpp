@@ -1,18 +1,14 @@
-#include <unistd.h>
-#include <csignal>
-
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include "cli/commands.hpp"
 #include "common/error.hpp"
+#include "common/temp_files.hpp"
 #include "tools/merge.hpp"
 
 namespace nanscope::cli {
 
 namespace {
-extern "C" void on_interrupt(int) {
-  merge_interrupt_flag().store(true);
-}
 
 uint64_t parse_size(const std::string& s) {
   if (s.empty()) return 0;
@@ -74,15 +70,17 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
                    o.threads = apply_threads(a->threads);
                    o.durable = !a->no_fsync;
                    o.tied = a->peft_tied ? TiedMode::Peft : TiedMode::Untie;
-                   o.cancel = &merge_interrupt_flag();
-                   std::signal(SIGINT, on_interrupt);
-                   std::signal(SIGTERM, on_interrupt);
+                   // Ctrl-C: main.cpp's cleanup removes the temporary directory at once.
+                   set_interrupt_note(fmt::format("merge: nothing was written to {}", a->out));
                    if (isatty(STDERR_FILENO))
                      o.progress = [](const std::string& name, size_t i, size_t n) {
                        fmt::print(stderr, "\r[{}/{}] {:<70.70}", i + 1, n, name);
                        if (i + 1 == n) fmt::print(stderr, "\n");
                      };
                    MergeResult r = merge(o);
+                   set_interrupt_note(r.refused
+                                          ? fmt::format("merge: nothing was written to {}", a->out)
+                                          : fmt::format("merge: {} is complete", a->out));
                    print_out(a->json ? merge_result_json(r).dump(2) : merge_summary(r));
                    return r.refused ? kProblem : kClean;
                  }});

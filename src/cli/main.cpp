@@ -6,6 +6,8 @@
 
 #include "cli/commands.hpp"
 #include "common/error.hpp"
+#include "common/mapped_files.hpp"
+#include "common/temp_files.hpp"
 #include "numerics/backend.hpp"
 #include "numerics/parallel.hpp"
 
@@ -53,19 +55,32 @@ int main(int argc, char** argv) {
     app.exit(e);  // prints the message and usage to stderr
     return kBadInput;
   }
+  // A mapped file truncated under us: a message naming it and exit 2, not SIGBUS. Ctrl-C and
+  // kill: every temporary removed at once, what was finished said (common/temp_files.hpp).
+  nanscope::install_mapping_fault_handler();
+  nanscope::install_interrupt_cleanup();
+  nanscope::set_notice_sink([](const std::string& m) { fmt::print(stderr, "nanscope: {}\n", m); });
+  // An error caused by the interrupt cleanup removing files under the command's feet is not
+  // reported: the cleanup prints what happened and ends the process.
+  auto unless_interrupted = [] {
+    if (nanscope::interrupt_pending()) nanscope::wait_for_interrupt_cleanup();
+  };
   try {
     for (auto& c : commands)
       if (c.app->parsed()) return c.run();
   } catch (const nanscope::InputError& e) {
+    unless_interrupted();
     fmt::print(stderr, "nanscope: error: {}\n", e.what());
     return kBadInput;
   } catch (const nanscope::OutputError& e) {
+    unless_interrupted();
     fmt::print(stderr, "nanscope: cannot write output: {}\n", e.what());
     return kBadInput;
   } catch (const std::bad_alloc&) {
     fmt::print(stderr, "nanscope: out of memory\n");
     return kBadInput;
   } catch (const std::exception& e) {
+    unless_interrupted();
     fmt::print(stderr, "nanscope: internal error: {} (please report this)\n", e.what());
     return kBadInput;
   }

@@ -12,7 +12,12 @@
 namespace nanscope {
 
 void write_file_atomic(const std::filesystem::path& path, std::string_view content, bool durable) {
-  const std::string tmp = path.string() + ".tmp-" + std::to_string(getpid());
+  const std::string tmp = register_new_temporary(path).string();
+  // Unregistered once renamed into place or removed, whichever way this function leaves.
+  struct Unregister {
+    const std::string& p;
+    ~Unregister() { unregister_temporary(p); }
+  } unregister{tmp};
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw OutputError(fmt::format("{}: {}", path.string(), std::strerror(errno)));
   size_t done = 0;

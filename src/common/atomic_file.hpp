@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <string_view>
 
+#include "common/temp_files.hpp"  // the temporaries these writes (and merge's) use
+
 namespace nanscope {
 
 // Throws OutputError naming the path when the file cannot be written (full disk, permissions).

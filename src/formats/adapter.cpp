@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "common/error.hpp"
+#include "common/json_depth.hpp"
 
 namespace nanscope {
 
@@ -404,6 +405,16 @@ bool is_targeted(const AdapterConfig& c, const std::string& key) {
   return false;
 }
 
+AdapterConfig parse_adapter_config_text(std::string_view text, const std::string& what) {
+  ojson j;
+  try {
+    j = ojson::parse(text, json_depth_limit<ojson>(what));
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e400
+    fail("{}: not valid JSON ({})", what, e.what());
+  }
+  return parse_adapter_config(j, what);
+}
+
 Adapter Adapter::open(const fs::path& dir) {
   Adapter a;
   a.dir_ = dir;
@@ -421,13 +432,7 @@ Adapter Adapter::open(const fs::path& dir) {
     if (!in) fail("{}: cannot open", cfg.string());
     std::stringstream ss;
     ss << in.rdbuf();
-    ojson j;
-    try {
-      j = ojson::parse(ss.str());
-    } catch (const nlohmann::json::parse_error& e) {
-      fail("{}: not valid JSON ({})", cfg.string(), e.what());
-    }
-    a.config_ = parse_adapter_config(j, cfg.string());
+    a.config_ = parse_adapter_config_text(ss.str(), cfg.string());
   }
   const fs::path st = dir / "adapter_model.safetensors";
   if (!fs::exists(st, ec)) {

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -54,6 +55,8 @@ struct AdapterConfig {
 // keys is lost (sorted), which changes which pattern wins when several match.
 AdapterConfig parse_adapter_config(const nlohmann::ordered_json& j, const std::string& what);
 AdapterConfig parse_adapter_config(const nlohmann::json& j, const std::string& what);
+// The same from the text of the file (what Adapter::open reads; the fuzz target drives it).
+AdapterConfig parse_adapter_config_text(std::string_view text, const std::string& what);
 
 // Rank and scale for one module, as peft resolves them (peft/utils/other.py get_pattern_key, used
 // by peft/tuners/lora/model.py _create_and_replace): the first rank_pattern / alpha_pattern key

@@ -32,6 +32,10 @@ class Checkpoint {
   const ModelConfig& config() const { return config_; }
   bool sharded() const { return sharded_; }
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+  // SafetensorsFile::check_unchanged for every file: an InputError when one changed size.
+  void check_unchanged() const {
+    for (const auto& f : files_) f->check_unchanged();
+  }
   // Every tensor, in name order.
   const std::map<std::string, TensorRef, std::less<>>& tensors() const { return tensors_; }
   std::optional<TensorRef> find(std::string_view name) const;

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "common/error.hpp"
+#include "common/json_depth.hpp"
 
 namespace nanscope {
 
@@ -14,10 +15,14 @@ nlohmann::json read_json_file(const std::filesystem::path& p) {
   if (!in) fail("{}: cannot open ({})", p.string(), std::strerror(errno));
   std::stringstream ss;
   ss << in.rdbuf();
+  return parse_json_text(ss.str(), p.string());
+}
+
+nlohmann::json parse_json_text(std::string_view text, const std::string& what) {
   try {
-    return nlohmann::json::parse(ss.str());
-  } catch (const nlohmann::json::parse_error& e) {
-    fail("{}: not valid JSON ({})", p.string(), e.what());
+    return nlohmann::json::parse(text, json_depth_limit<nlohmann::json>(what));
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e400
+    fail("{}: not valid JSON ({})", what, e.what());
   }
 }
 

@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "numerics/dtype.hpp"
@@ -87,6 +88,8 @@ ModelConfig load_model_config(const std::filesystem::path& config_json);
 
 // Reads a whole JSON file, naming it in the error when it is missing or not JSON.
 nlohmann::json read_json_file(const std::filesystem::path& p);
+// The same from text; `what` names it in the message (the fuzz target drives it).
+nlohmann::json parse_json_text(std::string_view text, const std::string& what);
 
 // "bfloat16" / "float16" / "float32" (and the "torch." prefixed spellings) to a DType.
 std::optional<DType> parse_torch_dtype(const std::string& s);

@@ -18,6 +18,8 @@
 #include <unordered_set>
 
 #include "common/atomic_file.hpp"
+#include "common/mapped_files.hpp"
+#include "common/temp_files.hpp"
 
 namespace nanscope {
 
@@ -109,6 +111,8 @@ std::string_view error_kind_name(SafetensorsErrorKind k) {
       return "trailing_bytes";
     case SafetensorsErrorKind::Io:
       return "io";
+    case SafetensorsErrorKind::Changed:
+      return "changed";
   }
   return "unknown";
 }
@@ -364,8 +368,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
       io_fail(path, "mmap", err);
     }
     f->base_ = static_cast<const std::byte*>(p);
+    f->path_c_ = path.string();
+    f->slot_ = register_mapping(p, size_t(f->size_), f->path_c_.c_str());
   }
-  ::close(fd);  // the mapping keeps the file alive
+  f->fd_ = fd;  // kept for check_unchanged(); the mapping alone would keep the file alive
 
   f->header_ =
       parse_safetensors(std::span<const std::byte>(f->base_, size_t(f->size_)), path.string());
@@ -377,7 +383,20 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
 }
 
 SafetensorsFile::~SafetensorsFile() {
+  unregister_mapping(slot_);
   if (base_ != nullptr) ::munmap(const_cast<std::byte*>(base_), size_t(size_));
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void SafetensorsFile::check_unchanged() const {
+  struct stat st {};
+  if (fd_ < 0 || ::fstat(fd_, &st) != 0) return;  // nothing to compare: the reads will tell
+  if (uint64_t(st.st_size) == size_) return;
+  throw SafetensorsError(
+      SafetensorsErrorKind::Changed,
+      fmt::format("{}: changed while reading: the file is now {} bytes, it had {} when it was "
+                  "opened (another process is writing it?)",
+                  path_.string(), uint64_t(st.st_size), size_));
 }
 
 const TensorInfo* SafetensorsFile::find(std::string_view name) const {
@@ -465,6 +484,7 @@ struct SafetensorsWriter::Impl {
     for (std::byte* b : bufs) std::free(b);
     if (fd >= 0) ::close(fd);
     if (!committed && !tmp.empty()) ::unlink(tmp.c_str());
+    if (!tmp.empty()) unregister_temporary(tmp);
   }
 
   [[noreturn]] void write_failed(const char* what, int e) const {
@@ -692,8 +712,7 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
   w.chunk = size_t(std::min<uint64_t>(
       Impl::kMaxChunk, (file_size + Impl::kAlign - 1) & ~uint64_t(Impl::kAlign - 1)));
 
-  const std::filesystem::path tmp =
-      w.path.parent_path() / (w.path.filename().string() + ".tmp-" + std::to_string(::getpid()));
+  const std::filesystem::path tmp = register_new_temporary(w.path);
   const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
   w.durable = options.durable;
   w.fd = ::open(tmp.c_str(), flags | (options.direct ? O_DIRECT : 0), 0644);
@@ -703,8 +722,10 @@ SafetensorsWriter::SafetensorsWriter(std::filesystem::path path, std::vector<Ten
     w.direct = options.direct;
   }
   if (w.fd < 0) {
+    const int e = errno;
+    unregister_temporary(tmp);
     throw OutputError(fmt::format("{}: cannot create temporary file {}: {}", w.path.string(),
-                                  tmp.string(), std::strerror(errno)));
+                                  tmp.string(), std::strerror(e)));
   }
   w.tmp = tmp;  // from here on ours to remove if not committed
   // Direct writes land in extents reserved up front: no block allocation and no size update
@@ -801,6 +822,7 @@ void SafetensorsWriter::commit() {
                                   std::strerror(errno)));
   }
   w.committed = true;
+  unregister_temporary(w.tmp);
   if (!w.durable) return;
   // Make the rename itself durable.
   fsync_dir_quietly(w.path.parent_path().empty() ? "." : w.path.parent_path());

@@ -33,6 +33,7 @@ enum class SafetensorsErrorKind {
   MisalignedSlice,     // elements x bits of a sub-byte dtype (F4, F6) is not a whole byte count
   TrailingBytes,       // data buffer does not cover the file exactly
   Io,                  // open / stat / mmap failed
+  Changed,             // the file's size changed after it was opened (another process writing it)
 };
 std::string_view error_kind_name(SafetensorsErrorKind k);
 
@@ -83,6 +84,10 @@ class SafetensorsFile {
   const TensorInfo* find(std::string_view name) const;
   std::span<const std::byte> data(const TensorInfo& t) const;
   uint64_t file_size() const { return size_; }
+  // Throws SafetensorsError (Changed) when the file is no longer the size it had when opened:
+  // another process is writing it. For safe points between reads; a file that shrinks during a
+  // read raises SIGBUS instead, which common/mapped_files.hpp turns into a message and exit 2.
+  void check_unchanged() const;
   // Hands the pages of a tensor back to the kernel once the caller is done with them, so that
   // reading a whole model keeps memory flat.
   void release(const TensorInfo& t) const;
@@ -95,6 +100,9 @@ class SafetensorsFile {
   const std::byte* base_ = nullptr;  // start of the mapping
   uint64_t size_ = 0;
   const std::byte* data_ = nullptr;  // start of the data buffer
+  int fd_ = -1;
+  int slot_ = -1;       // in the table of mappings the SIGBUS handler reads
+  std::string path_c_;  // path_ as the handler prints it
   SafetensorsHeader header_;
   std::map<std::string, size_t, std::less<>> index_;
 };

@@ -1,6 +1,7 @@
 #include "tokenizer/json_reader.hpp"
 
 #include "common/error.hpp"
+#include "common/json_depth.hpp"
 
 namespace nanscope::bpe_internal {
 namespace {
@@ -46,6 +47,7 @@ class TokenizerJsonSax : public nlohmann::json_sax<json> {
   }
   bool binary(binary_t& v) override { return mode_ == kNormal ? dom_.binary(v) : bad("binary"); }
   bool start_object(std::size_t n) override {
+    if (depth_ >= kMaxJsonDepth) too_deep();
     if (mode_ == kNormal && depth_ == 2 && root_key_ == "model" && model_key_ == "vocab") {
       return enter(kVocab);
     }
@@ -74,6 +76,7 @@ class TokenizerJsonSax : public nlohmann::json_sax<json> {
     return dom_.end_object();
   }
   bool start_array(std::size_t n) override {
+    if (depth_ >= kMaxJsonDepth) too_deep();
     if (mode_ == kNormal && depth_ == 2 && root_key_ == "model" && model_key_ == "merges") {
       return enter(kMerges);
     }
@@ -125,6 +128,9 @@ class TokenizerJsonSax : public nlohmann::json_sax<json> {
     if (id < 0 || id > INT32_MAX) fail("tokenizer: {}: token '{}' has id {}", source_, key_, id);
     raw_.vocab.emplace_back(std::move(key_), id);
     return true;
+  }
+  [[noreturn]] void too_deep() const {
+    fail("tokenizer: {} is not valid JSON (nests deeper than {} levels)", source_, kMaxJsonDepth);
   }
   bool bad(const char* what) {
     fail("tokenizer: {}: found {} inside model.{}", source_, what,

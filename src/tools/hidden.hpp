@@ -59,10 +59,9 @@ void validate_input(const HiddenInput& in, const InputRules& rules, std::string_
 
 // Parses one jsonl line (already JSON-decoded). `tokenize` turns "text" into ids; it may be
 // empty, and then a "text" line is an InputError. Throws InputError starting with `where`.
-HiddenInput parse_hidden_input(
-    const nlohmann::json& j,
-    const std::function<std::vector<int64_t>(const std::string&)>& tokenize,
-    std::string_view where);
+using TokenizeFn = std::function<std::vector<int64_t>(const std::string&)>;
+HiddenInput parse_hidden_input(const nlohmann::json& j, const TokenizeFn& tokenize,
+                               std::string_view where);
 
 // Reads and validates every line of a jsonl file (blank lines skipped). The tokenizer is
 // loaded from `tokenizer` (a tokenizer.json or a model directory) on the first "text" line.
@@ -70,6 +69,9 @@ HiddenInput parse_hidden_input(
 std::vector<HiddenInput> read_hidden_inputs(const std::filesystem::path& jsonl,
                                             const std::filesystem::path& tokenizer,
                                             const InputRules& rules);
+// The same from the text of a jsonl file; `what` names it in messages ("what:LINE: ...").
+std::vector<HiddenInput> parse_hidden_jsonl(std::string_view text, std::string_view what,
+                                            const TokenizeFn& tokenize, const InputRules& rules);
 
 // The input embeddings [T, H] of an input: every position's row of model.embed_tokens as the
 // run dtype holds it (the stored value cast to dt, as transformers casts at load), widened to
@@ -120,6 +122,8 @@ std::vector<float> pool_state(std::span<const float> state, int64_t T, int64_t H
 // the end (-1 = N). Throws InputError for an index out of range.
 std::vector<int64_t> parse_layers(std::string_view s, int64_t num_states);
 
+struct HiddenRunSummary;
+
 struct HiddenRunOptions {
   std::filesystem::path model, input, out;
   std::filesystem::path tokenizer;  // empty: MODEL/tokenizer.json
@@ -133,6 +137,9 @@ struct HiddenRunOptions {
   InputRules rules;  // vocab_size is taken from the model
   // Called after each batch with (inputs done, inputs to do, tokens done, tokens to do).
   std::function<void(int64_t, int64_t, int64_t, int64_t)> progress;
+  // Called once a shard and the index naming it are in place: the summary so far (its last
+  // shard is that one) and how many inputs the shard holds.
+  std::function<void(const HiddenRunSummary&, int64_t)> on_shard;
 };
 
 struct NonfiniteInput {

@@ -388,7 +388,7 @@ MergeResult merge(const MergeOptions& o) {
 
   // Build in "<out>.tmp-<pid>"; removed on any error, renamed into place on success.
   TmpDirGuard guard;
-  guard.path = parent / (out.filename().string() + ".tmp-" + std::to_string(::getpid()));
+  guard.path = claim_temporary(parent / out.filename());  // removes stale ones, registers it
   fs::remove_all(guard.path, ec);
   if (!fs::create_directory(guard.path, ec))
     throw OutputError(fmt::format("{}: cannot create ({})", guard.path.string(), ec.message()));

@@ -133,6 +133,12 @@ std::vector<TensorReport> scan_values(
     const uint64_t per = std::max<uint64_t>(1, kChunkBytes / esz);
     for (uint64_t f = 0; f < n; f += per) chunks.push_back({i, f, std::min(per, n - f)});
   }
+  // A file that another process is writing: an InputError before and after the reads, not a
+  // report on half-old, half-new bytes (one that shrinks during them is the SIGBUS handler's).
+  auto check_files = [&] {
+    for (const auto& [file, info] : tensors) file->check_unchanged();
+  };
+  check_files();
   std::vector<ValueStats> partial(chunks.size());
   std::atomic<size_t> next{0};
   auto worker = [&] {
@@ -151,6 +157,7 @@ std::vector<TensorReport> scan_values(
   for (int i = 1; i < n; ++i) pool.emplace_back(worker);
   worker();
   for (auto& t : pool) t.join();
+  check_files();
   for (size_t k = 0; k < chunks.size(); ++k) reports[chunks[k].tensor].stats.merge(partial[k]);
   return reports;
 }
