@@ -15,12 +15,12 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
-#include <set>
 #include <string>
 
 #include "common/error.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
+#include "model/weights.hpp"
 #include "numerics/activations.hpp"
 #include "numerics/elementwise.hpp"
 #include "numerics/gemm_amx.hpp"
@@ -62,130 +62,6 @@ bool all_finite(std::span<const float> v) {
 // One sequence of a batch: rows [off, off + len) of every activation.
 struct Segment {
   int64_t off = 0, len = 0;
-};
-
-// One layer's weights, one member per weight, as the run dtype reads them: matrices in place
-// in the mapped checkpoint (q/k/v and gate/up may be row ranges of a fused tensor), norms and
-// biases converted. Experts are not here: a mixture-of-experts block reads only the experts its
-// tokens route to (Model::moe).
-struct LayerWeights {
-  Vec input_norm, attn_out_norm, mlp_in_norm, mlp_out_norm, q_norm, k_norm;
-  WeightView q, k, v, o;
-  Vec q_bias, k_bias, v_bias, o_bias;
-  WeightView gate, up, down;
-  Vec gate_bias, up_bias, down_bias;
-  WeightView router, shared_gate, shared_up, shared_down, shared_expert_gate;
-};
-
-// Where weights come from: the mapped checkpoint, checked against the shapes the layer
-// description gives, each layer's pages handed back once it is done. The seam a device
-// backend's uploader takes the place of.
-class WeightSource {
- public:
-  WeightSource(const Checkpoint& ck, DType dt, bool release)
-      : ck_(ck), dt_(dt), release_(release) {}
-  ~WeightSource() { release_all(); }
-
-  WeightView matrix(const std::string& module, int64_t rows, int64_t cols) {
-    return view(get(module + ".weight", {rows, cols}));
-  }
-  // Rows [r0, r0 + rows) of a fused [total, cols] matrix.
-  WeightView rows_of(const WeightView& w, int64_t r0, int64_t rows) const {
-    WeightView v = w;
-    v.data = w.data + size_t(r0 * w.cols) * size_t(dtype_bits(w.storage) / 8);
-    v.rows = rows;
-    return v;
-  }
-  Vec vector(const std::string& module, const char* param, int64_t n) {
-    if (module.empty()) return {};
-    const TensorRef t = get(module + "." + param, {n});
-    Vec out(static_cast<size_t>(n));
-    weight_vector(t.bytes().data(), t.info->dtype, n, dt_, out.data());
-    return out;
-  }
-  LayerWeights layer(const LayerSpec& s, int64_t H) {
-    const LayerNames& n = s.names;
-    const AttentionSpec& a = s.attn;
-    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
-    LayerWeights w;
-    w.input_norm = vector(n.input_norm, "weight", H);
-    if (a.fused_qkv) {
-      const WeightView qkv = matrix(n.qkv_proj, qd + 2 * kvd, H);
-      w.q = rows_of(qkv, 0, qd), w.k = rows_of(qkv, qd, kvd), w.v = rows_of(qkv, qd + kvd, kvd);
-    } else {
-      w.q = matrix(n.q_proj, qd, H), w.k = matrix(n.k_proj, kvd, H), w.v = matrix(n.v_proj, kvd, H);
-    }
-    if (a.qkv_bias) {
-      w.q_bias = vector(n.q_proj, "bias", qd);
-      w.k_bias = vector(n.k_proj, "bias", kvd);
-      w.v_bias = vector(n.v_proj, "bias", kvd);
-    }
-    if (a.qk_norm)
-      w.q_norm = vector(n.q_norm, "weight", D), w.k_norm = vector(n.k_norm, "weight", D);
-    w.o = matrix(n.o_proj, H, qd);
-    if (a.o_bias) w.o_bias = vector(n.o_proj, "bias", H);
-    w.attn_out_norm = vector(n.attn_out_norm, "weight", H);
-    w.mlp_in_norm = vector(n.mlp_in_norm, "weight", H);
-    w.mlp_out_norm = vector(n.mlp_out_norm, "weight", H);
-    const MlpSpec& m = s.mlp;
-    const int64_t I = m.intermediate;
-    if (!m.moe) {
-      if (m.fused_gate_up) {
-        const WeightView gu = matrix(n.gate_up_proj, 2 * I, H);
-        w.gate = rows_of(gu, 0, I), w.up = rows_of(gu, I, I);
-      } else {
-        w.gate = matrix(n.gate_proj, I, H), w.up = matrix(n.up_proj, I, H);
-      }
-      w.down = matrix(n.down_proj, H, I);
-      if (m.bias) {
-        w.gate_bias = vector(n.gate_proj, "bias", I);
-        w.up_bias = vector(n.up_proj, "bias", I);
-        w.down_bias = vector(n.down_proj, "bias", H);
-      }
-    } else {
-      w.router = matrix(n.router, m.experts, H);
-      if (m.shared_intermediate > 0) {
-        const int64_t S = m.shared_intermediate;
-        w.shared_gate = matrix(n.shared_gate_proj, S, H);
-        w.shared_up = matrix(n.shared_up_proj, S, H);
-        w.shared_down = matrix(n.shared_down_proj, H, S);
-        w.shared_expert_gate = matrix(n.shared_expert_gate, 1, H);
-      }
-    }
-    return w;
-  }
-  uint64_t bytes_read() const { return bytes_; }  // each tensor counted once
-  // Hands back the pages of everything taken since the last call.
-  void release_all() {
-    if (release_)
-      for (const TensorRef& t : held_) t.release();
-    held_.clear();
-  }
-
- private:
-  TensorRef get(const std::string& name, std::initializer_list<int64_t> shape) {
-    const TensorRef t = ck_.get(name);
-    if (!is_float_computable(t.info->dtype))
-      fail("{}: tensor {} has dtype {}; the forward pass reads F32, BF16 or F16",
-           ck_.dir().string(), name, dtype_name(t.info->dtype));
-    if (!std::equal(shape.begin(), shape.end(), t.info->shape.begin(), t.info->shape.end()))
-      fail("{}: tensor {} has shape [{}], expected [{}] from config.json", ck_.dir().string(), name,
-           fmt::join(t.info->shape, ", "), fmt::join(shape, ", "));
-    held_.push_back(t);
-    if (counted_.insert(t.info).second) bytes_ += t.bytes().size();
-    return t;
-  }
-  static WeightView view(const TensorRef& t) {
-    const auto& s = t.info->shape;
-    return WeightView{t.bytes().data(), t.info->dtype, s[0], s[1]};
-  }
-
-  const Checkpoint& ck_;
-  DType dt_;
-  bool release_;
-  std::vector<TensorRef> held_;
-  std::set<const TensorInfo*> counted_;
-  uint64_t bytes_ = 0;
 };
 
 class Model {
