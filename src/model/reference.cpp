@@ -233,12 +233,15 @@ class Pass {
           sum += e[size_t(j)];
         }
         const float inv = 1.0f / (sum == 0.0f ? 1.0f : sum);
-        for (int64_t j = 0; j < T; ++j) pr[j] = e[size_t(j)] * inv;  // fp32, as the kernel keeps it
-        float* o = &r.context[size_t((i * nH + h) * D)];             // [D]
+        for (int64_t j = 0; j < T; ++j) {
+          pr[j] = e[size_t(j)] * inv;                  // fp32, as the kernel keeps it
+          e[size_t(j)] = round_to(e[size_t(j)], dt_);  // for e @ v
+        }
+        float* o = &r.context[size_t((i * nH + h) * D)];  // [D] = round((e @ v) * inv)
         for (int64_t d = 0; d < D; ++d) {
           float acc = 0.0f;
           for (int64_t j = 0; j < T; ++j)
-            acc += round_to(e[size_t(j)], dt_) * v[size_t((j * nKV + h / rep) * D + d)];
+            acc += e[size_t(j)] * v[size_t((j * nKV + h / rep) * D + d)];
           o[d] = round_to(acc * inv, dt_);
         }
       }
@@ -333,8 +336,13 @@ class Pass {
   Vec linear(int64_t l, const std::string& name, const Vec& x, const WeightView& W,
              const float* bias, bool report = true) {
     const int64_t rows = int64_t(x.size()) / W.cols;
+    // linear_ref in dt, faster: W converted once as dt reads it, then fp32 sums, one rounding.
+    Vec wf(size_t(W.rows * W.cols));
+    weight_rows(W, 0, W.rows, dt_, wf.data());
+    const WeightView w32{reinterpret_cast<const std::byte*>(wf.data()), DType::F32, W.rows, W.cols};
     Vec y(size_t(rows * W.rows));
-    linear_ref(x.data(), rows, W, bias, dt_, y.data());
+    linear_ref(x.data(), rows, w32, bias, DType::F32, y.data());
+    for (float& v : y) v = round_to(v, dt_);
     if (report) site(l, name, y, {rows, W.rows});
     return y;
   }

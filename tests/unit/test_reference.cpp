@@ -125,11 +125,12 @@ struct Case {
   }
 };
 
-// Near-tie flips allowed at the first divergence: a few, or 1% of a large site (at 256 tokens
-// the fused context rounds 16384 sums that differ from the fast path's in the last fp32 bit).
-constexpr double kFlipSteps = 4.0;
+// At the first divergence: at most this many near-tie flips (observed: 5 of 16384), each
+// within kFlipSteps steps of the dtype (observed: under 1). A difference of semantics (a
+// rounding point, a bias, a mask) changes most elements of the first site it reaches.
+constexpr double kFlipSteps = 2.0;
 int64_t first_flips(int64_t n) {
-  return std::max<int64_t>(4, n / 100);
+  return std::max<int64_t>(8, n / 1000);
 }
 
 // After the first flip: tiny random models amplify one flipped element into every later site of
@@ -146,9 +147,10 @@ const char* kFamilies[] = {"qwen3-tiny",         "qwen2-tiny",     "qwen2-tiny-w
                            "phi3-tiny-longrope", "qwen3-moe-tiny", "mixtral-tiny",
                            "qwen2-moe-tiny"};
 
-// 1, 17 and 40 tokens in every dtype and profile; the longest prompt, 300 tokens capped at the
-// fixtures' max_position_embeddings (256 for all of them), in fp32 eager and bf16 fused only:
-// the reference's scalar linear layers are what costs, and those two cover both profiles.
+// 1, 17 and 40 tokens in every dtype and profile; 300 tokens, capped at the fixtures'
+// max_position_embeddings (256 for all of them), in fp32 eager and fp16 fused only: the
+// reference's scalar loops cost most there, and a bf16 run of 32 tokens or more pays oneDNN's
+// setup (about a second here), already covered at 40 tokens.
 std::vector<Case> cases() {
   std::vector<Case> v;
   for (const char* m : kFamilies) {
@@ -156,7 +158,7 @@ std::vector<Case> cases() {
       for (AttentionProfile a : {AttentionProfile::Eager, AttentionProfile::Fused})
         for (int64_t t : {1, 17, 40}) v.push_back({m, dt, a, t});
     v.push_back({m, DType::F32, AttentionProfile::Eager, 300});
-    v.push_back({m, DType::BF16, AttentionProfile::Fused, 300});
+    v.push_back({m, DType::F16, AttentionProfile::Fused, 300});
   }
   return v;
 }
