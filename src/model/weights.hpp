@@ -21,7 +21,7 @@ namespace nanscope {
 // One layer's weights, one member per weight, as the run dtype reads them: matrices in place
 // in the mapped checkpoint (q/k/v and gate/up may be row ranges of a fused tensor), norms and
 // biases converted. Experts are not here: a mixture-of-experts block reads only the experts its
-// tokens route to (Model::moe).
+// tokens route to (forward.cpp: Model::moe).
 struct LayerWeights {
   Activations input_norm, attn_out_norm, mlp_in_norm, mlp_out_norm, q_norm, k_norm;
   WeightView q, k, v, o;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -104,10 +105,10 @@ Cmp compare(const std::vector<float>& fast, const std::vector<float>& ref, DType
   return compare(fast, ref, dt, [](size_t) { return true; });
 }
 
-// Relative norm-wise tolerance per run dtype, as test_forward.cpp's against transformers: the
-// two passes round at the same points but sum in other orders (BLAS, 8-lane FMA microkernel,
-// lane-wise softmax and exp variants against sequential fp32 loops and std::exp), which flips a
-// near-tie rounding of the run dtype now and then; a flip then propagates.
+// Relative norm-wise tolerance per run dtype, as test_forward.cpp's against transformers. The
+// two passes round at the same points but sum in other orders (BLAS, an 8-lane FMA microkernel,
+// torch's lane-wise reductions against sequential fp32 loops; SLEEF's exp against std::exp): in
+// fp32 that is the whole difference; in bf16/fp16 it holds until the first near-tie flip.
 double tolerance(DType dt) {
   return dt == DType::F32 ? 1e-5 : dt == DType::BF16 ? 1e-4 : 1e-3;
 }
@@ -124,8 +125,11 @@ struct Case {
     return n;
   }
 };
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.name();
+}  // ctest's test names
 
-// At the first divergence: at most this many near-tie flips (observed: 5 of 16384), each
+// At the first divergence: at most this many near-tie flips (observed: 4 of 16384), each
 // within kFlipSteps steps of the dtype (observed: under 1). A difference of semantics (a
 // rounding point, a bias, a mask) changes most elements of the first site it reaches.
 constexpr double kFlipSteps = 2.0;
@@ -134,11 +138,12 @@ int64_t first_flips(int64_t n) {
 }
 
 // After the first flip: tiny random models amplify one flipped element into every later site of
-// its row and, through attention, of the rows after it; the two passes then differ by up to
-// about as much as the run dtype differs from fp32. Observed maxima: bf16 7e-3 (llama-tiny,
-// 256 tokens: one flip in layer 0's input_layernorm), fp16 1.3e-3 (qwen3-moe-tiny, 40 tokens).
+// its row and, through attention, of the rows after it (against the goldens too: gemma2-tiny
+// bf16). Observed maxima: bf16 3.1e-3 (qwen2-tiny-window, 17 tokens, one flip in layer 0's
+// v_proj; the fast pass in a batch differs from itself alone by the same 2.1e-3 in the logits),
+// 7e-3 at 256 tokens; fp16 1.3e-3 (qwen3-moe-tiny, 40 tokens).
 double propagation_bound(const Case& c) {
-  return c.dt == DType::BF16 ? 1.5e-2 : c.dt == DType::F16 ? 3e-3 : tolerance(c.dt);
+  return c.dt == DType::BF16 ? 1e-2 : c.dt == DType::F16 ? 3e-3 : tolerance(c.dt);
 }
 
 const char* kFamilies[] = {"qwen3-tiny",         "qwen2-tiny",     "qwen2-tiny-window",
