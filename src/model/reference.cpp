@@ -194,15 +194,15 @@ class Pass {
   }
 
   // SDPA as torch's CPU flash kernel computes it, in plain loops: s = (q.k) * scaling in fp32,
-  // -inf where the key is hidden; e = exp(s - max), sum in fp32; e rounded to dt for e @ v;
-  // out = round((e @ v) * (1 / sum)); a row whose max is -inf gets zeros. No soft-capping (sdpa
-  // has none). The exp is the kernel's: in bf16/fp16 its fexp_u20 on the columns of whole
-  // 16-lane vectors, whose error (1e-4 relative) is larger than the run dtype's rounding noise;
-  // std::exp elsewhere (exp_u20, fp32's, is within 2e-7 of it). Unlike the fast path, the sum is
-  // sequential, not 16 lane sums reduced as a tree (fp32 noise), and NaN propagates as in IEEE
-  // arithmetic: torch's kernel drops NaN from the row max and its vector exp maps NaN to a
-  // number, so a row holding a NaN score can be finite there (and in the fast path, which
-  // follows it: qwen3-example) but is NaN here.
+  // -inf where the key is hidden; m = max(s) with NaN left out; e = exp(s - m), sum in fp32; e
+  // rounded to dt for e @ v; out = round((e @ v) * (1 / sum)). A row whose max is -inf (all
+  // hidden, or all NaN: qwen3-example's NaN q heads) gets zeros. No soft-capping (sdpa has
+  // none). The exp is the kernel's: in bf16/fp16 its fexp_u20 on the columns of whole 16-lane
+  // vectors, whose error (1e-4 relative) is larger than the run dtype's rounding noise;
+  // std::exp elsewhere (exp_u20, fp32's, is within 2e-7 of it). Unlike the fast path, the sum
+  // is sequential, not 16 lane sums reduced as a tree (fp32 noise), and the exp of a NaN score
+  // is NaN: torch's vector exp maps it to a number, so a row with some NaN scores may be
+  // finite there (and in the fast path, which follows it) but is NaN here.
   AttentionOut fused(const AttentionSpec& a, const Vec& q, const Vec& k, const Vec& v) const {
     const int64_t T = T_, D = a.head_dim, nH = a.heads, nKV = a.kv_heads, rep = nH / nKV;
     const float ninf = -std::numeric_limits<float>::infinity();
@@ -221,8 +221,7 @@ class Pass {
             s[j] = dot(qi, &k[size_t((j * nKV + h / rep) * D)], D) * a.scaling;
             if (std::isfinite(s[j])) r.peak = std::max(r.peak, double(std::fabs(s[j])));
           }
-          m = std::isnan(m) || std::isnan(s[j]) ? std::numeric_limits<float>::quiet_NaN()
-                                                : std::max(m, s[j]);
+          if (s[j] > m) m = s[j];  // NaN does not enter the max
         }
         float sum = 0.0f;
         for (int64_t j = 0; j < T; ++j) {
