@@ -91,6 +91,8 @@ class Pass {
     return h;
   }
 
+  uint64_t weight_bytes() const { return w_.bytes_read(); }
+
   // h [T, H] -> logits [T, V]
   Vec run(Vec h) {
     const int64_t N = int64_t(spec_.layers.size());
@@ -418,6 +420,7 @@ ForwardResult forward_reference(const Checkpoint& ck, std::span<const int64_t> i
   } catch (const StopForward&) {
     res.stopped_early = true;
   }
+  res.weight_bytes = pass.weight_bytes();
   return res;
 }
 

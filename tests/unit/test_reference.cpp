@@ -252,6 +252,7 @@ TEST_P(ReferenceVsFast, EverySiteHiddenStateAndLogitsAgree) {
   ASSERT_EQ(rf.logits.size(), size_t(T * cfg.vocab_size));
   ASSERT_EQ(rr.logits.size(), rf.logits.size());
   check("logits", compare(rf.logits, rr.logits, c.dt), true);
+  EXPECT_EQ(rr.weight_bytes, rf.weight_bytes);  // the same tensors read (MoE: the routed experts)
 
   using ms = std::chrono::duration<double, std::milli>;
   std::printf("[ ref      ] %s T=%lld: worst %.2e at %s; first divergence %s; %.0f / %.0f ms\n",
