@@ -17,6 +17,8 @@ for r in $(seq "${ROUNDS:-3}"); do
   $M cp_r_sync_r$r sh -c "cp -r $W/q4b $W/copy && sync" >> "$R"; rm -rf $W/copy
   $M nanscope_merge_r$r $BIN/nanscope merge --base $W/q4b --adapter $W/lora16 --out $W/merged --json >> "$R"; rm -rf $W/merged
   $M nanscope_merge_no_fsync_r$r $BIN/nanscope merge --base $W/q4b --adapter $W/lora16 --out $W/merged --no-fsync --json >> "$R"; rm -rf $W/merged
+  # The previous release's binary (nanscope_old, when carried), same round: a regression check.
+  [ -x $BIN/nanscope_old ] && { $M nanscope_old_merge_r$r $BIN/nanscope_old merge --base $W/q4b --adapter $W/lora16 --out $W/merged --json >> "$R"; rm -rf $W/merged; }
 done
 python3 - "$R" <<'PY'
 import json, sys
