@@ -1,6 +1,7 @@
 // The forward pass (the fast one; model/reference.hpp is its scalar twin) of every supported
-// decoder family, computed the way transformers computes it on CPU in a run dtype, rounding where it rounds (docs/forward.md),
-// and reporting every intermediate site and hidden state to an Observer (model/observer.hpp).
+// decoder family, computed the way transformers computes it on CPU in a run dtype, rounding
+// where it rounds (docs/forward.md), and reporting every intermediate site and hidden state to
+// an Observer (model/observer.hpp).
 //
 // Weights are read from the mapped checkpoint in place, layer by layer, cast to the run dtype
 // as transformers casts them at load; each finished layer's pages are handed back, so the peak
