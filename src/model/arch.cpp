@@ -262,6 +262,12 @@ ModelSpec model_spec(const ModelConfig& c) {
   return m;
 }
 
+void scale_embeddings(const ModelSpec& m, float* x, size_t n, DType dt) {
+  if (!m.embed_scale) return;
+  const float scale = round_to(float(std::sqrt(double(m.hidden))), dt);
+  for (size_t i = 0; i < n; ++i) x[i] = round_to(x[i] * scale, dt);
+}
+
 std::vector<ExpectedTensor> expected_tensors(const ModelSpec& m) {
   const int64_t H = m.hidden;
   std::vector<ExpectedTensor> t;

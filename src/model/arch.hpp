@@ -116,6 +116,10 @@ struct ModelSpec {
   std::vector<LayerSpec> layers;
 };
 
+// Gemma's embedding scale, in place on n values (a no-op elsewhere): x = round(x * round(sqrt(H))),
+// the float32 scalar cast to the run dtype first (Gemma2TextScaledWordEmbedding).
+void scale_embeddings(const ModelSpec& m, float* x, size_t n, DType dt);
+
 // The description of a checkpoint from its config. Throws InputError naming config.json's key
 // and value for anything the engine does not compute (an activation, bidirectional attention).
 ModelSpec model_spec(const ModelConfig& c);

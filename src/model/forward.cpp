@@ -108,10 +108,7 @@ class Model {
              spec_.vocab);
       weight_rows(w, id, 1, dt_, h.data() + t * H_);
     }
-    if (spec_.embed_scale) {  // Gemma: * sqrt(H), the float32 scalar cast to the run dtype first
-      const float scale = round_to(float(std::sqrt(double(H_))), dt_);
-      for (float& v : h) v = round_to(v * scale, dt_);
-    }
+    scale_embeddings(spec_, h.data(), h.size(), dt_);  // Gemma
     site(-1, spec_.embed, h, {T_, H_});
     weights_.release_all();
     return h;

@@ -82,10 +82,7 @@ class Pass {
              spec_.vocab);
       weight_rows(emb, id, 1, dt_, &h[size_t(t * H_)]);  // row `id`, as dt reads it
     }
-    if (spec_.embed_scale) {  // Gemma: h = round(h * round(sqrt(H)))
-      const float scale = round_to(float(std::sqrt(double(H_))), dt_);
-      for (float& x : h) x = round_to(x * scale, dt_);
-    }
+    scale_embeddings(spec_, h.data(), h.size(), dt_);  // Gemma: h = round(h * round(sqrt(H)))
     site(-1, spec_.embed, h, {T_, H_});
     w_.release_all();
     return h;

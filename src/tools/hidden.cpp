@@ -63,10 +63,7 @@ std::vector<float> input_embeddings(const Checkpoint& ck, const HiddenInput& in,
   round_inplace(out.data(), out.size(), dt);
   // Gemma scales its embeddings by sqrt(hidden_size) in the run dtype, as forward() does for
   // ids: a one-hot mixture stays exactly the discrete input.
-  if (spec.embed_scale) {
-    const float scale = round_to(float(std::sqrt(double(H))), dt);
-    for (float& v : out) v = round_to(v * scale, dt);
-  }
+  scale_embeddings(spec, out.data(), out.size(), dt);
   return out;
 }
 

@@ -66,7 +66,7 @@ struct TraceResult {
   Stats logits;
   std::optional<FirstNonfinite> first_nonfinite;
   uint64_t weight_bytes = 0;  // weights the run-dtype pass read (MoE: the routed experts only)
-  bool finite() const;  // every hidden state and the logits finite
+  bool finite() const;        // every hidden state and the logits finite
 };
 
 // Runs the trace; writes opt.save (atomically) when set. Throws InputError on bad input

@@ -179,20 +179,13 @@ void expect_correctly_rounded(const fs::path& ours_dir, const fs::path& fp32_dir
   ::testing::Test::RecordProperty(name + ":" + tensor + ":differs_from_peft", int(differ));
 }
 
-const char* kOkCases[] = {"lora-bf16",        "lora-fp32",
-                          "lora-fp16",        "rslora",
-                          "patterns",         "dora",
-                          "dora-embed",       "embed-tied",
-                          "lmhead-tied",      "embed-lmhead-untied",
-                          "modules-to-save",  "lora-bias",
-                          "bias-all",         "bias-lora-only",
-                          "layers",           "regex",
-                          "trainable-tokens", "sharded",
-                          "scale-odd",        "scale-odd-fp32",
+const char* kOkCases[] = {"lora-bf16", "lora-fp32", "lora-fp16", "rslora", "patterns", "dora",
+                          "dora-embed", "embed-tied", "lmhead-tied", "embed-lmhead-untied",
+                          "modules-to-save", "lora-bias", "bias-all", "bias-lora-only", "layers",
+                          "regex", "trainable-tokens", "sharded", "scale-odd", "scale-odd-fp32",
                           "rslora-odd",
                           // one LoRA per family beyond Qwen/Llama
-                          "family-mistral",   "family-gemma2",
-                          "family-gemma3",    "family-phi3",
+                          "family-mistral", "family-gemma2", "family-gemma3", "family-phi3",
                           "family-qwen3-moe", "family-mixtral"};
 
 }  // namespace
