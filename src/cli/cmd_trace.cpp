@@ -7,7 +7,7 @@ namespace nanscope::cli {
 
 void add_trace(CLI::App& root, std::vector<Command>& out) {
   struct Args {
-    std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save;
+    std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save, adapter;
     bool json = false;
     int threads = 0;
   };
@@ -25,6 +25,8 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                   "eager (transformers' eager attention) | fused (scores and softmax in fp32, as "
                   "SDPA / flash / SGLang)")
       ->capture_default_str();
+  app->add_option("--adapter", a->adapter,
+                  "PEFT adapter directory, applied unmerged as peft's PeftModel computes it");
   app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
@@ -39,6 +41,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                    opt.attention = *at;
                    if (!a->save.empty()) opt.save = a->save;
                    Checkpoint ck = Checkpoint::open(a->model);
+                   if (!a->adapter.empty()) opt.adapter = AdapterOverlay::open(a->adapter, ck);
                    opt.ids = resolve_tokens(a->model, a->ids, a->text, a->tokenizer);
                    TraceResult r = trace(ck, opt);
                    print_out(a->json ? trace_json(r).dump(2) : trace_text(r));

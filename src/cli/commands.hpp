@@ -23,6 +23,8 @@ void add_tokenize(CLI::App& root, std::vector<Command>& out);
 void add_merge(CLI::App& root, std::vector<Command>& out);
 void add_check(CLI::App& root, std::vector<Command>& out);
 void add_hidden(CLI::App& root, std::vector<Command>& out);
+void add_generate(CLI::App& root, std::vector<Command>& out);
+void add_compare(CLI::App& root, std::vector<Command>& out);
 
 // Writes a JSON document or human text to stdout.
 void print_out(const std::string& s);

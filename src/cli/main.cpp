@@ -47,6 +47,8 @@ int main(int argc, char** argv) {
   add_merge(app, commands);
   add_check(app, commands);
   add_hidden(app, commands);
+  add_generate(app, commands);
+  add_compare(app, commands);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

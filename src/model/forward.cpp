@@ -15,9 +15,11 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <set>
 #include <string>
 
 #include "common/error.hpp"
+#include "model/adapter_overlay.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "model/weights.hpp"
@@ -69,16 +71,30 @@ class Model {
   // `lengths`: the sequences computed together (one for trace/check, many for hidden). Rows of
   // all sequences are stacked for the linear layers and norms; RoPE positions restart at 0 and
   // attention stays inside each sequence, so each one is computed as it would be alone.
+  // `cache` (one sequence only): the positions before these tokens, whose keys and values the
+  // attention reads and to which this pass appends its own.
   Model(const Checkpoint& ck, const ForwardOptions& opt, Observer* obs,
-        std::span<const int64_t> lengths)
+        std::span<const int64_t> lengths, KvCache* cache = nullptr, bool last_logits = false)
       : ck_(ck),
         c_(ck.config()),
         spec_(model_spec(c_)),
         dt_(opt.dtype),
         att_(opt.attention),
         obs_(obs),
+        ov_(opt.adapter),
         sites_(obs != nullptr && obs->wants_sites() && lengths.size() == 1),
-        weights_(ck, opt.dtype, opt.release_pages) {
+        weights_(ck, opt.dtype, opt.release_pages, opt.adapter),
+        cache_(cache),
+        last_logits_(last_logits) {
+    if (cache_) {
+      if (lengths.size() != 1) fail("forward: a key/value cache holds one sequence");
+      P_ = cache_->past;
+      if (cache_->k.empty()) {
+        cache_->k.resize(spec_.layers.size());
+        cache_->v.resize(spec_.layers.size());
+        cache_->start.assign(spec_.layers.size(), 0);
+      }
+    }
     for (int64_t len : lengths) {
       segs_.push_back({T_, len});
       T_ += len;
@@ -87,6 +103,7 @@ class Model {
     if (!is_float_computable(dt_))
       fail("forward: run dtype {} is not one of F32, BF16, F16", dtype_name(dt_));
     H_ = spec_.hidden;
+    if (ov_) check_adapter_modules();
     // cos/sin at a position do not depend on the sequence length, except for `dynamic` and
     // `longrope` (their frequencies follow the length): one table per distinct length then.
     for (const LayerSpec& s : spec_.layers)
@@ -108,6 +125,7 @@ class Model {
              spec_.vocab);
       weight_rows(w, id, 1, dt_, h.data() + t * H_);
     }
+    if (ov_) adapt_embeddings(w, ids, h);
     scale_embeddings(spec_, h.data(), h.size(), dt_);  // Gemma
     site(-1, spec_.embed, h, {T_, H_});
     weights_.release_all();
@@ -126,12 +144,16 @@ class Model {
     }
     Vec x = norm(-1, spec_.final_norm, h, weights_.vector(spec_.final_norm, "weight", H_), H_, T_);
     hidden(N, x);
+    if (last_logits_) x.erase(x.begin(), x.end() - H_);
+    // A tied model's lm_head is the embedding, unless an adapter saved a trained copy of it
+    // (modules_to_save), which PeftModel then uses instead.
+    const bool own_head = ov_ && ov_->replacement(spec_.lm_head + ".weight");
     const WeightView lm =
-        weights_.matrix(spec_.tied ? spec_.embed : spec_.lm_head, spec_.vocab, H_);
+        weights_.matrix(spec_.tied && !own_head ? spec_.embed : spec_.lm_head, spec_.vocab, H_);
     Vec logits = linear_site(-1, spec_.lm_head, x, lm, Vec{});
     if (spec_.final_softcap) {  // Gemma 2: logits = cap * tanh(logits / cap)
       softcap_inplace(logits.data(), int64_t(logits.size()), *spec_.final_softcap, dt_);
-      site(-1, "final_logit_softcapping", logits, {T_, spec_.vocab});
+      site(-1, "final_logit_softcapping", logits, {int64_t(logits.size()) / spec_.vocab, spec_.vocab});
     }
     weights_.release_all();
     return logits;
@@ -170,13 +192,22 @@ class Model {
   // act = activation(gate_proj(x)) * up_proj(x); down_proj(act). Without observed sites and
   // with SiLU the products and the activation run as one step (linear_silu_mul: on AMX, gate
   // and up are combined in cache, never written).
+  // `report` false: an expert of a mixture (no sites, no adapter).
   Vec mlp(int64_t l, const LayerNames& n, const MlpSpec& m, const LayerWeights& w, const Vec& x,
           bool report = true) {
     const int64_t I = w.gate.rows, rows = int64_t(x.size()) / H_;
     Vec act(size_t(rows * I));
     const float* bg = w.gate_bias.empty() ? nullptr : w.gate_bias.data();
     const float* bu = w.up_bias.empty() ? nullptr : w.up_bias.data();
-    if ((!sites_ || !report) && m.act == Activation::Silu) {
+    const std::string gate_mod = m.fused_gate_up ? n.gate_up_proj : gate_name(n);
+    const std::string up_mod = m.fused_gate_up ? n.gate_up_proj : up_name(n);
+    const std::string down_mod = n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj;
+    const LoraBranch* lg = report ? lora_for(gate_mod) : nullptr;
+    const LoraBranch* lu = report ? lora_for(up_mod) : nullptr;
+    const LoraBranch* ld = report ? lora_for(down_mod) : nullptr;
+    const WeightView gw = m.fused_gate_up ? w.gate_up : w.gate;
+    const WeightView uw = m.fused_gate_up ? w.gate_up : w.up;
+    if ((!sites_ || !report) && m.act == Activation::Silu && !lg && !lu) {
       const profile::Scope t("linear");
       linear_silu_mul(x.data(), rows, {w.gate, bg, nullptr}, {w.up, bu, nullptr}, dt_, act.data());
     } else {
@@ -186,6 +217,10 @@ class Model {
         const profile::Scope t("linear");
         linear_shared_input(x.data(), rows, outs, dt_);
       }
+      if (lg) apply_lora_linear(*ov_, *lg, gw, x.data(), rows, 0, I, bg, dt_, g.data());
+      if (lu)
+        apply_lora_linear(*ov_, *lu, uw, x.data(), rows, m.fused_gate_up ? I : 0, I, bu, dt_,
+                          u.data());
       if (report) {
         site(l, gate_name(n), g, {T_, I});
         site(l, up_name(n), u, {T_, I});
@@ -200,11 +235,11 @@ class Model {
     Vec down(size_t(rows * H_));
     {
       const profile::Scope t("linear");
-      linear(act.data(), rows, w.down, w.down_bias.empty() ? nullptr : w.down_bias.data(), dt_,
-             down.data());
+      const float* bd = w.down_bias.empty() ? nullptr : w.down_bias.data();
+      linear(act.data(), rows, w.down, bd, dt_, down.data());
+      if (ld) apply_lora_linear(*ov_, *ld, w.down, act.data(), rows, 0, H_, bd, dt_, down.data());
     }
-    if (report)
-      site(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj, down, {T_, H_});
+    if (report) site(l, down_mod, down, {T_, H_});
     return down;
   }
   static std::string gate_name(const LayerNames& n) {
@@ -305,10 +340,13 @@ class Model {
     const AttentionSpec& a = s.attn;
     const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
     const std::string& p = n.prefix;
-    std::vector<Vec> qkv = linear_sites_shared(l, x,
-                                               {{p + "self_attn.q_proj", w.q, w.q_bias},
-                                                {p + "self_attn.k_proj", w.k, w.k_bias},
-                                                {p + "self_attn.v_proj", w.v, w.v_bias}});
+    // A fused qkv_proj has one LoRA over all its rows: q, k and v take their row ranges.
+    const bool f = a.fused_qkv;
+    std::vector<Vec> qkv = linear_sites_shared(
+        l, x,
+        {{p + "self_attn.q_proj", w.q, w.q_bias, f ? n.qkv_proj : "", w.qkv, 0},
+         {p + "self_attn.k_proj", w.k, w.k_bias, f ? n.qkv_proj : "", w.qkv, qd},
+         {p + "self_attn.v_proj", w.v, w.v_bias, f ? n.qkv_proj : "", w.qkv, qd + kvd}});
     Vec q = std::move(qkv[0]), k = std::move(qkv[1]), v = std::move(qkv[2]);
     if (a.qk_norm) {  // RMSNorm over each head's D values, before RoPE
       q = norm(l, n.q_norm, q, w.q_norm, D, T_ * a.heads, {T_, a.heads, D});
@@ -318,8 +356,8 @@ class Model {
       const profile::Scope t("rope");
       segment_rows([&](const Segment& g, int64_t r0, int64_t r1) {
         const RopeTables& tab = rope_.at(rope_key_for(a.rope, g.len));
-        apply_rope(q.data() + (g.off + r0) * qd, r1 - r0, a.heads, tab, dt_, r0, D);
-        apply_rope(k.data() + (g.off + r0) * kvd, r1 - r0, a.kv_heads, tab, dt_, r0, D);
+        apply_rope(q.data() + (g.off + r0) * qd, r1 - r0, a.heads, tab, dt_, P_ + r0, D);
+        apply_rope(k.data() + (g.off + r0) * kvd, r1 - r0, a.kv_heads, tab, dt_, P_ + r0, D);
       });
     }
     if (sites_) {
@@ -333,9 +371,42 @@ class Model {
     Vec ctx;
     {
       const profile::Scope t("attention");
-      ctx = att_ == AttentionProfile::Eager ? eager(l, n, a, q, k, v) : fused(l, n, a, q, k, v);
+      // With a cache the keys are the cached ones followed by these (transformers' DynamicCache);
+      // a sliding-window layer's cache keeps the last window - 1 positions only.
+      Keys keys{k.data(), v.data(), T_, 0};
+      if (cache_) {
+        std::vector<float>& ck = cache_->k[size_t(l)];
+        std::vector<float>& cv = cache_->v[size_t(l)];
+        ck.insert(ck.end(), k.begin(), k.end());
+        cv.insert(cv.end(), v.begin(), v.end());
+        keys = Keys{ck.data(), cv.data(), int64_t(ck.size()) / kvd, cache_->start[size_t(l)]};
+      }
+      ctx = att_ == AttentionProfile::Eager ? eager(l, n, a, q, keys) : fused(l, n, a, q, keys);
+      if (cache_ && a.window > 0) {
+        std::vector<float>& ck = cache_->k[size_t(l)];
+        std::vector<float>& cv = cache_->v[size_t(l)];
+        const int64_t rows = int64_t(ck.size()) / kvd, drop = rows - (a.window - 1);
+        if (drop > 0) {
+          ck.erase(ck.begin(), ck.begin() + drop * kvd);
+          cv.erase(cv.begin(), cv.begin() + drop * kvd);
+          cache_->start[size_t(l)] += drop;
+        }
+      }
     }
     return linear_site(l, n.o_proj, ctx, w.o, w.o_bias);
+  }
+
+  // The keys and values attention reads: [rows, kv_heads * head_dim], row 0 at absolute
+  // position `pos0` (0 without a cache; later when a sliding window dropped earlier ones).
+  struct Keys {
+    const float* k;
+    const float* v;
+    int64_t rows;  // all sequences' rows without a cache; the cached rows with one
+    int64_t pos0;
+  };
+  // Keys of a segment of Tq queries: how many, and the column of query 0's own position.
+  int64_t key_count(const Keys& kv, int64_t Tq) const { return cache_ ? kv.rows : Tq; }
+  int64_t query_col0(const Keys& kv) const { return cache_ ? P_ - kv.pos0 : 0;
   }
 
   // transformers' eager_attention_forward: s = round(q @ k^T); s = round(s * scaling);
@@ -344,8 +415,7 @@ class Model {
   // sliding window); p = round(softmax_fp32(s)); o = round(p @ v). GQA: head h reads kv head
   // h / (nH / nKV). Masked scores are computed too: a NaN or inf there survives the mask and
   // poisons the whole row, as in torch.
-  Vec eager(int64_t l, const LayerNames& n, const AttentionSpec& a, const Vec& q, const Vec& k,
-            const Vec& v) {
+  Vec eager(int64_t l, const LayerNames& n, const AttentionSpec& a, const Vec& q, const Keys& kv) {
     const int64_t D = a.head_dim, rep = a.heads / a.kv_heads, qd = a.heads * D,
                   kvd = a.kv_heads * D;
     const float scaling = a.scaling;
@@ -353,7 +423,9 @@ class Model {
     const bool plain = a.window == 0 && !a.softcap;
     // q, k, p and v hold bf16 values in a bf16 run: their products go to AMX where there is AMX.
     const bool amx = is_amx(choose_attention_path(dt_));
-    AttentionBuffers buf = attention_buffers(a);
+    const float *k = kv.k, *v = kv.v;
+    const int64_t c0 = query_col0(kv);
+    AttentionBuffers buf = attention_buffers(a, kv);
     // Rows are taken kRowBlock at a time: two fp32 matrix products per block (scores, then
     // probabilities @ v) with the elementwise steps in between, row by row. Jobs (sequence,
     // head) are shared out with stealing; each worker keeps its scratch.
@@ -365,52 +437,52 @@ class Model {
     parallel_for_stealing(buf.jobs, [&](int64_t worker, int64_t job) {
       Scratch& sc = scratch[size_t(worker)];
       if (sc.sblk.empty()) {
-        sc.sblk.resize(static_cast<size_t>(kRowBlock * maxT_));
+        sc.sblk.resize(static_cast<size_t>(kRowBlock * buf.max_keys));
         sc.pblk.resize(sc.sblk.size());
         sc.oblk.resize(static_cast<size_t>(kRowBlock * D));
       }
       Vec &sblk = sc.sblk, &pblk = sc.pblk, &oblk = sc.oblk;
       gemm_amx::PackedB &kt = sc.kt, &vt = sc.vt;
       const Segment& g = segs_[size_t(job / a.heads)];
-      const int64_t h = job % a.heads, kvh = h / rep, T = g.len;
+      const int64_t h = job % a.heads, kvh = h / rep, T = g.len, L = key_count(kv, T);
       const float* qh = q.data() + g.off * qd + h * D;
-      const float* kh = k.data() + g.off * kvd + kvh * D;
-      const float* vh = v.data() + g.off * kvd + kvh * D;
+      const float* kh = k + (cache_ ? 0 : g.off) * kvd + kvh * D;
+      const float* vh = v + (cache_ ? 0 : g.off) * kvd + kvh * D;
       double& peak = buf.peak[size_t(job)];
       if (amx) {
-        gemm_amx::pack_rows_n(kh, kvd, T, D, kt);
-        gemm_amx::pack_rows_k(vh, kvd, T, D, vt);
+        gemm_amx::pack_rows_n(kh, kvd, L, D, kt);
+        gemm_amx::pack_rows_k(vh, kvd, L, D, vt);
       }
       for (int64_t i0 = 0; i0 < T; i0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, T - i0);
-        float* S = buf.keep ? buf.s.data() + (h * T + i0) * T : sblk.data();
-        float* P = buf.keep ? buf.p.data() + (h * T + i0) * T : pblk.data();
+        float* S = buf.keep ? buf.s.data() + (h * T + i0) * L : sblk.data();
+        float* P = buf.keep ? buf.p.data() + (h * T + i0) * L : pblk.data();
         if (amx)  // bf16 products on AMX tiles, as torch's bf16 matmul there
-          gemm_amx::matmul_packed(qh + i0 * qd, qd, rows, kt, S, T);
+          gemm_amx::matmul_packed(qh + i0 * qd, qd, rows, kt, S, L);
         else
-          sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, T, rows, T, D);  // q @ k^T (all columns)
+          sgemm_nt(qh + i0 * qd, qd, kh, kvd, S, L, rows, L, D);  // q @ k^T (all columns)
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          float* si = S + r * T;
-          float* pi = P + r * T;
+          const int64_t i = c0 + i0 + r;  // the column of this query's own position
+          float* si = S + r * L;
+          float* pi = P + r * L;
           if (plain)
-            attention_scores_row(si, T, i, scaling, mask, dt_, peak);
+            attention_scores_row(si, L, i, scaling, mask, dt_, peak);
           else
-            attention_scores_row_window(si, T, i, a.window, scaling, a.softcap.value_or(0.0f), mask,
+            attention_scores_row_window(si, L, i, a.window, scaling, a.softcap.value_or(0.0f), mask,
                                         dt_, peak);
-          softmax_row(si, T, pi);
-          round_inplace(pi, size_t(T), dt_);
+          softmax_row(si, L, pi);
+          round_inplace(pi, size_t(L), dt_);
         }
         if (amx)
-          gemm_amx::matmul_packed(P, T, rows, vt, oblk.data(), D);
+          gemm_amx::matmul_packed(P, L, rows, vt, oblk.data(), D);
         else
-          sgemm_nn(P, T, vh, kvd, oblk.data(), D, rows, D, T);  // p @ v
+          sgemm_nn(P, L, vh, kvd, oblk.data(), D, rows, D, L);  // p @ v
         round_inplace(oblk.data(), size_t(rows * D), dt_);
         for (int64_t r = 0; r < rows; ++r)
           std::copy_n(oblk.data() + r * D, D, buf.ctx.data() + (g.off + i0 + r) * qd + h * D);
       }
     });
-    report_attention(l, n, a, buf);
+    report_attention(l, n, a, buf, c0);
     return std::move(buf.ctx);
   }
 
@@ -429,28 +501,30 @@ class Model {
   static constexpr int64_t kTorchLanes = kTorchFloatLanes;
   static constexpr int64_t kRowBlock = 64;  // query rows per block of eager attention
 
-  Vec fused(int64_t l, const LayerNames& n, const AttentionSpec& a, const Vec& q, const Vec& k,
-            const Vec& v) {
+  Vec fused(int64_t l, const LayerNames& n, const AttentionSpec& a, const Vec& q, const Keys& kv) {
     const int64_t D = a.head_dim, rep = a.heads / a.kv_heads, qd = a.heads * D,
                   kvd = a.kv_heads * D;
     const float scaling = a.scaling;
     const float ninf = -std::numeric_limits<float>::infinity();
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    AttentionBuffers buf = attention_buffers(a);
+    const float *k = kv.k, *v = kv.v;
+    const int64_t c0 = query_col0(kv);
+    AttentionBuffers buf = attention_buffers(a, kv);
     parallel_for(buf.jobs, 1, [&](int64_t j0, int64_t j1) {
-      Vec e(static_cast<size_t>(maxT_)), srow(e.size()), prow(e.size());
+      Vec e(static_cast<size_t>(buf.max_keys)), srow(e.size()), prow(e.size());
       for (int64_t job = j0; job < j1; ++job) {
         const Segment& g = segs_[size_t(job / a.heads)];
-        const int64_t h = job % a.heads, kvh = h / rep, T = g.len;
+        const int64_t h = job % a.heads, kvh = h / rep, Tq = g.len, T = key_count(kv, Tq);
         const int64_t nv = T / kTorchLanes * kTorchLanes;
         const float* qs = q.data() + g.off * qd;
-        const float* ks = k.data() + g.off * kvd;
-        const float* vs = v.data() + g.off * kvd;
+        const float* ks = k + (cache_ ? 0 : g.off) * kvd;
+        const float* vs = v + (cache_ ? 0 : g.off) * kvd;
         double& peak = buf.peak[size_t(job)];
-        for (int64_t i = 0; i < T; ++i) {
-          float* si = buf.keep ? buf.s.data() + (h * T + i) * T : srow.data();
-          float* pi = buf.keep ? buf.p.data() + (h * T + i) * T : prow.data();
-          const float* qi = qs + i * qd + h * D;
+        for (int64_t iq = 0; iq < Tq; ++iq) {
+          const int64_t i = c0 + iq;  // the column of this query's own position
+          float* si = buf.keep ? buf.s.data() + (h * Tq + iq) * T : srow.data();
+          float* pi = buf.keep ? buf.p.data() + (h * Tq + iq) * T : prow.data();
+          const float* qi = qs + iq * qd + h * D;
           for (int64_t j = 0; j < T; ++j) {
             float x = ninf;
             if (!masked_key(i, j, a.window)) {
@@ -463,7 +537,9 @@ class Model {
           for (int64_t j = 0; j < nv; ++j)
             vmax = (std::isnan(vmax) || std::isnan(si[j])) ? nan : std::max(vmax, si[j]);
           for (int64_t j = nv; j < T; ++j) tmax = tmax < si[j] ? si[j] : tmax;
-          const float m = tmax < vmax ? vmax : tmax;
+          // torch combines them as max(vector max, tail max): a NaN among the vector columns
+          // wins (the row turns NaN), a NaN in the tail alone is skipped (poisoned: T = 17).
+          const float m = vmax < tmax ? tmax : vmax;
           float sum = 0.0f;
           if (m == ninf) {
             std::fill(e.begin(), e.begin() + T, 0.0f);
@@ -484,7 +560,7 @@ class Model {
           for (int64_t j = 0; j < T; ++j) pi[j] = e[size_t(j)] * inv;
           for (int64_t j = 0; j < T; ++j) e[size_t(j)] = round_to(e[size_t(j)], dt_);
           // o[d] = sum_j p[j] v[j, d] with j in order for every d (rows of v read contiguously).
-          float* o = buf.ctx.data() + (g.off + i) * qd + h * D;
+          float* o = buf.ctx.data() + (g.off + iq) * qd + h * D;
           std::fill(o, o + D, 0.0f);
           for (int64_t j = 0; j < T; ++j) {
             const float pj = e[size_t(j)];
@@ -495,7 +571,7 @@ class Model {
         }
       }
     });
-    report_attention(l, n, a, buf);
+    report_attention(l, n, a, buf, c0);
     return std::move(buf.ctx);
   }
 
@@ -503,17 +579,21 @@ class Model {
   // probabilities [nH, T, T]; a batch keeps one row of each per thread instead.
   struct AttentionBuffers {
     bool keep = false;
-    int64_t jobs = 0;  // (sequence, head) pairs
+    int64_t jobs = 0;      // (sequence, head) pairs
+    int64_t max_keys = 0;  // the most keys a query row sees
+    int64_t keys = 0;      // columns of s and p (one sequence)
     Vec s, p, ctx;
     std::vector<double> peak;  // per job: the largest finite |score| before rounding
   };
 
-  AttentionBuffers attention_buffers(const AttentionSpec& a) const {
+  AttentionBuffers attention_buffers(const AttentionSpec& a, const Keys& kv) const {
     AttentionBuffers b;
     b.keep = sites_;
     b.jobs = int64_t(segs_.size()) * a.heads;
+    b.max_keys = key_count(kv, maxT_);
+    b.keys = b.max_keys;
     if (b.keep) {
-      b.s.resize(size_t(a.heads * T_ * T_));
+      b.s.resize(size_t(a.heads * T_ * b.keys));
       b.p.resize(b.s.size());
     }
     b.ctx.resize(size_t(T_ * a.heads * a.head_dim));
@@ -533,17 +613,17 @@ class Model {
   }
 
   void report_attention(int64_t l, const LayerNames& n, const AttentionSpec& a,
-                        const AttentionBuffers& b) {
+                        const AttentionBuffers& b, int64_t c0) {
     if (!sites_) return;
-    const int64_t T = T_;
+    const int64_t T = T_, L = b.keys;
     const Vec& s = b.s;
     // Masked scores may be -inf (fused, or fp16's min + negative score) without harm.
     bool finite = true;
     for (int64_t h = 0; h < a.heads && finite; ++h)
       for (int64_t i = 0; i < T && finite; ++i)
-        for (int64_t j = 0; j < T; ++j) {
-          const float x = s[size_t((h * T + i) * T + j)];
-          const bool ok = masked_key(i, j, a.window)
+        for (int64_t j = 0; j < L; ++j) {
+          const float x = s[size_t((h * T + i) * L + j)];
+          const bool ok = masked_key(c0 + i, j, a.window)
                               ? !(std::isnan(x) || x == std::numeric_limits<float>::infinity())
                               : std::isfinite(x);
           if (!ok) {
@@ -551,9 +631,9 @@ class Model {
             break;
           }
         }
-    emit(l, n.prefix + "self_attn.scores", s, {a.heads, T, T}, finite,
+    emit(l, n.prefix + "self_attn.scores", s, {a.heads, T, L}, finite,
          *std::max_element(b.peak.begin(), b.peak.end()));
-    site(l, n.prefix + "self_attn.probs", b.p, {a.heads, T, T});
+    site(l, n.prefix + "self_attn.probs", b.p, {a.heads, T, L});
     site(l, n.prefix + "self_attn.context", b.ctx, {T, a.heads * a.head_dim});
   }
 
@@ -569,6 +649,11 @@ class Model {
     std::string module;
     WeightView w;
     const Vec& bias;
+    // The adapter's module when it is not `module` (a fused tensor), its whole weight, and
+    // where this output's rows start in it.
+    std::string lora_module = {};
+    WeightView lora_w = {};
+    int64_t lora_row0 = 0;
   };
   std::vector<Vec> linear_sites_shared(int64_t l, const Vec& x, std::vector<LinearSpec> specs,
                                        bool report = true) {
@@ -584,10 +669,69 @@ class Model {
       const profile::Scope t("linear");
       linear_shared_input(x.data(), rows, jobs, dt_);
     }
+    if (ov_)
+      for (size_t i = 0; i < specs.size(); ++i) {
+        const LinearSpec& sp = specs[i];
+        const bool fused = !sp.lora_module.empty();
+        if (const LoraBranch* b = lora_for(fused ? sp.lora_module : sp.module))
+          apply_lora_linear(*ov_, *b, fused ? sp.lora_w : sp.w, x.data(), rows,
+                            fused ? sp.lora_row0 : 0, jobs[i].w.rows, jobs[i].bias, dt_,
+                            outs[i].data());
+      }
     if (report)
       for (size_t i = 0; i < specs.size(); ++i)
         site(l, specs[i].module, outs[i], {rows, jobs[i].w.rows});
     return outs;
+  }
+
+  const LoraBranch* lora_for(const std::string& module) const {
+    return ov_ ? ov_->lora(module) : nullptr;
+  }
+
+  // Every LoRA module of the adapter must be one this pass applies: a module it would skip
+  // (an expert, a router) would give the bare model's numbers under the adapter's name.
+  void check_adapter_modules() const {
+    std::set<std::string> applied = {spec_.embed, spec_.lm_head};
+    for (const LayerSpec& s : spec_.layers) {
+      const LayerNames& n = s.names;
+      for (const std::string* m : {&n.q_proj, &n.k_proj, &n.v_proj, &n.qkv_proj, &n.o_proj})
+        if (!m->empty()) applied.insert(*m);
+      if (!s.mlp.moe)
+        for (const std::string* m : {&n.gate_proj, &n.up_proj, &n.gate_up_proj, &n.down_proj})
+          if (!m->empty()) applied.insert(*m);
+    }
+    const std::string file = (ov_->adapter().dir() / "adapter_model.safetensors").string();
+    for (const auto& [module, b] : ov_->plan().lora) {
+      if (!ov_->lora(module)) continue;  // not targeted by the config: peft leaves it out
+      if (!applied.contains(module))
+        fail(
+            "{}: module {} has a LoRA that the unmerged forward pass does not apply to this "
+            "architecture (experts and routers are not); merge it with `nanscope merge` and run "
+            "the merged model",
+            file, module);
+      if (module == spec_.embed && spec_.embed_scale)
+        fail(
+            "{}: a LoRA on the embedding of a family that scales its embeddings (Gemma) is not "
+            "applied unmerged by nanscope; merge it with `nanscope merge`",
+            file);
+    }
+  }
+
+  // Trainable token rows, then the embedding's LoRA, on the looked-up rows h [T, H].
+  void adapt_embeddings(const WeightView& w, std::span<const int64_t> ids, Vec& h) {
+    const std::string wname = spec_.embed + ".weight";
+    if (const TokenRows* tr = ov_->token_rows(wname)) {
+      const TensorRef vals = *ov_->token_values(wname);
+      const WeightView vw{vals.bytes().data(), vals.info->dtype, vals.info->shape[0],
+                          vals.info->shape[1]};
+      std::map<int64_t, int64_t> at;  // token id -> row of the trained values
+      for (size_t i = 0; i < tr->rows.size(); ++i) at[tr->rows[i]] = int64_t(i);
+      for (int64_t t = 0; t < T_; ++t)
+        if (const auto it = at.find(ids[size_t(t)]); it != at.end())
+          weight_rows(vw, it->second, 1, dt_, h.data() + t * H_);
+    }
+    if (const LoraBranch* b = lora_for(spec_.embed))
+      apply_lora_embedding(*ov_, *b, w, ids, dt_, h.data());
   }
 
   Vec norm(int64_t l, const std::string& module, const Vec& x, const Vec& w, int64_t n,
@@ -605,8 +749,10 @@ class Model {
     return out;
   }
 
+  // Tables cover the positions after the cache too; a length-dependent RoPE follows the whole
+  // length so far, as transformers' dynamic/longrope update does at each step.
   std::pair<int, int64_t> rope_key_for(int rope, int64_t len) const {
-    return {rope, rope_depends_on_length(spec_.ropes[size_t(rope)]) ? len : maxT_};
+    return {rope, P_ + (rope_depends_on_length(spec_.ropes[size_t(rope)]) ? len : maxT_)};
   }
 
   void site(int64_t l, const std::string& name, const Vec& v,
@@ -643,8 +789,12 @@ class Model {
   DType dt_;
   AttentionProfile att_;
   Observer* obs_;
+  const AdapterOverlay* ov_;
   bool sites_;  // report sites: an observer that wants them and a single sequence
   WeightSource weights_;
+  KvCache* cache_;
+  bool last_logits_;  // lm_head on the last row only (generate's logits_to_keep = 1)
+  int64_t P_ = 0;     // positions in the cache before these tokens
   std::vector<Segment> segs_;
   int64_t T_ = 0, maxT_ = 0;  // all rows; the longest sequence
   int64_t H_ = 0;
@@ -653,7 +803,8 @@ class Model {
 
 template <typename Embed>
 ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
-                        const ForwardOptions& opt, Observer* obs, Embed&& embed) {
+                        const ForwardOptions& opt, Observer* obs, Embed&& embed,
+                        KvCache* cache = nullptr) {
   int64_t T = 0;
   for (int64_t len : lengths) {
     if (len <= 0) fail("forward: a sequence without tokens");
@@ -672,7 +823,7 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
       activation_cache::trim();
     }
   } end_of_pass;
-  Model m(ck, opt, obs, lengths);
+  Model m(ck, opt, obs, lengths, cache, cache != nullptr);
   try {
     const Vec logits = m.run(embed(m));
     res.logits.assign(logits.begin(), logits.end());
@@ -699,6 +850,16 @@ ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const 
   const int64_t T = int64_t(ids.size());
   return run_model(ck, std::span<const int64_t>(&T, 1), opt, obs,
                    [&](Model& m) { return m.embed(ids); });
+}
+
+ForwardResult forward_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
+                           const ForwardOptions& opt, Observer* obs) {
+  const int64_t T = int64_t(ids.size());
+  ForwardResult r = run_model(
+      ck, std::span<const int64_t>(&T, 1), opt, obs, [&](Model& m) { return m.embed(ids); },
+      &cache);
+  if (!r.stopped_early) cache.past += T;
+  return r;
 }
 
 ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> embeddings, int64_t T,

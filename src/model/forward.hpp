@@ -20,6 +20,8 @@
 
 namespace nanscope {
 
+class AdapterOverlay;
+
 enum class AttentionProfile {
   Eager,  // transformers' eager_attention_forward: scores and probs rounded to the run dtype
   Fused,  // SDPA / flash / SGLang: scores and softmax in fp32, the output rounded once
@@ -31,6 +33,9 @@ struct ForwardOptions {
   DType dtype = DType::BF16;  // F32, BF16 or F16
   AttentionProfile attention = AttentionProfile::Eager;
   bool release_pages = true;  // hand each finished layer's weight pages back to the kernel
+  // A PEFT adapter applied unmerged, as PeftModel computes it (model/adapter_overlay.hpp);
+  // opened against the same checkpoint. Null: the bare model.
+  const AdapterOverlay* adapter = nullptr;
 };
 
 struct ForwardResult {
@@ -46,6 +51,21 @@ struct ForwardResult {
 // or misshapen tensor, an unsupported architecture or rope type.
 ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const ForwardOptions& opt,
                       Observer* obs = nullptr);
+
+// Keys (after RoPE) and values of the positions already run, per layer, as transformers'
+// DynamicCache holds them: a sliding-window layer keeps its last window - 1 positions only.
+struct KvCache {
+  int64_t past = 0;                      // positions run so far
+  std::vector<std::vector<float>> k, v;  // per layer: [rows, kv_heads * head_dim]
+  std::vector<int64_t> start;            // per layer: the position of row 0
+};
+
+// One step of incremental decoding (transformers' generate): `ids` at positions [cache.past,
+// cache.past + ids.size()) attend to the cached positions and to each other; their keys and
+// values are appended. The logits are the last position's only ([1, vocab]), as generate
+// computes them. Pass options with release_pages = false: the next step reads every page again.
+ForwardResult forward_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
+                           const ForwardOptions& opt, Observer* obs = nullptr);
 
 // Runs the model on input embeddings [T, hidden_size] instead of ids (soft tokens, as
 // transformers' `inputs_embeds`): the values are first rounded to the run dtype. No

@@ -214,14 +214,20 @@ class Pass {
         float* s = &r.scores[size_t((h * T + i) * T)];   // [T]
         float* pr = &r.probs[size_t((h * T + i) * T)];   // [T]
         float m = ninf;
+        bool vector_nan = false;
         for (int64_t j = 0; j < T; ++j) {
           s[j] = ninf;
           if (!masked_key(i, j, a.window)) {
             s[j] = dot(qi, &k[size_t((j * nKV + h / rep) * D)], D) * a.scaling;
             if (std::isfinite(s[j])) r.peak = std::max(r.peak, double(std::fabs(s[j])));
           }
-          if (s[j] > m) m = s[j];  // NaN does not enter the max
+          // torch's max: a NaN in the whole vectors of columns wins, one in the tail does not.
+          if (std::isnan(s[j]))
+            vector_nan = vector_nan || j < vec_end;
+          else if (s[j] > m)
+            m = s[j];
         }
+        if (vector_nan) m = std::numeric_limits<float>::quiet_NaN();
         float sum = 0.0f;
         for (int64_t j = 0; j < T; ++j) {
           const float x = s[j] - m;  // torch: fexp_u20 on whole vectors in bf16/fp16

@@ -35,6 +35,7 @@ LayerWeights WeightSource::layer(const LayerSpec& s, int64_t H) {
   w.input_norm = vector(n.input_norm, "weight", H);
   if (a.fused_qkv) {
     const WeightView qkv = matrix(n.qkv_proj, qd + 2 * kvd, H);
+    w.qkv = qkv;
     w.q = rows_of(qkv, 0, qd), w.k = rows_of(qkv, qd, kvd), w.v = rows_of(qkv, qd + kvd, kvd);
   } else {
     w.q = matrix(n.q_proj, qd, H), w.k = matrix(n.k_proj, kvd, H), w.v = matrix(n.v_proj, kvd, H);
@@ -55,6 +56,7 @@ LayerWeights WeightSource::layer(const LayerSpec& s, int64_t H) {
   if (!m.moe) {
     if (m.fused_gate_up) {
       const WeightView gu = matrix(n.gate_up_proj, 2 * I, H);
+      w.gate_up = gu;
       w.gate = rows_of(gu, 0, I), w.up = rows_of(gu, I, I);
     } else {
       w.gate = matrix(n.gate_proj, I, H), w.up = matrix(n.up_proj, I, H);
@@ -85,7 +87,8 @@ void WeightSource::release_all() {
 }
 
 TensorRef WeightSource::get(const std::string& name, std::initializer_list<int64_t> shape) {
-  const TensorRef t = ck_.get(name);
+  const std::optional<TensorRef> swapped = adapter_ ? adapter_->replacement(name) : std::nullopt;
+  const TensorRef t = swapped ? *swapped : ck_.get(name);
   if (!is_float_computable(t.info->dtype))
     fail("{}: tensor {} has dtype {}; the forward pass reads F32, BF16 or F16", ck_.dir().string(),
          name, dtype_name(t.info->dtype));

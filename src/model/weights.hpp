@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "formats/checkpoint.hpp"
+#include "model/adapter_overlay.hpp"
 #include "model/arch.hpp"
 #include "numerics/activations.hpp"
 #include "numerics/dtype.hpp"
@@ -25,6 +26,7 @@ namespace nanscope {
 struct LayerWeights {
   Activations input_norm, attn_out_norm, mlp_in_norm, mlp_out_norm, q_norm, k_norm;
   WeightView q, k, v, o;
+  WeightView qkv, gate_up;  // the whole fused tensors where q/k/v, gate/up are row ranges
   Activations q_bias, k_bias, v_bias, o_bias;
   WeightView gate, up, down;
   Activations gate_bias, up_bias, down_bias;
@@ -36,8 +38,10 @@ struct LayerWeights {
 // backend's uploader takes the place of.
 class WeightSource {
  public:
-  WeightSource(const Checkpoint& ck, DType dt, bool release)
-      : ck_(ck), dt_(dt), release_(release) {}
+  // `adapter` (nullable): its modules_to_save / bias tensors are read instead of the base's.
+  WeightSource(const Checkpoint& ck, DType dt, bool release,
+               const AdapterOverlay* adapter = nullptr)
+      : ck_(ck), dt_(dt), release_(release), adapter_(adapter) {}
   ~WeightSource() { release_all(); }
   WeightSource(const WeightSource&) = delete;
   WeightSource& operator=(const WeightSource&) = delete;
@@ -58,6 +62,7 @@ class WeightSource {
   const Checkpoint& ck_;
   DType dt_;
   bool release_;
+  const AdapterOverlay* adapter_;
   std::vector<TensorRef> held_;
   std::set<const TensorInfo*> counted_;
   uint64_t bytes_ = 0;

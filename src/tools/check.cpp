@@ -117,6 +117,11 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   }
   std::optional<Checkpoint> base;
   if (opt.base) base.emplace(Checkpoint::open(*opt.base));
+  // Without --base, MODEL is the base and the adapter is applied unmerged (as PeftModel) in
+  // every run; with --base, MODEL is the merge and base + adapter unmerged is run beside it.
+  std::shared_ptr<const AdapterOverlay> overlay;
+  if (opt.adapter) overlay = AdapterOverlay::open(*opt.adapter, base ? *base : ck);
+  r.adapter_unmerged = overlay && !base;
 
   // Structure.
   for (const auto& f : r.scan.findings)
@@ -148,7 +153,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
         bt->release();
       }
     }
-    if (ab != adapter_bad_by_module.end()) {
+    if (ab != adapter_bad_by_module.end() && !r.adapter_unmerged) {
       origin = fmt::format("inherited from the adapter ({})", ab->second.front()->name);
       fix = "Fix the adapter (see above); the model is only as good as the adapter merged in.";
     } else if (base_stats && base_stats->nonfinite()) {
@@ -216,6 +221,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       to.ids = opt.ids;
       to.dtype = dt;
       to.attention = at;
+      if (r.adapter_unmerged) to.adapter = overlay;
       try {
         cr.trace = trace(ck, to);
       } catch (const InputError& e) {
@@ -242,8 +248,53 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
         ats.push_back(AttentionProfile::Fused);  // would SDPA / flash / SGLang survive it?
     }
   }
+  if (base && overlay)
+    for (DType dt : opt.dtypes) {
+      CheckRun cr{dt, AttentionProfile::Eager, std::nullopt, ""};
+      TraceOptions to;
+      to.ids = opt.ids;
+      to.dtype = dt;
+      to.adapter = overlay;
+      try {
+        cr.trace = trace(*base, to);
+      } catch (const InputError& e) {
+        cr.error = e.what();
+      }
+      r.unmerged_runs.push_back(std::move(cr));
+    }
+
+  // Did the fine-tune diverge? Measured against the base on the same input, in fp32.
+  if (runnable && weights_finite && (overlay || base)) {
+    try {
+      std::vector<UpdateNorm> updates =
+          overlay ? adapter_update_norms(*overlay, base ? *base : ck)
+                  : weight_update_norms(ck, *base);
+      RunFigures tuned = fp32_figures(ck, r.adapter_unmerged ? overlay.get() : nullptr, opt.ids);
+      RunFigures bare = fp32_figures(base ? *base : ck, nullptr, opt.ids);
+      r.divergence = judge_divergence(updates, std::move(tuned), std::move(bare));
+    } catch (const InputError&) {
+      // The base cannot be run on this input (another vocabulary): no divergence evidence.
+    }
+  }
+  const bool diverged = r.divergence && r.divergence->diverged;
+  if (diverged)
+    r.causes.insert(
+        r.causes.begin(),
+        {"adapter_diverged",
+         {},
+         {},
+         {},
+         "",
+         r.divergence->worst.tensor,
+         "the adapter is finite, but the fine-tune diverged: " + r.divergence->detail +
+             ". The model is broken in every dtype; overflows of fp16 runs are a consequence",
+         "Go back to an earlier checkpoint of the fine-tune (before the loss rose) and re-train "
+         "from it with a lower learning rate and gradient clipping; no dtype, attention kind or "
+         "merge setting repairs this adapter."});
+
   for (const auto& cr : r.runs) {
     if (!cr.trace || !cr.trace->first_nonfinite) continue;
+    if (diverged) break;  // "run in bf16" would be the wrong advice: the fine-tune is broken
     const auto& f = *cr.trace->first_nonfinite;
     if (!f.finite_in_fp32 && !(weights_finite && cr.dtype == DType::F32)) continue;  // weights
     std::string detail;
@@ -278,6 +329,12 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
           "trained in bf16 often exceed 65504).",
           run_dtype_name(cr.dtype));
     }
+    for (const CheckRun& u : r.unmerged_runs)
+      if (u.dtype == cr.dtype && u.trace && u.trace->finite())
+        fix += fmt::format(
+            " Loading the adapter unmerged on the base (PeftModel.from_pretrained) is finite in "
+            "{}, so that works too.",
+            run_dtype_name(cr.dtype));
     r.causes.push_back({"activation_overflow", cr.dtype, cr.attention,
                         f.layer >= 0 ? std::optional<int64_t>(f.layer) : std::nullopt, f.site, "",
                         detail, fix});
@@ -344,6 +401,29 @@ nlohmann::json check_json(const CheckResult& r) {
     }
     j["runs"].push_back(std::move(e));
   }
+  j["adapter_unmerged"] = r.adapter_unmerged;
+  j["unmerged_runs"] = nlohmann::json::array();
+  for (const auto& cr : r.unmerged_runs) {
+    nlohmann::json e = cr.trace ? trace_json(*cr.trace)
+                                : nlohmann::json{{"dtype", run_dtype_name(cr.dtype)},
+                                                 {"error", cr.error}};
+    if (cr.trace) e["finite"] = cr.trace->finite();
+    j["unmerged_runs"].push_back(std::move(e));
+  }
+  if (r.divergence) {
+    const Divergence& d = *r.divergence;
+    auto fin = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(); };
+    j["divergence"] = {{"diverged", d.diverged},
+                       {"growth", fin(d.growth)},
+                       {"worst_tensor", d.worst.tensor},
+                       {"worst_rel_update", fin(d.worst.rel)},
+                       {"max_abs_tuned", fin(d.tuned.max_abs)},
+                       {"max_abs_base", fin(d.base.max_abs)},
+                       {"nll_tuned", fin(d.tuned.nll)},
+                       {"nll_base", fin(d.base.nll)}};
+  } else {
+    j["divergence"] = nullptr;
+  }
   nlohmann::json s = scan_to_json(r.scan);
   s.erase("tensor_stats");
   j["scan"] = s;
@@ -371,8 +451,21 @@ std::string check_text(const CheckResult& r) {
       where += " " + c.site;
     s += fmt::format("\nCause {}: {}{}\n  {}\n", i + 1, c.kind, where, c.detail);
   }
+  if (r.adapter_unmerged)
+    s += "\nThe adapter was applied unmerged to the model in every run (as peft's PeftModel "
+         "computes it). To check a merged model, pass it as MODEL with --base and --adapter.\n";
   s += "\nEvidence (traces on the CPU, as transformers computes):\n";
-  for (const auto& cr : r.runs) s += "  " + run_summary(cr) + "\n";
+  for (const auto& cr : r.runs)
+    s += "  " + std::string(r.adapter_unmerged ? "base + adapter unmerged " : "") +
+         run_summary(cr) + "\n";
+  for (const auto& cr : r.unmerged_runs)
+    s += "  base + adapter unmerged " + run_summary(cr) + "\n";
+  if (r.divergence)
+    s += fmt::format("  against the base: largest |h| {}x the base's, largest relative update {} "
+                     "({}), next-token NLL {} vs {} nats\n",
+                     g(r.divergence->growth), g(r.divergence->worst.rel),
+                     r.divergence->worst.tensor, g(r.divergence->tuned.nll),
+                     g(r.divergence->base.nll));
   for (const auto& cr : r.runs)
     if (cr.trace && !cr.trace->finite()) {
       s += fmt::format("\nQuick test, {}:\n", run_label(cr));

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "tools/divergence.hpp"
 #include "tools/scan.hpp"
 #include "tools/trace.hpp"
 
@@ -26,8 +27,8 @@ struct CheckOptions {
 };
 
 struct Cause {
-  std::string kind;  // adapter_nonfinite | weights_nonfinite | merge_overflow |
-                     // activation_overflow | embedding_rows | structure
+  std::string kind;  // adapter_nonfinite | adapter_diverged | weights_nonfinite |
+                     // merge_overflow | activation_overflow | embedding_rows | structure
   std::optional<DType> dtype;
   std::optional<AttentionProfile> attention;
   std::optional<int64_t> layer;
@@ -49,6 +50,13 @@ struct CheckResult {
   std::vector<Cause> causes;
   std::vector<CheckRun> runs;  // fp32 reference first
   std::vector<int64_t> bad_embedding_rows;
+  // --adapter without --base: MODEL is the base, the adapter applied unmerged in every run.
+  bool adapter_unmerged = false;
+  // --base and --adapter: the base with the adapter applied unmerged, per dtype (evidence for
+  // choosing between re-merging and loading the adapter unmerged).
+  std::vector<CheckRun> unmerged_runs;
+  // Against the base (either mode above, or --base alone): did the fine-tune diverge?
+  std::optional<Divergence> divergence;
   bool pass() const { return causes.empty(); }
 };
 

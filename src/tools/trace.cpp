@@ -84,6 +84,7 @@ ForwardResult run(const Checkpoint& ck, const TraceOptions& opt, DType dt, Obser
   ForwardOptions fo;
   fo.dtype = dt;
   fo.attention = opt.attention;
+  fo.adapter = opt.adapter.get();
   if (opt.embeddings)
     return forward_embeddings(ck, *opt.embeddings,
                               int64_t(opt.embeddings->size()) / ck.config().hidden_size, fo, obs);
@@ -125,6 +126,7 @@ TraceResult trace(const Checkpoint& ck, const TraceOptions& opt) {
   }
   TraceResult r;
   r.dtype = opt.dtype;
+  if (opt.adapter) r.adapter = opt.adapter->adapter().dir().string();
   r.attention = opt.attention;
   if (!opt.embeddings) r.tokens = opt.ids;
   r.hidden_size = c.hidden_size;
@@ -199,6 +201,7 @@ nlohmann::json trace_json(const TraceResult& r) {
   j["hidden"] = std::move(hidden);
   j["logits"] = stats_json(r.logits);
   j["weight_bytes"] = r.weight_bytes;
+  j["adapter"] = r.adapter.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.adapter);
   if (r.first_nonfinite) {
     const FirstNonfinite& f = *r.first_nonfinite;
     j["first_nonfinite"] = {{"layer", f.layer},
@@ -218,6 +221,7 @@ std::string trace_text(const TraceResult& r) {
   std::string out =
       fmt::format("Trace in {} ({} attention), {} tokens, {} hidden states\n",
                   run_dtype_name(r.dtype), attention_name(r.attention), r.T, r.hidden.size());
+  if (!r.adapter.empty()) out += fmt::format("Adapter {} applied unmerged (as PeftModel)\n", r.adapter);
   for (const auto& h : r.hidden)
     out += fmt::format("  Layer {}: [1, {}, {}] {} {}\n", h.index, r.T, r.hidden_size,
                        minmax(h.stats), status(h.stats));

@@ -14,12 +14,14 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "formats/checkpoint.hpp"
+#include "model/adapter_overlay.hpp"
 #include "model/forward.hpp"
 #include "numerics/kernels.hpp"
 
@@ -38,6 +40,9 @@ struct TraceOptions {
   // Rerun in fp32 up to the first non-finite site to report value_fp32 (one more pass through
   // the weights up to that layer). Off: value_fp32 is absent.
   bool shadow_fp32 = true;
+  // A PEFT adapter applied unmerged (PeftModel's computation), opened against the same
+  // checkpoint; null: the bare model.
+  std::shared_ptr<const AdapterOverlay> adapter;
 };
 
 struct HiddenStateStats {
@@ -66,6 +71,7 @@ struct TraceResult {
   Stats logits;
   std::optional<FirstNonfinite> first_nonfinite;
   uint64_t weight_bytes = 0;  // weights the run-dtype pass read (MoE: the routed experts only)
+  std::string adapter;        // the adapter's directory when one was applied unmerged
   bool finite() const;        // every hidden state and the logits finite
 };
 
