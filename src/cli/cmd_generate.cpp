@@ -31,7 +31,8 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
   app->add_option("--dtype", a->dtype, "fp32 | bf16 | fp16")->capture_default_str();
   app->add_option("--attention", a->attention, "eager | fused (sdpa)")->capture_default_str();
   app->add_option("--eos", a->eos,
-                  "Stop ids, comma-separated (default: generation_config.json's eos_token_id)");
+                  "Stop ids, comma-separated, or none (default: generation_config.json's "
+                  "eos_token_id)");
   app->add_option("--temperature", a->temperature,
                   "0: greedy; > 0: sample (nanscope's random numbers, not torch's)")
       ->capture_default_str();
@@ -56,7 +57,10 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                    opt.top_k = a->top_k;
                    opt.top_p = a->top_p;
                    opt.seed = a->seed;
-                   if (!a->eos.empty()) opt.eos = parse_ids(a->eos);
+                   if (a->eos == "none")
+                     opt.eos = std::vector<int64_t>{};  // run to --max-new-tokens
+                   else if (!a->eos.empty())
+                     opt.eos = parse_ids(a->eos);
                    Checkpoint ck = Checkpoint::open(a->model);
                    if (!a->adapter.empty()) opt.adapter = AdapterOverlay::open(a->adapter, ck);
                    opt.prompt = resolve_tokens(a->model, a->ids, a->text, a->tokenizer);
