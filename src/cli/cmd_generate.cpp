@@ -8,7 +8,8 @@ namespace nanscope::cli {
 
 void add_generate(CLI::App& root, std::vector<Command>& out) {
   struct Args {
-    std::string model, adapter, ids, text, tokenizer, dtype = "bf16", attention = "eager", eos;
+    std::string model, adapter, ids, text, tokenizer, dtype = "bf16", attention = "eager", eos,
+        weights = "resident";
     int64_t max_new_tokens = 32, top_k = 0;
     double temperature = 0.0, top_p = 1.0;
     uint64_t seed = 0;
@@ -41,6 +42,10 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
   app->add_option("--top-p", a->top_p, "Sample within the nucleus of this probability")
       ->capture_default_str();
   app->add_option("--seed", a->seed, "Seed of the sampler")->capture_default_str();
+  app->add_option("--weights", a->weights,
+                  "resident: copied once into memory of their own (fastest decoding) | mapped: "
+                  "read from the files at every step (no second copy)")
+      ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
   out.push_back({app, [a] {
@@ -53,6 +58,9 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                    opt.dtype = *dt;
                    opt.attention = *at;
                    opt.max_new_tokens = a->max_new_tokens;
+                   if (a->weights != "resident" && a->weights != "mapped")
+                     fail("--weights {}: expected resident or mapped", a->weights);
+                   opt.resident = a->weights == "resident";
                    opt.temperature = a->temperature;
                    opt.top_k = a->top_k;
                    opt.top_p = a->top_p;

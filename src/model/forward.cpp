@@ -83,7 +83,7 @@ class Model {
         obs_(obs),
         ov_(opt.adapter),
         sites_(obs != nullptr && obs->wants_sites() && lengths.size() == 1),
-        weights_(ck, opt.dtype, opt.release_pages, opt.adapter),
+        weights_(ck, opt.dtype, opt.release_pages, opt.adapter, opt.resident),
         cache_(cache),
         last_logits_(last_logits) {
     if (cache_) {

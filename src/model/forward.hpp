@@ -21,6 +21,7 @@
 namespace nanscope {
 
 class AdapterOverlay;
+class ResidentWeights;
 
 enum class AttentionProfile {
   Eager,  // transformers' eager_attention_forward: scores and probs rounded to the run dtype
@@ -36,6 +37,8 @@ struct ForwardOptions {
   // A PEFT adapter applied unmerged, as PeftModel computes it (model/adapter_overlay.hpp);
   // opened against the same checkpoint. Null: the bare model.
   const AdapterOverlay* adapter = nullptr;
+  // Copies of the weights kept across passes (model/weights.hpp); null: read from the mapping.
+  ResidentWeights* resident = nullptr;
 };
 
 struct ForwardResult {

@@ -2,7 +2,12 @@
 
 #include <fmt/format.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 
 #include "common/error.hpp"
 
@@ -23,7 +28,7 @@ Activations WeightSource::vector(const std::string& module, const char* param, i
   if (module.empty()) return {};
   const TensorRef t = get(module + "." + param, {n});
   Activations out(static_cast<size_t>(n));
-  weight_vector(t.bytes().data(), t.info->dtype, n, dt_, out.data());
+  weight_vector(bytes_of(t), t.info->dtype, n, dt_, out.data());
   return out;
 }
 
@@ -100,9 +105,47 @@ TensorRef WeightSource::get(const std::string& name, std::initializer_list<int64
   return t;
 }
 
+const std::byte* WeightSource::bytes_of(const TensorRef& t) {
+  return resident_ ? resident_->get(t) : t.bytes().data();
+}
+
 WeightView WeightSource::view(const TensorRef& t) {
   const auto& s = t.info->shape;
-  return WeightView{t.bytes().data(), t.info->dtype, s[0], s[1]};
+  return WeightView{bytes_of(t), t.info->dtype, s[0], s[1]};
+}
+
+ResidentWeights::~ResidentWeights() {
+  for (auto& [info, b] : bufs_) {
+    if (b.huge)
+      munmap(b.data, b.size);
+    else
+      std::free(b.data);
+  }
+}
+
+const std::byte* ResidentWeights::get(const TensorRef& t) {
+  const std::lock_guard<std::mutex> lock(mu_);
+  auto [it, fresh] = bufs_.try_emplace(t.info);
+  Buffer& b = it->second;
+  if (!fresh) return b.data;
+  const std::span<const std::byte> src = t.bytes();
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (src.size() >= kHuge / 2) {  // whole 2 MiB pages: one TLB entry each
+    b.size = (src.size() + kHuge - 1) / kHuge * kHuge;
+    void* p = mmap(nullptr, b.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      throw std::bad_alloc();
+    madvise(p, b.size, MADV_HUGEPAGE);  // a hint; without THP the copy still works
+    b.data = static_cast<std::byte*>(p);
+    b.huge = true;
+  } else {
+    b.size = src.size();
+    b.data = static_cast<std::byte*>(std::malloc(std::max<size_t>(b.size, 1)));
+    if (!b.data) throw std::bad_alloc();
+  }
+  std::memcpy(b.data, src.data(), src.size());
+  bytes_ += src.size();
+  return b.data;
 }
 
 }  // namespace nanscope

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -33,15 +35,40 @@ struct LayerWeights {
   WeightView router, shared_gate, shared_up, shared_down, shared_expert_gate;
 };
 
+// Weights copied once into memory of their own and kept across passes (generate: every step
+// reads every weight again). From the page cache each pass pays a TLB miss per 4 KiB page and
+// the mapping's bookkeeping; large tensors here sit on 2 MiB pages where the kernel gives them.
+class ResidentWeights {
+ public:
+  ResidentWeights() = default;
+  ResidentWeights(const ResidentWeights&) = delete;
+  ResidentWeights& operator=(const ResidentWeights&) = delete;
+  ~ResidentWeights();
+  // The tensor's bytes, copied on first use (thread-safe).
+  const std::byte* get(const TensorRef& t);
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  struct Buffer {
+    std::byte* data = nullptr;
+    size_t size = 0;
+    bool huge = false;
+  };
+  std::mutex mu_;
+  std::map<const TensorInfo*, Buffer> bufs_;
+  uint64_t bytes_ = 0;
+};
+
 // Where weights come from: the mapped checkpoint, checked against the shapes the layer
 // description gives, each layer's pages handed back once it is done. The seam a device
 // backend's uploader takes the place of.
 class WeightSource {
  public:
   // `adapter` (nullable): its modules_to_save / bias tensors are read instead of the base's.
+  // `resident` (nullable): weights are read from copies kept there instead of the mapping.
   WeightSource(const Checkpoint& ck, DType dt, bool release,
-               const AdapterOverlay* adapter = nullptr)
-      : ck_(ck), dt_(dt), release_(release), adapter_(adapter) {}
+               const AdapterOverlay* adapter = nullptr, ResidentWeights* resident = nullptr)
+      : ck_(ck), dt_(dt), release_(release), adapter_(adapter), resident_(resident) {}
   ~WeightSource() { release_all(); }
   WeightSource(const WeightSource&) = delete;
   WeightSource& operator=(const WeightSource&) = delete;
@@ -57,12 +84,14 @@ class WeightSource {
 
  private:
   TensorRef get(const std::string& name, std::initializer_list<int64_t> shape);
-  static WeightView view(const TensorRef& t);
+  WeightView view(const TensorRef& t);
+  const std::byte* bytes_of(const TensorRef& t);
 
   const Checkpoint& ck_;
   DType dt_;
   bool release_;
   const AdapterOverlay* adapter_;
+  ResidentWeights* resident_;
   std::vector<TensorRef> held_;
   std::set<const TensorInfo*> counted_;
   uint64_t bytes_ = 0;

@@ -239,9 +239,64 @@ void linear_blas(const float* x, int64_t T, const WeightView& w, const float* bi
   });
 }
 
+// One or two tokens (a decode step): every weight is used once per token, so it is converted in
+// registers as it streams in, never written to a tile. The lanes and the order of the sums are
+// those of micro(): the same bits as the tile path.
+template <int RB, int TB>
+inline void micro_direct(const std::byte* w, size_t row_bytes, DType storage, DType dt,
+                         const float* x, int64_t ldx, int64_t K, float (&out)[RB][TB]) {
+  const size_t es = elem_size(storage);
+  __m256 acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = load8_weight(w + r * row_bytes + size_t(k) * es, storage, dt);
+    for (int t = 0; t < TB; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) {
+      float s = hsum(acc[r][t]);
+      for (int64_t k = K8; k < K; ++k)
+        s += cast_weight(load_as_f32(w + r * row_bytes, storage, size_t(k)), storage, dt) *
+             x[t * ldx + k];
+      out[r][t] = s;
+    }
+}
+
+template <int RB, int TB>
+inline void direct_rows(const WeightView& w, int64_t row0, const float* x, const float* bias,
+                        DType dt, float* out) {
+  const size_t row_bytes = size_t(w.cols) * elem_size(w.storage);
+  float res[RB][TB];
+  micro_direct<RB, TB>(w.data + size_t(row0) * row_bytes, row_bytes, w.storage, dt, x, w.cols,
+                       w.cols, res);
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) {
+      float v = res[r][t];
+      if (bias) v += bias[row0 + r];
+      out[t * w.rows + row0 + r] = round_to(v, dt);
+    }
+}
+
+template <int TB>
+void linear_direct(const float* x, const WeightView& w, const float* bias, DType dt, float* out) {
+  parallel_for(w.rows, kTileRows, [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) direct_rows<4, TB>(w, r, x, bias, dt, out);
+    for (; r < r1; ++r) direct_rows<1, TB>(w, r, x, bias, dt, out);
+  });
+}
+
 // Few tokens: memory-bound, the weights are streamed once through an AVX2 microkernel.
 void linear_stream(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
                    float* out) {
+  if (T == 1) return linear_direct<1>(x, w, bias, dt, out);
+  if (T == 2) return linear_direct<2>(x, w, bias, dt, out);
   const int64_t K = w.cols, N = w.rows;
   parallel_for(N, kTileRows, [&](int64_t r0, int64_t r1) {
     std::vector<float> tile(static_cast<size_t>(kTileRows * K));

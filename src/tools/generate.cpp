@@ -14,6 +14,7 @@
 #include <random>
 
 #include "common/error.hpp"
+#include "model/weights.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
 
@@ -142,7 +143,11 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   fo.dtype = opt.dtype;
   fo.attention = opt.attention;
   fo.adapter = opt.adapter.get();
-  fo.release_pages = false;  // every step reads all weights again
+  // Every step reads all weights again: from resident copies (the mapping's pages are handed
+  // back once copied), or from the mapping kept whole.
+  ResidentWeights resident;
+  fo.resident = opt.resident ? &resident : nullptr;
+  fo.release_pages = opt.resident;
   KvCache cache;
   std::mt19937_64 rng(opt.seed);
   std::vector<int64_t> seen = opt.prompt, input = opt.prompt;
@@ -174,6 +179,7 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
       break;
     }
     if (penalty != 1.0f) repetition_penalty(fr.logits, seen, penalty);
+    if (opt.keep_logits) r.step_logits.push_back(fr.logits);
     const int64_t next = sampling ? sample(fr.logits, opt, rng) : argmax(fr.logits);
     r.ids.push_back(next);
     seen.push_back(next);

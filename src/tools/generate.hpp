@@ -32,6 +32,10 @@ struct GenerateOptions {
   double top_p = 1.0;   // nucleus: the smallest set whose probability reaches top_p
   uint64_t seed = 0;
   std::optional<std::vector<int64_t>> eos;  // instead of generation_config.json's
+  // Copy the weights once into memory of their own (2 MiB pages) and decode from there, or
+  // read them from the mapped files at every step (no second copy in memory, slower).
+  bool resident = true;
+  bool keep_logits = false;  // GenerateResult::step_logits (tests: how close a near-tie was)
 };
 
 struct GenerateStep {
@@ -46,6 +50,7 @@ struct GenerateResult {
   std::optional<GenerateStep> first_nonfinite;
   std::vector<std::string> notes;  // generation_config settings honoured or ignored
   double prefill_s = 0, decode_s = 0;
+  std::vector<std::vector<float>> step_logits;  // with keep_logits: the logits of each step
   bool finite() const { return !first_nonfinite; }
 };
 

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -64,10 +66,29 @@ TEST_P(GenerateGolden, TokenIdsMatchTransformersGenerate) {
   o.attention = r.at("attn") == "eager" ? AttentionProfile::Eager : AttentionProfile::Fused;
   if (!r.at("adapter").is_null())
     o.adapter = AdapterOverlay::open(kFx / r.at("adapter").get<std::string>(), ck);
+  o.keep_logits = true;
   const GenerateResult g = generate(ck, o);
-  EXPECT_EQ(g.ids, want);
-  EXPECT_EQ(g.finish_reason, r.at("finish_reason").get<std::string>());
   EXPECT_TRUE(g.finite());
+  // Token for token, up to a near-tie: where the two continuations part, the token transformers
+  // chose must score within rounding (two units in the last place of the run dtype) of ours --
+  // another accumulation order in a product decides such a tie either way. After it the
+  // continuations are different texts and are not compared.
+  size_t i = 0;
+  while (i < g.ids.size() && i < want.size() && g.ids[i] == want[i]) ++i;
+  if (i == want.size() && i == g.ids.size()) {
+    EXPECT_EQ(g.finish_reason, r.at("finish_reason").get<std::string>());
+    return;
+  }
+  ASSERT_LT(i, g.ids.size()) << "stopped after " << i << " tokens; transformers went on";
+  ASSERT_LT(i, want.size()) << "went on after transformers' " << i << " tokens";
+  const std::vector<float>& lg = g.step_logits[i];
+  const float ours = lg[size_t(g.ids[i])], theirs = lg[size_t(want[i])];
+  const double ulp = o.dtype == DType::F32 ? std::ldexp(1.0, -23) : std::ldexp(1.0, -7);
+  EXPECT_LE(ours - theirs, 2 * ulp * std::fabs(ours) + 1e-30)
+      << "step " << i << ": ours " << g.ids[i] << " (" << ours << ") vs transformers' " << want[i]
+      << " (" << theirs << "): not a near-tie";
+  std::printf("[ near-tie ] identical for %zu of %zu tokens, then logits %.6g vs %.6g\n", i,
+              want.size(), ours, theirs);
 }
 
 INSTANTIATE_TEST_SUITE_P(Goldens, GenerateGolden, ::testing::ValuesIn(gen_cases()),
