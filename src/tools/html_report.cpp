@@ -133,6 +133,8 @@ struct Grid {
 
 Grid make_grid(const std::vector<SitePeak>& sites) {
   Grid gr;
+  int64_t prev_layer = -2;
+  std::string prev;  // the previous site of the same layer
   for (const auto& s : sites) {
     Cell* c;
     if (s.layer < 0) {
@@ -140,8 +142,16 @@ Grid make_grid(const std::vector<SitePeak>& sites) {
       c = &gr.outside[s.site];
     } else {
       const std::string suf = layer_suffix(s.site, s.layer);
-      if (std::find(gr.columns.begin(), gr.columns.end(), suf) == gr.columns.end())
-        gr.columns.push_back(suf);
+      if (s.layer != prev_layer) prev.clear();
+      prev_layer = s.layer;
+      // A site first seen in a later layer (a dense MLP after MoE layers) goes right after the
+      // site computed before it, so that columns stay in the order of the computation.
+      if (std::find(gr.columns.begin(), gr.columns.end(), suf) == gr.columns.end()) {
+        auto at = prev.empty() ? gr.columns.begin()
+                               : std::find(gr.columns.begin(), gr.columns.end(), prev) + 1;
+        gr.columns.insert(at, suf);
+      }
+      prev = suf;
       auto& row = gr.layers[s.layer];
       const bool fresh = !row.count(suf);
       c = &row[suf];
@@ -259,6 +269,7 @@ std::string closest_table(const Grid& gr, const std::vector<const ReportRun*>& r
   };
   std::vector<Row> rows;
   auto add = [&](int64_t layer, const std::string& suffix, const Cell& c) {
+    if (!c.finite) return;  // non-finite in fp32: no distance to a limit to speak of
     double worst = 0;
     for (const auto* r : runs) worst = std::max(worst, c.peak / limit_at(*r, suffix));
     rows.push_back({layer, suffix, c, worst});
@@ -270,15 +281,16 @@ std::string closest_table(const Grid& gr, const std::vector<const ReportRun*>& r
   std::stable_sort(rows.begin(), rows.end(),
                    [](const Row& a, const Row& b) { return a.worst > b.worst; });
   rows.resize(std::min<size_t>(rows.size(), 10));
+  if (rows.empty()) return "";
   std::string h =
       "<h3>Closest to a limit</h3>\n<div class=\"scroll\"><table class=\"plain\" "
       "id=\"closest\"><tr><th>layer</th><th>site</th><th>fp32 |x|</th>";
   for (const auto* r : runs) h += "<th>" + html_escape(r->label) + "</th>";
   h += "</tr>\n";
   for (const auto& row : rows) {
-    h += fmt::format("<tr><td>{}</td><td><code>{}</code></td><td>{}{}</td>",
+    h += fmt::format("<tr><td>{}</td><td><code>{}</code></td><td>{}</td>",
                      row.layer >= 0 ? std::to_string(row.layer) : "", html_escape(row.suffix),
-                     g(row.cell.peak), row.cell.finite ? "" : " (NaN/inf too)");
+                     g(row.cell.peak));
     for (const auto* r : runs) {
       const double ratio = row.cell.peak / limit_at(*r, row.suffix);
       h += ratio >= 1 ? fmt::format("<td class=\"overtxt\">{}x over</td>", g(ratio))
@@ -327,7 +339,7 @@ figure.panel figcaption{margin-bottom:4px;overflow-wrap:anywhere}
 .mapwrap{overflow-x:auto}
 table.heat{border-collapse:collapse;table-layout:fixed;width:100%}
 table.heat th{font-weight:400;font-size:11px;color:#57606a;padding:0 3px 0 0;text-align:right;white-space:nowrap}
-table.heat th.corner{width:3.2em;vertical-align:bottom}
+table.heat th.corner{width:4em;vertical-align:bottom}
 table.heat th.col{text-align:left;vertical-align:bottom;padding:0 0 2px 0;height:6.2em}
 table.heat th.col span{writing-mode:vertical-rl;transform:rotate(180deg);display:inline-block}
 table.heat td{height:15px;padding:0;border:1px solid #fff;font-size:11px;text-align:center;line-height:13px}
@@ -351,7 +363,7 @@ footer{margin-top:2.4em;color:#57606a;font-size:.85em;overflow-wrap:anywhere}
  dl.facts{grid-template-columns:minmax(0,1fr);gap:0}
  dl.facts dd{margin-bottom:6px}
  .cause{padding:10px 12px}
- table.heat th.corner{width:2.4em}
+ table.heat th.corner{width:3.6em}
 }
 )";
 

@@ -270,3 +270,42 @@ TEST(CheckReport, DivergenceSectionOnlyWithData) {
   EXPECT_THAT(s, HasSubstr("<td>0.25</td>"));
   EXPECT_THAT(s, HasSubstr("not finite"));
 }
+
+TEST(CheckReport, HeatMapColumnsFollowTheComputationAndFusedScoresUseFp32sLimit) {
+  // Layer 0 a mixture of experts (router "mlp.gate", "mlp"), layer 1 a dense MLP: the dense
+  // sites go where they are computed, not after the last column.
+  auto at = [](int64_t l, const std::string& suffix, double peak) {
+    return SitePeak{l, fmt::format("model.layers.{}.{}", l, suffix), peak, true};
+  };
+  const std::vector<SitePeak> sites = {{-1, "model.embed_tokens", 1.0, true},
+                                       at(0, "self_attn.scores", 1e5),
+                                       at(0, "mlp.gate", 3.0),
+                                       at(0, "mlp", 2.0),
+                                       at(0, "residual_mlp", 2.5),
+                                       at(1, "self_attn.scores", 4.0),
+                                       at(1, "mlp.gate_proj", 5.0),
+                                       at(1, "mlp.down_proj", 70000.0),
+                                       at(1, "residual_mlp", 6.0),
+                                       {-1, "lm_head", 9.0, true}};
+  ReportRun eager{"fp16 eager", "fp16", 65504, {}, true, false, "", std::nullopt};
+  eager.first_nonfinite =
+      std::make_pair(int64_t(0), std::string("model.layers.0.self_attn.scores"));
+  ReportRun fused{"fp16 fused", "fp16", 65504, {"self_attn.scores", "self_attn.probs"},
+                  true,         false,  "",    std::nullopt};
+  const std::string h = heat_map_section(sites, {eager, fused});
+  std::vector<size_t> pos;
+  for (const char* col : {"\"self_attn.scores\"", "\"mlp.gate_proj\"", "\"mlp.down_proj\"",
+                          "\"mlp.gate\"", "\"mlp\"", "\"residual_mlp\""})
+    pos.push_back(h.find(std::string("<th class=\"col\" title=") + col));
+  for (size_t i = 0; i < pos.size(); ++i) ASSERT_NE(pos[i], std::string::npos) << i;
+  EXPECT_TRUE(std::is_sorted(pos.begin(), pos.end()));
+  const size_t f = h.find("data-run=\"fp16 fused\"");
+  ASSERT_NE(f, std::string::npos);
+  const std::string eager_panel = h.substr(0, f), fused_panel = h.substr(f);
+  const std::string scores = "data-site=\"model.layers.0.self_attn.scores\"";
+  const std::string down = "data-site=\"model.layers.1.mlp.down_proj\"";
+  EXPECT_THAT(eager_panel, HasSubstr("class=\"c over first\" data-layer=\"0\" " + scores));
+  EXPECT_THAT(fused_panel, HasSubstr("class=\"c\" data-layer=\"0\" " + scores));     // fp32 there
+  EXPECT_THAT(fused_panel, HasSubstr("class=\"c over\" data-layer=\"1\" " + down));  // fp16
+  EXPECT_THAT(h, HasSubstr("id=\"closest\""));
+}
