@@ -417,7 +417,14 @@ std::string check_html(const CheckResult& r) {
   h.facts.push_back({"Model", model, true});
   if (r.report.base) h.facts.push_back({"Base", r.report.base->string(), true});
   if (r.report.adapter) h.facts.push_back({"Adapter", r.report.adapter->string(), true});
-  h.facts.push_back({"Prompt", r.report.prompt.empty() ? "(given as token ids)" : r.report.prompt});
+  // A long prompt (a whole document) would push the map off the first screens: its head only.
+  std::string prompt = r.report.prompt.empty() ? "(given as token ids)" : r.report.prompt;
+  if (prompt.size() > 400) {
+    size_t cut = 400;
+    while (cut > 0 && (static_cast<unsigned char>(prompt[cut]) & 0xC0) == 0x80) --cut;  // UTF-8
+    prompt = prompt.substr(0, cut) + fmt::format(" ... ({} bytes in all)", r.report.prompt.size());
+  }
+  h.facts.push_back({"Prompt", prompt});
   std::vector<int64_t> head(r.tokens.begin(),
                             r.tokens.begin() + std::min<ptrdiff_t>(ptrdiff_t(r.tokens.size()), 64));
   h.facts.push_back({"Tokens",
