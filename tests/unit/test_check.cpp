@@ -309,3 +309,13 @@ TEST(CheckReport, HeatMapColumnsFollowTheComputationAndFusedScoresUseFp32sLimit)
   EXPECT_THAT(fused_panel, HasSubstr("class=\"c over\" data-layer=\"1\" " + down));  // fp16
   EXPECT_THAT(h, HasSubstr("id=\"closest\""));
 }
+
+TEST(CheckReport, LongPromptIsCutOnACharacterBoundary) {
+  CheckResult r;
+  r.model = "m";
+  r.report.prompt = std::string(399, 'a') + "\u00e9" + std::string(600, 'z');  // é: 2 bytes
+  const std::string html = check_html(r);
+  EXPECT_THAT(html, HasSubstr(std::string(399, 'a') + " ... (1001 bytes in all)"));
+  EXPECT_EQ(html.find("zzz"), std::string::npos);
+  EXPECT_THAT(html, HasSubstr("No fp32 reference run"));  // nothing ran: no map, no crash
+}
