@@ -13,6 +13,31 @@ namespace {
 // Used when neither --ids nor --text is given: plain English that every Qwen/Llama vocabulary
 // covers, long enough to exercise attention across positions.
 constexpr const char* kDefaultPrompt = "Hello, world! The quick brown fox jumps over the lazy dog.";
+
+// The report first (nothing else can fail before it); stdout says where it went. A report that
+// fails to write after all still leaves the finished verdict printed, then exit 2.
+int finish(const CheckResult& r, const std::string& report, bool json) {
+  std::string error, where;
+  if (!report.empty()) {
+    where = std::filesystem::absolute(report).lexically_normal().string();
+    try {
+      write_file_atomic(report, check_html(r));
+    } catch (const OutputError& e) {
+      error = e.what();
+    }
+  }
+  if (json) {
+    nlohmann::json j = check_json(r);
+    if (!where.empty()) j["report"] = error.empty() ? nlohmann::json(where) : nlohmann::json();
+    print_out(j.dump(2));
+  } else {
+    print_out(check_text(r) + (where.empty() || !error.empty() ? "" : "\nReport: " + where + "\n"));
+  }
+  if (error.empty()) return r.pass() ? kClean : kProblem;
+  fmt::print(stderr, "nanscope: cannot write output: {} (the verdict above is complete)\n", error);
+  return kBadInput;
+}
+
 }  // namespace
 
 void add_check(CLI::App& root, std::vector<Command>& out) {
@@ -68,10 +93,11 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
                    else
                      opt.ids =
                          resolve_tokens(a->model, a->ids, a->text, a->tokenizer, kDefaultPrompt);
-                   CheckResult r = check(a->model, opt);
-                   if (!a->report.empty()) write_file_atomic(a->report, check_html(r));
-                   print_out(a->json ? check_json(r).dump(2) : check_text(r));
-                   return r.pass() ? kClean : kProblem;
+                   opt.prompt =
+                       a->ids.empty() && a->text.empty() && has_tok ? kDefaultPrompt : a->text;
+                   if (!a->report.empty())
+                     check_writable(a->report, "--report");  // before the runs
+                   return finish(check(a->model, opt), a->report, a->json);
                  }});
 }
 

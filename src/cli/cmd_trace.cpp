@@ -1,5 +1,6 @@
 #include "cli/commands.hpp"
 #include "cli/inputs.hpp"
+#include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "tools/trace.hpp"
 
@@ -39,7 +40,10 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                    if (!at) fail("--attention {}: expected eager or fused", a->attention);
                    opt.dtype = *dt;
                    opt.attention = *at;
-                   if (!a->save.empty()) opt.save = a->save;
+                   if (!a->save.empty()) {
+                     check_writable(a->save, "--save");  // now, not after the forward pass
+                     opt.save = a->save;
+                   }
                    Checkpoint ck = Checkpoint::open(a->model);
                    if (!a->adapter.empty()) opt.adapter = AdapterOverlay::open(a->adapter, ck);
                    opt.ids = resolve_tokens(a->model, a->ids, a->text, a->tokenizer);

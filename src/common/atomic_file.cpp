@@ -44,6 +44,28 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
   }
 }
 
+void check_writable(const std::filesystem::path& path, std::string_view flag) {
+  namespace fs = std::filesystem;
+  auto no = [&](const std::string& why) {
+    throw OutputError(fmt::format("{} {}: {}", flag, path.string(), why));
+  };
+  std::error_code ec;
+  if (path.empty()) no("empty path");
+  if (fs::is_directory(path, ec)) no("is a directory; give a file name");
+  const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  if (!fs::exists(dir, ec)) no(fmt::format("directory {} does not exist", dir.string()));
+  if (!fs::is_directory(dir, ec)) no(fmt::format("{} is not a directory", dir.string()));
+  // The real test: what write_file_atomic will do (a temporary beside it), done now and undone.
+  const fs::path probe = temporary_path(path);
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    if (errno == EEXIST) return;  // a temporary of this process already there: writable
+    no(fmt::format("cannot create a file in {}: {}", dir.string(), std::strerror(errno)));
+  }
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
 void fsync_path(const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0 || ::fsync(fd) != 0) {

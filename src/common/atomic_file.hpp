@@ -14,6 +14,11 @@ namespace nanscope {
 void write_file_atomic(const std::filesystem::path& path, std::string_view content,
                        bool durable = true);
 
+// Before a long computation whose result goes to `path`: fails at once (OutputError naming the
+// flag and the path) when the file could not be written later, because its directory is missing
+// or not writable, or the path is a directory. Creates and removes a temporary there to be sure.
+void check_writable(const std::filesystem::path& path, std::string_view flag);
+
 // fsync of a written file or directory; OutputError naming it on failure.
 void fsync_path(const std::filesystem::path& path);
 // fsync of a directory after a rename into it, where failing leaves the renamed file complete

@@ -5,12 +5,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <ctime>
 #include <map>
 #include <set>
 
+#include "common/version.hpp"
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/peft_names.hpp"
+#include "tools/compare.hpp"
 #include "tools/html_report.hpp"
 
 namespace nanscope {
@@ -74,12 +77,26 @@ std::string structure_fix(const std::string& kind) {
          "at random and only warn.";
 }
 
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M UTC", &tm);
+  return buf;
+}
+
 }  // namespace
 
 CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   CheckResult r;
   r.model = model;
   r.tokens = opt.ids;
+  r.report.base = opt.base;
+  r.report.adapter = opt.adapter;
+  r.report.prompt = opt.prompt;
+  r.report.version = version();
+  r.report.date = utc_now();
   ScanOptions so;
   so.threads = opt.threads;
   r.scan = scan(model, so);
@@ -222,8 +239,10 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       to.dtype = dt;
       to.attention = at;
       if (r.adapter_unmerged) to.adapter = overlay;
+      to.site_peaks = r.runs.empty();  // the fp32 reference: the report's heat map
       try {
         cr.trace = trace(ck, to);
+        if (to.site_peaks) r.report.fp32_sites = std::move(cr.trace->sites);
       } catch (const InputError& e) {
         cr.error = e.what();
       }
@@ -484,32 +503,81 @@ std::string check_text(const CheckResult& r) {
 
 std::string check_html(const CheckResult& r) {
   HtmlReport h;
-  h.title = fmt::format("nanscope check: {} ({} tokens)", r.model.string(), r.tokens.size());
+  const std::string model = r.model.string();
+  h.title = fmt::format("nanscope check {}: {}", r.pass() ? "PASS" : "FAIL", model);
   h.verdict = r.pass() ? "PASS" : "FAIL";
+  h.subject = model;
+
+  h.facts.push_back({"Model", model, true});
+  if (r.report.base) h.facts.push_back({"Base", r.report.base->string(), true});
+  if (r.report.adapter) h.facts.push_back({"Adapter", r.report.adapter->string(), true});
+  // A long prompt (a whole document) would push the map off the first screens: its head only.
+  std::string prompt = r.report.prompt.empty() ? "(given as token ids)" : r.report.prompt;
+  if (prompt.size() > 400) {
+    size_t cut = 400;
+    while (cut > 0 && (static_cast<unsigned char>(prompt[cut]) & 0xC0) == 0x80) --cut;  // UTF-8
+    prompt = prompt.substr(0, cut) + fmt::format(" ... ({} bytes in all)", r.report.prompt.size());
+  }
+  h.facts.push_back({"Prompt", prompt});
+  std::vector<int64_t> head(r.tokens.begin(),
+                            r.tokens.begin() + std::min<ptrdiff_t>(ptrdiff_t(r.tokens.size()), 64));
+  h.facts.push_back({"Tokens",
+                     fmt::format("{}: [{}{}]", r.tokens.size(), fmt::join(head, ", "),
+                                 r.tokens.size() > head.size() ? ", ..." : ""),
+                     true});
+  std::vector<std::string> labels;
+  for (const auto& cr : r.runs) labels.push_back(run_label(cr));
+  h.facts.push_back({"Runs", fmt::format("{} (fp32 is the reference)", fmt::join(labels, ", "))});
+  h.facts.push_back({"nanscope", r.report.version});
+  h.facts.push_back({"Date", r.report.date});
+
   for (const auto& c : r.causes) {
-    h.summary_lines.push_back(c.kind + ": " + c.detail);
-    h.summary_lines.push_back("Fix: " + c.fix);
+    std::vector<std::string> where;
+    if (c.dtype)
+      where.push_back(
+          fmt::format("{}{}", run_dtype_name(*c.dtype),
+                      c.attention ? " " + std::string(attention_name(*c.attention)) : ""));
+    if (c.layer) where.push_back(fmt::format("layer {}", *c.layer));
+    if (!c.tensor.empty())
+      where.push_back(c.tensor);
+    else if (!c.site.empty())
+      where.push_back(c.site);
+    h.causes.push_back({c.kind, fmt::format("{}", fmt::join(where, " · ")), c.detail, c.fix});
   }
-  for (const auto& cr : r.runs) h.summary_lines.push_back(run_summary(cr));
+
+  if (r.divergence) {  // the fine-tune against its base, state by state (fp32)
+    DivergenceSeries ds{r.adapter_unmerged ? "base + adapter (unmerged) vs base, fp32"
+                                           : "model vs base, fp32",
+                        {}};
+    const auto& a = r.divergence->tuned.states;
+    const auto& b = r.divergence->base.states;
+    for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+      const StateDiff d = diff_states(a[i], b[i]);
+      ds.rel_err.push_back(d.finite ? d.rel_err : std::nan(""));
+    }
+    h.divergence.push_back(std::move(ds));
+  }
+
   for (const auto& cr : r.runs) {
-    if (!cr.trace) continue;
-    ChartSeries se{run_label(cr), dtype_max(cr.dtype), {}};
-    for (const auto& hs : cr.trace->hidden)
-      se.abs_max.push_back(hs.stats.finite() ? hs.stats.abs_max : std::nan(""));
-    h.series.push_back(std::move(se));
+    ReportRun rr;
+    rr.label = run_label(cr);
+    rr.dtype = std::string(run_dtype_name(cr.dtype));
+    rr.limit = dtype_max(cr.dtype);
+    // The fused profile keeps scores and softmax in fp32 (forward.md): fp16's limit is not theirs.
+    if (cr.attention == AttentionProfile::Fused)
+      rr.fp32_sites = {"self_attn.scores", "self_attn.probs"};
+    rr.ran = cr.trace.has_value();
+    rr.finite = rr.ran && cr.trace->finite();
+    std::string line = run_summary(cr);
+    rr.summary = line.substr(std::min(line.size(), rr.label.size()));
+    while (!rr.summary.empty() && rr.summary.front() == ' ') rr.summary.erase(0, 1);
+    if (rr.ran && cr.trace->first_nonfinite)
+      rr.first_nonfinite = {cr.trace->first_nonfinite->layer, cr.trace->first_nonfinite->site};
+    h.runs.push_back(std::move(rr));
   }
-  ReportTable causes{
-      "Causes", {"#", "kind", "dtype", "attention", "layer", "site / tensor", "detail", "fix"}, {}};
-  for (size_t i = 0; i < r.causes.size(); ++i) {
-    const auto& c = r.causes[i];
-    causes.rows.push_back({std::to_string(i + 1), c.kind,
-                           c.dtype ? std::string(run_dtype_name(*c.dtype)) : "",
-                           c.attention ? std::string(attention_name(*c.attention)) : "",
-                           c.layer ? std::to_string(*c.layer) : "",
-                           c.tensor.empty() ? c.site : c.tensor, c.detail, c.fix});
-  }
-  h.tables.push_back(std::move(causes));
-  ReportTable states{"Hidden states (max |value|; NaN/inf marked)", {"state"}, {}};
+  h.fp32_sites = r.report.fp32_sites;
+
+  ReportTable states{"Hidden states per run (max |value|; NaN/inf counted)", {"state"}, {}};
   size_t n = 0;
   for (const auto& cr : r.runs)
     if (cr.trace) {

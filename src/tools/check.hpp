@@ -24,6 +24,7 @@ struct CheckOptions {
   // inside attention is also run fused, to show whether SDPA / flash / SGLang would survive it.
   std::vector<AttentionProfile> attentions = {AttentionProfile::Eager};
   int threads = 0;
+  std::string prompt;  // the text the ids were tokenized from (empty: given as ids), for the report
 };
 
 struct Cause {
@@ -43,6 +44,16 @@ struct CheckRun {
   std::string error;                 // why it could not run
 };
 
+// What the report page (check_html) shows beyond the causes and runs, collected by check: a
+// place for more evidence (compare's per-layer divergence, issue 14, goes here).
+struct CheckReportData {
+  std::optional<std::filesystem::path> base, adapter;
+  std::string prompt;                // empty when the input was ids
+  std::string version;               // nanscope's
+  std::string date;                  // when check ran, UTC: "2026-12-02 07:10 UTC"
+  std::vector<SitePeak> fp32_sites;  // every site of the fp32 reference run, in order
+};
+
 struct CheckResult {
   std::filesystem::path model;
   std::vector<int64_t> tokens;
@@ -57,6 +68,7 @@ struct CheckResult {
   std::vector<CheckRun> unmerged_runs;
   // Against the base (either mode above, or --base alone): did the fine-tune diverge?
   std::optional<Divergence> divergence;
+  CheckReportData report;
   bool pass() const { return causes.empty(); }
 };
 

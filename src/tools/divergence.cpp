@@ -95,9 +95,11 @@ class StateMax : public Observer {
     }
     abs_max.push_back(ok ? m : std::numeric_limits<double>::quiet_NaN());
     finite = finite && ok;
+    states.emplace_back(v.begin(), v.end());
   }
   bool wants_sites() const override { return false; }
   std::vector<double> abs_max;
+  std::vector<std::vector<float>> states;
   bool finite = true;
 };
 }  // namespace
@@ -112,6 +114,7 @@ RunFigures fp32_figures(const Checkpoint& ck, const AdapterOverlay* adapter,
   const ForwardResult r = forward(ck, ids, fo, &obs);
   RunFigures f;
   f.state_abs_max = obs.abs_max;
+  f.states = std::move(obs.states);
   f.finite = obs.finite;
   for (size_t i = 0; i + 1 < obs.abs_max.size(); ++i)
     f.max_abs = std::isnan(obs.abs_max[i]) ? std::numeric_limits<double>::infinity()

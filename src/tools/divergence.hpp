@@ -42,6 +42,7 @@ struct RunFigures {
   std::vector<double> state_abs_max;  // per hidden state (NaN where not finite)
   double max_abs = 0;                 // over the decoder's states (0..N-1; the normed one left out)
   double nll = 0;                     // mean next-token NLL of the input (nats)
+  std::vector<std::vector<float>> states;  // every hidden state [T, H] (the report's chart)
 };
 RunFigures fp32_figures(const Checkpoint& ck, const AdapterOverlay* adapter,
                         std::span<const int64_t> ids);

@@ -39,8 +39,9 @@ namespace {
 // and (with --save) a copy of the hidden states.
 class TraceObserver : public Observer {
  public:
-  explicit TraceObserver(bool keep) : keep_(keep) {}
+  TraceObserver(bool keep, bool peaks) : keep_(keep), peaks_(peaks) {}
   void site(const SiteView& s) override {
+    if (peaks_) sites.push_back({s.layer, std::string(s.name), s.peak_abs, s.finite});
     if (first || s.finite) return;
     FirstNonfinite f;
     f.layer = s.layer;
@@ -56,9 +57,10 @@ class TraceObserver : public Observer {
   std::optional<FirstNonfinite> first;
   std::vector<HiddenStateStats> hidden;
   std::vector<std::vector<float>> states;
+  std::vector<SitePeak> sites;
 
  private:
-  bool keep_;
+  bool keep_, peaks_;
 };
 
 // The fp32 shadow: waits for one site, notes what it computes, and stops the pass there.
@@ -133,12 +135,13 @@ TraceResult trace(const Checkpoint& ck, const TraceOptions& opt) {
   r.vocab = c.vocab_size;
   r.layers = c.num_hidden_layers;
 
-  TraceObserver obs(opt.save.has_value());
+  TraceObserver obs(opt.save.has_value(), opt.site_peaks);
   ForwardResult fr = run(ck, opt, opt.dtype, &obs);
   r.T = fr.tokens;
   r.hidden = std::move(obs.hidden);
   r.logits = stats(fr.logits);
   r.first_nonfinite = std::move(obs.first);
+  r.sites = std::move(obs.sites);
   r.weight_bytes = fr.weight_bytes;
 
   if (r.first_nonfinite && opt.shadow_fp32) {

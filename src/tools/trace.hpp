@@ -43,6 +43,16 @@ struct TraceOptions {
   // A PEFT adapter applied unmerged (PeftModel's computation), opened against the same
   // checkpoint; null: the bare model.
   std::shared_ptr<const AdapterOverlay> adapter;
+  // Keep the peak |value| of every site (TraceResult::sites): check's report draws them.
+  bool site_peaks = false;
+};
+
+// One site of a run, as the report's heat map draws it.
+struct SitePeak {
+  int64_t layer = -1;   // -1 for model.embed_tokens, model.norm, lm_head
+  std::string site;     // "model.layers.1.self_attn.scores"
+  double peak_abs = 0;  // SiteView::peak_abs: largest finite |value| (eager scores: unscaled q.k^T)
+  bool finite = true;   // SiteView::finite
 };
 
 struct HiddenStateStats {
@@ -70,6 +80,8 @@ struct TraceResult {
   std::vector<HiddenStateStats> hidden;  // N + 1 states
   Stats logits;
   std::optional<FirstNonfinite> first_nonfinite;
+  // Every site in order, with TraceOptions::site_peaks.
+  std::vector<SitePeak> sites;
   uint64_t weight_bytes = 0;  // weights the run-dtype pass read (MoE: the routed experts only)
   std::string adapter;        // the adapter's directory when one was applied unmerged
   bool finite() const;        // every hidden state and the logits finite
