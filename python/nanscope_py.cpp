@@ -52,10 +52,10 @@ std::string python_message(const std::string& m) {
       {"--tokenizer FILE", "tokenizer=PATH"}};
   // Words that follow a flag without being its value ("give --ids or --text").
   static const std::vector<std::string_view> words = {
-      "or",   "and",  "is",   "are",   "was",   "to",     "with",  "for",  "of",  "the",
-      "a",    "an",   "in",   "on",    "at",    "by",     "from",  "as",   "if",  "when",
-      "not",  "does", "must", "cannot", "has",  "have",   "exists", "names", "only", "writes",
-      "gives", "takes", "needs", "given", "required"};
+      "or",    "and",  "is",     "are",   "was",   "to",     "with",  "for",     "of",
+      "the",   "a",    "an",     "in",    "on",    "at",     "by",    "from",    "as",
+      "if",    "when", "not",    "does",  "must",  "cannot", "has",   "have",    "exists",
+      "names", "only", "writes", "gives", "takes", "needs",  "given", "required"};
   std::string out;
   for (size_t i = 0; i < m.size();) {
     const bool flag = m.compare(i, 2, "--") == 0 && i + 2 < m.size() &&
@@ -68,7 +68,8 @@ std::string python_message(const std::string& m) {
     bool done = false;
     for (const auto& [from, to] : whole)
       if (m.compare(i, from.size(), from) == 0 &&
-          (i + from.size() == m.size() || !std::isalnum(static_cast<unsigned char>(m[i + from.size()])) ) &&
+          (i + from.size() == m.size() ||
+           !std::isalnum(static_cast<unsigned char>(m[i + from.size()]))) &&
           (i + from.size() == m.size() || m[i + from.size()] != '-')) {
         out += to;
         i += from.size();
@@ -472,7 +473,8 @@ PYBIND11_MODULE(nanscope, m) {
           const fs::path tp = tokenizer ? *tokenizer : ck.dir() / "tokenizer.json";
           if (!fs::exists(tp))
             fail("{}: no tokenizer.json to tokenize text; pass tokenizer= or ids", tp.string());
-          for (int32_t i : Tokenizer::load(fs::is_directory(tp) ? tp / "tokenizer.json" : tp).encode(*text))
+          for (int32_t i :
+               Tokenizer::load(fs::is_directory(tp) ? tp / "tokenizer.json" : tp).encode(*text))
             o.ids.push_back(i);
         } else {
           o.ids = std::move(*ids);
@@ -517,10 +519,9 @@ PYBIND11_MODULE(nanscope, m) {
         }
         return to_py(merge_result_json(r));
       },
-      py::arg("base"), py::arg("adapter"), py::arg("out"), py::kw_only(),
-      py::arg("dtype") = "auto", py::arg("allow_nonfinite") = false,
-      py::arg("max_shard_size") = py::none(), py::arg("peft_tied") = false,
-      py::arg("fsync") = true, py::arg("threads") = 0,
+      py::arg("base"), py::arg("adapter"), py::arg("out"), py::kw_only(), py::arg("dtype") = "auto",
+      py::arg("allow_nonfinite") = false, py::arg("max_shard_size") = py::none(),
+      py::arg("peft_tied") = false, py::arg("fsync") = true, py::arg("threads") = 0,
       "nanscope merge: a PEFT LoRA adapter merged into base exactly as peft does, with fp32 "
       "arithmetic, written to out (which must not exist or be empty); the --json dict. A result "
       "holding NaN/inf is refused unless allow_nonfinite: then nothing is written and the dict "
@@ -531,28 +532,35 @@ PYBIND11_MODULE(nanscope, m) {
            "Reads what `nanscope hidden` wrote: an output directory, a directory of slices "
            "(--shard K/N), a merged index, or a list of these, as one set in input order.")
       .def("__len__", [](const PyHiddenStates& h) { return h.set.entries().size(); })
-      .def("__contains__", [](const PyHiddenStates& h, const std::string& id) {
-        return h.set.find(id) != nullptr;
-      })
+      .def("__contains__",
+           [](const PyHiddenStates& h, const std::string& id) { return h.set.find(id) != nullptr; })
       .def("__iter__", [](const PyHiddenStates& h) { return py::iter(py::cast(h.ids())); })
       .def("__getitem__", &PyHiddenStates::states, py::arg("id"),
            "Every state kept of one input: {state index: float32 array}.")
       .def_property_readonly("ids", &PyHiddenStates::ids, "Input ids in input order")
-      .def_property_readonly("settings", [](const PyHiddenStates& h) { return to_py(h.set.settings()); })
-      .def_property_readonly("layers", [](const PyHiddenStates& h) { return h.set.layers(); },
-                             "The state indices kept (--layers)")
-      .def_property_readonly("dirs", [](const PyHiddenStates& h) {
-        std::vector<std::string> d;
-        for (const auto& p : h.set.dirs()) d.push_back(p.string());
-        return d;
-      }, "The directories read (each slice's own)")
-      .def_property_readonly("slice_count", [](const PyHiddenStates& h) { return h.set.slice_count(); })
-      .def_property_readonly("missing_slices", [](const PyHiddenStates& h) { return h.set.missing_slices(); },
-                             "K of the slices of N not found (not run, or nothing finished yet)")
+      .def_property_readonly("settings",
+                             [](const PyHiddenStates& h) { return to_py(h.set.settings()); })
+      .def_property_readonly(
+          "layers", [](const PyHiddenStates& h) { return h.set.layers(); },
+          "The state indices kept (--layers)")
+      .def_property_readonly(
+          "dirs",
+          [](const PyHiddenStates& h) {
+            std::vector<std::string> d;
+            for (const auto& p : h.set.dirs()) d.push_back(p.string());
+            return d;
+          },
+          "The directories read (each slice's own)")
+      .def_property_readonly("slice_count",
+                             [](const PyHiddenStates& h) { return h.set.slice_count(); })
+      .def_property_readonly(
+          "missing_slices", [](const PyHiddenStates& h) { return h.set.missing_slices(); },
+          "K of the slices of N not found (not run, or nothing finished yet)")
       .def_property_readonly("nonfinite", &PyHiddenStates::nonfinite,
                              "{id: [states holding NaN/inf]} of every input that has them")
       .def("info", &PyHiddenStates::info, py::arg("id"),
-           "The index entry of one input: input_index, tokens, kind, finite, nonfinite_layers, file.")
+           "The index entry of one input: input_index, tokens, kind, finite, nonfinite_layers, "
+           "file.")
       .def("state", &PyHiddenStates::state, py::arg("id"), py::arg("layer"),
            "State `layer` (-1 = N) of one input: float32 [T, H], or [H] when pooled.");
 

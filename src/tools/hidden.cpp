@@ -264,13 +264,13 @@ json settings_json(const HiddenRunOptions& opt, const std::vector<int64_t>& laye
   fs::path model = fs::weakly_canonical(opt.model, ec);
   if (ec) model = opt.model;
   json s{{"model", model.string()},
-              {"dtype", run_dtype_name(opt.fwd.dtype)},
-              {"attention", attention_name(opt.fwd.attention)},
-              {"layers", layers},
-              {"pool", pool_name(opt.pool)},
-              {"out_dtype", dtype_name(out_dt)},
-              {"hidden_size", ck.config().hidden_size},
-              {"num_states", ck.config().num_hidden_layers + 1}};
+         {"dtype", run_dtype_name(opt.fwd.dtype)},
+         {"attention", attention_name(opt.fwd.attention)},
+         {"layers", layers},
+         {"pool", pool_name(opt.pool)},
+         {"out_dtype", dtype_name(out_dt)},
+         {"hidden_size", ck.config().hidden_size},
+         {"num_states", ck.config().num_hidden_layers + 1}};
   // Only with a shard: indexes of unsharded runs stay as they were, and resume as before.
   if (opt.shard) s["slice"] = {{"index", opt.shard->index}, {"count", opt.shard->count}};
   return s;
@@ -288,12 +288,12 @@ Slice parse_slice(std::string_view s) {
   if (slash == std::string_view::npos || !num(s.substr(0, slash), r.index) ||
       !num(s.substr(slash + 1), r.count))
     fail("--shard {}: expected K/N, the K-th (0-based) of N slices, e.g. 0/4", s);
-  if (r.count < 1 || r.count > 99999)
-    fail("--shard {}: N must be between 1 and 99999", s);
+  if (r.count < 1 || r.count > 99999) fail("--shard {}: N must be between 1 and 99999", s);
   if (r.index < 0 || r.index >= r.count)
-    fail("--shard {}: K must be in 0..{} (0-based; with Slurm, --array=0-{} and "
-         "--shard $SLURM_ARRAY_TASK_ID/{})",
-         s, r.count - 1, r.count - 1, r.count);
+    fail(
+        "--shard {}: K must be in 0..{} (0-based; with Slurm, --array=0-{} and "
+        "--shard $SLURM_ARRAY_TASK_ID/{})",
+        s, r.count - 1, r.count - 1, r.count);
   return r;
 }
 
@@ -336,9 +336,10 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       fail("{}: holds the output of an unsharded run; give --shard runs another --out",
            parent_index.string());
     if (!opt.shard && merged)
-      fail("{}: is a merged index of slices (hidden --merge-index), not a run to resume; rerun "
-           "with the same --shard into the same --out, or use another --out",
-           parent_index.string());
+      fail(
+          "{}: is a merged index of slices (hidden --merge-index), not a run to resume; rerun "
+          "with the same --shard into the same --out, or use another --out",
+          parent_index.string());
   }
 
   std::error_code ec;
@@ -414,8 +415,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     for (const auto& p : pending)
       for (const auto& [l, v] : p.tensors)
         specs.push_back({fmt::format("{}.layer{}", p.id, l), out_dt, p.shape});
-    SafetensorsWriter w(out / name, specs,
-                        {{"format", kFormat}, {"settings", settings.dump()}});
+    SafetensorsWriter w(out / name, specs, {{"format", kFormat}, {"settings", settings.dump()}});
     std::vector<std::byte> buf;
     for (const auto& p : pending)
       for (const auto& [l, v] : p.tensors) {
@@ -427,12 +427,9 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     // The shard is in place; only now does the index name its inputs.
     index["shards"].push_back(name);
     for (const auto& p : pending)
-      index["inputs"][p.id] = {{"file", name},
-                               {"input_index", p.input_index},
-                               {"tokens", p.tokens},
-                               {"kind", p.kind},
-                               {"finite", p.nonfinite.empty()},
-                               {"nonfinite_layers", p.nonfinite}};
+      index["inputs"][p.id] = {
+          {"file", name},   {"input_index", p.input_index},  {"tokens", p.tokens},
+          {"kind", p.kind}, {"finite", p.nonfinite.empty()}, {"nonfinite_layers", p.nonfinite}};
     // Top-level summary of every input with NaN/inf: id -> states.
     json nf = json::object();
     for (const auto& [id, v] : index["inputs"].items())

@@ -27,9 +27,10 @@ constexpr const char* kFormat = "nanscope-hidden/1";
 json read_index(const fs::path& p) {
   std::ifstream f(p);
   if (!f)
-    fail("{}: cannot be read: not an output directory of nanscope hidden (nor one holding "
-         "slice-K-of-N directories)",
-         p.string());
+    fail(
+        "{}: cannot be read: not an output directory of nanscope hidden (nor one holding "
+        "slice-K-of-N directories)",
+        p.string());
   std::stringstream ss;
   ss << f.rdbuf();
   json j;
@@ -41,8 +42,8 @@ json read_index(const fs::path& p) {
   if (!j.is_object() || !j.contains("format") || j["format"] != kFormat ||
       !j.contains("settings") || !j["settings"].is_object() || !j.contains("inputs") ||
       !j["inputs"].is_object() || !j["settings"].contains("num_states") ||
-      !j["settings"]["num_states"].is_number_integer() ||
-      !j["settings"].contains("hidden_size") || !j["settings"]["hidden_size"].is_number_integer())
+      !j["settings"]["num_states"].is_number_integer() || !j["settings"].contains("hidden_size") ||
+      !j["settings"]["hidden_size"].is_number_integer())
     fail("{}: not a nanscope hidden index", p.string());
   return j;
 }
@@ -81,7 +82,7 @@ HiddenSet HiddenSet::open(std::span<const fs::path> paths) {
   if (paths.empty()) fail("no hidden output directory given");
   HiddenSet s;
   struct Source {
-    fs::path dir;    // where the index is
+    fs::path dir;  // where the index is
     json index;
   };
   std::vector<Source> sources;
@@ -99,7 +100,8 @@ HiddenSet HiddenSet::open(std::span<const fs::path> paths) {
       if (!fs::exists(d / "index.json")) continue;  // started, nothing finished yet
       sources.push_back({d, read_index(d / "index.json")});
     }
-    if (sources.size() == before) fail("{}: none of its slice directories holds an index.json yet", p.string());
+    if (sources.size() == before)
+      fail("{}: none of its slice directories holds an index.json yet", p.string());
   }
 
   // Settings must agree (the slice aside); slices must be of one N, each K once.
@@ -115,7 +117,9 @@ HiddenSet HiddenSet::open(std::span<const fs::path> paths) {
       std::vector<std::string> diffs;
       for (const auto& [k, v] : st.items()) {
         const json& o = s.settings_.contains(k) ? s.settings_[k] : json();
-        if (o != v) diffs.push_back(fmt::format("{} {} ({}: {})", k, o.dump(), sources[i].dir.string(), v.dump()));
+        if (o != v)
+          diffs.push_back(
+              fmt::format("{} {} ({}: {})", k, o.dump(), sources[i].dir.string(), v.dump()));
       }
       fail("{} and {} were written with other settings: {}; they are not slices of one run",
            sources[0].dir.string(), sources[i].dir.string(), fmt::join(diffs, ", "));
@@ -139,7 +143,8 @@ HiddenSet HiddenSet::open(std::span<const fs::path> paths) {
     sliced = true;
     s.slice_count_ = count;
     for (int64_t k : ks) {
-      if (k < 0 || k >= count) fail("{}: slice {} of {} is out of range", sources[i].dir.string(), k, count);
+      if (k < 0 || k >= count)
+        fail("{}: slice {} of {} is out of range", sources[i].dir.string(), k, count);
       if (!found.insert(k).second)
         fail("{} and {} both hold slice {}/{}", slice_of[k].string(), sources[i].dir.string(), k,
              count);
@@ -178,15 +183,16 @@ HiddenSet HiddenSet::open(std::span<const fs::path> paths) {
       e.nonfinite_layers = v.value("nonfinite_layers", std::vector<int64_t>{});
       e.dir = i;
       if (auto it = s.by_id_.find(id); it != s.by_id_.end())
-        fail("input {} is in both {} and {}: slices of one run never share an input",
-             id, sources[all[it->second].e.dir].dir.string(), src.dir.string());
+        fail("input {} is in both {} and {}: slices of one run never share an input", id,
+             sources[all[it->second].e.dir].dir.string(), src.dir.string());
       if (e.input_index >= 0) {
         auto [it, fresh] = by_position.emplace(e.input_index, all.size());
         if (!fresh)
-          fail("{} and {} both hold input {} of the input file (ids {} and {}): slices of "
-               "different input files?",
-               sources[all[it->second].e.dir].dir.string(), src.dir.string(), e.input_index,
-               all[it->second].e.id, id);
+          fail(
+              "{} and {} both hold input {} of the input file (ids {} and {}): slices of "
+              "different input files?",
+              sources[all[it->second].e.dir].dir.string(), src.dir.string(), e.input_index,
+              all[it->second].e.id, id);
       }
       const auto r = rank.find(file);
       s.by_id_.emplace(id, all.size());
@@ -228,8 +234,8 @@ std::vector<float> HiddenSet::read(const HiddenEntry& e, int64_t layer) const {
   const int64_t k = layer < 0 ? layer + S : layer;
   const std::vector<int64_t> kept = layers();
   if (std::find(kept.begin(), kept.end(), k) == kept.end())
-    fail("state {} was not kept: {} holds states {} of 0..{}", layer,
-         dirs_[e.dir].string(), fmt::join(kept, ", "), S - 1);
+    fail("state {} was not kept: {} holds states {} of 0..{}", layer, dirs_[e.dir].string(),
+         fmt::join(kept, ", "), S - 1);
   std::shared_ptr<SafetensorsFile> f;
   {
     std::lock_guard<std::mutex> lock(*mu_);
@@ -271,8 +277,10 @@ json write_merged_index(const HiddenSet& set, const fs::path& out) {
   for (const HiddenEntry& e : set.entries()) {
     const std::string file = rel(e.file);
     if (seen.insert(file).second) shards.push_back(file);
-    json v = {{"file", file},        {"tokens", e.tokens},
-              {"kind", e.kind},      {"finite", e.finite},
+    json v = {{"file", file},
+              {"tokens", e.tokens},
+              {"kind", e.kind},
+              {"finite", e.finite},
               {"nonfinite_layers", e.nonfinite_layers}};
     if (e.input_index >= 0) v["input_index"] = e.input_index;
     inputs[e.id] = std::move(v);

@@ -276,8 +276,9 @@ TEST(CliHidden, ShardsTogetherAreTheUnshardedRun) {
   }
   write_text(in, lines);
   const std::string model = fixture("models/qwen3-tiny");
-  const std::vector<std::string> common = {"hidden", model, "--input", in.string(),
-                                           "--layers", "0,2,-1", "--batch-tokens", "1", "--json"};
+  const std::vector<std::string> common = {"hidden",         model,      "--input",
+                                           in.string(),      "--layers", "0,2,-1",
+                                           "--batch-tokens", "1",        "--json"};
   auto with = [&](std::vector<std::string> extra) {
     std::vector<std::string> a = common;
     a.insert(a.end(), extra.begin(), extra.end());
@@ -369,8 +370,8 @@ TEST(CliHidden, ShardsRefuseWhatCannotBeOneRun) {
   write_text(in, "{\"id\": \"a\", \"ids\": [1, 2]}\n{\"id\": \"b\", \"ids\": [3]}\n");
   const std::string model = fixture("models/qwen3-tiny");
   for (const char* bad : {"3/3", "-1/3", "1/0", "1", "a/b", "1/3x", " 1/3"}) {
-    auto r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--shard",
-                      bad});
+    auto r =
+        run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--shard", bad});
     EXPECT_EQ(r.exit_code, 2) << bad;
     EXPECT_NE(r.err.find("--shard"), std::string::npos) << bad << ": " << r.err;
   }
@@ -384,8 +385,8 @@ TEST(CliHidden, ShardsRefuseWhatCannotBeOneRun) {
   const fs::path sl = d.path / "sl";
   r = run_cli({"hidden", model, "--input", in.string(), "--out", sl.string(), "--shard", "0/2"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = run_cli({"hidden", "--merge-index", out.string(), sl.string(), "--out",
-               (d.path / "m").string()});
+  r = run_cli(
+      {"hidden", "--merge-index", out.string(), sl.string(), "--out", (d.path / "m").string()});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("input a is in both"), std::string::npos) << r.err;
   // Slices of another N, other settings, several directories without --out, a merged index
