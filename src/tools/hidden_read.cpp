@@ -239,6 +239,9 @@ std::vector<float> HiddenSet::read(const HiddenEntry& e, int64_t layer) const {
   std::shared_ptr<SafetensorsFile> f;
   {
     std::lock_guard<std::mutex> lock(*mu_);
+    // A run has thousands of shards: hold few open (each keeps a descriptor and a mapping).
+    // What read() returns is a copy, so dropping them is safe.
+    if (files_.size() >= 64 && !files_.count(e.file)) files_.clear();
     auto& slot = files_[e.file];
     if (!slot) slot = SafetensorsFile::open(e.file);
     f = slot;

@@ -364,6 +364,29 @@ TEST(CliHidden, ShardsTogetherAreTheUnshardedRun) {
   EXPECT_EQ(HiddenSet::open(mdir).entries().size(), 6u);  // slices 0 and 1: 3 + 3
 }
 
+// Indexes written before input_index existed: their inputs come shard by shard.
+TEST(CliHidden, IndexWithoutInputIndexReadsShardByShard) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in,
+             "{\"id\": \"z\", \"ids\": [1, 2]}\n{\"id\": \"b\", \"ids\": [3]}\n"
+             "{\"id\": \"m\", \"ids\": [4, 5, 6]}\n");
+  auto r = run_cli({"hidden", fixture("models/qwen3-tiny"), "--input", in.string(), "--out",
+                    out.string(), "--batch-tokens", "1", "--layers", "-1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json idx = json::parse(std::ifstream(out / "index.json"));
+  for (auto& [id, v] : idx["inputs"].items()) v.erase("input_index");
+  write_text(out / "index.json", idx.dump());
+  const std::vector<fs::path> dirs = {out};
+  const HiddenSet set = HiddenSet::open(dirs);
+  ASSERT_EQ(set.entries().size(), 3u);
+  EXPECT_EQ(set.entries()[0].id, "z");
+  EXPECT_EQ(set.entries()[1].id, "b");
+  EXPECT_EQ(set.entries()[2].id, "m");
+  EXPECT_EQ(set.entries()[2].input_index, -1);
+  EXPECT_EQ(set.read(set.entries()[2], -1).size(), 3u * 64u);
+}
+
 TEST(CliHidden, ShardsRefuseWhatCannotBeOneRun) {
   TempDir d;
   const fs::path in = d.path / "in.jsonl", out = d.path / "out";
