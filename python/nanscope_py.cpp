@@ -5,13 +5,20 @@
 //   hs = m.hidden_states([1, 2, 3], dtype="bf16")             # N+1 arrays [T, H] float32
 //   soft = m.hidden_states_soft([[(17, 0.7), (42, 0.3)], ...])  # one mixture per position
 //
-// InputError becomes ValueError, OutputError OSError. The GIL is released during the forward
-// pass; state arrays own their std::vector through a capsule (no copy).
+//   nanscope.merge(base, adapter, out)                          # the merge command, as a dict
+//   hs = nanscope.HiddenStates("out")                           # what `hidden` wrote, slices too
+//
+// Every path may be a str or an os.PathLike. InputError becomes ValueError, OutputError OSError,
+// with the command line's flags in messages spelled as Python keywords. The GIL is released
+// during the forward pass; state arrays own their std::vector through a capsule (no copy).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/stl/filesystem.h>
 
 #include <algorithm>
+#include <cctype>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
@@ -23,13 +30,72 @@
 #include "tokenizer/bpe.hpp"
 #include "tools/check.hpp"
 #include "tools/hidden.hpp"
+#include "tools/hidden_read.hpp"
+#include "tools/merge.hpp"
 #include "tools/scan.hpp"
 #include "tools/trace.hpp"
 
 namespace py = pybind11;
 using namespace nanscope;
+namespace fs = std::filesystem;
 
 namespace {
+
+// The library's messages name the command line's flags (`--dtype`, `--out X`); a Python user
+// passes keywords, so they read `dtype=`, `out=X`, `allow_nonfinite=True`.
+std::string python_message(const std::string& m) {
+  static const std::vector<std::pair<std::string_view, std::string_view>> whole = {
+      {"--allow-unnormalized", "allow_unnormalized=True"},
+      {"--allow-nonfinite", "allow_nonfinite=True"},
+      {"--peft-tied", "peft_tied=True"},
+      {"--no-fsync", "fsync=False"},
+      {"--tokenizer FILE", "tokenizer=PATH"}};
+  // Words that follow a flag without being its value ("give --ids or --text").
+  static const std::vector<std::string_view> words = {
+      "or",    "and",  "is",     "are",   "was",   "to",     "with",  "for",     "of",
+      "the",   "a",    "an",     "in",    "on",    "at",     "by",    "from",    "as",
+      "if",    "when", "not",    "does",  "must",  "cannot", "has",   "have",    "exists",
+      "names", "only", "writes", "gives", "takes", "needs",  "given", "required"};
+  std::string out;
+  for (size_t i = 0; i < m.size();) {
+    const bool flag = m.compare(i, 2, "--") == 0 && i + 2 < m.size() &&
+                      std::islower(static_cast<unsigned char>(m[i + 2])) &&
+                      (i == 0 || !std::isalnum(static_cast<unsigned char>(m[i - 1])));
+    if (!flag) {
+      out += m[i++];
+      continue;
+    }
+    bool done = false;
+    for (const auto& [from, to] : whole)
+      if (m.compare(i, from.size(), from) == 0 &&
+          (i + from.size() == m.size() ||
+           !std::isalnum(static_cast<unsigned char>(m[i + from.size()]))) &&
+          (i + from.size() == m.size() || m[i + from.size()] != '-')) {
+        out += to;
+        i += from.size();
+        done = true;
+        break;
+      }
+    if (done) continue;
+    size_t j = i + 2;
+    while (j < m.size() && (std::isalnum(static_cast<unsigned char>(m[j])) || m[j] == '-')) ++j;
+    std::string name = m.substr(i + 2, j - i - 2);
+    for (char& c : name)
+      if (c == '-') c = '_';
+    out += name + "=";
+    i = j;
+    // "--out /x exists" -> "out=/x exists"; "--ids or" keeps its space.
+    if (i + 1 < m.size() && m[i] == ' ') {
+      size_t k = i + 1;
+      while (k < m.size() && std::isalpha(static_cast<unsigned char>(m[k]))) ++k;
+      const std::string_view next(m.data() + i + 1, k - i - 1);
+      const bool word = std::find(words.begin(), words.end(), next) != words.end();
+      const bool value = !word && m[i + 1] != '(' && m[i + 1] != '-';
+      if (value) ++i;
+    }
+  }
+  return out;
+}
 
 using PyMixture = std::vector<std::pair<int64_t, double>>;
 
@@ -89,7 +155,7 @@ std::vector<int64_t> layer_list(const std::optional<std::vector<int64_t>>& layer
 
 class Model {
  public:
-  explicit Model(const std::string& path)
+  explicit Model(const fs::path& path)
       : ck_(std::make_shared<Checkpoint>(Checkpoint::open(path))) {}
 
   py::object config() const { return to_py(ck_->config().raw); }
@@ -233,6 +299,66 @@ class Model {
   std::shared_ptr<Tokenizer> tk_;
 };
 
+// nanscope.HiddenStates: tools/hidden_read's set of output directories.
+struct PyHiddenStates {
+  HiddenSet set;
+
+  static std::vector<fs::path> paths_of(py::object dirs) {
+    // One path (str, bytes, os.PathLike) or an iterable of them.
+    if (py::isinstance<py::str>(dirs) || py::isinstance<py::bytes>(dirs) ||
+        py::hasattr(dirs, "__fspath__"))
+      return {dirs.cast<fs::path>()};
+    std::vector<fs::path> out;
+    for (py::handle d : dirs) out.push_back(d.cast<fs::path>());
+    return out;
+  }
+  explicit PyHiddenStates(py::object dirs) : set(HiddenSet::open(paths_of(std::move(dirs)))) {}
+
+  const HiddenEntry& entry(const std::string& id) const {
+    const HiddenEntry* e = set.find(id);
+    if (!e) throw py::key_error(id);
+    return *e;
+  }
+  std::vector<std::string> ids() const {
+    std::vector<std::string> out;
+    for (const auto& e : set.entries()) out.push_back(e.id);
+    return out;
+  }
+  py::array_t<float> state(const std::string& id, int64_t layer) const {
+    const HiddenEntry& e = entry(id);
+    std::vector<float> v;
+    {
+      py::gil_scoped_release nogil;
+      v = set.read(e, layer);
+    }
+    const auto sh = set.shape(e);
+    return to_numpy(std::move(v), std::vector<py::ssize_t>(sh.begin(), sh.end()));
+  }
+  py::dict states(const std::string& id) const {
+    py::dict out;
+    for (int64_t k : set.layers()) out[py::int_(k)] = state(id, k);
+    return out;
+  }
+  py::dict info(const std::string& id) const {
+    const HiddenEntry& e = entry(id);
+    py::dict d;
+    d["id"] = e.id;
+    d["input_index"] = e.input_index;
+    d["tokens"] = e.tokens;
+    d["kind"] = e.kind;
+    d["finite"] = e.finite;
+    d["nonfinite_layers"] = e.nonfinite_layers;
+    d["file"] = e.file.string();
+    return d;
+  }
+  py::dict nonfinite() const {
+    py::dict d;
+    for (const auto& e : set.entries())
+      if (!e.finite) d[py::str(e.id)] = e.nonfinite_layers;
+    return d;
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(nanscope, m) {
@@ -243,15 +369,15 @@ PYBIND11_MODULE(nanscope, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const InputError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
+      PyErr_SetString(PyExc_ValueError, python_message(e.what()).c_str());
     } catch (const OutputError& e) {
-      PyErr_SetString(PyExc_OSError, e.what());
+      PyErr_SetString(PyExc_OSError, python_message(e.what()).c_str());
     }
   });
 
   py::class_<Model>(m, "Model")
-      .def(py::init<const std::string&>(), py::arg("path"),
-           "Opens a checkpoint directory (config.json + safetensors).")
+      .def(py::init<const fs::path&>(), py::arg("path"),
+           "Opens a checkpoint directory (config.json + safetensors); a str or os.PathLike.")
       .def_property_readonly("config", &Model::config, "config.json as a dict")
       .def_property_readonly("path", &Model::path)
       .def_property_readonly("num_states", &Model::num_states,
@@ -281,7 +407,7 @@ PYBIND11_MODULE(nanscope, m) {
 
   m.def(
       "scan",
-      [](const std::string& path, std::optional<std::string> adapter) {
+      [](const fs::path& path, std::optional<fs::path> adapter) {
         ScanOptions o;
         if (adapter) o.adapter = *adapter;
         ScanResult r;
@@ -296,9 +422,9 @@ PYBIND11_MODULE(nanscope, m) {
 
   m.def(
       "check",
-      [](const std::string& path, std::optional<std::vector<int64_t>> ids,
-         std::optional<std::string> text, std::optional<std::string> base,
-         std::optional<std::string> adapter, std::vector<std::string> dtypes,
+      [](const fs::path& path, std::optional<std::vector<int64_t>> ids,
+         std::optional<std::string> text, std::optional<fs::path> base,
+         std::optional<fs::path> adapter, std::vector<std::string> dtypes,
          const std::string& attention) {
         CheckOptions o;
         if (ids && text) fail("check: pass ids or text, not both");
@@ -335,20 +461,108 @@ PYBIND11_MODULE(nanscope, m) {
 
   m.def(
       "trace",
-      [](const std::string& path, std::vector<int64_t> ids, const std::string& dtype,
-         const std::string& attention) {
+      [](const fs::path& path, std::optional<std::vector<int64_t>> ids, const std::string& dtype,
+         const std::string& attention, std::optional<std::string> text,
+         std::optional<fs::path> tokenizer) {
+        if (ids && text) fail("trace: pass ids or text, not both");
+        if (!ids && !text) fail("trace: pass ids (token ids) or text");
         TraceOptions o;
         const ForwardOptions f = fwd_options(dtype, attention);
-        o.ids = std::move(ids);
+        Checkpoint ck = Checkpoint::open(path);
+        if (text) {
+          const fs::path tp = tokenizer ? *tokenizer : ck.dir() / "tokenizer.json";
+          if (!fs::exists(tp))
+            fail("{}: no tokenizer.json to tokenize text; pass tokenizer= or ids", tp.string());
+          for (int32_t i :
+               Tokenizer::load(fs::is_directory(tp) ? tp / "tokenizer.json" : tp).encode(*text))
+            o.ids.push_back(i);
+        } else {
+          o.ids = std::move(*ids);
+        }
         o.dtype = f.dtype;
         o.attention = f.attention;
         TraceResult r;
         {
           py::gil_scoped_release nogil;
-          r = trace(Checkpoint::open(path), o);
+          r = trace(ck, o);
         }
         return to_py(trace_json(r));
       },
-      py::arg("path"), py::arg("ids"), py::arg("dtype") = "bf16", py::arg("attention") = "eager",
-      "nanscope trace: every hidden state's statistics and the first non-finite site.");
+      py::arg("path"), py::arg("ids") = py::none(), py::arg("dtype") = "bf16",
+      py::arg("attention") = "eager", py::kw_only(), py::arg("text") = py::none(),
+      py::arg("tokenizer") = py::none(),
+      "nanscope trace: every hidden state's statistics and the first non-finite site, as the "
+      "--json dict. Token ids, or text tokenized with the model's (or tokenizer=) tokenizer.json.");
+
+  m.def(
+      "merge",
+      [](const fs::path& base, const fs::path& adapter, const fs::path& out,
+         const std::string& dtype, bool allow_nonfinite, std::optional<int64_t> max_shard_size,
+         bool peft_tied, bool fsync, int threads) {
+        MergeOptions o;
+        o.base = base;
+        o.adapter = adapter;
+        o.out = out;
+        o.dtype = parse_merge_dtype(dtype);
+        o.allow_nonfinite = allow_nonfinite;
+        if (max_shard_size && *max_shard_size <= 0)
+          fail("merge: max_shard_size {}: must be a positive number of bytes", *max_shard_size);
+        o.max_shard_size = max_shard_size ? uint64_t(*max_shard_size) : 0;
+        o.tied = peft_tied ? TiedMode::Peft : TiedMode::Untie;
+        o.durable = fsync;
+        if (threads < 0) fail("merge: threads {}: must be 0 (all cores) or more", threads);
+        o.threads = threads;
+        MergeResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = merge(o);
+        }
+        return to_py(merge_result_json(r));
+      },
+      py::arg("base"), py::arg("adapter"), py::arg("out"), py::kw_only(), py::arg("dtype") = "auto",
+      py::arg("allow_nonfinite") = false, py::arg("max_shard_size") = py::none(),
+      py::arg("peft_tied") = false, py::arg("fsync") = true, py::arg("threads") = 0,
+      "nanscope merge: a PEFT LoRA adapter merged into base exactly as peft does, with fp32 "
+      "arithmetic, written to out (which must not exist or be empty); the --json dict. A result "
+      "holding NaN/inf is refused unless allow_nonfinite: then nothing is written and the dict "
+      "says refused=True, with the tensors in 'nonfinite'.");
+
+  py::class_<PyHiddenStates>(m, "HiddenStates")
+      .def(py::init<py::object>(), py::arg("dirs"),
+           "Reads what `nanscope hidden` wrote: an output directory, a directory of slices "
+           "(--shard K/N), a merged index, or a list of these, as one set in input order.")
+      .def("__len__", [](const PyHiddenStates& h) { return h.set.entries().size(); })
+      .def("__contains__",
+           [](const PyHiddenStates& h, const std::string& id) { return h.set.find(id) != nullptr; })
+      .def("__iter__", [](const PyHiddenStates& h) { return py::iter(py::cast(h.ids())); })
+      .def("__getitem__", &PyHiddenStates::states, py::arg("id"),
+           "Every state kept of one input: {state index: float32 array}.")
+      .def_property_readonly("ids", &PyHiddenStates::ids, "Input ids in input order")
+      .def_property_readonly("settings",
+                             [](const PyHiddenStates& h) { return to_py(h.set.settings()); })
+      .def_property_readonly(
+          "layers", [](const PyHiddenStates& h) { return h.set.layers(); },
+          "The state indices kept (--layers)")
+      .def_property_readonly(
+          "dirs",
+          [](const PyHiddenStates& h) {
+            std::vector<std::string> d;
+            for (const auto& p : h.set.dirs()) d.push_back(p.string());
+            return d;
+          },
+          "The directories read (each slice's own)")
+      .def_property_readonly("slice_count",
+                             [](const PyHiddenStates& h) { return h.set.slice_count(); })
+      .def_property_readonly(
+          "missing_slices", [](const PyHiddenStates& h) { return h.set.missing_slices(); },
+          "K of the slices of N not found (not run, or nothing finished yet)")
+      .def_property_readonly("nonfinite", &PyHiddenStates::nonfinite,
+                             "{id: [states holding NaN/inf]} of every input that has them")
+      .def("info", &PyHiddenStates::info, py::arg("id"),
+           "The index entry of one input: input_index, tokens, kind, finite, nonfinite_layers, "
+           "file.")
+      .def("state", &PyHiddenStates::state, py::arg("id"), py::arg("layer"),
+           "State `layer` (-1 = N) of one input: float32 [T, H], or [H] when pooled.");
+
+  m.attr("__version__") = NANSCOPE_VERSION;
 }

@@ -15,6 +15,7 @@ packages=(
   libgtest-dev libgmock-dev  # unit tests
   libbenchmark-dev        # micro-benchmarks in bench/
   python3 python3-dev pybind11-dev python3-numpy python3-pytest  # Python bindings and their tests
+  python3-setuptools python3-wheel python3-pip python3-venv  # pip install . / pip wheel . (offline)
   clang libclang-rt-14-dev  # libFuzzer + ASan/UBSan for the safetensors header fuzz target
   chromium                # renders the check --report page in a test
 )

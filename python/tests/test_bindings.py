@@ -208,3 +208,115 @@ def test_errors_are_value_errors(model):
         model.hidden_states_soft(np.zeros((3, 65), dtype=np.float32))
     with pytest.raises(ValueError, match="layers"):
         model.hidden_states(IDS, layers=[4])
+
+
+# ---- the package as Python users meet it ----------------------------------------------------
+
+BINARY = pathlib.Path(nanscope.__file__).resolve().parents[1] / "nanscope"
+
+
+def test_version_is_the_projects():
+    cmake = (FIXTURES.parents[1] / "CMakeLists.txt").read_text()
+    import re
+    assert nanscope.__version__ == re.search(r"project\(nanscope VERSION ([0-9.]+)", cmake).group(1)
+
+
+def test_paths_may_be_pathlike():
+    p = pathlib.Path(TINY)
+    assert nanscope.Model(p).num_states == 4
+    assert nanscope.scan(p)["tensors"] == nanscope.scan(TINY)["tensors"]
+    assert nanscope.trace(p, IDS)["hidden"] == nanscope.trace(TINY, IDS)["hidden"]
+    assert nanscope.check(pathlib.Path(NAN), ids=[1, 2, 3], dtypes=["bf16"])["verdict"] == "FAIL"
+
+
+def test_trace_of_text():
+    t = nanscope.trace(EXAMPLE, text="Hello, world!", dtype="fp32")
+    ids = nanscope.Model(EXAMPLE).tokenize("Hello, world!")
+    assert t["tokens"] == ids
+    assert t["hidden"] == nanscope.trace(EXAMPLE, ids, dtype="fp32")["hidden"]
+    with pytest.raises(ValueError, match="not both"):
+        nanscope.trace(EXAMPLE, ids, text="x")
+    with pytest.raises(ValueError, match="ids"):
+        nanscope.trace(EXAMPLE)
+    with pytest.raises(ValueError, match="tokenizer="):
+        nanscope.trace(TINY, text="x")
+
+
+def test_merge_like_the_command(tmp_path):
+    base = FIXTURES / "models" / "qwen3-tiny-fp32"
+    out = tmp_path / "merged"
+    r = nanscope.merge(base, FIXTURES / "adapters" / "lora-fp32", out, dtype="fp32")
+    assert r["written"] and not r["refused"] and r["merged"] > 0
+    # Against peft's own merge of the same adapter (tests/fixtures/merged, made by peft 0.21).
+    ours = read_safetensors(out / "model.safetensors")
+    gold = read_safetensors(FIXTURES / "merged" / "lora-fp32" / "model.safetensors")
+    before = read_safetensors(base / "model.safetensors")
+    changed = 0
+    for name, g in gold.items():
+        assert np.allclose(ours[name], g, rtol=1e-6, atol=0), name
+        changed += not np.array_equal(g, before[name])
+    assert changed > 0
+    # A poisoned adapter: refused, nothing written.
+    out2 = tmp_path / "poisoned"
+    r = nanscope.merge(FIXTURES / "models" / "qwen3-tiny", FIXTURES / "adapters" / "poisoned",
+                       out2)
+    assert r["refused"] and not r["written"] and r["nonfinite"]
+    assert not out2.exists()
+
+
+def test_error_messages_name_keywords(tmp_path, model):
+    with pytest.raises(ValueError) as e:
+        nanscope.merge(TINY, FIXTURES / "adapters" / "lora-bf16", tmp_path, dtype="fp8")
+    assert "dtype=fp8" in str(e.value) and "--" not in str(e.value), str(e.value)
+    (tmp_path / "x").write_text("")
+    with pytest.raises(ValueError) as e:
+        nanscope.merge(TINY, FIXTURES / "adapters" / "lora-bf16", tmp_path)
+    assert f"out={tmp_path} exists" in str(e.value) and "--" not in str(e.value), str(e.value)
+    with pytest.raises(ValueError) as e:
+        model.hidden_states_soft([[(1, 0.2), (2, 0.2)]])
+    assert "allow_unnormalized=True" in str(e.value) and "--" not in str(e.value), str(e.value)
+    with pytest.raises(ValueError) as e:
+        nanscope.merge(TINY, FIXTURES / "adapters" / "lora-bf16", tmp_path / "no" / "out")
+    assert "of out= does not exist" in str(e.value), str(e.value)
+
+
+def run_hidden(*args):
+    assert BINARY.exists(), f"{BINARY}: the nanscope binary, built beside build/python"
+    import subprocess
+    r = subprocess.run([str(BINARY), "hidden", *map(str, args)], capture_output=True, text=True)
+    return r
+
+
+def test_hidden_states_reads_slices_as_one(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    ids = [f"q{9 - i}" for i in range(5)]
+    inp.write_text("".join(json.dumps({"id": x, "ids": [3 + i, 40 + i, 7]}) + "\n"
+                           for i, x in enumerate(ids)))
+    common = [TINY, "--input", inp, "--layers", "1,-1", "--batch-tokens", "1"]
+    assert run_hidden(*common, "--out", tmp_path / "full").returncode == 0
+    assert run_hidden(*common, "--out", tmp_path / "sl", "--shard", "1/2").returncode == 0
+    part = nanscope.HiddenStates(tmp_path / "sl")
+    assert part.missing_slices == [0] and part.slice_count == 2
+    assert part.ids == [ids[1], ids[3]]
+    assert run_hidden(*common, "--out", tmp_path / "sl", "--shard", "0/2").returncode == 0
+
+    full = nanscope.HiddenStates(str(tmp_path / "full"))
+    hs = nanscope.HiddenStates([tmp_path / "sl" / "slice-00000-of-00002",
+                                tmp_path / "sl" / "slice-00001-of-00002"])
+    assert list(hs) == ids and full.ids == ids and len(hs) == 5
+    assert hs.layers == [1, 3] and hs.missing_slices == []
+    for x in ids:
+        assert x in hs
+        for k in (1, 3):
+            a, b = hs.state(x, k), full.state(x, k)
+            assert a.dtype == np.float32 and a.shape == (3, 64)
+            assert np.array_equal(a, b)
+        assert np.array_equal(hs[x][3], hs.state(x, -1))
+    assert hs.info(ids[2])["input_index"] == 2 and hs.info(ids[2])["tokens"] == 3
+    assert hs.nonfinite == {}
+    with pytest.raises(KeyError):
+        hs.state("nope", 1)
+    with pytest.raises(ValueError, match="not kept"):
+        hs.state(ids[0], 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        nanscope.HiddenStates(tmp_path / "nowhere")

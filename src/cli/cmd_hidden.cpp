@@ -1,4 +1,5 @@
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -8,6 +9,7 @@
 #include "common/error.hpp"
 #include "common/temp_files.hpp"
 #include "tools/hidden.hpp"
+#include "tools/hidden_read.hpp"
 #include "tools/trace.hpp"
 
 namespace nanscope::cli {
@@ -36,12 +38,56 @@ class ProgressBar {
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_{};
 };
 
+// --merge-index: no model is run; the finished slices are read and one index written. (A
+// template: the arguments are add_hidden's local struct.)
+template <class Args>
+Exit merge_index(const Args& m) {
+  if (!m.model.empty() || !m.input.empty() || !m.shard.empty())
+    fail("hidden --merge-index reads finished runs: it takes no MODEL, --input or --shard");
+  std::vector<std::filesystem::path> dirs(m.merge_index.begin(), m.merge_index.end());
+  if (m.out.empty() && dirs.size() > 1)
+    fail("hidden --merge-index with {} directories: --out names where the merged index goes",
+         dirs.size());
+  const std::filesystem::path dest = m.out.empty() ? dirs.front() : std::filesystem::path(m.out);
+  const HiddenSet set = HiddenSet::open(dirs);
+  const nlohmann::json doc = write_merged_index(set, dest);
+  const auto index = (dest / "index.json").string();
+  if (m.json) {
+    print_out(nlohmann::json{{"index", index},
+                             {"inputs", set.entries().size()},
+                             {"slices", doc["slices"]},
+                             {"slice_count", set.slice_count()},
+                             {"missing_slices", set.missing_slices()},
+                             {"nonfinite", doc["nonfinite"]}}
+                  .dump(2));
+  } else {
+    std::string s =
+        fmt::format("{} inputs of {} director{} in input order: {}\n", set.entries().size(),
+                    set.dirs().size(), set.dirs().size() == 1 ? "y" : "ies", index);
+    if (!set.missing_slices().empty())
+      s += fmt::format("Missing slices (not run or nothing finished yet): {} of {}\n",
+                       fmt::join(set.missing_slices(), ", "), set.slice_count());
+    if (!doc["nonfinite"].empty())
+      s += fmt::format(
+          "NaN/inf in the hidden states of {} input(s), listed under \"nonfinite\" "
+          "in the index\n",
+          doc["nonfinite"].size());
+    print_out(s);
+  }
+  return set.missing_slices().empty() && doc["nonfinite"].empty() ? kClean : kProblem;
+}
+
+constexpr const char* kRequired =
+    "hidden: MODEL, --input and --out are required (or --merge-index DIR... to read finished "
+    "slices as one)";
+
 }  // namespace
 
 void add_hidden(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, input, out, tokenizer, layers = "all", pool = "none", dtype = "bf16",
-                                              attention = "eager", out_dtype = "fp32";
+                                              attention = "eager", out_dtype = "fp32", shard;
+    std::vector<std::string> merge_index;
     int64_t batch_tokens = 4096;
     bool allow_unnormalized = false, json = false;
     int threads = 0;
@@ -51,13 +97,22 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
       "hidden",
       "Hidden states of many inputs (token ids, text, soft mixtures) into safetensors "
       "shards with an index; resumable");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
+  // MODEL, --input and --out are checked below: --merge-index needs neither MODEL nor --input.
+  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory");
   app->add_option("--input", a->input,
                   "JSONL, one input per line: {\"id\", \"ids\"|\"text\"|\"soft\"} "
-                  "(docs/hidden.md)")
-      ->required();
-  app->add_option("--out", a->out, "Output directory (hidden-NNNNN.safetensors, index.json)")
-      ->required();
+                  "(docs/hidden.md)");
+  app->add_option("--out", a->out,
+                  "Output directory (hidden-NNNNN.safetensors, index.json; with --shard, its "
+                  "slice-K-of-N subdirectory; with --merge-index, where the merged index goes)");
+  app->add_option(
+      "--shard", a->shard,
+      "K/N: only the K-th (0-based) of N slices of the input (inputs i with "
+      "i % N == K), into OUT/slice-K-of-N; for Slurm job arrays or one process per GPU");
+  app->add_option("--merge-index", a->merge_index,
+                  "DIR...: read the slices under DIR (or these output directories) as one and "
+                  "write one index.json naming them all, in input order (into --out; default: "
+                  "the one DIR)");
   app->add_option("--layers", a->layers, "Hidden states to keep: all | 0,5,36 (-1 = last)")
       ->capture_default_str();
   app->add_option("--pool", a->pool, "none ([T, H] per state) | last | mean ([H])")
@@ -74,6 +129,9 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward passes");
   out.push_back({app, [a] {
+                   if (!a->merge_index.empty()) return merge_index(*a);
+                   if (a->model.empty() || a->input.empty() || a->out.empty())
+                     throw InputError(kRequired);
                    apply_threads(a->threads);
                    HiddenRunOptions opt;
                    auto dt = parse_run_dtype(a->dtype);
@@ -95,10 +153,12 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;
+                   if (!a->shard.empty()) opt.shard = parse_slice(a->shard);
                    ProgressBar bar;
                    if (isatty(STDERR_FILENO)) opt.progress = std::ref(bar);
                    // Ctrl-C: what is complete (and listed in the index) stays; a rerun resumes.
-                   const std::string index = (opt.out / "index.json").string();
+                   const auto dir = opt.shard ? opt.out / slice_dir_name(*opt.shard) : opt.out;
+                   const std::string index = (dir / "index.json").string();
                    set_interrupt_note(fmt::format(
                        "hidden: no shard was completed by this run; rerun the same command to "
                        "resume from {}",

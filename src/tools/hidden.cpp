@@ -3,6 +3,7 @@
 #pragma GCC optimize("fp-contract=off")
 
 #include "tools/hidden.hpp"
+#include "tools/hidden_read.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -249,6 +250,7 @@ bool all_finite(std::span<const float> v) {
 
 struct Pending {
   std::string id;
+  int64_t input_index = 0;  // position in the input file
   int64_t tokens = 0;
   std::string kind;
   std::vector<std::pair<int64_t, std::vector<float>>> tensors;  // (layer, values)
@@ -261,17 +263,43 @@ json settings_json(const HiddenRunOptions& opt, const std::vector<int64_t>& laye
   std::error_code ec;
   fs::path model = fs::weakly_canonical(opt.model, ec);
   if (ec) model = opt.model;
-  return json{{"model", model.string()},
-              {"dtype", run_dtype_name(opt.fwd.dtype)},
-              {"attention", attention_name(opt.fwd.attention)},
-              {"layers", layers},
-              {"pool", pool_name(opt.pool)},
-              {"out_dtype", dtype_name(out_dt)},
-              {"hidden_size", ck.config().hidden_size},
-              {"num_states", ck.config().num_hidden_layers + 1}};
+  json s{{"model", model.string()},
+         {"dtype", run_dtype_name(opt.fwd.dtype)},
+         {"attention", attention_name(opt.fwd.attention)},
+         {"layers", layers},
+         {"pool", pool_name(opt.pool)},
+         {"out_dtype", dtype_name(out_dt)},
+         {"hidden_size", ck.config().hidden_size},
+         {"num_states", ck.config().num_hidden_layers + 1}};
+  // Only with a shard: indexes of unsharded runs stay as they were, and resume as before.
+  if (opt.shard) s["slice"] = {{"index", opt.shard->index}, {"count", opt.shard->count}};
+  return s;
 }
 
 }  // namespace
+
+Slice parse_slice(std::string_view s) {
+  const size_t slash = s.find('/');
+  Slice r;
+  auto num = [](std::string_view x, int64_t& v) {
+    auto [p, ec] = std::from_chars(x.data(), x.data() + x.size(), v);
+    return !x.empty() && ec == std::errc() && p == x.data() + x.size();
+  };
+  if (slash == std::string_view::npos || !num(s.substr(0, slash), r.index) ||
+      !num(s.substr(slash + 1), r.count))
+    fail("--shard {}: expected K/N, the K-th (0-based) of N slices, e.g. 0/4", s);
+  if (r.count < 1 || r.count > 99999) fail("--shard {}: N must be between 1 and 99999", s);
+  if (r.index < 0 || r.index >= r.count)
+    fail(
+        "--shard {}: K must be in 0..{} (0-based; with Slurm, --array=0-{} and "
+        "--shard $SLURM_ARRAY_TASK_ID/{})",
+        s, r.count - 1, r.count - 1, r.count);
+  return r;
+}
+
+std::string slice_dir_name(Slice s) {
+  return fmt::format("slice-{:05d}-of-{:05d}", s.index, s.count);
+}
 
 HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   using clock = std::chrono::steady_clock;
@@ -285,18 +313,40 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   InputRules rules = opt.rules;
   rules.vocab_size = ck.config().vocab_size;
   const fs::path tok = opt.tokenizer.empty() ? opt.model : opt.tokenizer;
-  const std::vector<HiddenInput> inputs = read_hidden_inputs(opt.input, tok, rules);
+  // Every line is read and checked, whatever the slice: all slices see the same file, and a bad
+  // line stops every slice before any compute.
+  const std::vector<HiddenInput> all_inputs = read_hidden_inputs(opt.input, tok, rules);
+  std::vector<std::pair<int64_t, const HiddenInput*>> inputs;  // (position in the file, input)
+  for (size_t i = 0; i < all_inputs.size(); ++i)
+    if (!opt.shard || int64_t(i) % opt.shard->count == opt.shard->index)
+      inputs.emplace_back(int64_t(i), &all_inputs[i]);
 
+  const fs::path out = opt.shard ? opt.out / slice_dir_name(*opt.shard) : opt.out;
   HiddenRunSummary sum;
-  sum.out = opt.out;
-  sum.index = opt.out / "index.json";
+  sum.out = out;
+  sum.index = out / "index.json";
   sum.inputs = int64_t(inputs.size());
 
+  // The parent of slices holds them and, at most, their merged index (hidden --merge-index);
+  // a merged index is no run to resume.
+  const fs::path parent_index = opt.out / "index.json";
+  if (fs::exists(parent_index)) {
+    const bool merged = is_merged_index(parent_index);
+    if (opt.shard && !merged)
+      fail("{}: holds the output of an unsharded run; give --shard runs another --out",
+           parent_index.string());
+    if (!opt.shard && merged)
+      fail(
+          "{}: is a merged index of slices (hidden --merge-index), not a run to resume; rerun "
+          "with the same --shard into the same --out, or use another --out",
+          parent_index.string());
+  }
+
   std::error_code ec;
-  fs::create_directories(opt.out, ec);
-  if (ec) throw OutputError(fmt::format("{}: {}", opt.out.string(), ec.message()));
+  fs::create_directories(out, ec);
+  if (ec) throw OutputError(fmt::format("{}: {}", out.string(), ec.message()));
   // Shards and index temporaries of an earlier run that was killed.
-  for (const StaleTemporary& t : remove_stale_temporaries_in(opt.out, [](std::string_view b) {
+  for (const StaleTemporary& t : remove_stale_temporaries_in(out, [](std::string_view b) {
          return b == "index.json" || (b.starts_with("hidden-") && b.ends_with(".safetensors"));
        }))
     notice(describe(t));
@@ -345,14 +395,16 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   }
 
   std::vector<const HiddenInput*> todo;
+  std::vector<int64_t> todo_positions;
   int64_t todo_tokens = 0;
-  for (const auto& in : inputs) {
-    if (index["inputs"].contains(in.id)) {
+  for (const auto& [pos, in] : inputs) {
+    if (index["inputs"].contains(in->id)) {
       ++sum.skipped;
       continue;
     }
-    todo.push_back(&in);
-    todo_tokens += in.tokens();
+    todo.push_back(in);
+    todo_positions.push_back(pos);
+    todo_tokens += in->tokens();
   }
 
   std::vector<Pending> pending;
@@ -363,8 +415,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     for (const auto& p : pending)
       for (const auto& [l, v] : p.tensors)
         specs.push_back({fmt::format("{}.layer{}", p.id, l), out_dt, p.shape});
-    SafetensorsWriter w(opt.out / name, specs,
-                        {{"format", kFormat}, {"settings", settings.dump()}});
+    SafetensorsWriter w(out / name, specs, {{"format", kFormat}, {"settings", settings.dump()}});
     std::vector<std::byte> buf;
     for (const auto& p : pending)
       for (const auto& [l, v] : p.tensors) {
@@ -376,11 +427,9 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     // The shard is in place; only now does the index name its inputs.
     index["shards"].push_back(name);
     for (const auto& p : pending)
-      index["inputs"][p.id] = {{"file", name},
-                               {"tokens", p.tokens},
-                               {"kind", p.kind},
-                               {"finite", p.nonfinite.empty()},
-                               {"nonfinite_layers", p.nonfinite}};
+      index["inputs"][p.id] = {
+          {"file", name},   {"input_index", p.input_index},  {"tokens", p.tokens},
+          {"kind", p.kind}, {"finite", p.nonfinite.empty()}, {"nonfinite_layers", p.nonfinite}};
     // Top-level summary of every input with NaN/inf: id -> states.
     json nf = json::object();
     for (const auto& [id, v] : index["inputs"].items())
@@ -405,9 +454,11 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     // One batch: run through the model together, written as one shard.
     ck.check_unchanged();  // weights rewritten by another process during a long run
     const std::span<const HiddenInput* const> batch(todo.data() + b0, b1 - b0);
-    for (const HiddenInput* in : batch) {
+    for (size_t i = b0; i < b1; ++i) {
+      const HiddenInput* in = todo[i];
       Pending p;
       p.id = in->id;
+      p.input_index = todo_positions[i];
       p.tokens = in->tokens();
       p.kind = std::string(in->kind());
       p.shape =

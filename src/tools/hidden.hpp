@@ -124,6 +124,18 @@ std::vector<int64_t> parse_layers(std::string_view s, int64_t num_states);
 
 struct HiddenRunSummary;
 
+// One of N deterministic slices of the input (--shard K/N): the inputs at positions i (0-based,
+// in file order) with i % N == K. Round robin rather than contiguous blocks, so that lines
+// appended to the file later leave every earlier input in its slice (resuming stays valid) and
+// a file sorted by length spreads evenly.
+struct Slice {
+  int64_t index = 0, count = 1;
+};
+// "K/N" with 0 <= K < N. Throws InputError naming --shard otherwise.
+Slice parse_slice(std::string_view s);
+// The directory a slice writes under --out: "slice-00002-of-00008".
+std::string slice_dir_name(Slice s);
+
 struct HiddenRunOptions {
   std::filesystem::path model, input, out;
   std::filesystem::path tokenizer;  // empty: MODEL/tokenizer.json
@@ -135,6 +147,9 @@ struct HiddenRunOptions {
   // input longer than that alone); each batch is written as one shard.
   int64_t batch_tokens = 4096;
   InputRules rules;  // vocab_size is taken from the model
+  // Only this slice of the inputs, written to out / slice_dir_name(*shard) (so that slices
+  // started at once never share a directory); its index records the slice in its settings.
+  std::optional<Slice> shard;
   // Called after each batch with (inputs done, inputs to do, tokens done, tokens to do).
   std::function<void(int64_t, int64_t, int64_t, int64_t)> progress;
   // Called once a shard and the index naming it are in place: the summary so far (its last
@@ -149,7 +164,7 @@ struct NonfiniteInput {
 
 struct HiddenRunSummary {
   std::filesystem::path out, index;
-  int64_t inputs = 0;   // lines in the input file
+  int64_t inputs = 0;   // inputs of the input file (of its slice, with a shard)
   int64_t written = 0;  // inputs computed by this run
   int64_t skipped = 0;  // inputs already in the index
   int64_t tokens = 0;   // tokens computed by this run

@@ -25,6 +25,7 @@
 #include "numerics/dtype.hpp"
 #include "numerics/kernels.hpp"
 #include "tools/hidden.hpp"
+#include "tools/hidden_read.hpp"
 
 namespace nanscope {
 namespace {
@@ -254,6 +255,197 @@ TEST(CliHidden, WritesShardsAndIndexAndResumes) {
   r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string()});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("index.json: not a nanscope hidden index"), std::string::npos) << r.err;
+}
+
+// --shard K/N: the slices together are the unsharded run, bit for bit, in input order. Every
+// input is a batch alone (--batch-tokens 1) in both runs: a batch of other rows may round the
+// products' sums in another order (docs/hidden.md), which is not what this test is about.
+TEST(CliHidden, ShardsTogetherAreTheUnshardedRun) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", full = d.path / "full", sliced = d.path / "sliced";
+  std::string lines;
+  std::vector<std::string> ids;
+  for (int i = 0; i < 8; ++i) {
+    const std::string id = "p" + std::to_string(7 - i);  // ids not in sorted order
+    ids.push_back(id);
+    if (i == 4)
+      lines += "{\"id\": \"" + id + "\", \"soft\": [[[1, 0.5], [2, 0.5]], [[3, 1.0]]]}\n\n";
+    else
+      lines += "{\"id\": \"" + id + "\", \"ids\": [" + std::to_string(10 + i) + ", " +
+               std::to_string(20 + 3 * i) + ", 5]}\n";
+  }
+  write_text(in, lines);
+  const std::string model = fixture("models/qwen3-tiny");
+  const std::vector<std::string> common = {"hidden",         model,      "--input",
+                                           in.string(),      "--layers", "0,2,-1",
+                                           "--batch-tokens", "1",        "--json"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = common;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return run_cli(a);
+  };
+  auto r = with({"--out", full.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Slices started in any order, each into its own directory under --out.
+  for (const char* k : {"2/3", "0/3"}) {
+    r = with({"--out", sliced.string(), "--shard", k});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  const json s2 = json::parse(std::ifstream(sliced / "slice-00002-of-00003" / "index.json"));
+  EXPECT_EQ(s2["settings"]["slice"], json({{"index", 2}, {"count", 3}}));
+  EXPECT_EQ(s2["inputs"].size(), 2u);  // inputs 2 and 5 of 8
+  EXPECT_EQ(s2["inputs"][ids[5]]["input_index"], 5);
+  EXPECT_TRUE(s2["inputs"].contains(ids[2]));
+
+  // Two of three: merged, but incomplete (exit 1, the missing slice named).
+  r = run_cli({"hidden", "--merge-index", sliced.string(), "--json"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(r.json()["missing_slices"], json::array({1}));
+  EXPECT_EQ(r.json()["inputs"], 5);  // 0, 3, 6 and 2, 5
+
+  r = with({"--out", sliced.string(), "--shard", "1/3"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.json()["inputs"], 3);  // 1, 4, 7
+  EXPECT_EQ(r.json()["written"], 3);
+  // A slice resumes like any run: nothing left to do.
+  r = with({"--out", sliced.string(), "--shard", "1/3"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.json()["written"], 0);
+  EXPECT_EQ(r.json()["skipped"], 3);
+
+  r = run_cli({"hidden", "--merge-index", sliced.string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.json()["missing_slices"], json::array());
+  const json merged = json::parse(std::ifstream(sliced / "index.json"));
+  EXPECT_EQ(merged["order"], json(ids));
+  EXPECT_EQ(merged["settings"]["layers"], json::array({0, 2, 3}));
+  EXPECT_FALSE(merged["settings"].contains("slice"));
+
+  // Every tensor of every input, found through the merged index, equals the unsharded run's.
+  const json fidx = json::parse(std::ifstream(full / "index.json"));
+  ASSERT_EQ(fidx["inputs"].size(), ids.size());
+  size_t compared = 0;
+  for (const std::string& id : ids) {
+    auto ours = SafetensorsFile::open(sliced / merged["inputs"][id]["file"].get<std::string>());
+    auto ref = SafetensorsFile::open(full / fidx["inputs"][id]["file"].get<std::string>());
+    for (int k : {0, 2, 3}) {
+      const std::string name = id + ".layer" + std::to_string(k);
+      const auto a = read_tensor(*ours, name), b = read_tensor(*ref, name);
+      ASSERT_FALSE(b.empty()) << name;
+      EXPECT_TRUE(bit_equal(a, b)) << name;
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 24u);
+
+  // The library's reader: the same, in input order, from the parent or from the slices listed.
+  const std::vector<fs::path> parent = {sliced};
+  const HiddenSet set = HiddenSet::open(parent);
+  ASSERT_EQ(set.entries().size(), ids.size());
+  const std::vector<fs::path> one = {full};
+  const HiddenSet ref = HiddenSet::open(one);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    EXPECT_EQ(set.entries()[i].id, ids[i]);
+    EXPECT_EQ(ref.entries()[i].id, ids[i]);
+    EXPECT_TRUE(bit_equal(set.read(set.entries()[i], -1), ref.read(ref.entries()[i], 3)));
+  }
+  const std::vector<fs::path> listed = {sliced / "slice-00001-of-00003",
+                                        sliced / "slice-00000-of-00003"};
+  EXPECT_EQ(HiddenSet::open(listed).entries().front().id, ids[0]);
+  EXPECT_THROW(set.read(set.entries()[0], 1), InputError);  // state 1 was not kept
+
+  // A merged index elsewhere names the slices' files relative to itself.
+  r = run_cli({"hidden", "--merge-index", (sliced / "slice-00000-of-00003").string(),
+               (sliced / "slice-00001-of-00003").string(), "--out", (d.path / "m").string()});
+  EXPECT_EQ(r.exit_code, 1) << r.err;  // slice 2 missing
+  const json m = json::parse(std::ifstream(d.path / "m" / "index.json"));
+  EXPECT_EQ(m["inputs"][ids[1]]["file"], "../sliced/slice-00001-of-00003/hidden-00001.safetensors");
+  const std::vector<fs::path> mdir = {d.path / "m"};
+  EXPECT_EQ(HiddenSet::open(mdir).entries().size(), 6u);  // slices 0 and 1: 3 + 3
+}
+
+// Indexes written before input_index existed: their inputs come shard by shard.
+TEST(CliHidden, IndexWithoutInputIndexReadsShardByShard) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in,
+             "{\"id\": \"z\", \"ids\": [1, 2]}\n{\"id\": \"b\", \"ids\": [3]}\n"
+             "{\"id\": \"m\", \"ids\": [4, 5, 6]}\n");
+  auto r = run_cli({"hidden", fixture("models/qwen3-tiny"), "--input", in.string(), "--out",
+                    out.string(), "--batch-tokens", "1", "--layers", "-1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json idx = json::parse(std::ifstream(out / "index.json"));
+  for (auto& [id, v] : idx["inputs"].items()) v.erase("input_index");
+  write_text(out / "index.json", idx.dump());
+  const std::vector<fs::path> dirs = {out};
+  const HiddenSet set = HiddenSet::open(dirs);
+  ASSERT_EQ(set.entries().size(), 3u);
+  EXPECT_EQ(set.entries()[0].id, "z");
+  EXPECT_EQ(set.entries()[1].id, "b");
+  EXPECT_EQ(set.entries()[2].id, "m");
+  EXPECT_EQ(set.entries()[2].input_index, -1);
+  EXPECT_EQ(set.read(set.entries()[2], -1).size(), 3u * 64u);
+}
+
+TEST(CliHidden, ShardsRefuseWhatCannotBeOneRun) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out";
+  write_text(in, "{\"id\": \"a\", \"ids\": [1, 2]}\n{\"id\": \"b\", \"ids\": [3]}\n");
+  const std::string model = fixture("models/qwen3-tiny");
+  for (const char* bad : {"3/3", "-1/3", "1/0", "1", "a/b", "1/3x", " 1/3"}) {
+    auto r =
+        run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--shard", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_NE(r.err.find("--shard"), std::string::npos) << bad << ": " << r.err;
+  }
+  EXPECT_FALSE(fs::exists(out)) << "a bad --shard writes nothing";
+  auto r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Slices into the directory of an unsharded run, and the two read as one: refused.
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string(), "--shard", "0/2"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("unsharded"), std::string::npos) << r.err;
+  const fs::path sl = d.path / "sl";
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", sl.string(), "--shard", "0/2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_cli(
+      {"hidden", "--merge-index", out.string(), sl.string(), "--out", (d.path / "m").string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("input a is in both"), std::string::npos) << r.err;
+  // Slices of another N, other settings, several directories without --out, a merged index
+  // run into, a run index overwritten by a merged one: refused.
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", sl.string(), "--shard", "1/3"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_cli({"hidden", "--merge-index", sl.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("not slices of one run"), std::string::npos) << r.err;
+  const fs::path other = d.path / "other";
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", other.string(), "--shard", "1/2",
+               "--dtype", "fp32"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_cli({"hidden", "--merge-index", (sl / "slice-00000-of-00002").string(),
+               (other / "slice-00001-of-00002").string(), "--out", (d.path / "m").string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("other settings: dtype"), std::string::npos) << r.err;
+  r = run_cli({"hidden", "--merge-index", sl.string(), other.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--out"), std::string::npos) << r.err;
+  r = run_cli({"hidden", "--merge-index", other.string()});
+  ASSERT_EQ(r.exit_code, 1) << r.err;  // slice 0 of 2 missing
+  r = run_cli({"hidden", model, "--input", in.string(), "--out", other.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("merged index"), std::string::npos) << r.err;
+  r = run_cli({"hidden", "--merge-index", other.string(), "--out", out.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("not a merged one"), std::string::npos) << r.err;
+  r = run_cli({"hidden", "--merge-index", out.string(), "--input", in.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  r = run_cli({"hidden", model, "--input", in.string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--out are required"), std::string::npos) << r.err;
+  r = run_cli({"hidden", "--merge-index", (d.path / "nowhere").string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("does not exist"), std::string::npos) << r.err;
 }
 
 TEST(CliHidden, OutDtypeRunStoresTheRunDtype) {
