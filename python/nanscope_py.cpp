@@ -28,7 +28,10 @@
 #include "common/error.hpp"
 #include "formats/checkpoint.hpp"
 #include "tokenizer/bpe.hpp"
+#include "model/adapter_overlay.hpp"
 #include "tools/check.hpp"
+#include "tools/compare.hpp"
+#include "tools/generate.hpp"
 #include "tools/hidden.hpp"
 #include "tools/hidden_read.hpp"
 #include "tools/merge.hpp"
@@ -155,8 +158,41 @@ std::vector<int64_t> layer_list(const std::optional<std::vector<int64_t>>& layer
 
 class Model {
  public:
-  explicit Model(const fs::path& path)
-      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(path))) {}
+  // adapter: a PEFT adapter directory applied unmerged (as peft's PeftModel) in every pass.
+  explicit Model(const fs::path& path, std::optional<fs::path> adapter = std::nullopt)
+      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(path))) {
+    if (adapter) ov_ = AdapterOverlay::open(*adapter, *ck_);
+  }
+
+  std::shared_ptr<const Checkpoint> checkpoint() const { return ck_; }
+  std::shared_ptr<const AdapterOverlay> adapter() const { return ov_; }
+
+  // Greedy (or sampled) decoding with the key/value cache: the --json dict of `generate`.
+  py::object generate(std::optional<std::vector<int64_t>> ids, std::optional<std::string> text,
+                      int64_t max_new_tokens, const std::string& dtype,
+                      const std::string& attention, double temperature, int64_t top_k,
+                      double top_p, uint64_t seed, std::optional<std::vector<int64_t>> eos) {
+    if (ids && text) fail("generate: pass ids or text, not both");
+    if (!ids && !text) fail("generate: pass ids (token ids) or text");
+    GenerateOptions o;
+    o.prompt = ids ? *ids : tokenize(*text);
+    const ForwardOptions f = opts(dtype, attention);
+    o.dtype = f.dtype;
+    o.attention = f.attention;
+    o.adapter = ov_;
+    o.max_new_tokens = max_new_tokens;
+    o.temperature = temperature;
+    o.top_k = top_k;
+    o.top_p = top_p;
+    o.seed = seed;
+    o.eos = eos;
+    GenerateResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = nanscope::generate(*ck_, o);
+    }
+    return to_py(generate_json(r));
+  }
 
   py::object config() const { return to_py(ck_->config().raw); }
   std::string path() const { return ck_->dir().string(); }
@@ -190,7 +226,7 @@ class Model {
                                const std::optional<std::vector<int64_t>>& layers,
                                int64_t batch_tokens) {
     if (batch_tokens <= 0) fail("batch_tokens {}: must be positive", batch_tokens);
-    const ForwardOptions f = fwd_options(dtype, attention);
+    const ForwardOptions f = opts(dtype, attention);
     const auto ls = layer_list(layers, num_states());
     std::vector<HiddenInput> inputs(prompts.size());
     for (size_t i = 0; i < prompts.size(); ++i) {
@@ -235,7 +271,7 @@ class Model {
              ck_->config().hidden_size);
       const int64_t T = a.shape(0);
       std::vector<float> e(a.data(), a.data() + a.size());
-      const ForwardOptions f = fwd_options(dtype, attention);
+      const ForwardOptions f = opts(dtype, attention);
       const auto ls = layer_list(layers, num_states());
       HiddenStates s;
       {
@@ -251,7 +287,7 @@ class Model {
                            const std::string& dtype, bool allow_unnormalized) {
     HiddenInput in = input_of(x, std::move(ids));
     validate_input(in, rules(allow_unnormalized), "embed");
-    const ForwardOptions f = fwd_options(dtype, "eager");
+    const ForwardOptions f = opts(dtype, "eager");
     std::vector<float> e;
     {
       py::gil_scoped_release nogil;
@@ -285,7 +321,7 @@ class Model {
   py::list run(HiddenInput in, const std::string& dtype, const std::string& attention,
                const std::optional<std::vector<int64_t>>& layers, bool allow_unnormalized) {
     validate_input(in, rules(allow_unnormalized), "input");
-    const ForwardOptions f = fwd_options(dtype, attention);
+    const ForwardOptions f = opts(dtype, attention);
     const auto ls = layer_list(layers, num_states());
     HiddenStates s;
     {
@@ -295,7 +331,14 @@ class Model {
     return states_to_list(std::move(s));
   }
 
+  ForwardOptions opts(const std::string& dtype, const std::string& attention) const {
+    ForwardOptions f = fwd_options(dtype, attention);
+    f.adapter = ov_.get();
+    return f;
+  }
+
   std::shared_ptr<Checkpoint> ck_;
+  std::shared_ptr<const AdapterOverlay> ov_;
   std::shared_ptr<Tokenizer> tk_;
 };
 
@@ -376,8 +419,17 @@ PYBIND11_MODULE(nanscope, m) {
   });
 
   py::class_<Model>(m, "Model")
-      .def(py::init<const fs::path&>(), py::arg("path"),
-           "Opens a checkpoint directory (config.json + safetensors); a str or os.PathLike.")
+      .def(py::init<const fs::path&, std::optional<fs::path>>(), py::arg("path"),
+           py::arg("adapter") = py::none(),
+           "Opens a checkpoint directory (config.json + safetensors); a str or os.PathLike. "
+           "adapter: a PEFT adapter directory applied unmerged, as peft's PeftModel computes it.")
+      .def("generate", &Model::generate, py::arg("ids") = py::none(), py::arg("text") = py::none(),
+           py::arg("max_new_tokens") = 32, py::arg("dtype") = "bf16",
+           py::arg("attention") = "eager", py::arg("temperature") = 0.0, py::arg("top_k") = 0,
+           py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("eos") = py::none(),
+           "Decoding with a key/value cache: greedy (temperature 0) is token for token "
+           "transformers' generate(do_sample=False). Returns the `generate --json` dict; "
+           "first_nonfinite names the site when a step's logits are not finite.")
       .def_property_readonly("config", &Model::config, "config.json as a dict")
       .def_property_readonly("path", &Model::path)
       .def_property_readonly("num_states", &Model::num_states,
@@ -463,7 +515,7 @@ PYBIND11_MODULE(nanscope, m) {
       "trace",
       [](const fs::path& path, std::optional<std::vector<int64_t>> ids, const std::string& dtype,
          const std::string& attention, std::optional<std::string> text,
-         std::optional<fs::path> tokenizer) {
+         std::optional<fs::path> tokenizer, std::optional<fs::path> adapter) {
         if (ids && text) fail("trace: pass ids or text, not both");
         if (!ids && !text) fail("trace: pass ids (token ids) or text");
         TraceOptions o;
@@ -481,6 +533,7 @@ PYBIND11_MODULE(nanscope, m) {
         }
         o.dtype = f.dtype;
         o.attention = f.attention;
+        if (adapter) o.adapter = AdapterOverlay::open(*adapter, ck);
         TraceResult r;
         {
           py::gil_scoped_release nogil;
@@ -490,7 +543,7 @@ PYBIND11_MODULE(nanscope, m) {
       },
       py::arg("path"), py::arg("ids") = py::none(), py::arg("dtype") = "bf16",
       py::arg("attention") = "eager", py::kw_only(), py::arg("text") = py::none(),
-      py::arg("tokenizer") = py::none(),
+      py::arg("tokenizer") = py::none(), py::arg("adapter") = py::none(),
       "nanscope trace: every hidden state's statistics and the first non-finite site, as the "
       "--json dict. Token ids, or text tokenized with the model's (or tokenizer=) tokenizer.json.");
 
@@ -526,6 +579,57 @@ PYBIND11_MODULE(nanscope, m) {
       "arithmetic, written to out (which must not exist or be empty); the --json dict. A result "
       "holding NaN/inf is refused unless allow_nonfinite: then nothing is written and the dict "
       "says refused=True, with the tensors in 'nonfinite'.");
+
+  m.def(
+      "compare",
+      [](py::object a, py::object b, std::optional<std::vector<int64_t>> ids,
+         std::optional<std::string> text, std::optional<fs::path> adapter_a,
+         std::optional<fs::path> adapter_b, const std::string& dtype,
+         std::optional<std::string> dtype_a, std::optional<std::string> dtype_b,
+         const std::string& attention, std::optional<std::string> attention_a,
+         std::optional<std::string> attention_b, int64_t generate) {
+        // A and B: paths (str / os.PathLike) or nanscope.Model objects (their adapter kept).
+        auto model_of = [](py::object x, const std::optional<fs::path>& ad) {
+          if (py::isinstance<Model>(x)) {
+            if (ad) fail("compare: pass the adapter to Model(...) or adapter_a/adapter_b, not both");
+            return x.cast<Model>();
+          }
+          return Model(x.cast<fs::path>(), ad);
+        };
+        Model ma = model_of(a, adapter_a), mb = model_of(b, adapter_b);
+        if (ids && text) fail("compare: pass ids or text, not both");
+        if (!ids && !text) fail("compare: pass ids (token ids) or text");
+        const std::vector<int64_t> toks = ids ? *ids : ma.tokenize(*text);
+        auto side = [&](Model& mo, const std::optional<std::string>& d,
+                        const std::optional<std::string>& at, const char* which) {
+          const ForwardOptions f = fwd_options(d.value_or(dtype), at.value_or(attention));
+          CompareSide s;
+          s.ck = mo.checkpoint().get();
+          s.adapter = mo.adapter();
+          s.dtype = f.dtype;
+          s.attention = f.attention;
+          s.label = fmt::format("{}: {}{} {} {}", which, mo.path(),
+                                s.adapter ? " + " + s.adapter->adapter().dir().string() : "",
+                                run_dtype_name(f.dtype), attention_name(f.attention));
+          return s;
+        };
+        const CompareSide sa = side(ma, dtype_a, attention_a, "A"),
+                          sb = side(mb, dtype_b, attention_b, "B");
+        if (generate < 0) fail("compare: generate {} is negative", generate);
+        CompareResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = nanscope::compare(sa, sb, toks, generate);
+        }
+        return to_py(compare_json(r));
+      },
+      py::arg("a"), py::arg("b"), py::arg("ids") = py::none(), py::arg("text") = py::none(),
+      py::arg("adapter_a") = py::none(), py::arg("adapter_b") = py::none(),
+      py::arg("dtype") = "bf16", py::arg("dtype_a") = py::none(), py::arg("dtype_b") = py::none(),
+      py::arg("attention") = "eager", py::arg("attention_a") = py::none(),
+      py::arg("attention_b") = py::none(), py::arg("generate") = 0,
+      "nanscope compare: how far apart two runs are on one input, layer by layer (the --json "
+      "dict). a, b: checkpoint paths or Model objects.");
 
   py::class_<PyHiddenStates>(m, "HiddenStates")
       .def(py::init<py::object>(), py::arg("dirs"),

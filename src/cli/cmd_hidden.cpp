@@ -86,7 +86,8 @@ constexpr const char* kRequired =
 void add_hidden(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, input, out, tokenizer, layers = "all", pool = "none", dtype = "bf16",
-                                              attention = "eager", out_dtype = "fp32", shard;
+                                              attention = "eager", out_dtype = "fp32", shard,
+                                              adapter;
     std::vector<std::string> merge_index;
     int64_t batch_tokens = 4096;
     bool allow_unnormalized = false, json = false;
@@ -124,6 +125,8 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
       ->capture_default_str();
   app->add_option("--out-dtype", a->out_dtype, "fp32 | run (the run dtype)")->capture_default_str();
   app->add_option("--tokenizer", a->tokenizer, "tokenizer.json for \"text\" inputs");
+  app->add_option("--adapter", a->adapter,
+                  "PEFT adapter directory, applied unmerged as peft's PeftModel computes it");
   app->add_flag("--allow-unnormalized", a->allow_unnormalized,
                 "Accept soft probabilities that do not sum to 1 (used as given)");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
@@ -150,6 +153,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.pool = *pool;
                    opt.fwd.dtype = *dt;
                    opt.fwd.attention = *at;
+                   if (!a->adapter.empty()) opt.adapter = a->adapter;
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;

@@ -3,6 +3,8 @@
 #pragma GCC optimize("fp-contract=off")
 
 #include "tools/hidden.hpp"
+
+#include "model/adapter_overlay.hpp"
 #include "tools/hidden_read.hpp"
 
 #include <fmt/format.h>
@@ -273,6 +275,10 @@ json settings_json(const HiddenRunOptions& opt, const std::vector<int64_t>& laye
          {"num_states", ck.config().num_hidden_layers + 1}};
   // Only with a shard: indexes of unsharded runs stay as they were, and resume as before.
   if (opt.shard) s["slice"] = {{"index", opt.shard->index}, {"count", opt.shard->count}};
+  if (opt.adapter) {  // only with one: indexes of runs without stay as they were
+    fs::path a = fs::weakly_canonical(*opt.adapter, ec);
+    s["adapter"] = (ec ? *opt.adapter : a).string();
+  }
   return s;
 }
 
@@ -305,6 +311,8 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   Checkpoint ck = Checkpoint::open(opt.model);
+  const std::shared_ptr<const AdapterOverlay> overlay =
+      opt.adapter ? AdapterOverlay::open(*opt.adapter, ck) : nullptr;
   const int64_t S = ck.config().num_hidden_layers + 1, H = ck.config().hidden_size;
   const std::vector<int64_t> layers = parse_layers(opt.layers, S);
   if (opt.batch_tokens <= 0) fail("--batch-tokens {}: must be positive", opt.batch_tokens);
@@ -447,6 +455,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
   // Many inputs read every weight many times: keep the pages mapped between batches (clean
   // file-backed pages, which the kernel can still reclaim) instead of faulting them back in.
   ForwardOptions fwd = opt.fwd;
+  fwd.adapter = overlay.get();
   if (todo_tokens > opt.batch_tokens) fwd.release_pages = false;
   std::vector<int64_t> todo_lengths;
   for (const HiddenInput* in : todo) todo_lengths.push_back(in->tokens());

@@ -142,6 +142,9 @@ struct HiddenRunOptions {
   std::string layers = "all";
   Pool pool = Pool::None;
   ForwardOptions fwd;
+  // A PEFT adapter applied unmerged (as PeftModel) to every input; recorded in the settings, so
+  // that a resumed run cannot mix states with and without it.
+  std::optional<std::filesystem::path> adapter;
   bool out_run_dtype = false;  // store tensors in the run dtype instead of float32
   // Inputs (in file order) are run through the model together up to this many tokens (an
   // input longer than that alone); each batch is written as one shard.
