@@ -389,6 +389,9 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       const json& o = old["settings"].contains(k) ? old["settings"][k] : json();
       if (o != v) diffs.push_back(fmt::format("{} {} (this run: {})", k, o.dump(), v.dump()));
     }
+    // A setting only the earlier run had (its adapter, its slice) differs too.
+    for (const auto& [k, o] : old["settings"].items())
+      if (!settings.contains(k)) diffs.push_back(fmt::format("{} {} (this run: none)", k, o.dump()));
     if (!diffs.empty())
       fail("{}: written with other settings: {}; rerun with the same settings or another --out",
            sum.index.string(), fmt::join(diffs, ", "));

@@ -237,3 +237,46 @@ TEST(Cli, GenerateAndCompareJson) {
 
 }  // namespace
 }  // namespace nanscope
+
+namespace nanscope {
+namespace {
+
+// hidden --adapter: the states are PeftModel's (the unmerged golden), the adapter is recorded in
+// the run's settings, and resuming the run without it is refused.
+TEST(Cli, HiddenWithAnAdapterIsPeftModelsAndCannotBeResumedWithout) {
+  using nanscope::testing::fixture;
+  using nanscope::testing::run_cli;
+  namespace fs = std::filesystem;
+  Golden g{SafetensorsFile::open(kFx / "goldens" / "peft" / "lora-bf16__bfloat16__eager.safetensors")};
+  const std::vector<int64_t> ids = g.ids();
+  const fs::path dir = fs::temp_directory_path() / ("nanscope_hidden_adapter_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  {
+    std::ofstream in(dir / "in.jsonl");
+    in << nlohmann::json{{"id", "a"}, {"ids", ids}}.dump() << "\n";
+  }
+  auto r = run_cli({"hidden", fixture("models/qwen3-tiny"), "--adapter", fixture("adapters/lora-bf16"),
+                    "--input", (dir / "in.jsonl").string(), "--out", (dir / "out").string(),
+                    "--layers", "3", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream ix(dir / "out" / "index.json");
+  const auto index = nlohmann::json::parse(ix);
+  EXPECT_NE(index.dump().find("lora-bf16"), std::string::npos) << index.dump();
+  const std::string shard = index.at("inputs").at("a").at("file").get<std::string>();
+  EXPECT_TRUE(index.at("settings").contains("adapter"));
+  const auto f = SafetensorsFile::open(dir / "out" / shard);
+  const TensorInfo* t = f->find("a.layer3");
+  ASSERT_NE(t, nullptr);
+  std::vector<float> ours(t->numel());
+  load_to_f32(f->data(*t).data(), t->dtype, ours.data(), ours.size());
+  const Cmp c = compare(ours, g.get("hidden.3"));
+  EXPECT_EQ(c.bit_identical, c.n);  // bit for bit in bf16, as test_adapter_unmerged.cpp
+  auto again = run_cli({"hidden", fixture("models/qwen3-tiny"), "--input", (dir / "in.jsonl").string(),
+                        "--out", (dir / "out").string(), "--layers", "3"});
+  EXPECT_EQ(again.exit_code, 2) << again.err;
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace nanscope
