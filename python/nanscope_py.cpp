@@ -20,6 +20,7 @@
 
 #include "common/error.hpp"
 #include "formats/checkpoint.hpp"
+#include "formats/hub.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/check.hpp"
 #include "tools/hidden.hpp"
@@ -90,7 +91,7 @@ std::vector<int64_t> layer_list(const std::optional<std::vector<int64_t>>& layer
 class Model {
  public:
   explicit Model(const std::string& path)
-      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(path))) {}
+      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(resolve_model_path(path)))) {}
 
   py::object config() const { return to_py(ck_->config().raw); }
   std::string path() const { return ck_->dir().string(); }
@@ -283,11 +284,12 @@ PYBIND11_MODULE(nanscope, m) {
       "scan",
       [](const std::string& path, std::optional<std::string> adapter) {
         ScanOptions o;
-        if (adapter) o.adapter = *adapter;
+        if (adapter) o.adapter = resolve_model_path(*adapter);
+        const auto model = resolve_model_path(path);
         ScanResult r;
         {
           py::gil_scoped_release nogil;
-          r = scan(path, o);
+          r = scan(model, o);
         }
         return to_py(scan_to_json(r));
       },
@@ -306,8 +308,8 @@ PYBIND11_MODULE(nanscope, m) {
           o.ids = Model(path).tokenize(*text);
         else
           o.ids = ids ? *ids : std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8};
-        if (base) o.base = *base;
-        if (adapter) o.adapter = *adapter;
+        if (base) o.base = resolve_model_path(*base);
+        if (adapter) o.adapter = resolve_model_path(*adapter);
         o.dtypes.clear();
         for (const auto& d : dtypes) {
           auto dt = parse_run_dtype(d);
@@ -324,7 +326,7 @@ PYBIND11_MODULE(nanscope, m) {
         CheckResult r;
         {
           py::gil_scoped_release nogil;
-          r = check(path, o);
+          r = check(resolve_model_path(path), o);
         }
         return to_py(check_json(r));
       },
@@ -345,7 +347,7 @@ PYBIND11_MODULE(nanscope, m) {
         TraceResult r;
         {
           py::gil_scoped_release nogil;
-          r = trace(Checkpoint::open(path), o);
+          r = trace(Checkpoint::open(resolve_model_path(path)), o);
         }
         return to_py(trace_json(r));
       },
