@@ -27,6 +27,13 @@ void add_hidden(CLI::App& root, std::vector<Command>& out);
 // Writes a JSON document or human text to stdout.
 void print_out(const std::string& s);
 
+// The version of the build (CMake's project version).
+const char* version();
+
+// The end of a subcommand's --help: examples (one command a line, indented) and what its exit
+// codes 0 and 1 mean (2 and the hub ids are said the same way for every command).
+void describe(CLI::App* app, const std::string& examples, const std::string& exit_codes);
+
 // --threads N on a subcommand: the worker count of its parallel steps (scan, merge, the forward
 // pass), kept in the kernels' options (numerics/backend.hpp, which also reads NANSCOPE_THREADS).
 void add_threads_option(CLI::App* app, int& threads, const std::string& what);
