@@ -22,29 +22,20 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
       "check",
       "The verdict: PASS or FAIL with the root cause (scan + traces in fp32 and each "
       "dtype; with --base/--adapter, where the NaN was born)");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory or hub id")
-      ->type_name("DIR")
-      ->required();
+  add_model_arg(app, a->model);
   app->add_option("--base", a->base, "The base checkpoint the model was merged from")
       ->type_name("DIR");
   app->add_option("--adapter", a->adapter, "The PEFT adapter that was merged in")->type_name("DIR");
-  app->add_option("--ids", a->ids, "Token ids, comma-separated")->type_name("LIST");
-  app->add_option("--text", a->text,
-                  "Text, tokenized with MODEL/tokenizer.json (default: an English prompt whose "
-                  "ids fit the vocabulary; the verdict says which)")
-      ->type_name("STR");
-  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json to use for --text")
-      ->type_name("FILE");
+  add_token_options(app, a->ids, a->text, a->tokenizer,
+                    "Text, tokenized with MODEL/tokenizer.json (default: an English prompt whose "
+                    "ids fit the vocabulary; the verdict says which)");
   app->add_option("--dtype", a->dtypes,
                   "Run dtypes besides the fp32 reference, comma-separated, each once: fp32, bf16, "
                   "fp16 (float32, bfloat16, float16, torch.* too), auto (the checkpoint's)")
       ->type_name("LIST")
       ->capture_default_str();
-  app->add_option("--attention", a->attention,
-                  "eager | fused, also spelled sdpa | both (with eager, a run that fails inside "
-                  "attention is also run fused)")
-      ->type_name("PROFILE")
-      ->capture_default_str();
+  add_attention_option(app, a->attention,
+                       " | both (with eager, a run that fails inside attention is also run fused)");
   app->add_option("--report", a->report, "Write a self-contained HTML report")->type_name("FILE");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " for scanning and the forward passes");
@@ -65,11 +56,8 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
                    }
                    if (ascii_lower(a->attention) == "both")
                      opt.attentions = {AttentionProfile::Eager, AttentionProfile::Fused};
-                   else if (auto at = parse_attention(a->attention))
-                     opt.attentions = {*at};
                    else
-                     fail_usage("--attention {}: expected eager, fused (also spelled sdpa) or both",
-                                a->attention);
+                     opt.attentions = {parse_attention_flag(a->attention, " or both")};
                    if (!a->base.empty()) opt.base = model_path(a->base);
                    if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
                    opt.threads = apply_threads(a->threads);

@@ -52,9 +52,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
       "hidden",
       "Hidden states of many inputs (token ids, text, soft mixtures) into safetensors "
       "shards with an index; resumable");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory or hub id")
-      ->type_name("DIR")
-      ->required();
+  add_model_arg(app, a->model);
   app->add_option("--input", a->input,
                   "JSONL, one input per line: {\"id\", \"ids\"|\"text\"|\"soft\"} "
                   "(docs/hidden.md)")
@@ -74,9 +72,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                   "checkpoint's dtype)")
       ->type_name("DTYPE")
       ->capture_default_str();
-  app->add_option("--attention", a->attention, "eager | fused, also spelled sdpa")
-      ->type_name("PROFILE")
-      ->capture_default_str();
+  add_attention_option(app, a->attention);
   app->add_option("--batch-tokens", a->batch_tokens,
                   "Run this many tokens through the model at a time, one shard each (bounds "
                   "memory)")
@@ -102,10 +98,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    HiddenRunOptions opt;
                    const std::string model = model_path(a->model);
                    const DType dt = parse_run_dtype_flag("--dtype", a->dtype, model);
-                   auto at = parse_attention(a->attention);
-                   if (!at)
-                     fail_usage("--attention {}: expected eager, or fused (also spelled sdpa)",
-                                a->attention);
+                   const AttentionProfile at = parse_attention_flag(a->attention);
                    auto pool = parse_pool(a->pool);
                    if (!pool) fail_usage("--pool {}: expected none, last or mean", a->pool);
                    if (a->out_dtype != "fp32" && a->out_dtype != "run")
@@ -117,7 +110,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.layers = a->layers;
                    opt.pool = *pool;
                    opt.fwd.dtype = dt;
-                   opt.fwd.attention = *at;
+                   opt.fwd.attention = at;
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;

@@ -14,9 +14,7 @@ void add_scan(CLI::App& root, std::vector<Command>& out) {
   auto* app = root.add_subcommand("scan",
                                   "Static check: structure against config.json and the "
                                   "value of every tensor (NaN, inf, fp16 range)");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory or hub id")
-      ->type_name("DIR")
-      ->required();
+  add_model_arg(app, a->model);
   app->add_option("--adapter", a->adapter, "PEFT adapter directory (or hub id) to scan too")
       ->type_name("DIR");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");

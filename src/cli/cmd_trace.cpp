@@ -16,23 +16,15 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
       "trace",
       "Run the model as transformers does in a dtype; report every hidden state and the "
       "first op that produced inf/NaN");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory or hub id")
-      ->type_name("DIR")
-      ->required();
-  app->add_option("--ids", a->ids, "Token ids, comma-separated")->type_name("LIST");
-  app->add_option("--text", a->text, "Text, tokenized with MODEL/tokenizer.json")->type_name("STR");
-  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json to use for --text")
-      ->type_name("FILE");
+  add_model_arg(app, a->model);
+  add_token_options(app, a->ids, a->text, a->tokenizer,
+                    "Text, tokenized with MODEL/tokenizer.json");
   app->add_option("--dtype", a->dtype,
                   "fp32 | bf16 | fp16 (float32, bfloat16, float16, torch.* too) | auto (the "
                   "checkpoint's dtype)")
       ->type_name("DTYPE")
       ->capture_default_str();
-  app->add_option("--attention", a->attention,
-                  "eager (transformers' eager attention) | fused, also spelled sdpa (scores and "
-                  "softmax in fp32, as SDPA / flash / SGLang)")
-      ->type_name("PROFILE")
-      ->capture_default_str();
+  add_attention_option(app, a->attention);
   app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file")
       ->type_name("FILE");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
@@ -46,11 +38,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                    TraceOptions opt;
                    const std::string model = model_path(a->model);
                    opt.dtype = parse_run_dtype_flag("--dtype", a->dtype, model);
-                   auto at = parse_attention(a->attention);
-                   if (!at)
-                     fail_usage("--attention {}: expected eager, or fused (also spelled sdpa)",
-                                a->attention);
-                   opt.attention = *at;
+                   opt.attention = parse_attention_flag(a->attention);
                    if (!a->save.empty()) opt.save = a->save;
                    Checkpoint ck = Checkpoint::open(model);
                    opt.ids = resolve_tokens(model, a->ids, a->text, a->tokenizer);

@@ -75,6 +75,11 @@ std::vector<int64_t> resolve_tokens(const std::string& model_dir, const std::str
   return out;
 }
 
+AttentionProfile parse_attention_flag(const std::string& s, const std::string& more) {
+  if (const auto a = parse_attention(s)) return *a;
+  fail_usage("--attention {}: expected eager, or fused (also spelled sdpa){}", s, more);
+}
+
 DType parse_run_dtype_flag(const std::string& flag, const std::string& s,
                            const std::string& model_dir) {
   if (const auto t = parse_float_dtype(s)) return *t;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "model/forward.hpp"
 #include "numerics/dtype.hpp"
 
 namespace nanscope::cli {
@@ -27,6 +28,9 @@ std::vector<int64_t> resolve_tokens(const std::string& model_dir, const std::str
 
 // A run dtype from the one spelling table (parse_float_dtype); `auto` (where allowed) is the
 // checkpoint's: config.json's dtype, else the dtype its tensors are stored in.
+// --attention: eager, or fused also spelled sdpa; else a usage error (`more`: " or both").
+AttentionProfile parse_attention_flag(const std::string& s, const std::string& more = "");
+
 DType parse_run_dtype_flag(const std::string& flag, const std::string& s,
                            const std::string& model_dir = "");
 

@@ -47,6 +47,28 @@ int apply_threads(int threads) {
   return nanscope::default_threads();
 }
 
+void add_model_arg(CLI::App* app, std::string& model) {
+  app->add_option("MODEL", model, "Hugging Face checkpoint directory or hub id")
+      ->type_name("DIR")
+      ->required();
+}
+
+void add_token_options(CLI::App* app, std::string& ids, std::string& text, std::string& tokenizer,
+                       const std::string& text_help) {
+  app->add_option("--ids", ids, "Token ids, comma-separated")->type_name("LIST");
+  app->add_option("--text", text, text_help)->type_name("STR");
+  app->add_option("--tokenizer", tokenizer, "tokenizer.json to use for --text")->type_name("FILE");
+}
+
+void add_attention_option(CLI::App* app, std::string& attention, const std::string& extra) {
+  app->add_option("--attention", attention,
+                  "eager (transformers' eager attention) | fused, also spelled sdpa (scores and "
+                  "softmax in fp32, as SDPA / flash / SGLang)" +
+                      extra)
+      ->type_name("PROFILE")
+      ->capture_default_str();
+}
+
 void describe(CLI::App* app, const std::string& examples, const std::string& exit_codes) {
   app->footer(
       fmt::format("\nExamples:\n{}\nExit codes: {}; 2 unusable input or usage (the "
