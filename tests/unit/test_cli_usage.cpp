@@ -10,6 +10,7 @@
 
 #include "cli_util.hpp"
 #include "fake_hub.hpp"
+#include "synthetic_model.hpp"
 
 using namespace nanscope;
 using namespace nanscope::testing;
@@ -329,4 +330,33 @@ TEST(CliUsage, MergeNamesTheFixFirstAndJudgesFidelityInWords) {
   EXPECT_THAT(b16.out, ::testing::ContainsRegex(
                            "fidelity: (update kept within bf16 rounding|[0-9.e+-]+% of the update "
                            "lost to rounding into bf16: merge into fp32 \\(--dtype fp32\\))"));
+}
+
+TEST(CliUsage, MergeOverflowingEvenFp32NamesTheAdapterTensors) {
+  // lora-bf16 with one module's A and B scaled by 1e25: each finite, their product beyond fp32.
+  TempDir d;
+  const fs::path ad = d.path / "huge";
+  fs::create_directories(ad);
+  fs::copy_file(fixture("adapters/lora-bf16/adapter_config.json"), ad / "adapter_config.json");
+  auto src = SafetensorsFile::open(fixture("adapters/lora-bf16/adapter_model.safetensors"));
+  std::vector<PlantedTensor> ts;
+  for (const auto& t : src->tensors()) {
+    PlantedTensor p{t.name, t.dtype, t.shape, std::vector<float>(t.numel())};
+    load_to_f32(src->data(t).data(), t.dtype, p.values.data(), p.values.size());
+    if (t.name.find("layers.0.self_attn.q_proj.lora_") != std::string::npos)
+      for (float& v : p.values) v *= 1e25f;
+    ts.push_back(std::move(p));
+  }
+  write_tensors(ad / "adapter_model.safetensors", ts);
+  auto r = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter", ad.string(),
+                    "--out", (d.path / "o").string(), "--dtype", "fp32", "--json"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  const auto j = r.json();
+  ASSERT_EQ(j["nonfinite"].size(), 1u) << r.out;
+  EXPECT_EQ(j["nonfinite"][0]["cause"], "arithmetic");
+  const std::string fix = j["nonfinite"][0]["fix"];
+  EXPECT_THAT(fix, HasSubstr("look at the adapter tensor(s) "
+                             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+  EXPECT_THAT(fix, HasSubstr("overflows even fp32"));
+  EXPECT_THAT(fix, Not(HasSubstr("--dtype")));
 }
