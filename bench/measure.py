@@ -13,7 +13,10 @@ rec = {"label": label, "seconds": round(dt, 3), "peak_rss_gib": round(rss, 3), "
 try:  # reference scripts print their own JSON (inner timings) on the last line
     rec["inner"] = json.loads(out.strip().splitlines()[-1])
 except Exception:
-    pass
+    try:  # nanscope's --json: one (indented) document
+        rec["inner"] = json.loads(out)
+    except Exception:
+        pass
 if p.returncode not in (0, 1):
     rec["stderr"] = p.stderr.decode(errors="replace")[-2000:]
 print(json.dumps(rec), flush=True)

@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 R=$OUT/generate.jsonl; : > "$R"
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 { nproc; lscpu | grep -E 'Model name|^CPU\(s\)'; free -g | head -2
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } > "$OUT/machine.txt" 2>&1
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"; } > "$OUT/machine.txt" 2>&1
 if [ "${TESTS:-1}" = 1 ]; then
-  $BIN/nanscope_tests --gtest_filter="${FILTER:-*GenerateGolden*:KvCache*:*PeftGolden*:Generate.*:Compare.*:Goldens/TraceGolden*}" > "$OUT/tests-amx.txt" 2>&1
+  $BIN/nanscope_tests --gtest_filter="${FILTER:-*GenerateGolden*:KvCache*:*PeftGolden*:Generate.*:Compare.*:Divergence*:Trained*:Paths/*:Backend*}" > "$OUT/tests-amx.txt" 2>&1
   grep -E "^\[  (PASSED|FAILED)" "$OUT/tests-amx.txt" | head -20
 fi
 if [ "${GOLDENS:-1}" = 1 ]; then
@@ -29,6 +30,7 @@ PROMPT=$(python3 -c "print(','.join(str((i * 37 + 11) % 1000 + 1) for i in range
 for rep in $(seq "${REPS:-2}"); do
   $M nanscope_generate_r$rep $BIN/nanscope generate $W/q4b --ids $PROMPT --max-new-tokens $N --eos none --json >> "$R"
 done
+$M nanscope_generate_mapped $BIN/nanscope generate $W/q4b --ids $PROMPT --max-new-tokens $N --eos none --weights mapped --json >> "$R"
 $M ref_generate python3 bench/reference/ref_generate.py $W/q4b bf16 $P $N eager >> "$R"
 $M nanscope_compare $BIN/nanscope compare $W/q4b $W/q4b --dtype-a bf16 --dtype-b fp32 --ids $PROMPT --json >> "$R"
 $M nanscope_trace_bf16 $BIN/nanscope trace $W/q4b --ids $PROMPT --dtype bf16 --json >> "$R"

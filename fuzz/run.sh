@@ -26,8 +26,8 @@ sources() {  # the library sources each target links
   case "$1" in
     safetensors_header) echo src/formats/safetensors.cpp src/numerics/dtype.cpp src/common/*.cpp ;;
     model_config) echo src/formats/hf_config.cpp src/numerics/dtype.cpp ;;
-    adapter_config) echo src/formats/adapter.cpp src/formats/safetensors.cpp src/numerics/dtype.cpp \
-      src/common/*.cpp ;;
+    adapter_config) echo src/formats/adapter.cpp src/formats/hub.cpp src/formats/safetensors.cpp \
+      src/numerics/dtype.cpp src/common/*.cpp ;;
     tokenizer_json) echo "${tokenizer_srcs[@]}" ;;
     hidden_jsonl) echo src/tools/hidden_inputs.cpp "${tokenizer_srcs[@]}" ;;
     *) echo "unknown fuzz target $1 (known: ${all[*]})" >&2; exit 2 ;;

@@ -27,6 +27,7 @@
 
 #include "common/error.hpp"
 #include "formats/checkpoint.hpp"
+#include "formats/hub.hpp"
 #include "tokenizer/bpe.hpp"
 #include "model/adapter_overlay.hpp"
 #include "tools/check.hpp"
@@ -160,8 +161,8 @@ class Model {
  public:
   // adapter: a PEFT adapter directory applied unmerged (as peft's PeftModel) in every pass.
   explicit Model(const fs::path& path, std::optional<fs::path> adapter = std::nullopt)
-      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(path))) {
-    if (adapter) ov_ = AdapterOverlay::open(*adapter, *ck_);
+      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(resolve_model_path(path.string())))) {
+    if (adapter) ov_ = AdapterOverlay::open(resolve_model_path(adapter->string()), *ck_);
   }
 
   std::shared_ptr<const Checkpoint> checkpoint() const { return ck_; }
@@ -461,11 +462,12 @@ PYBIND11_MODULE(nanscope, m) {
       "scan",
       [](const fs::path& path, std::optional<fs::path> adapter) {
         ScanOptions o;
-        if (adapter) o.adapter = *adapter;
+        if (adapter) o.adapter = resolve_model_path(*adapter);
+        const auto model = resolve_model_path(path);
         ScanResult r;
         {
           py::gil_scoped_release nogil;
-          r = scan(path, o);
+          r = scan(model, o);
         }
         return to_py(scan_to_json(r));
       },
@@ -484,8 +486,8 @@ PYBIND11_MODULE(nanscope, m) {
           o.ids = Model(path).tokenize(*text);
         else
           o.ids = ids ? *ids : std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8};
-        if (base) o.base = *base;
-        if (adapter) o.adapter = *adapter;
+        if (base) o.base = resolve_model_path(*base);
+        if (adapter) o.adapter = resolve_model_path(*adapter);
         o.dtypes.clear();
         for (const auto& d : dtypes) {
           auto dt = parse_run_dtype(d);
@@ -502,7 +504,7 @@ PYBIND11_MODULE(nanscope, m) {
         CheckResult r;
         {
           py::gil_scoped_release nogil;
-          r = check(path, o);
+          r = check(resolve_model_path(path), o);
         }
         return to_py(check_json(r));
       },
@@ -520,7 +522,7 @@ PYBIND11_MODULE(nanscope, m) {
         if (!ids && !text) fail("trace: pass ids (token ids) or text");
         TraceOptions o;
         const ForwardOptions f = fwd_options(dtype, attention);
-        Checkpoint ck = Checkpoint::open(path);
+        Checkpoint ck = Checkpoint::open(resolve_model_path(path.string()));
         if (text) {
           const fs::path tp = tokenizer ? *tokenizer : ck.dir() / "tokenizer.json";
           if (!fs::exists(tp))
@@ -533,7 +535,7 @@ PYBIND11_MODULE(nanscope, m) {
         }
         o.dtype = f.dtype;
         o.attention = f.attention;
-        if (adapter) o.adapter = AdapterOverlay::open(*adapter, ck);
+        if (adapter) o.adapter = AdapterOverlay::open(resolve_model_path(adapter->string()), ck);
         TraceResult r;
         {
           py::gil_scoped_release nogil;

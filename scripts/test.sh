@@ -12,7 +12,7 @@ if [ "${NANSCOPE_SKIP_SANITIZERS:-0}" != 1 ]; then
   BUILD_DIR=build-asan scripts/build.sh -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNANSCOPE_SANITIZE=ON \
     -DNANSCOPE_BENCH=OFF -DNANSCOPE_PYTHON=OFF
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-    build-asan/nanscope_tests --gtest_filter='Safetensors*:Checkpoint*:Adapter*:BadInput*:Cli*:TempFiles*:MappedFiles*:FuzzFindings*'
+    build-asan/nanscope_tests --gtest_filter='Safetensors*:Checkpoint*:Adapter*:BadInput*:Cli*:Hub*:TempFiles*:MappedFiles*:FuzzFindings*'
 fi
 if [ -x fuzz/run.sh ] && [ "${NANSCOPE_SKIP_FUZZ:-0}" != 1 ]; then
   fuzz/run.sh "${NANSCOPE_FUZZ_SECONDS:-7}"  # seconds per target: five targets, about 35 s

@@ -1,19 +1,16 @@
+#include <algorithm>
 #include <filesystem>
-#include <sstream>
 
 #include "cli/commands.hpp"
 #include "cli/inputs.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/strings.hpp"
 #include "tools/check.hpp"
 
 namespace nanscope::cli {
 
 namespace {
-// Used when neither --ids nor --text is given: plain English that every Qwen/Llama vocabulary
-// covers, long enough to exercise attention across positions.
-constexpr const char* kDefaultPrompt = "Hello, world! The quick brown fox jumps over the lazy dog.";
-
 // The report first (nothing else can fail before it); stdout says where it went. A report that
 // fails to write after all still leaves the finished verdict printed, then exit 2.
 int finish(const CheckResult& r, const std::string& report, bool json) {
@@ -52,52 +49,56 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
       "check",
       "The verdict: PASS or FAIL with the root cause (scan + traces in fp32 and each "
       "dtype; with --base/--adapter, where the NaN was born)");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
-  app->add_option("--base", a->base, "The base checkpoint the model was merged from");
-  app->add_option("--adapter", a->adapter, "The PEFT adapter that was merged in");
-  app->add_option("--ids", a->ids, "Token ids, comma-separated");
-  app->add_option("--text", a->text, "Text, tokenized with MODEL/tokenizer.json");
-  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json to use for --text");
-  app->add_option("--dtype", a->dtypes, "Run dtypes besides the fp32 reference, comma-separated")
+  add_model_arg(app, a->model);
+  app->add_option("--base", a->base, "The base checkpoint the model was merged from")
+      ->type_name("DIR");
+  app->add_option("--adapter", a->adapter, "The PEFT adapter that was merged in")->type_name("DIR");
+  add_token_options(app, a->ids, a->text, a->tokenizer,
+                    "Text, tokenized with MODEL/tokenizer.json (default: an English prompt whose "
+                    "ids fit the vocabulary; the verdict says which)");
+  app->add_option("--dtype", a->dtypes,
+                  "Run dtypes besides the fp32 reference, comma-separated, each once: fp32, bf16, "
+                  "fp16 (float32, bfloat16, float16, torch.* too), auto (the checkpoint's)")
+      ->type_name("LIST")
       ->capture_default_str();
-  app->add_option("--attention", a->attention,
-                  "eager | fused | both (with eager, a run that fails inside attention is also "
-                  "run fused)")
-      ->capture_default_str();
-  app->add_option("--report", a->report, "Write a self-contained HTML report");
+  add_attention_option(app, a->attention,
+                       " | both (with eager, a run that fails inside attention is also run fused)");
+  app->add_option("--report", a->report, "Write a self-contained HTML report")->type_name("FILE");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " for scanning and the forward passes");
+  describe(app,
+           "  nanscope check ./merged\n"
+           "  nanscope check ./merged --base Qwen/Qwen3-4B --adapter ./my-lora --report r.html\n"
+           "  nanscope check ./merged --text \"Hello, world!\" --dtype fp16 --json | jq .verdict\n",
+           "0 PASS, 1 FAIL (the causes and their fixes are printed)");
   out.push_back({app, [a] {
                    CheckOptions opt;
+                   const std::string model = model_path(a->model);
                    opt.dtypes.clear();
-                   std::stringstream ss(a->dtypes);
-                   for (std::string d; std::getline(ss, d, ',');) {
-                     auto dt = parse_run_dtype(d);
-                     if (!dt) fail("--dtype {}: expected a list of fp32, bf16, fp16", a->dtypes);
-                     opt.dtypes.push_back(*dt);
+                   for (const std::string& d : split_list("--dtype", a->dtypes)) {
+                     const DType dt = parse_run_dtype_flag("--dtype", d, model);
+                     if (std::count(opt.dtypes.begin(), opt.dtypes.end(), dt))
+                       fail_usage("--dtype {}: {} is listed twice", a->dtypes, run_dtype_name(dt));
+                     opt.dtypes.push_back(dt);
                    }
-                   if (a->attention == "both")
+                   if (ascii_lower(a->attention) == "both")
                      opt.attentions = {AttentionProfile::Eager, AttentionProfile::Fused};
-                   else if (auto at = parse_attention(a->attention))
-                     opt.attentions = {*at};
                    else
-                     fail("--attention {}: expected eager, fused or both", a->attention);
-                   if (!a->base.empty()) opt.base = a->base;
-                   if (!a->adapter.empty()) opt.adapter = a->adapter;
+                     opt.attentions = {parse_attention_flag(a->attention, " or both")};
+                   if (!a->base.empty()) opt.base = model_path(a->base);
+                   if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
                    opt.threads = apply_threads(a->threads);
-                   const bool has_tok =
-                       !a->tokenizer.empty() ||
-                       std::filesystem::exists(std::filesystem::path(a->model) / "tokenizer.json");
-                   if (a->ids.empty() && a->text.empty() && !has_tok)
-                     opt.ids = {1, 2, 3, 4, 5, 6, 7, 8};  // no tokenizer: small ids every vocab has
-                   else
-                     opt.ids =
-                         resolve_tokens(a->model, a->ids, a->text, a->tokenizer, kDefaultPrompt);
-                   opt.prompt =
-                       a->ids.empty() && a->text.empty() && has_tok ? kDefaultPrompt : a->text;
+                   if (a->ids.empty() && a->text.empty()) {
+                     CheckInput in = default_check_input(model, a->tokenizer);
+                     opt.ids = std::move(in.ids);
+                     opt.prompt = std::move(in.prompt);
+                   } else {
+                     opt.ids = resolve_tokens(model, a->ids, a->text, a->tokenizer);
+                     opt.prompt = a->ids.empty() ? "text \"" + a->text + "\"" : "ids given";
+                   }
                    if (!a->report.empty())
                      check_writable(a->report, "--report");  // before the runs
-                   return finish(check(a->model, opt), a->report, a->json);
+                   return finish(check(model, opt), a->report, a->json);
                  }});
 }
 

@@ -21,16 +21,22 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
       "generate",
       "Greedy decoding with a key/value cache, token for token as transformers' "
       "generate(do_sample=False); exit 1 when a step's logits are not finite");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
+  add_model_arg(app, a->model);
   app->add_option("--adapter", a->adapter,
-                  "PEFT adapter directory, applied unmerged as peft's PeftModel computes it");
-  app->add_option("--ids", a->ids, "Prompt token ids, comma-separated");
-  app->add_option("--text", a->text, "Prompt text, tokenized with MODEL/tokenizer.json");
-  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json to use for --text");
+                  "PEFT adapter directory or hub id, applied unmerged as peft's PeftModel "
+                  "computes it")
+      ->type_name("DIR");
+  add_token_options(app, a->ids, a->text, a->tokenizer,
+                    "Prompt text, tokenized with MODEL/tokenizer.json");
   app->add_option("--max-new-tokens", a->max_new_tokens, "New tokens at most")
+      ->type_name("N")
       ->capture_default_str();
-  app->add_option("--dtype", a->dtype, "fp32 | bf16 | fp16")->capture_default_str();
-  app->add_option("--attention", a->attention, "eager | fused (sdpa)")->capture_default_str();
+  app->add_option("--dtype", a->dtype,
+                  "fp32 | bf16 | fp16 (float32, bfloat16, float16, torch.* too) | auto (the "
+                  "checkpoint's dtype)")
+      ->type_name("DTYPE")
+      ->capture_default_str();
+  add_attention_option(app, a->attention);
   app->add_option("--eos", a->eos,
                   "Stop ids, comma-separated, or none (default: generation_config.json's "
                   "eos_token_id)");
@@ -48,18 +54,19 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
       ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
+  describe(app,
+           "  nanscope generate ./merged --text \"The capital of France is\" --max-new-tokens 16\n"
+           "  nanscope generate Qwen/Qwen3-4B --adapter ./my-lora --text \"Hi\" --dtype bf16 --json\n",
+           "0 every step's logits finite, 1 a step's logits held NaN/inf (the run stops there)");
   out.push_back({app, [a] {
                    apply_threads(a->threads);
                    GenerateOptions opt;
-                   auto dt = parse_run_dtype(a->dtype);
-                   if (!dt) fail("--dtype {}: expected fp32, bf16 or fp16", a->dtype);
-                   auto at = parse_attention(a->attention);
-                   if (!at) fail("--attention {}: expected eager or fused", a->attention);
-                   opt.dtype = *dt;
-                   opt.attention = *at;
+                   const std::string model = model_path(a->model);
+                   opt.dtype = parse_run_dtype_flag("--dtype", a->dtype, model);
+                   opt.attention = parse_attention_flag(a->attention);
                    opt.max_new_tokens = a->max_new_tokens;
                    if (a->weights != "resident" && a->weights != "mapped")
-                     fail("--weights {}: expected resident or mapped", a->weights);
+                     fail_usage("--weights {}: expected resident or mapped", a->weights);
                    opt.resident = a->weights == "resident";
                    opt.temperature = a->temperature;
                    opt.top_k = a->top_k;
@@ -69,9 +76,10 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                      opt.eos = std::vector<int64_t>{};  // run to --max-new-tokens
                    else if (!a->eos.empty())
                      opt.eos = parse_ids(a->eos);
-                   Checkpoint ck = Checkpoint::open(a->model);
-                   if (!a->adapter.empty()) opt.adapter = AdapterOverlay::open(a->adapter, ck);
-                   opt.prompt = resolve_tokens(a->model, a->ids, a->text, a->tokenizer);
+                   Checkpoint ck = Checkpoint::open(model);
+                   if (!a->adapter.empty())
+                     opt.adapter = AdapterOverlay::open(model_path(a->adapter), ck);
+                   opt.prompt = resolve_tokens(model, a->ids, a->text, a->tokenizer);
                    const GenerateResult r = generate(ck, opt);
                    print_out(a->json ? generate_json(r).dump(2) : generate_text(r));
                    return r.finite() ? kClean : kProblem;

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "cli/commands.hpp"
+#include "cli/inputs.hpp"
 #include "common/error.hpp"
 #include "common/temp_files.hpp"
 #include "tools/hidden.hpp"
@@ -99,61 +100,84 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
       "Hidden states of many inputs (token ids, text, soft mixtures) into safetensors "
       "shards with an index; resumable");
   // MODEL, --input and --out are checked below: --merge-index needs neither MODEL nor --input.
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory");
+  app->add_option("MODEL", a->model, "Checkpoint directory or Hugging Face hub id (Org/Name[@rev])")
+      ->type_name("MODEL");
   app->add_option("--input", a->input,
                   "JSONL, one input per line: {\"id\", \"ids\"|\"text\"|\"soft\"} "
-                  "(docs/hidden.md)");
+                  "(docs/hidden.md)")
+      ->type_name("FILE");
   app->add_option("--out", a->out,
                   "Output directory (hidden-NNNNN.safetensors, index.json; with --shard, its "
-                  "slice-K-of-N subdirectory; with --merge-index, where the merged index goes)");
+                  "slice-K-of-N subdirectory; with --merge-index, where the merged index goes)")
+      ->type_name("DIR");
   app->add_option(
-      "--shard", a->shard,
-      "K/N: only the K-th (0-based) of N slices of the input (inputs i with "
-      "i % N == K), into OUT/slice-K-of-N; for Slurm job arrays or one process per GPU");
+         "--shard", a->shard,
+         "K/N: only the K-th (0-based) of N slices of the input (inputs i with "
+         "i % N == K), into OUT/slice-K-of-N; for Slurm job arrays or one process per GPU")
+      ->type_name("K/N");
   app->add_option("--merge-index", a->merge_index,
                   "DIR...: read the slices under DIR (or these output directories) as one and "
                   "write one index.json naming them all, in input order (into --out; default: "
-                  "the one DIR)");
+                  "the one DIR)")
+      ->type_name("DIR...");
   app->add_option("--layers", a->layers, "Hidden states to keep: all | 0,5,36 (-1 = last)")
+      ->type_name("LIST")
       ->capture_default_str();
   app->add_option("--pool", a->pool, "none ([T, H] per state) | last | mean ([H])")
+      ->type_name("POOL")
       ->capture_default_str();
-  app->add_option("--dtype", a->dtype, "fp32 | bf16 | fp16")->capture_default_str();
-  app->add_option("--attention", a->attention, "eager | fused")->capture_default_str();
+  app->add_option("--dtype", a->dtype,
+                  "fp32 | bf16 | fp16 (float32, bfloat16, float16, torch.* too) | auto (the "
+                  "checkpoint's dtype)")
+      ->type_name("DTYPE")
+      ->capture_default_str();
+  add_attention_option(app, a->attention);
   app->add_option("--batch-tokens", a->batch_tokens,
-                  "Write a shard once it holds this many tokens (bounds memory)")
+                  "Run this many tokens through the model at a time, one shard each (bounds "
+                  "memory)")
+      ->type_name("N")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app->add_option("--out-dtype", a->out_dtype, "fp32 | run (the run dtype)")->capture_default_str();
-  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json for \"text\" inputs");
+  app->add_option("--out-dtype", a->out_dtype, "fp32 | run (the run dtype)")
+      ->type_name("DTYPE")
+      ->capture_default_str();
+  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json for \"text\" inputs")
+      ->type_name("FILE");
   app->add_option("--adapter", a->adapter,
-                  "PEFT adapter directory, applied unmerged as peft's PeftModel computes it");
+                  "PEFT adapter directory or hub id, applied unmerged as peft's PeftModel "
+                  "computes it")
+      ->type_name("DIR");
   app->add_flag("--allow-unnormalized", a->allow_unnormalized,
                 "Accept soft probabilities that do not sum to 1 (used as given)");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward passes");
+  describe(app,
+           "  nanscope hidden Qwen/Qwen3-4B --input prompts.jsonl --out states/ --layers -1 "
+           "--pool last\n"
+           "  nanscope hidden ./merged --input soft.jsonl --out states/ --dtype fp32 --json\n",
+           "0 every state finite, 1 some state holds NaN/inf (listed per input and layer)");
   out.push_back({app, [a] {
                    if (!a->merge_index.empty()) return merge_index(*a);
                    if (a->model.empty() || a->input.empty() || a->out.empty())
                      throw InputError(kRequired);
                    apply_threads(a->threads);
                    HiddenRunOptions opt;
-                   auto dt = parse_run_dtype(a->dtype);
-                   if (!dt) fail("--dtype {}: expected fp32, bf16 or fp16", a->dtype);
-                   auto at = parse_attention(a->attention);
-                   if (!at) fail("--attention {}: expected eager or fused", a->attention);
+                   const std::string model = model_path(a->model);
+                   const DType dt = parse_run_dtype_flag("--dtype", a->dtype, model);
+                   const AttentionProfile at = parse_attention_flag(a->attention);
                    auto pool = parse_pool(a->pool);
-                   if (!pool) fail("--pool {}: expected none, last or mean", a->pool);
+                   if (!pool) fail_usage("--pool {}: expected none, last or mean", a->pool);
                    if (a->out_dtype != "fp32" && a->out_dtype != "run")
-                     fail("--out-dtype {}: expected fp32 or run", a->out_dtype);
-                   opt.model = a->model;
+                     fail_usage("--out-dtype {}: expected fp32 or run", a->out_dtype);
+                   opt.model = model;
                    opt.input = a->input;
                    opt.out = a->out;
                    opt.tokenizer = a->tokenizer;
                    opt.layers = a->layers;
                    opt.pool = *pool;
-                   opt.fwd.dtype = *dt;
-                   opt.fwd.attention = *at;
-                   if (!a->adapter.empty()) opt.adapter = a->adapter;
+                   opt.fwd.dtype = dt;
+                   opt.fwd.attention = at;
+                   if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;

@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include "cli/commands.hpp"
+#include "cli/inputs.hpp"
 #include "common/error.hpp"
 #include "common/temp_files.hpp"
 #include "tools/merge.hpp"
@@ -13,7 +14,12 @@ namespace {
 uint64_t parse_size(const std::string& s) {
   if (s.empty()) return 0;
   size_t pos = 0;
-  double v = std::stod(s, &pos);
+  double v = 0;
+  try {
+    v = std::stod(s, &pos);
+  } catch (const std::exception&) {
+    fail_usage("--max-shard-size {}: expected a size like 5GB or 500MB", s);
+  }
   std::string unit = s.substr(pos);
   for (auto& c : unit) c = char(std::toupper(static_cast<unsigned char>(c)));
   double mul = unit.empty() || unit == "B" ? 1
@@ -24,7 +30,7 @@ uint64_t parse_size(const std::string& s) {
                : unit == "MIB"             ? 1048576.0
                : unit == "GIB"             ? 1073741824.0
                                            : -1;
-  if (mul < 0 || v <= 0) fail("--max-shard-size {}: expected a size like 5GB or 500MB", s);
+  if (mul < 0 || v <= 0) fail_usage("--max-shard-size {}: expected a size like 5GB or 500MB", s);
   return uint64_t(v * mul);
 }
 }  // namespace
@@ -41,15 +47,25 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
       "merge",
       "Merge a PEFT LoRA adapter exactly as peft does, with fp32 arithmetic, into a "
       "checkpoint transformers loads; refuse to write NaN/inf");
-  app->add_option("--base", a->base, "Base checkpoint directory")->required();
-  app->add_option("--adapter", a->adapter, "PEFT adapter directory")->required();
-  app->add_option("--out", a->out, "Output directory (must not exist or be empty)")->required();
-  app->add_option("--dtype", a->dtype, "auto (the base's) | bf16 | fp16 | fp32")
+  app->add_option("--base", a->base, "Base checkpoint directory or hub id")
+      ->type_name("DIR")
+      ->required();
+  app->add_option("--adapter", a->adapter, "PEFT adapter directory or hub id")
+      ->type_name("DIR")
+      ->required();
+  app->add_option("--out", a->out, "Output directory (must not exist or be empty)")
+      ->type_name("DIR")
+      ->required();
+  app->add_option("--dtype", a->dtype,
+                  "auto (the base's) | bf16 | fp16 | fp32 (float32, bfloat16, float16, torch.* "
+                  "too)")
+      ->type_name("DTYPE")
       ->capture_default_str();
   app->add_flag("--allow-nonfinite", a->allow_nonfinite,
                 "Write even if merged weights hold NaN/inf");
   app->add_option("--max-shard-size", a->max_shard,
-                  "Shard size (e.g. 5GB); default: like the base");
+                  "Shard size (e.g. 5GB, 500MiB); default: shards like the base's")
+      ->type_name("SIZE");
   app->add_flag("--peft-tied", a->peft_tied,
                 "On a tied model, merge embedding/lm_head updates into the shared tensor and stay "
                 "tied, byte for byte like peft (changes the model's function)");
@@ -59,10 +75,16 @@ void add_merge(CLI::App& root, std::vector<Command>& out) {
                 "the limit; a power cut soon after may leave a partial model)");
   add_threads_option(app, a->threads, "");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  describe(app,
+           "  nanscope merge --base Qwen/Qwen3-4B --adapter ./my-lora --out ./merged\n"
+           "  nanscope merge --base ./base --adapter ./my-lora --out ./merged-fp32 --dtype fp32 "
+           "--json\n",
+           "0 the merged model was written, 1 refused: the merged weights would hold NaN/inf "
+           "(the output names the fix; nothing is written)");
   out.push_back({app, [a] {
                    MergeOptions o;
-                   o.base = a->base;
-                   o.adapter = a->adapter;
+                   o.base = model_path(a->base);
+                   o.adapter = model_path(a->adapter);
                    o.out = a->out;
                    o.dtype = parse_merge_dtype(a->dtype);
                    o.allow_nonfinite = a->allow_nonfinite;

@@ -17,36 +17,41 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
       "trace",
       "Run the model as transformers does in a dtype; report every hidden state and the "
       "first op that produced inf/NaN");
-  app->add_option("MODEL", a->model, "Hugging Face checkpoint directory")->required();
-  app->add_option("--ids", a->ids, "Token ids, comma-separated");
-  app->add_option("--text", a->text, "Text, tokenized with MODEL/tokenizer.json");
-  app->add_option("--tokenizer", a->tokenizer, "tokenizer.json to use for --text");
-  app->add_option("--dtype", a->dtype, "fp32 | bf16 | fp16")->capture_default_str();
-  app->add_option("--attention", a->attention,
-                  "eager (transformers' eager attention) | fused (scores and softmax in fp32, as "
-                  "SDPA / flash / SGLang)")
+  add_model_arg(app, a->model);
+  add_token_options(app, a->ids, a->text, a->tokenizer,
+                    "Text, tokenized with MODEL/tokenizer.json");
+  app->add_option("--dtype", a->dtype,
+                  "fp32 | bf16 | fp16 (float32, bfloat16, float16, torch.* too) | auto (the "
+                  "checkpoint's dtype)")
+      ->type_name("DTYPE")
       ->capture_default_str();
+  add_attention_option(app, a->attention);
   app->add_option("--adapter", a->adapter,
-                  "PEFT adapter directory, applied unmerged as peft's PeftModel computes it");
-  app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file");
+                  "PEFT adapter directory or hub id, applied unmerged as peft's PeftModel "
+                  "computes it")
+      ->type_name("DIR");
+  app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file")
+      ->type_name("FILE");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
+  describe(app,
+           "  nanscope trace ./merged --text \"Hello, world!\" --dtype fp16\n"
+           "  nanscope trace Qwen/Qwen3-4B --ids 9707,11,1879,0 --attention sdpa --json\n",
+           "0 every state finite, 1 a state or the logits hold NaN/inf");
   out.push_back({app, [a] {
                    apply_threads(a->threads);
                    TraceOptions opt;
-                   auto dt = parse_run_dtype(a->dtype);
-                   if (!dt) fail("--dtype {}: expected fp32, bf16 or fp16", a->dtype);
-                   auto at = parse_attention(a->attention);
-                   if (!at) fail("--attention {}: expected eager or fused", a->attention);
-                   opt.dtype = *dt;
-                   opt.attention = *at;
+                   const std::string model = model_path(a->model);
+                   opt.dtype = parse_run_dtype_flag("--dtype", a->dtype, model);
+                   opt.attention = parse_attention_flag(a->attention);
                    if (!a->save.empty()) {
                      check_writable(a->save, "--save");  // now, not after the forward pass
                      opt.save = a->save;
                    }
-                   Checkpoint ck = Checkpoint::open(a->model);
-                   if (!a->adapter.empty()) opt.adapter = AdapterOverlay::open(a->adapter, ck);
-                   opt.ids = resolve_tokens(a->model, a->ids, a->text, a->tokenizer);
+                   Checkpoint ck = Checkpoint::open(model);
+                   if (!a->adapter.empty())
+                     opt.adapter = AdapterOverlay::open(model_path(a->adapter), ck);
+                   opt.ids = resolve_tokens(model, a->ids, a->text, a->tokenizer);
                    TraceResult r = trace(ck, opt);
                    print_out(a->json ? trace_json(r).dump(2) : trace_text(r));
                    return r.finite() ? kClean : kProblem;

@@ -29,6 +29,21 @@ void add_compare(CLI::App& root, std::vector<Command>& out);
 // Writes a JSON document or human text to stdout.
 void print_out(const std::string& s);
 
+// The version of the build (CMake's project version).
+const char* version();
+
+// MODEL: a checkpoint directory or hub id (cli/inputs.hpp model_path resolves it), required.
+void add_model_arg(CLI::App* app, std::string& model);
+// --ids LIST, --text STR, --tokenizer FILE (trace, check); `text_help` describes --text.
+void add_token_options(CLI::App* app, std::string& ids, std::string& text, std::string& tokenizer,
+                       const std::string& text_help);
+// --attention PROFILE with its default shown; `extra` adds to the help ("| both ...").
+void add_attention_option(CLI::App* app, std::string& attention, const std::string& extra = "");
+
+// The end of a subcommand's --help: examples (one command a line, indented) and what its exit
+// codes 0 and 1 mean (2 and the hub ids are said the same way for every command).
+void describe(CLI::App* app, const std::string& examples, const std::string& exit_codes);
+
 // --threads N on a subcommand: the worker count of its parallel steps (scan, merge, the forward
 // pass), kept in the kernels' options (numerics/backend.hpp, which also reads NANSCOPE_THREADS).
 void add_threads_option(CLI::App* app, int& threads, const std::string& what);

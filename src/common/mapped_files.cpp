@@ -25,6 +25,7 @@ Slot g_slots[kSlots];
 std::mutex g_mu;  // registration only
 struct sigaction g_previous {};
 std::atomic<bool> g_installed{false};
+std::atomic<bool> g_json{false};
 
 // Appends s to buf[len..cap-1), keeping room for the NUL.
 void append(char* buf, size_t cap, size_t& len, const char* s) {
@@ -44,6 +45,32 @@ void append_u64(char* buf, size_t cap, size_t& len, uint64_t v) {
   append(buf, cap, len, rev);
 }
 
+// Appends s as the inside of a JSON string (quotes, backslashes and control characters escaped).
+void append_json_escaped(char* buf, size_t cap, size_t& len, const char* s, size_t n) {
+  static const char hex[] = "0123456789abcdef";
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    char esc[7] = {0};
+    if (c == '"' || c == '\\') {
+      esc[0] = '\\', esc[1] = char(c);
+    } else if (c < 0x20) {
+      esc[0] = '\\', esc[1] = 'u', esc[2] = '0', esc[3] = '0', esc[4] = hex[c >> 4],
+      esc[5] = hex[c & 15];
+    } else {
+      esc[0] = char(c);
+    }
+    append(buf, cap, len, esc);
+  }
+}
+
+void write_all(int fd, const char* p, size_t n) {
+  for (size_t done = 0; done < n;) {
+    const ssize_t w = ::write(fd, p + done, n - done);
+    if (w <= 0) break;
+    done += size_t(w);
+  }
+}
+
 extern "C" void on_sigbus(int sig, siginfo_t* info, void* ucontext) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
   for (Slot& s : g_slots) {
@@ -53,10 +80,21 @@ extern "C" void on_sigbus(int sig, siginfo_t* info, void* ucontext) {
     char msg[4096 + 256];
     const size_t n = format_mapping_fault(msg, sizeof msg, path ? path : "a mapped file",
                                           size_t(s.end.load(std::memory_order_relaxed) - b));
-    for (size_t done = 0; done < n;) {
-      const ssize_t w = ::write(STDERR_FILENO, msg + done, n - done);
-      if (w <= 0) break;
-      done += size_t(w);
+    write_all(STDERR_FILENO, msg, n);
+    if (g_json.load(std::memory_order_relaxed)) {
+      // The message without its "nanscope: error: " prefix and the newline.
+      constexpr size_t kPrefix = sizeof("nanscope: error: ") - 1;
+      const size_t body = n > kPrefix + 1 ? n - kPrefix - 1 : 0;
+      char doc[2 * sizeof msg];
+      size_t len = 0;
+      doc[0] = '\0';
+      append(doc, sizeof doc, len, "{\"error\": {\"kind\": \"changed\", \"file\": \"");
+      const char* p = path ? path : "";
+      append_json_escaped(doc, sizeof doc, len, p, std::strlen(p));
+      append(doc, sizeof doc, len, "\", \"message\": \"");
+      append_json_escaped(doc, sizeof doc, len, msg + kPrefix, body);
+      append(doc, sizeof doc, len, "\"}}\n");
+      write_all(STDOUT_FILENO, doc, len);
     }
     ::_exit(2);
   }
@@ -117,6 +155,10 @@ void unregister_mapping(int slot) {
   g_slots[slot].begin.store(0, std::memory_order_release);
   g_slots[slot].end.store(0, std::memory_order_relaxed);
   g_slots[slot].path.store(nullptr, std::memory_order_relaxed);
+}
+
+void set_mapping_fault_json(bool on) {
+  g_json.store(on, std::memory_order_relaxed);
 }
 
 void install_mapping_fault_handler() {

@@ -24,6 +24,10 @@ void unregister_mapping(int slot);
 // registered mappings is left to the handler that was there before (or the default action).
 void install_mapping_fault_handler();
 
+// With --json: the handler also prints the failure as the one JSON document on stdout,
+// {"error": {"kind": "changed", "file": PATH, "message": ...}} (docs/interface.md).
+void set_mapping_fault_json(bool on);
+
 // The message the handler writes, for the tests: "nanscope: error: PATH: changed while
 // reading: ...\n" into buf (always NUL-terminated); returns its length. Async-signal-safe.
 size_t format_mapping_fault(char* buf, size_t cap, const char* path, size_t mapped_size);

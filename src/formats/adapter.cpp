@@ -12,6 +12,7 @@
 
 #include "common/error.hpp"
 #include "common/json_depth.hpp"
+#include "formats/hub.hpp"
 
 namespace nanscope {
 
@@ -419,14 +420,22 @@ Adapter Adapter::open(const fs::path& dir) {
   Adapter a;
   a.dir_ = dir;
   std::error_code ec;
+  if (!fs::exists(dir, ec)) fail_not_found(dir, "{}: no such file or directory", dir.string());
   if (!fs::is_directory(dir, ec))
     fail(
-        "{}: not a directory (expected a PEFT adapter directory with adapter_config.json and "
-        "adapter_model.safetensors)",
+        "{}: is a file, not a directory (expected a PEFT adapter directory with "
+        "adapter_config.json and adapter_model.safetensors)",
         dir.string());
   const fs::path cfg = dir / "adapter_config.json";
-  if (!fs::exists(cfg, ec))
-    fail("{}: adapter_config.json is missing (not a PEFT adapter directory?)", cfg.string());
+  if (!fs::exists(cfg, ec)) {
+    if (fs::exists(dir / "config.json", ec))
+      fail(
+          "{}: adapter_config.json is missing: this is a model checkpoint (config.json), not a "
+          "PEFT adapter; pass it as MODEL or --base",
+          cfg.string());
+    fail("{}: adapter_config.json is missing (not a PEFT adapter directory?){}", cfg.string(),
+         dangling_link_note(cfg));
+  }
   {
     std::ifstream in(cfg, std::ios::binary);
     if (!in) fail("{}: cannot open", cfg.string());
@@ -445,7 +454,7 @@ Adapter Adapter::open(const fs::path& dir) {
           "PeftModel.from_pretrained and re-save with save_pretrained(dir, "
           "safe_serialization=True)",
           dir.string());
-    fail("{}: adapter_model.safetensors is missing", dir.string());
+    fail("{}: adapter_model.safetensors is missing{}", dir.string(), dangling_link_note(st));
   }
   a.file_ = SafetensorsFile::open(st);
   return a;

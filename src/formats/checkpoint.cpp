@@ -4,6 +4,7 @@
 #include <unordered_map>
 
 #include "common/error.hpp"
+#include "formats/hub.hpp"
 
 namespace nanscope {
 
@@ -13,10 +14,22 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
   Checkpoint ck;
   ck.dir_ = dir;
   std::error_code ec;
+  if (!fs::exists(dir, ec)) fail_not_found(dir, "{}: no such file or directory", dir.string());
   if (!fs::is_directory(dir, ec))
-    fail("{}: not a directory (expected a Hugging Face checkpoint directory)", dir.string());
+    fail(
+        "{}: is a file, not a directory (expected a Hugging Face checkpoint directory: "
+        "config.json and model.safetensors)",
+        dir.string());
   const fs::path config = dir / "config.json";
-  if (!fs::exists(config, ec)) fail("{}: config.json is missing", dir.string());
+  if (!fs::exists(config, ec)) {
+    if (fs::exists(dir / "adapter_config.json", ec))
+      fail(
+          "{}: this is a PEFT adapter (adapter_config.json), not a model: pass it as --adapter "
+          "{}, with the model it was trained on as --base (merge) or beside the merged MODEL "
+          "(check)",
+          dir.string(), dir.string());
+    fail("{}: config.json is missing{}", dir.string(), dangling_link_note(config));
+  }
   ck.config_ = load_model_config(config);
 
   const fs::path index = dir / "model.safetensors.index.json";
@@ -40,7 +53,8 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
       if (!shard_of_file.count(file)) {
         const fs::path sp = dir / file;
         if (!fs::exists(sp, ec))
-          fail("{}: shard {} (named for tensor {}) is missing", index.string(), file, it.key());
+          fail("{}: shard {} (named for tensor {}) is missing{}", index.string(), file, it.key(),
+               dangling_link_note(sp));
         shard_of_file[file] = ck.files_.size();
         ck.files_.push_back(SafetensorsFile::open(sp));
       }

@@ -287,7 +287,9 @@ ModelConfig parse_model_config(const nlohmann::json& j, const std::string& what)
 }
 
 ModelConfig load_model_config(const std::filesystem::path& p) {
-  return parse_model_config(read_json_file(p), p.string());
+  ModelConfig c = parse_model_config(read_json_file(p), p.string());
+  c.source = p.string();
+  return c;
 }
 
 }  // namespace nanscope

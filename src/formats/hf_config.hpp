@@ -80,6 +80,7 @@ struct ModelConfig {
   // beside a vision tower the text forward pass does not read.
   std::string multimodal_type;  // "gemma3", or empty
   std::string text_prefix;      // "language_model." for Gemma 3's saved layout
+  std::string source;           // the config.json read ("DIR/config.json"), for messages
 };
 
 // Parses and checks config.json; `what` names the file in messages. Throws InputError.

@@ -154,10 +154,10 @@ LayerNames names_of(const Architecture& a, const LayerSpec& s, const std::string
 
 }  // namespace
 
-const Architecture& find_architecture(std::string_view model_type) {
+const Architecture& find_architecture(std::string_view model_type, std::string_view what) {
   for (const auto& a : kArchitectures)
     if (a.model_type == model_type) return a;
-  fail("model_type \"{}\" is not supported (supported: {})", model_type,
+  fail("{}: model_type \"{}\" is not supported (supported: {})", what, model_type,
        fmt::join(supported_architectures(), ", "));
 }
 
@@ -168,8 +168,8 @@ std::vector<std::string_view> supported_architectures() {
 }
 
 ModelSpec model_spec(const ModelConfig& c) {
-  const Architecture& a = find_architecture(c.model_type);
-  const std::string what = "config.json";
+  const std::string what = c.source.empty() ? "config.json" : c.source;
+  const Architecture& a = find_architecture(c.model_type, what);
   if (c.use_bidirectional_attention)
     fail("{}: use_bidirectional_attention true is not supported (only causal attention)", what);
   const Activation act = activation(c, what);

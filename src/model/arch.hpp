@@ -54,8 +54,10 @@ struct Architecture {
   bool router_renormalise = false;      // Mixtral: top-k weights always sum to 1
 };
 
-// Throws InputError naming the model_type and the supported ones.
-const Architecture& find_architecture(std::string_view model_type);
+// Throws InputError naming the file (`what`, e.g. "DIR/config.json"), the model_type and the
+// supported ones.
+const Architecture& find_architecture(std::string_view model_type,
+                                      std::string_view what = "config.json");
 std::vector<std::string_view> supported_architectures();
 
 struct AttentionSpec {

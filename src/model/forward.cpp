@@ -20,6 +20,7 @@
 
 #include "common/error.hpp"
 #include "model/adapter_overlay.hpp"
+#include "common/strings.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "model/weights.hpp"
@@ -36,7 +37,8 @@ std::string_view attention_name(AttentionProfile a) {
   return a == AttentionProfile::Eager ? "eager" : "fused";
 }
 
-std::optional<AttentionProfile> parse_attention(std::string_view s) {
+std::optional<AttentionProfile> parse_attention(std::string_view s0) {
+  const std::string s = ascii_lower(s0);
   if (s == "eager") return AttentionProfile::Eager;
   if (s == "fused" || s == "sdpa") return AttentionProfile::Fused;
   return std::nullopt;

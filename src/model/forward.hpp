@@ -28,6 +28,8 @@ enum class AttentionProfile {
   Fused,  // SDPA / flash / SGLang: scores and softmax in fp32, the output rounded once
 };
 std::string_view attention_name(AttentionProfile a);  // "eager" | "fused"
+// "eager", or "fused" also spelled "sdpa" (the profile of transformers' attn_implementation
+// "sdpa"), any case.
 std::optional<AttentionProfile> parse_attention(std::string_view s);
 
 struct ForwardOptions {

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/strings.hpp"
 #include "numerics/dtype_simd.hpp"
 
 namespace nanscope {
@@ -52,13 +53,17 @@ std::string_view dtype_name(DType t) {
 }
 
 std::optional<DType> parse_float_dtype(std::string_view s0) {
-  std::string s(s0);
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  std::string s = ascii_lower(s0);
   if (s.rfind("torch.", 0) == 0) s = s.substr(6);
   if (s == "fp32" || s == "float32" || s == "f32" || s == "float") return DType::F32;
   if (s == "bf16" || s == "bfloat16") return DType::BF16;
   if (s == "fp16" || s == "float16" || s == "f16" || s == "half") return DType::F16;
   return std::nullopt;
+}
+
+std::string_view float_dtype_spellings() {
+  return "fp32, bf16 or fp16 (also float32, bfloat16, float16, half, with or without torch., any "
+         "case)";
 }
 
 std::optional<DType> parse_dtype(std::string_view safetensors_name) {

@@ -42,6 +42,9 @@ std::optional<DType> parse_dtype(std::string_view safetensors_name);
 // fp32 float32 f32 float, bf16 bfloat16, fp16 float16 f16 half, each also with a `torch.`
 // prefix, case-insensitive. Anything else: nullopt.
 std::optional<DType> parse_float_dtype(std::string_view s);
+// What parse_float_dtype accepts, for messages and --help: "fp32, bf16 or fp16 (also float32,
+// bfloat16, float16, half, with or without torch., any case)".
+std::string_view float_dtype_spellings();
 inline bool is_float_computable(DType t) {
   return t == DType::F32 || t == DType::BF16 || t == DType::F16;
 }

@@ -80,7 +80,8 @@ struct RowSums {
 // all finite).
 struct LaneCounts {
   __m256i w_ok = _mm256_setzero_si256(), r_ok = _mm256_setzero_si256(),
-          updated = _mm256_setzero_si256(), lost = _mm256_setzero_si256();
+          s_ok = _mm256_setzero_si256(), updated = _mm256_setzero_si256(),
+          lost = _mm256_setzero_si256();
   uint64_t elements = 0;
 };
 
@@ -112,6 +113,7 @@ inline void row_stats8_double(__m256 w8, __m256 s8, __m256 r8, RowSums& a, LaneC
   const __m256 lost = _mm256_and_ps(upd, _mm256_cmp_ps(r8, w8, _CMP_EQ_OQ));
   c.w_ok = _mm256_sub_epi32(c.w_ok, _mm256_castps_si256(w_ok));
   c.r_ok = _mm256_sub_epi32(c.r_ok, _mm256_castps_si256(r_ok));
+  c.s_ok = _mm256_sub_epi32(c.s_ok, _mm256_castps_si256(s_ok));
   c.updated = _mm256_sub_epi32(c.updated, _mm256_castps_si256(upd));
   c.lost = _mm256_sub_epi32(c.lost, _mm256_castps_si256(lost));
   c.elements += 8;
@@ -185,6 +187,7 @@ inline void add_counts(LaneCounts& c, FidelitySums& st) {
   st.lost += simd::sum_u32x8(c.lost);
   st.base_nonfinite += c.elements - simd::sum_u32x8(c.w_ok);
   st.nonfinite += c.elements - simd::sum_u32x8(c.r_ok);
+  st.ideal_nonfinite += c.elements - simd::sum_u32x8(c.s_ok);
   c = LaneCounts{};
 }
 #endif
@@ -207,6 +210,7 @@ void row_stats(const float* w0, const float* s, const float* r, int64_t n, Fidel
     const double d_ideal = double(s[k]) - double(w0[k]);
     if (!std::isfinite(w0[k])) ++st.base_nonfinite;
     if (!std::isfinite(r[k])) ++st.nonfinite;
+    if (!std::isfinite(s[k])) ++st.ideal_nonfinite;
     if (d_ideal != 0.0 && std::isfinite(d_ideal)) {
       const double d_kept = double(r[k]) - double(w0[k]);
       st.num += d_kept * d_kept;

@@ -24,10 +24,12 @@ struct FidelitySums {
   double num = 0, den = 0;  // sum (R - W0)^2, sum (S - W0)^2
   double dot = 0, err = 0;  // sum (R - W0)(S - W0), sum (R - S)^2
   uint64_t lost = 0, updated = 0, nonfinite = 0, base_nonfinite = 0;
+  uint64_t ideal_nonfinite = 0;  // elements whose fp32 result W + dW is itself NaN/inf
   void add(const FidelitySums& o) {
     num += o.num, den += o.den, lost += o.lost, updated += o.updated, nonfinite += o.nonfinite;
     dot += o.dot, err += o.err;
     base_nonfinite += o.base_nonfinite;
+    ideal_nonfinite += o.ideal_nonfinite;
   }
 };
 

@@ -14,6 +14,7 @@
 #include "formats/checkpoint.hpp"
 #include "formats/peft_names.hpp"
 #include "tools/compare.hpp"
+#include "tokenizer/bpe.hpp"
 #include "tools/html_report.hpp"
 
 namespace nanscope {
@@ -88,6 +89,40 @@ std::string utc_now() {
 
 }  // namespace
 
+CheckInput default_check_input(const std::filesystem::path& model,
+                               const std::filesystem::path& tokenizer) {
+  // Plain English, long enough to exercise attention across positions; the short one fits the
+  // small vocabularies of test models cut from a real tokenizer.
+  static constexpr const char* kPrompts[] = {
+      "Hello, world! The quick brown fox jumps over the lazy dog.", "Hello, world!"};
+  const int64_t vocab = Checkpoint::open(model).config().vocab_size;  // says what a bad MODEL is
+  const std::filesystem::path tok = tokenizer.empty() ? model / "tokenizer.json" : tokenizer;
+  std::string why = "no tokenizer.json";
+  std::error_code ec;
+  if (std::filesystem::exists(tok, ec)) {
+    const Tokenizer tk = Tokenizer::load(tok);
+    for (const char* text : kPrompts) {
+      CheckInput in;
+      for (int32_t id : tk.encode(text)) in.ids.push_back(id);
+      const auto top = std::max_element(in.ids.begin(), in.ids.end());
+      if (!in.ids.empty() && *top < vocab) {
+        in.prompt = text == kPrompts[0] ? fmt::format("the default prompt \"{}\"", text)
+                                        : fmt::format("the short prompt \"{}\" ({})", text, why);
+        return in;
+      }
+      if (text == kPrompts[0])
+        why = fmt::format("the default prompt \"{}\" needs token id {}, beyond vocab_size {}", text,
+                          in.ids.empty() ? 0 : *top, vocab);
+    }
+    why = fmt::format("no prompt's ids fit vocab_size {}", vocab);
+  }
+  CheckInput in;
+  for (int64_t id = 1; id <= 8 && id < vocab; ++id) in.ids.push_back(id);
+  if (in.ids.empty()) in.ids = {0};
+  in.prompt = fmt::format("ids {}..{} ({})", in.ids.front(), in.ids.back(), why);
+  return in;
+}
+
 CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   CheckResult r;
   r.model = model;
@@ -97,6 +132,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   r.report.prompt = opt.prompt;
   r.report.version = version();
   r.report.date = utc_now();
+  r.prompt = opt.prompt;
   ScanOptions so;
   so.threads = opt.threads;
   r.scan = scan(model, so);
@@ -405,6 +441,7 @@ nlohmann::json check_json(const CheckResult& r) {
   j["verdict"] = r.pass() ? "PASS" : "FAIL";
   j["model"] = r.model.string();
   j["tokens"] = r.tokens;
+  if (!r.prompt.empty()) j["prompt"] = r.prompt;
   j["causes"] = nlohmann::json::array();
   for (const auto& c : r.causes) j["causes"].push_back(cause_json(c));
   j["runs"] = nlohmann::json::array();
@@ -455,6 +492,7 @@ std::string check_text(const CheckResult& r) {
   // table of the first failing run), then what to do.
   std::string s = fmt::format("{}  {}  ({} tokens: [{}])\n", r.pass() ? "PASS" : "FAIL",
                               r.model.string(), r.tokens.size(), fmt::join(r.tokens, ", "));
+  if (!r.prompt.empty()) s += fmt::format("Input: {}\n", r.prompt);
   if (r.pass())
     s += "No cause found: structure matches config.json, every weight is finite, and every run "
          "stayed finite.\n";

@@ -19,12 +19,12 @@ namespace nanscope {
 struct CheckOptions {
   std::optional<std::filesystem::path> base, adapter;
   std::vector<int64_t> ids;
+  std::string prompt;  // where the ids came from, said in the verdict: `text "..."`, "ids given"
   std::vector<DType> dtypes = {DType::BF16, DType::F16};
   // Attention profiles to run for every dtype. With eager alone, a dtype whose eager run fails
   // inside attention is also run fused, to show whether SDPA / flash / SGLang would survive it.
   std::vector<AttentionProfile> attentions = {AttentionProfile::Eager};
   int threads = 0;
-  std::string prompt;  // the text the ids were tokenized from (empty: given as ids), for the report
 };
 
 struct Cause {
@@ -57,6 +57,7 @@ struct CheckReportData {
 struct CheckResult {
   std::filesystem::path model;
   std::vector<int64_t> tokens;
+  std::string prompt;  // CheckOptions::prompt
   ScanResult scan;
   std::vector<Cause> causes;
   std::vector<CheckRun> runs;  // fp32 reference first
@@ -73,6 +74,17 @@ struct CheckResult {
 };
 
 CheckResult check(const std::filesystem::path& model, const CheckOptions& opt);
+
+// The input of a check that was given neither ids nor text: the first of a long and a short
+// English prompt whose ids (with `tokenizer`, else MODEL/tokenizer.json) all fit the model's
+// vocabulary, else ids 1..8 (every vocabulary of nine tokens or more has them). `prompt` says
+// which was taken, and why when it is not the first.
+struct CheckInput {
+  std::vector<int64_t> ids;
+  std::string prompt;
+};
+CheckInput default_check_input(const std::filesystem::path& model,
+                               const std::filesystem::path& tokenizer = {});
 
 nlohmann::json check_json(const CheckResult& r);
 std::string check_text(const CheckResult& r);

@@ -211,24 +211,29 @@ std::vector<int64_t> parse_layers(std::string_view s, int64_t num_states) {
     for (int64_t i = 0; i < num_states; ++i) out.push_back(i);
     return out;
   }
-  size_t i = 0;
-  while (i < s.size()) {
-    while (i < s.size() && (s[i] == ',' || s[i] == ' ')) ++i;
-    if (i >= s.size()) break;
+  // Comma-separated, spaces around items allowed; an empty item is an error, not skipped.
+  for (size_t b = 0;;) {
+    const size_t e = std::min(s.find(',', b), s.size());
+    std::string_view item = s.substr(b, e - b);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
     int64_t v = 0;
-    auto [p, ec] = std::from_chars(s.data() + i, s.data() + s.size(), v);
-    if (ec != std::errc())
-      fail("--layers {}: expected \"all\" or comma-separated state indices like 0,5,36", s);
+    auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (item.empty() || ec != std::errc() || p != item.data() + item.size())
+      fail_usage(
+          "--layers {}: expected \"all\" or comma-separated state indices like 0,5,36 (item {} "
+          "is \"{}\")",
+          s, out.size() + 1, item);
     if (v < 0) v += num_states;
     if (v < 0 || v >= num_states)
       fail(
           "--layers {}: state {} does not exist: the model has states 0..{} (N+1 states, as "
           "output_hidden_states)",
-          s, std::string(s.substr(i, size_t(p - (s.data() + i)))), num_states - 1);
+          s, item, num_states - 1);
     out.push_back(v);
-    i = size_t(p - s.data());
+    if (e == s.size()) break;
+    b = e + 1;
   }
-  if (out.empty()) fail("--layers {}: no state indices", s);
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;

@@ -18,6 +18,7 @@
 
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/strings.hpp"
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/safetensors.hpp"
@@ -49,9 +50,10 @@ std::string dtype_cli_name(DType t) {
 }
 
 std::optional<DType> parse_merge_dtype(const std::string& s) {
-  if (s == "auto") return std::nullopt;
+  if (ascii_lower(s) == "auto") return std::nullopt;
   if (const auto t = parse_float_dtype(s)) return t;
-  fail("merge: --dtype {} is not one of auto, bf16, fp16, fp32", s);
+  fail_usage("merge: --dtype {}: expected auto (the base's dtype) or {}", s,
+             float_dtype_spellings());
 }
 
 namespace {
@@ -334,6 +336,45 @@ class Merger {
   std::vector<Scratch> scratch_;
 };
 
+// What to do about a merged tensor that came out non-finite from a finite base and adapter.
+std::string arithmetic_fix(const OutTensor& t, const FidelitySums& st) {
+  if (st.ideal_nonfinite == 0) {  // W + dW is finite in fp32: a dtype with fp32's range holds it
+    if (t.dtype == DType::F16)
+      return "merge into bf16 (--dtype bf16: the range of fp32 in the same size) or fp32 "
+             "(--dtype fp32): every W + dW is finite in fp32, but beyond fp16's 65504";
+    return fmt::format(
+        "merge into fp32 (--dtype fp32): every W + dW is finite in fp32, but beyond {}'s range",
+        dtype_cli_name(t.dtype));
+  }
+  std::vector<std::string> inputs;
+  for (const LoraModule* m : t.lora)
+    for (const TensorInfo* x : {m->A, m->B, m->magnitude})
+      if (x) inputs.push_back(x->name);
+  if (t.bias_of) inputs.push_back(t.bias_of->bias->name);
+  return fmt::format(
+      "look at the adapter tensor(s) {}: W + dW overflows even fp32 in {} element(s) of {}, so "
+      "no dtype holds it (the update, lora_B @ lora_A times the scale, is beyond 3.4e38: a "
+      "diverged training run?)",
+      inputs.empty() ? std::string("of this update") : fmt::format("{}", fmt::join(inputs, ", ")),
+      st.ideal_nonfinite, t.name);
+}
+
+// The fidelity figures in words (MergeResult::fidelity_verdict).
+std::string fidelity_verdict(const MergeResult& r) {
+  if (r.update_elements == 0) return "no update to keep (the adapter changes no weight)";
+  if (!r.nonfinite.empty() || !std::isfinite(r.relative_error))
+    return "not judged: the merged weights are not finite";
+  if (r.relative_error == 0) return "update kept exactly";
+  const int mantissa = r.out_dtype == DType::BF16 ? 8 : r.out_dtype == DType::F16 ? 11 : 24;
+  const std::string dt = dtype_cli_name(r.out_dtype);
+  if (r.relative_error <= std::ldexp(1.0, -mantissa))
+    return fmt::format("update kept within {} rounding", dt);
+  return fmt::format(
+      "{:.2g}% of the update lost to rounding into {}: merge into fp32 (--dtype "
+      "fp32) to keep it",
+      100 * r.relative_error, dt);
+}
+
 struct TmpDirGuard {
   fs::path path;
   bool keep = false;
@@ -452,15 +493,28 @@ MergeResult merge(const MergeOptions& o) {
           nf.cause = "adapter";
           nf.detail = fmt::format("the adapter's own tensors hold NaN/inf: {}",
                                   fmt::join(nf.adapter_tensors, ", "));
+          nf.fix = fmt::format(
+              "look at the adapter tensor(s) {} in {}: no output dtype holds their NaN/inf "
+              "(`nanscope scan {} --adapter {}` lists them; retrain, or save the adapter again "
+              "from a finite state)",
+              fmt::join(nf.adapter_tensors, ", "), o.adapter.string(), o.base.string(),
+              o.adapter.string());
         } else if (st.base_nonfinite) {
           nf.cause = "base";
           nf.detail = fmt::format("the base tensor already holds {} NaN/inf", st.base_nonfinite);
+          nf.fix = fmt::format(
+              "use a base checkpoint whose {} is finite (`nanscope scan {}` lists the damage; "
+              "download it again?)",
+              t.name, o.base.string());
         } else {
           nf.cause = "arithmetic";
           nf.detail =
               fmt::format("base and adapter are finite; W + dW exceeds the range of {} (max {})",
                           dtype_cli_name(t.dtype), dtype_max(t.dtype));
+          nf.fix = arithmetic_fix(t, st);
         }
+        if (std::find(res.fixes.begin(), res.fixes.end(), nf.fix) == res.fixes.end())
+          res.fixes.push_back(nf.fix);
         res.nonfinite.push_back(std::move(nf));
       }
     }
@@ -476,6 +530,7 @@ MergeResult merge(const MergeOptions& o) {
   });
   if (fid.size() > 5) fid.resize(5);
   res.worst = std::move(fid);
+  res.fidelity_verdict = fidelity_verdict(res);
 
   if (!res.nonfinite.empty() && !o.allow_nonfinite) {
     res.refused = true;
@@ -566,7 +621,8 @@ nlohmann::json merge_result_json(const MergeResult& r) {
                      {"lost_elements", f.lost},
                      {"update_elements", f.update_elements},
                      {"elements", f.elements}});
-  j["fidelity"] = {{"kept", r.kept},
+  j["fidelity"] = {{"verdict", r.fidelity_verdict},
+                   {"kept", r.kept},
                    {"projected", r.projected},
                    {"relative_error", r.relative_error},
                    {"lost_elements", r.lost},
@@ -578,8 +634,10 @@ nlohmann::json merge_result_json(const MergeResult& r) {
                   {"count", n.count},
                   {"cause", n.cause},
                   {"adapter_tensors", n.adapter_tensors},
-                  {"detail", n.detail}});
+                  {"detail", n.detail},
+                  {"fix", n.fix}});
   j["nonfinite"] = nf;
+  j["fixes"] = r.fixes;
   j["refused"] = r.refused;
   j["written"] = r.written;
   j["out"] = r.written ? nlohmann::json(r.out.string()) : nlohmann::json(nullptr);
@@ -597,8 +655,7 @@ std::string merge_summary(const MergeResult& r) {
   std::string s;
   if (r.refused) {
     s += fmt::format(
-        "REFUSED: the merged weights would hold NaN/inf in {} tensor(s); nothing "
-        "was written (--allow-nonfinite writes anyway)\n",
+        "REFUSED: the merged weights would hold NaN/inf in {} tensor(s); nothing was written\n",
         r.nonfinite.size());
   } else {
     s += fmt::format("wrote {} ({} shard(s), {}): {} merged, {} replaced, {} copied\n",
@@ -607,10 +664,16 @@ std::string merge_summary(const MergeResult& r) {
   }
   for (const auto& n : r.nonfinite)
     s += fmt::format("  {}: {} non-finite ({}): {}\n", n.tensor, n.count, n.cause, n.detail);
+  // What to do first; the flag that writes the broken model anyway last.
+  for (const auto& f : r.fixes) s += "fix: " + f + "\n";
+  if (r.refused)
+    s += "(--allow-nonfinite writes the model anyway, NaN/inf included: only to look at it)\n";
+  else if (!r.nonfinite.empty())
+    s += "written anyway (--allow-nonfinite): the model holds NaN/inf\n";
   s += fmt::format(
-      "fidelity: kept {:.6f} (projected {:.6f}, relative error {:.2e}); {} of {} "
-      "updated elements lost entirely to rounding into {}\n",
-      r.kept, r.projected, r.relative_error, r.lost, r.update_elements,
+      "fidelity: {} (kept {:.6f}, projected {:.6f}, relative error {:.2e}; {} of {} updated "
+      "elements lost entirely to rounding into {})\n",
+      r.fidelity_verdict, r.kept, r.projected, r.relative_error, r.lost, r.update_elements,
       dtype_cli_name(r.out_dtype));
   for (const auto& f : r.worst)
     if (f.relative_error > 0)

@@ -91,6 +91,7 @@ struct NonfiniteTensor {
   std::string cause;                         // "adapter" | "arithmetic" | "base"
   std::vector<std::string> adapter_tensors;  // with cause "adapter": its non-finite tensors
   std::string detail;
+  std::string fix;  // what to do: the dtype to merge into, or the tensors to look at
 };
 
 struct MergeResult {
@@ -108,7 +109,12 @@ struct MergeResult {
   uint64_t lost = 0;
   uint64_t update_elements = 0;
   std::vector<TensorFidelity> worst;  // merged tensors with the largest relative_error (<= 5)
+  // The figures in words: "update kept exactly", "update kept within bf16 rounding" (relative
+  // error at most the dtype's unit roundoff) or "X% of the update lost to rounding into bf16:
+  // merge into fp32 (--dtype fp32) to keep it".
+  std::string fidelity_verdict;
   std::vector<NonfiniteTensor> nonfinite;
+  std::vector<std::string> fixes;  // the distinct fixes of `nonfinite`, in order
   bool base_tied = false;
   bool untied = false;               // the merge wrote lm_head separately (TiedMode::Untie)
   bool tie_word_embeddings = false;  // as written to config.json

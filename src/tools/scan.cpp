@@ -187,7 +187,7 @@ ScanResult scan(const std::filesystem::path& model_dir, const ScanOptions& opt) 
   r.model = model_dir;
   Checkpoint ck = Checkpoint::open(model_dir);
   r.model_type = ck.config().model_type;
-  find_architecture(r.model_type);  // unknown architecture: InputError before any work
+  find_architecture(r.model_type, ck.config().source);  // unknown: InputError before any work
   std::optional<Adapter> adapter;
   if (opt.adapter) adapter = Adapter::open(*opt.adapter);
 

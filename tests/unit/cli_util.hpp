@@ -28,12 +28,21 @@ inline std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
-inline CliResult run_cli(const std::vector<std::string>& args) {
+// env: "NAME=VALUE" settings for this run (through env(1)); "-u NAME" entries unset one.
+inline CliResult run_cli(const std::vector<std::string>& args,
+                         const std::vector<std::string>& env = {}) {
   static int counter = 0;
   const auto dir = std::filesystem::temp_directory_path();
   const auto err_path =
       dir / ("nanscope_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
-  std::string cmd = shell_quote(NANSCOPE_BINARY);
+  std::string cmd;
+  if (!env.empty()) {
+    cmd = "env";
+    for (const auto& e : env)
+      cmd += e.starts_with("-u ") ? " -u " + shell_quote(e.substr(3)) : " " + shell_quote(e);
+    cmd += " ";
+  }
+  cmd += shell_quote(NANSCOPE_BINARY);
   for (const auto& a : args) cmd += " " + shell_quote(a);
   cmd += " 2>";
   cmd += shell_quote(err_path.string());

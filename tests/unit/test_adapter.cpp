@@ -186,7 +186,7 @@ TEST(AdapterConfig, RefusesWhatItCannotHonourNamingTheField) {
 
 TEST(AdapterOpen, MissingFilesAreNamed) {
   Dir d;
-  EXPECT_NE(error_of([&] { Adapter::open(d.path / "nope"); }).find("not a directory"),
+  EXPECT_NE(error_of([&] { Adapter::open(d.path / "nope"); }).find("no such file or directory"),
             std::string::npos);
   EXPECT_NE(error_of([&] { Adapter::open(d.path); }).find("adapter_config.json"),
             std::string::npos);

@@ -312,6 +312,27 @@ TEST(MappedFilesDeathTest, ReadingPastATruncationExitsTwoNamingTheFile) {
       "it\\?\\)");
 }
 
+TEST(MappedFilesDeathTest, WithJsonTheFaultIsAlsoAJsonDocumentOnStdout) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  TempDir d;
+  const fs::path p = write_big_file(d.path / "model \"q\".safetensors");  // a quote to escape
+  EXPECT_EXIT(
+      {
+        install_mapping_fault_handler();
+        set_mapping_fault_json(true);
+        ::dup2(STDERR_FILENO, STDOUT_FILENO);  // the death test sees stderr only
+        auto f = SafetensorsFile::open(p);
+        ::truncate(p.c_str(), 100);
+        const auto bytes = f->data(f->tensors()[0]);
+        volatile std::byte sink = bytes[bytes.size() - 1];
+        (void)sink;
+        ::_exit(0);
+      },
+      ::testing::ExitedWithCode(2),
+      "\\{\"error\": \\{\"kind\": \"changed\", \"file\": \".*model \\\\\"q\\\\\"\\.safetensors\", "
+      "\"message\": \".*: changed while reading: the file is now 100 bytes.*\"\\}\\}");
+}
+
 TEST(MappedFiles, FaultMessageIsFormattedWithoutTheHeap) {
   char buf[512];
   const size_t n = format_mapping_fault(buf, sizeof buf, "/nonexistent/x.safetensors", 10);
