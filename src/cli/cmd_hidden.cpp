@@ -7,6 +7,7 @@
 #include "cli/commands.hpp"
 #include "common/error.hpp"
 #include "common/temp_files.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/hidden.hpp"
 #include "tools/trace.hpp"
 
@@ -41,7 +42,8 @@ class ProgressBar {
 void add_hidden(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, input, out, tokenizer, layers = "all", pool = "none", dtype = "bf16",
-                                              attention = "eager", out_dtype = "fp32";
+                                              attention = "eager", out_dtype = "fp32",
+                                              device = "cpu";
     int64_t batch_tokens = 4096;
     bool allow_unnormalized = false, json = false;
     int threads = 0;
@@ -64,6 +66,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
       ->capture_default_str();
   app->add_option("--dtype", a->dtype, "fp32 | bf16 | fp16")->capture_default_str();
   app->add_option("--attention", a->attention, "eager | fused")->capture_default_str();
+  app->add_option("--device", a->device, "cpu | cuda (an NVIDIA GPU)")->capture_default_str();
   app->add_option("--batch-tokens", a->batch_tokens,
                   "Write a shard once it holds this many tokens (bounds memory)")
       ->capture_default_str();
@@ -92,6 +95,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.pool = *pool;
                    opt.fwd.dtype = *dt;
                    opt.fwd.attention = *at;
+                   opt.fwd.device = parse_device_flag(a->device);
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;

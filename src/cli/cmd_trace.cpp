@@ -1,13 +1,15 @@
 #include "cli/commands.hpp"
 #include "cli/inputs.hpp"
 #include "common/error.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/trace.hpp"
 
 namespace nanscope::cli {
 
 void add_trace(CLI::App& root, std::vector<Command>& out) {
   struct Args {
-    std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save;
+    std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save,
+                device = "cpu";
     bool json = false;
     int threads = 0;
   };
@@ -25,6 +27,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                   "eager (transformers' eager attention) | fused (scores and softmax in fp32, as "
                   "SDPA / flash / SGLang)")
       ->capture_default_str();
+  app->add_option("--device", a->device, "cpu | cuda (an NVIDIA GPU)")->capture_default_str();
   app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
@@ -37,6 +40,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                    if (!at) fail("--attention {}: expected eager or fused", a->attention);
                    opt.dtype = *dt;
                    opt.attention = *at;
+                   opt.device = parse_device_flag(a->device);
                    if (!a->save.empty()) opt.save = a->save;
                    Checkpoint ck = Checkpoint::open(a->model);
                    opt.ids = resolve_tokens(a->model, a->ids, a->text, a->tokenizer);

@@ -16,6 +16,7 @@
 
 #include "formats/checkpoint.hpp"
 #include "model/observer.hpp"
+#include "numerics/backend.hpp"
 #include "numerics/dtype.hpp"
 
 namespace nanscope {
@@ -31,6 +32,7 @@ struct ForwardOptions {
   DType dtype = DType::BF16;  // F32, BF16 or F16
   AttentionProfile attention = AttentionProfile::Eager;
   bool release_pages = true;  // hand each finished layer's weight pages back to the kernel
+  Device device = Device::Cpu;  // Cuda: the layers on the GPU (src/cuda/forward_cuda.hpp)
 };
 
 struct ForwardResult {
