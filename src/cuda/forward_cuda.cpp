@@ -275,7 +275,7 @@ class Pass {
       I = std::max(I, s.mlp.intermediate);
       maxH_ = std::max(maxH_, s.attn.heads);
     }
-    const int64_t widest = std::max({H_, qd, I, V_});
+    const int64_t widest = std::max({H_, qd, kvd, I});  // the lm_head's buffers: run()
     const size_t f = sizeof(float), eb = size_t(cuda::dt_bytes(dt_));
     h_ = DevBuf(size_t(T_ * H_) * f);
     x_ = DevBuf(size_t(T_ * H_) * f);
@@ -287,7 +287,6 @@ class Pass {
     g_ = DevBuf(size_t(T_ * I) * f);
     u_ = DevBuf(size_t(T_ * I) * f);
     act_ = DevBuf(size_t(T_ * I) * f);
-    logits_ = DevBuf(size_t(T_ * V_) * f);
     xs_ = DevBuf(size_t(T_ * widest) * eb);
     cs_ = DevBuf(size_t(T_ * widest) * eb);
     qs_ = DevBuf(size_t(T_ * qd) * eb);
@@ -319,6 +318,10 @@ class Pass {
     }
     norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
     hidden(N, x_.f());
+    // Only now: hidden's observer stops after the last state it keeps, and [T, V] is large.
+    logits_ = DevBuf(size_t(T_ * V_) * sizeof(float));
+    const size_t lm_c = size_t(T_ * V_) * size_t(cuda::dt_bytes(dt_));
+    if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
     linear(-1, spec_.lm_head, stage(x_.f(), T_ * H_), T_, dm_.lm_head, DevVec{}, logits_.f());
     if (spec_.final_softcap) {
       cuda::softcap(logits_.f(), T_ * V_, *spec_.final_softcap, dt_);

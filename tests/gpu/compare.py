@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 DEVICE = os.environ.get("GPU_TEST_DEVICE", "cuda")  # cpu: a dry run of this script elsewhere
+FILTER = os.environ.get("GPU_TEST_FILTER", "")  # only goldens whose file name contains this
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64, "I32": np.int32}
 
 
@@ -111,7 +112,8 @@ def main():
     report = sys.argv[5] if len(sys.argv) > 5 else None
     os.makedirs(work, exist_ok=True)
     failures, rows = [], []
-    goldens = sorted(glob.glob(os.path.join(gdir, "*__*__*__*.safetensors")))
+    goldens = sorted(g for g in glob.glob(os.path.join(gdir, "*__*__*__*.safetensors"))
+                     if FILTER in os.path.basename(g))
     if not goldens:
         print(f"no goldens in {gdir}", file=sys.stderr)
         return 1

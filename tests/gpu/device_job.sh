@@ -17,7 +17,8 @@ LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head
 export LD_LIBRARY_PATH=/tmp/carried-libs/usr/lib/x86_64-linux-gnu:$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 NS=$C/bin/nanscope
 M=tests/fixtures/models
-{ date -u; nvidia-smi; echo "cublasLt: $LT"; ldd $NS | grep -E "not found|cublas"; } > "$LOG" 2>&1
+{ date -u; nvidia-smi; echo "cublasLt: $LT"; ldd $NS | grep -E "not found|cublas"
+  cuobjdump --list-elf $NS 2>&1 | head -3; cuobjdump --list-ptx $NS 2>&1 | head -3; } > "$LOG" 2>&1
 G=${GOLDENS:-}
 if [ -z "$G" ]; then
   G=/tmp/goldens
@@ -34,6 +35,11 @@ echo "== GPU test $(date -u +%T)" >> "$LOG"
 timeout 240 python3 $C/repo/tests/gpu/compare.py $NS $G $M /tmp/ns-gpu /tmp/ns-gpu/report.json \
   > "$OUT/gputest.txt" 2>&1; echo "GPU test exit $?" >> "$LOG"
 cp /tmp/ns-gpu/report.json "$OUT/" 2>/dev/null
+if [ "${GEMM_F32:-1}" = 1 ]; then  # the same with products written in fp32 (an A/B of the output type)
+  echo "== GPU test, NANSCOPE_CUDA_GEMM_F32=1 $(date -u +%T)" >> "$LOG"
+  NANSCOPE_CUDA_GEMM_F32=1 GPU_TEST_FILTER=short timeout 120 python3 $C/repo/tests/gpu/compare.py \
+    $NS $G $M /tmp/ns-gpu-f32 > "$OUT/gputest-gemm-f32.txt" 2>&1; echo "exit $?" >> "$LOG"
+fi
 if command -v compute-sanitizer > /dev/null && [ "${SANITIZE:-1}" = 1 ]; then
   echo "== compute-sanitizer $(date -u +%T)" >> "$LOG"
   for a in eager fused; do
