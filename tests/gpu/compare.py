@@ -20,11 +20,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 DEVICE = os.environ.get("GPU_TEST_DEVICE", "cuda")  # cpu: a dry run of this script elsewhere
 FILTER = os.environ.get("GPU_TEST_FILTER", "")  # only goldens whose file name contains this
+JOBS = int(os.environ.get("GPU_TEST_JOBS", "8"))  # nanscope processes at a time
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64, "I32": np.int32}
 
 
@@ -118,6 +120,7 @@ def main():
         print(f"no goldens in {gdir}", file=sys.stderr)
         return 1
     batch = {}  # (model, dtype, attn) -> [(tag, golden)]
+    jobs = []
     for g in goldens:
         model, dtype, attn, tag = os.path.basename(g)[:-len(".safetensors")].split("__")
         gold = load_file(g)
@@ -127,10 +130,17 @@ def main():
         cmd = [ns, "trace", os.path.join(mdir, model), "--ids", ",".join(map(str, ids)),
                "--dtype", NS_DTYPE[dtype], "--attention", NS_ATTN[attn], "--device", DEVICE,
                "--save", save, "--json"]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        jobs.append((model, dtype, attn, tag, gold, save, cmd))
+    # The runs side by side (one GPU takes several processes), then the comparisons in order.
+    with ThreadPoolExecutor(max_workers=JOBS) as ex:
+        done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), jobs))
+    for (model, dtype, attn, tag, gold, save, cmd), p in zip(jobs, done):
         label = f"trace {model} {dtype} {attn} {tag}"
         if p.returncode not in (0, 1):
             failures.append(f"{label}: exit {p.returncode}: {p.stderr.strip()}")
+            continue
+        if not os.path.exists(save):
+            failures.append(f"{label}: exit {p.returncode}, nothing saved: {p.stderr.strip()}")
             continue
         ours = load_file(save)
         if "logits.last" in gold:
@@ -152,6 +162,7 @@ def main():
             elif nonfinite or p.returncode != 0:
                 failures.append(f"{label}: expected finite under fp16 fused (exit {p.returncode})")
     # The batched path (forward_batch: several sequences of different lengths in one pass).
+    hjobs = []
     for (model, dtype, attn), cases in sorted(batch.items()):
         if len(cases) < 2:
             continue
@@ -163,7 +174,10 @@ def main():
         subprocess.run(["rm", "-rf", out])
         cmd = [ns, "hidden", os.path.join(mdir, model), "--input", inp, "--out", out,
                "--dtype", NS_DTYPE[dtype], "--attention", NS_ATTN[attn], "--device", DEVICE]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        hjobs.append((model, dtype, attn, cases, out, cmd))
+    with ThreadPoolExecutor(max_workers=JOBS) as ex:
+        done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), hjobs))
+    for (model, dtype, attn, cases, out, cmd), p in zip(hjobs, done):
         label = f"hidden {model} {dtype} {attn}"
         if p.returncode not in (0, 1):
             failures.append(f"{label}: exit {p.returncode}: {p.stderr.strip()}")
@@ -173,6 +187,10 @@ def main():
             shards.update(load_file(s))
         for tag, gold in cases:
             keys = sorted([k for k in gold if k.startswith("hidden.")], key=lambda k: int(k[7:]))
+            missing = [k for k in keys if f"{tag}.layer{k[7:]}" not in shards]
+            if missing:
+                failures.append(f"{label} {tag}: states {missing} not written")
+                continue
             ours = {k: shards[f"{tag}.layer{k[7:]}"] for k in keys}
             compare_states(ours, gold, keys, dtype, f"{label} {tag}", failures, rows)
     for r in rows:
