@@ -293,14 +293,6 @@ class Pass {
     ks_ = DevBuf(size_t(T_ * kvd) * eb);
     vs_ = DevBuf(size_t(T_ * kvd) * eb);
     stats_ = DevBuf(sizeof(cuda::SiteStats));
-    // Each row's sequence start (fused attention).
-    std::vector<int64_t> start(static_cast<size_t>(T_));
-    for (const Seg& g : segs_)
-      for (int64_t t = 0; t < g.len; ++t) start[size_t(g.off + t)] = g.off;
-    seg_start_ = DevBuf(start.size() * sizeof(int64_t));
-    check(cudaMemcpy(seg_start_.get(), start.data(), start.size() * sizeof(int64_t),
-                     cudaMemcpyHostToDevice),
-          "upload");
     build_rope();
     plan_attention();
   }
@@ -334,6 +326,12 @@ class Pass {
   }
 
  private:
+  // Sequences of one length whose attention is computed together (plan_attention).
+  struct Chunk {
+    int64_t len = 0;
+    std::vector<int64_t> segs;
+  };
+
   // ---- one decoder layer: the recipe of forward.cpp ----
   void layer(const LayerSpec& s, const DevLayer& w) {
     const int64_t l = s.index;
@@ -415,58 +413,75 @@ class Pass {
     linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
   }
 
-  // transformers' eager_attention_forward on the GPU: s = round(q @ k^T) (a batched product, kept
-  // in fp32 until eager_softmax rounds it), round(s * scaling), soft-capping, round(s + mask),
-  // p = round(softmax_fp32(s)), ctx = round(p @ v).
-  void eager(const LayerSpec& s) {
-    const AttentionSpec& a = s.attn;
+  // q.k^T of one chunk into S (fp32, [nmat, T, T]) as a batched tensor-core product: one
+  // matrix per sequence and head, k read at head h / (nH / nKV) as repeat_kv gives it. The
+  // pointer arrays of the p.v product (eager) and the sequences' first rows go up with it.
+  // Returns the device arrays: [A1, B1, C1, A2, B2, C2] pointers, then the offsets.
+  const void* const* chunk_scores(const Chunk& c, const AttentionSpec& a) {
     const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D, rep = a.heads / a.kv_heads;
-    cuda::to_storage(q_.f(), qs_.get(), T_ * qd, dt_);
-    cuda::to_storage(k_.f(), ks_.get(), T_ * kvd, dt_);
-    cuda::to_storage(v_.f(), vs_.get(), T_ * kvd, dt_);
+    const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
     const size_t eb = size_t(cuda::dt_bytes(dt_));
     const char* qb = static_cast<const char*>(qs_.get());
     const char* kb = static_cast<const char*>(ks_.get());
     const char* vb = static_cast<const char*>(vs_.get());
+    std::vector<const void*> ptrs(size_t(6 * nmat));
+    std::vector<int64_t> offs;
+    for (size_t si = 0; si < c.segs.size(); ++si) {
+      const Seg& g = segs_[size_t(c.segs[si])];
+      offs.push_back(g.off);
+      for (int64_t h = 0; h < a.heads; ++h) {
+        const size_t mat = si * size_t(a.heads) + size_t(h), n = size_t(nmat);
+        const int64_t kvh = h / rep;
+        ptrs[mat] = kb + size_t(g.off * kvd + kvh * D) * eb;
+        ptrs[n + mat] = qb + size_t(g.off * qd + h * D) * eb;
+        ptrs[2 * n + mat] = S_.f() + int64_t(mat) * T * T;
+        ptrs[3 * n + mat] = vb + size_t(g.off * kvd + kvh * D) * eb;
+        ptrs[4 * n + mat] = Ps_.get() == nullptr  // eager only
+                                ? nullptr
+                                : static_cast<const char*>(Ps_.get()) + mat * size_t(T * T) * eb;
+        ptrs[5 * n + mat] = ctx_.f() + g.off * qd + h * D;
+      }
+    }
+    check(cudaMemcpy(ptrs_.get(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice),
+          "upload");
+    check(cudaMemcpy(static_cast<char*>(ptrs_.get()) + ptrs.size() * sizeof(void*), offs.data(),
+                     offs.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
+          "upload");
+    const void* const* dp = static_cast<const void* const*>(ptrs_.get());
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_type(dt_);
+    // Column-major: S^T[j, i] = sum_d k[j, d] q[i, d]  ->  S row-major [i, j].
+    check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(T), int(T), int(D), &one, dp,
+                              t, int(kvd), dp + nmat, t, int(qd), &zero,
+                              const_cast<void* const*>(dp + 2 * nmat), CUDA_R_32F, int(T),
+                              int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "q.k^T");
+    return dp;
+  }
+
+  void qkv_storage(const AttentionSpec& a) {
+    const int64_t qd = a.heads * a.head_dim, kvd = a.kv_heads * a.head_dim;
+    cuda::to_storage(q_.f(), qs_.get(), T_ * qd, dt_);
+    cuda::to_storage(k_.f(), ks_.get(), T_ * kvd, dt_);
+    cuda::to_storage(v_.f(), vs_.get(), T_ * kvd, dt_);
+  }
+
+  // transformers' eager_attention_forward on the GPU: s = round(q @ k^T) (kept in fp32 until
+  // eager_softmax rounds it), round(s * scaling), soft-capping, round(s + mask),
+  // p = round(softmax_fp32(s)), ctx = round(p @ v).
+  void eager(const LayerSpec& s) {
+    const AttentionSpec& a = s.attn;
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
+    qkv_storage(a);
     const float mask = dtype_lowest(dtype_);
     cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
     for (const Chunk& c : chunks_) {
       const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
-      std::vector<const void*> A1, B1, A2, B2;
-      std::vector<void*> C1, C2;
-      for (size_t si = 0; si < c.segs.size(); ++si) {
-        const Seg& g = segs_[size_t(c.segs[si])];
-        for (int64_t h = 0; h < a.heads; ++h) {
-          const int64_t mat = int64_t(si) * a.heads + h, kvh = h / rep;
-          A1.push_back(kb + size_t(g.off * kvd + kvh * D) * eb);
-          B1.push_back(qb + size_t(g.off * qd + h * D) * eb);
-          C1.push_back(S_.f() + mat * T * T);
-          A2.push_back(vb + size_t(g.off * kvd + kvh * D) * eb);
-          B2.push_back(static_cast<const char*>(Ps_.get()) + size_t(mat * T * T) * eb);
-          C2.push_back(ctx_.f() + g.off * qd + h * D);
-        }
-      }
-      std::vector<const void*> ptrs;
-      ptrs.insert(ptrs.end(), A1.begin(), A1.end());
-      ptrs.insert(ptrs.end(), B1.begin(), B1.end());
-      ptrs.insert(ptrs.end(), C1.begin(), C1.end());
-      ptrs.insert(ptrs.end(), A2.begin(), A2.end());
-      ptrs.insert(ptrs.end(), B2.begin(), B2.end());
-      ptrs.insert(ptrs.end(), C2.begin(), C2.end());
-      check(cudaMemcpy(ptrs_.get(), ptrs.data(), ptrs.size() * sizeof(void*),
-                       cudaMemcpyHostToDevice),
-            "upload");
-      const void* const* dp = static_cast<const void* const*>(ptrs_.get());
-      const float one = 1.0f, zero = 0.0f;
-      const cudaDataType_t t = cuda_type(dt_);
-      // Column-major: S^T[j, i] = sum_d k[j, d] q[i, d]  ->  S row-major [i, j].
-      check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(T), int(T), int(D), &one,
-                                dp, t, int(kvd), dp + nmat, t, int(qd), &zero,
-                                const_cast<void* const*>(dp + 2 * nmat), CUDA_R_32F, int(T),
-                                int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "q.k^T");
+      const void* const* dp = chunk_scores(c, a);
       cuda::eager_softmax(S_.f(), P_.f(), Ps_.get(), nmat, T, a.scaling, a.softcap.value_or(0.0f),
                           a.window, mask, dt_, st);
+      const float one = 1.0f, zero = 0.0f;
+      const cudaDataType_t t = cuda_type(dt_);
       // ctx^T[d, i] = sum_j v[j, d] p[i, j].
       check(cublasGemmBatchedEx(blas(), CUBLAS_OP_N, CUBLAS_OP_N, int(D), int(T), int(T), &one,
                                 dp + 3 * nmat, t, int(kvd), dp + 4 * nmat, t, int(T), &zero,
@@ -475,29 +490,33 @@ class Pass {
             "p.v");
     }
     cuda::bias_round(ctx_.get(), Dt::F32, nullptr, T_, qd, dt_, ctx_.f());
-    if (sites_) {
-      const std::string& p = s.names.prefix;
-      const cuda::SiteStats sc = read_stats();
-      emit_device(s.index, p + "self_attn.scores", S_.f(), {a.heads, T_, T_}, sc);
-      site(s.index, p + "self_attn.probs", P_.f(), {a.heads, T_, T_});
-      site(s.index, p + "self_attn.context", ctx_.f(), {T_, qd});
-    }
+    report_attention(s, qd);
   }
 
+  // The fused profile: q.k^T on tensor cores as above, then the flash-style softmax and p.v.
   void fused(const LayerSpec& s) {
     const AttentionSpec& a = s.attn;
     const int64_t qd = a.heads * a.head_dim;
+    qkv_storage(a);
     cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
-    cuda::fused_attention(q_.f(), k_.f(), v_.f(), T_, a.heads, a.kv_heads, a.head_dim, a.scaling,
-                          a.window, static_cast<const int64_t*>(seg_start_.get()), dt_, ctx_.f(),
-                          sites_ ? S_.f() : nullptr, sites_ ? P_.f() : nullptr, st);
-    if (sites_) {
-      const std::string& p = s.names.prefix;
-      const cuda::SiteStats sc = read_stats();
-      emit_device(s.index, p + "self_attn.scores", S_.f(), {a.heads, T_, T_}, sc);
-      site(s.index, p + "self_attn.probs", P_.f(), {a.heads, T_, T_});
-      site(s.index, p + "self_attn.context", ctx_.f(), {T_, qd});
+    for (const Chunk& c : chunks_) {
+      const int64_t nmat = int64_t(c.segs.size()) * a.heads;
+      const void* const* dp = chunk_scores(c, a);
+      const auto* offs = reinterpret_cast<const int64_t*>(dp + 6 * nmat);
+      cuda::fused_softmax_pv(S_.f(), v_.f(), nmat, c.len, a.heads, a.kv_heads, a.head_dim, offs,
+                             a.scaling, a.window, dt_, ctx_.f(), sites_ ? P_.f() : nullptr, st);
     }
+    report_attention(s, qd);
+  }
+
+  void report_attention(const LayerSpec& s, int64_t qd) {
+    if (!sites_) return;
+    const AttentionSpec& a = s.attn;
+    const std::string& p = s.names.prefix;
+    const cuda::SiteStats sc = read_stats();
+    emit_device(s.index, p + "self_attn.scores", S_.f(), {a.heads, T_, T_}, sc);
+    site(s.index, p + "self_attn.probs", P_.f(), {a.heads, T_, T_});
+    site(s.index, p + "self_attn.context", ctx_.f(), {T_, qd});
   }
 
   // ---- building blocks ----
@@ -647,10 +666,6 @@ class Pass {
 
   // Eager attention computes sequences of one length together, in chunks whose score matrices
   // fit a budget; trace's single sequence is one chunk (its sites are the whole [nH, T, T]).
-  struct Chunk {
-    int64_t len = 0;
-    std::vector<int64_t> segs;
-  };
   void plan_attention() {
     const int64_t budget = int64_t(1) << 27;  // score elements per chunk (512 MB of fp32)
     std::map<int64_t, std::vector<int64_t>> by_len;
@@ -667,16 +682,12 @@ class Pass {
         chunks_.push_back(std::move(c));
       }
     }
-    const bool eager = att_ == AttentionProfile::Eager;
-    if (eager || sites_) {
-      const int64_t n = sites_ ? std::max(most, maxH_ * T_ * T_) : most;
-      S_ = DevBuf(size_t(n) * sizeof(float));
-      P_ = DevBuf(size_t(n) * sizeof(float));
-    }
-    if (eager) {
-      Ps_ = DevBuf(size_t(most) * size_t(cuda::dt_bytes(dt_)));
-      ptrs_ = DevBuf(size_t(6 * most_mats) * sizeof(void*));
-    }
+    // Scores for both profiles (q.k^T on tensor cores); probabilities in fp32 for eager or the
+    // sites, in the run dtype for eager's p.v.
+    S_ = DevBuf(size_t(most) * sizeof(float));
+    if (att_ == AttentionProfile::Eager || sites_) P_ = DevBuf(size_t(most) * sizeof(float));
+    if (att_ == AttentionProfile::Eager) Ps_ = DevBuf(size_t(most) * size_t(cuda::dt_bytes(dt_)));
+    ptrs_ = DevBuf(size_t(6 * most_mats) * sizeof(void*) + size_t(most_mats) * sizeof(int64_t));
   }
 
   const ModelConfig& c_;
@@ -692,7 +703,7 @@ class Pass {
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
   DevBuf h_, x_, y_, q_, k_, v_, ctx_, g_, u_, act_, logits_;  // fp32 activations
   DevBuf xs_, cs_, qs_, ks_, vs_;                               // run-dtype storage
-  DevBuf S_, P_, Ps_, ptrs_, stats_, seg_start_;
+  DevBuf S_, P_, Ps_, ptrs_, stats_;
   std::vector<Chunk> chunks_;
   std::map<int, Rope> ropes_;
   PinnedBuf host_;  // one hidden state [T, H]

@@ -238,38 +238,34 @@ __device__ __forceinline__ float ex2_approx(float x) {
 constexpr int kMaxDPerLane = 8;   // head_dim up to 256
 constexpr int kKeysPerLane = 4;   // 128 keys per block of the online softmax
 
-// One warp per (query row, head). Keys in blocks of 128: raw scores s = q.k (fp32), block max,
-// the running max m, p = 2^(s * scale_log2 - m * scale_log2), the sums and accumulators rescaled
-// when m grows, p rounded to the run dtype for p.v; out = round(acc * (1 / l)).
-__global__ void fused_attention_k(const float* q, const float* k, const float* v, int64_t rows,
-                                  int64_t heads, int64_t kv_heads, int64_t D, float scaling,
-                                  int64_t window, const int64_t* seg_start, Dt dt, float* ctx,
-                                  float* S, float* P, SiteStats* st) {
+// One warp per (score row, i.e. sequence, head and query). The raw scores s = q.k come from the
+// tensor-core product (as FlashAttention-2's MMA computes them); keys in blocks of 128: block max,
+// the running max m, p = 2^(s * scale_log2 - m * scale_log2), the sum and accumulators rescaled
+// when m grows, p rounded to the run dtype for p.v (fp32 accumulation, v read at its kv head);
+// out = round(acc * (1 / l)).
+__global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64_t T,
+                                   int64_t heads, int64_t kv_heads, int64_t D,
+                                   const int64_t* seg_off, float scaling, int64_t window, Dt dt,
+                                   float* ctx, float* P, SiteStats* st) {
   const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (w >= rows * heads) return;
+  if (w >= nmat * T) return;
   const int lane = threadIdx.x % 32;
-  const int64_t r = w / heads, h = w % heads, kvh = h / (heads / kv_heads);
+  const int64_t mat = w / T, i = w % T, h = mat % heads, kvh = h / (heads / kv_heads);
+  const int64_t g0 = seg_off[mat / heads];
   const int64_t qd = heads * D, kvd = kv_heads * D;
-  const int64_t g0 = seg_start[r], i = r - g0;  // position within the sequence
-  const float* qi = q + r * qd + h * D;
-  const float scale_log2 = scaling * float(1.44269504088896340736)  /* log2(e) */;
+  float* srow = S + w * T;
+  const float scale_log2 = scaling * float(1.44269504088896340736) /* log2(e) */;
   const int nd = int((D + 31) / 32);
   float acc[kMaxDPerLane];
   for (int c = 0; c < kMaxDPerLane; ++c) acc[c] = 0.0f;
   float m = -kInf, l = 0.0f, peak = 0.0f;
   const int64_t jlo = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
-  auto score = [&](int64_t j) {  // raw q.k of key j (position within the sequence)
-    const float* kj = k + (g0 + j) * kvd + kvh * D;
-    float d = 0.0f;
-    for (int64_t t = 0; t < D; ++t) d += qi[t] * kj[t];
-    return d;
-  };
   for (int64_t b0 = jlo; b0 <= i; b0 += 32 * kKeysPerLane) {
     float s[kKeysPerLane];
     float bmax = -kInf;
     for (int c = 0; c < kKeysPerLane; ++c) {
       const int64_t j = b0 + c * 32 + lane;
-      s[c] = j <= i ? score(j) : -kInf;
+      s[c] = j <= i ? srow[j] : -kInf;
       if (j <= i && isfinite(s[c] * scaling)) peak = fmaxf(peak, fabsf(s[c] * scaling));
       bmax = fmaxf(bmax, s[c]);
     }
@@ -300,7 +296,7 @@ __global__ void fused_attention_k(const float* q, const float* k, const float* v
   }
   for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
   const float inv = 1.0f / l;
-  float* o = ctx + r * qd + h * D;
+  float* o = ctx + (g0 + i) * qd + h * D;
   for (int cd = 0; cd < nd; ++cd) {
     const int64_t d = lane + 32 * cd;
     if (d < D) o[d] = round_dt(acc[cd] * inv, dt);
@@ -309,15 +305,15 @@ __global__ void fused_attention_k(const float* q, const float* k, const float* v
     for (int o2 = 16; o2 > 0; o2 /= 2) peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o2));
     if (lane == 0) atomicMax(&st->peak_bits, __float_as_uint(peak));
   }
-  if (S != nullptr) {  // the site: [heads, rows, rows] of one sequence
+  if (P != nullptr) {  // the sites, in place of the raw scores: scaled scores and probabilities
     const float ms = m == -kInf ? 0.0f : m * scale_log2;
-    for (int64_t j = lane; j < rows; j += 32) {
+    float* prow = P + w * T;
+    for (int64_t j = lane; j < T; j += 32) {
       const bool vis = j <= i && j >= jlo;
-      const float sj = vis ? score(j) : -kInf;
-      const int64_t at = (h * rows + i) * rows + j;
-      S[at] = vis ? sj * scaling : -kInf;
-      P[at] = vis ? ex2_approx(sj * scale_log2 - ms) * inv : 0.0f;
-      if (vis && !isfinite(S[at])) note_nonfinite(st);
+      const float sj = srow[j];
+      srow[j] = vis ? sj * scaling : -kInf;
+      prow[j] = vis ? ex2_approx(sj * scale_log2 - ms) * inv : 0.0f;
+      if (vis && !isfinite(srow[j])) note_nonfinite(st);
     }
   }
 }
@@ -378,14 +374,14 @@ void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t T, fl
   check_launch("eager_softmax");
 }
 
-void fused_attention(const float* q, const float* k, const float* v, int64_t rows, int64_t heads,
-                     int64_t kv_heads, int64_t D, float scaling, int64_t window,
-                     const int64_t* seg_start, Dt dt, float* ctx, float* S, float* P,
-                     SiteStats* st) {
-  if (D > 32 * kMaxDPerLane) throw std::runtime_error("fused_attention: head_dim above 256");
-  fused_attention_k<<<blocks_for(rows * heads * 32, 128), 128>>>(
-      q, k, v, rows, heads, kv_heads, D, scaling, window, seg_start, dt, ctx, S, P, st);
-  check_launch("fused_attention");
+void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t T, int64_t heads,
+                      int64_t kv_heads, int64_t D, const int64_t* seg_off, float scaling,
+                      int64_t window, Dt dt, float* ctx, float* P, SiteStats* st) {
+  if (D > 32 * kMaxDPerLane) throw std::runtime_error("fused attention: head_dim above 256");
+  fused_softmax_pv_k<<<blocks_for(nmat * T * 32, 128), 128>>>(S, v, nmat, T, heads, kv_heads, D,
+                                                              seg_off, scaling, window, dt, ctx, P,
+                                                              st);
+  check_launch("fused_softmax_pv");
 }
 
 }  // namespace nanscope::cuda

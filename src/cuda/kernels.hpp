@@ -53,14 +53,14 @@ void site_stats(const float* v, int64_t n, SiteStats* st);
 void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t T, float scaling,
                    float cap, int64_t window, float mask, Dt dt, SiteStats* st);
 
-// Fused attention (flash-style, fp32 scores and online softmax, exp2 as FlashAttention-2 does,
-// probabilities rounded to the run dtype for p.v, output round(acc / l)) over rows [0, rows) of
-// q [rows, heads*D], k/v [rows, kv_heads*D]; row r attends within its sequence, which starts at
-// row seg_start[r]. S/P (nullable, one sequence of rows rows) receive the scaled scores (-inf
-// where masked) and probabilities [heads, rows, rows]. st (nullable): peak of |s * scaling|.
-void fused_attention(const float* q, const float* k, const float* v, int64_t rows, int64_t heads,
-                     int64_t kv_heads, int64_t D, float scaling, int64_t window,
-                     const int64_t* seg_start, Dt dt, float* ctx, float* S, float* P,
-                     SiteStats* st);
+// Fused attention (flash-style: fp32 scores and online softmax, exp2 as FlashAttention-2 does,
+// probabilities rounded to the run dtype for p.v, output round(acc / l)) on nmat score rows
+// blocks [T, T] of q.k^T in fp32 (S, from the tensor-core product; matrix mat is head
+// mat % heads of the sequence starting at row seg_off[mat / heads] of v [rows, kv_heads*D] and
+// ctx [rows, heads*D]). P (nullable, the sites): S then holds the scaled scores (-inf where
+// masked) and P the probabilities. st (nullable): peak of |s * scaling|, non-finite scores.
+void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t T, int64_t heads,
+                      int64_t kv_heads, int64_t D, const int64_t* seg_off, float scaling,
+                      int64_t window, Dt dt, float* ctx, float* P, SiteStats* st);
 
 }  // namespace nanscope::cuda

