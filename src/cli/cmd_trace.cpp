@@ -9,7 +9,7 @@ namespace nanscope::cli {
 void add_trace(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save,
-                device = "cpu";
+                                             device = "cpu";
     bool json = false;
     int threads = 0;
   };

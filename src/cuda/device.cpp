@@ -8,8 +8,9 @@ Device parse_device_flag(std::string_view value) {
   const std::optional<Device> d = parse_device(value);
   if (!d) fail("--device {}: expected cpu or cuda", value);
   if (*d == Device::Cuda && !cuda_built())
-    fail("--device cuda: this nanscope was built without the CUDA backend; rebuild it on a "
-         "machine with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
+    fail(
+        "--device cuda: this nanscope was built without the CUDA backend; rebuild it on a "
+        "machine with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
   return *d;
 }
 

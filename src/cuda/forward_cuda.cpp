@@ -86,7 +86,8 @@ class DevBuf {
 class PinnedBuf {
  public:
   explicit PinnedBuf(size_t n) : n_(n) {
-    if (n > 0) check(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(float)), "cudaMallocHost");
+    if (n > 0)
+      check(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(float)), "cudaMallocHost");
   }
   ~PinnedBuf() {
     if (p_ != nullptr) cudaFreeHost(p_);
@@ -174,8 +175,8 @@ std::unique_ptr<DevModel>& model_cache() {
 }
 
 DevModel& device_model(const Checkpoint& ck, const ModelSpec& spec, const ForwardOptions& opt) {
-  const std::string key =
-      fmt::format("{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype), static_cast<const void*>(&ck));
+  const std::string key = fmt::format("{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
+                                      static_cast<const void*>(&ck));
   std::unique_ptr<DevModel>& cached = model_cache();
   if (cached && cached->key == key) return *cached;
   cached.reset();  // free the previous model's memory first
@@ -231,9 +232,10 @@ void require_device() {
     int n = 0;
     const cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0)
-      fail("--device cuda: no usable CUDA device ({}); run on a machine with an NVIDIA GPU and "
-           "its driver, or use --device cpu",
-           e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+      fail(
+          "--device cuda: no usable CUDA device ({}); run on a machine with an NVIDIA GPU and "
+          "its driver, or use --device cpu",
+          e != cudaSuccess ? cudaGetErrorString(e) : "none found");
     return true;
   }();
   (void)ok;
@@ -418,7 +420,8 @@ class Pass {
   // pointer arrays of the p.v product (eager) and the sequences' first rows go up with it.
   // Returns the device arrays: [A1, B1, C1, A2, B2, C2] pointers, then the offsets.
   const void* const* chunk_scores(const Chunk& c, const AttentionSpec& a) {
-    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D, rep = a.heads / a.kv_heads;
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D,
+                  rep = a.heads / a.kv_heads;
     const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
     const size_t eb = size_t(cuda::dt_bytes(dt_));
     const char* qb = static_cast<const char*>(qs_.get());
@@ -451,8 +454,8 @@ class Pass {
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_type(dt_);
     // Column-major: S^T[j, i] = sum_d k[j, d] q[i, d]  ->  S row-major [i, j].
-    check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(T), int(T), int(D), &one, dp,
-                              t, int(kvd), dp + nmat, t, int(qd), &zero,
+    check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(T), int(T), int(D), &one, dp, t,
+                              int(kvd), dp + nmat, t, int(qd), &zero,
                               const_cast<void* const*>(dp + 2 * nmat), CUDA_R_32F, int(T),
                               int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
           "q.k^T");
@@ -568,7 +571,8 @@ class Pass {
   }
 
   // A site computed on the GPU: statistics there, values to the host for the observer.
-  void site(int64_t l, const std::string& name, const float* d, std::initializer_list<int64_t> shape) {
+  void site(int64_t l, const std::string& name, const float* d,
+            std::initializer_list<int64_t> shape) {
     if (!sites_) return;
     int64_t n = 1;
     for (int64_t x : shape) n *= x;
@@ -702,7 +706,7 @@ class Pass {
   std::vector<Seg> segs_;
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
   DevBuf h_, x_, y_, q_, k_, v_, ctx_, g_, u_, act_, logits_;  // fp32 activations
-  DevBuf xs_, cs_, qs_, ks_, vs_;                               // run-dtype storage
+  DevBuf xs_, cs_, qs_, ks_, vs_;                              // run-dtype storage
   DevBuf S_, P_, Ps_, ptrs_, stats_;
   std::vector<Chunk> chunks_;
   std::map<int, Rope> ropes_;
@@ -717,14 +721,16 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
   require_device();
   for (const LayerSpec& s : spec.layers)
     if (s.mlp.moe)
-      fail("--device cuda: {} has mixture-of-experts layers, which the GPU path does not compute "
-           "yet; use --device cpu",
-           spec.arch->model_type);
+      fail(
+          "--device cuda: {} has mixture-of-experts layers, which the GPU path does not compute "
+          "yet; use --device cpu",
+          spec.arch->model_type);
   for (const LayerSpec& s : spec.layers)
     if (s.attn.head_dim > 256 || s.attn.head_dim % 2 != 0)
-      fail("--device cuda: head_dim {} is not supported on the GPU (even, up to 256); use "
-           "--device cpu",
-           s.attn.head_dim);
+      fail(
+          "--device cuda: head_dim {} is not supported on the GPU (even, up to 256); use "
+          "--device cpu",
+          s.attn.head_dim);
   CudaPass res;
   Pass p(ck, spec, lengths, opt, obs, sites);
   res.weight_bytes = p.weight_bytes();

@@ -11,8 +11,9 @@ bool cuda_built() {
 
 CudaPass forward_cuda(const Checkpoint&, const ModelSpec&, std::span<const int64_t>,
                       std::span<const float>, const ForwardOptions&, Observer*, bool) {
-  fail("--device cuda: this nanscope was built without the CUDA backend; rebuild it on a machine "
-       "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
+  fail(
+      "--device cuda: this nanscope was built without the CUDA backend; rebuild it on a machine "
+      "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
 }
 
 }  // namespace nanscope

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -55,7 +56,7 @@ __device__ __forceinline__ void note_nonfinite(SiteStats* st) {
 }
 
 // Grid-stride loops: every element, whatever the grid.
-#define FOR_EACH(i, n) \
+#define FOR_EACH(i, n)                                                      \
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += int64_t(gridDim.x) * blockDim.x)
 
@@ -63,8 +64,8 @@ __global__ void to_storage_k(const float* x, void* out, int64_t n, Dt dt) {
   FOR_EACH(i, n) store_dt(out, dt, i, x[i]);
 }
 
-__global__ void bias_round_k(const void* c, Dt ctype, const float* bias, int64_t rows,
-                             int64_t cols, Dt dt, float* out) {
+__global__ void bias_round_k(const void* c, Dt ctype, const float* bias, int64_t rows, int64_t cols,
+                             Dt dt, float* out) {
   FOR_EACH(i, rows * cols) {
     float x = load_dt(c, ctype, i);
     if (bias != nullptr) x = x + bias[i % cols];
@@ -235,18 +236,18 @@ __device__ __forceinline__ float ex2_approx(float x) {
   return y;
 }
 
-constexpr int kMaxDPerLane = 8;   // head_dim up to 256
-constexpr int kKeysPerLane = 4;   // 128 keys per block of the online softmax
+constexpr int kMaxDPerLane = 8;  // head_dim up to 256
+constexpr int kKeysPerLane = 4;  // 128 keys per block of the online softmax
 
 // One warp per (score row, i.e. sequence, head and query). The raw scores s = q.k come from the
 // tensor-core product (as FlashAttention-2's MMA computes them); keys in blocks of 128: block max,
 // the running max m, p = 2^(s * scale_log2 - m * scale_log2), the sum and accumulators rescaled
 // when m grows, p rounded to the run dtype for p.v (fp32 accumulation, v read at its kv head);
 // out = round(acc * (1 / l)).
-__global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64_t T,
-                                   int64_t heads, int64_t kv_heads, int64_t D,
-                                   const int64_t* seg_off, float scaling, int64_t window, Dt dt,
-                                   float* ctx, float* P, SiteStats* st) {
+__global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64_t T, int64_t heads,
+                                   int64_t kv_heads, int64_t D, const int64_t* seg_off,
+                                   float scaling, int64_t window, Dt dt, float* ctx, float* P,
+                                   SiteStats* st) {
   const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (w >= nmat * T) return;
   const int lane = threadIdx.x % 32;
@@ -331,8 +332,8 @@ void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int
   check_launch("bias_round");
 }
 
-void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset,
-             Dt dt, float* out) {
+void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset, Dt dt,
+             float* out) {
   if (rows == 0) return;
   rmsnorm_k<<<unsigned(rows), n <= 128 ? 32 : 256>>>(x, n, w, eps, offset, dt, out);
   check_launch("rmsnorm");
@@ -361,8 +362,8 @@ void softcap(float* v, int64_t n, float cap, Dt dt) {
 }
 
 void site_stats(const float* v, int64_t n, SiteStats* st) {
-  const unsigned b = blocks_for(n, 256);
-  site_stats_k<<<b < 1024 ? b : 1024, 256>>>(v, n, st);
+  const unsigned b = blocks_for(n, 256), grid = std::min(b, 1024u);
+  site_stats_k<<<grid, 256>>>(v, n, st);
   check_launch("site_stats");
 }
 
@@ -378,9 +379,8 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t T, int64_t
                       int64_t kv_heads, int64_t D, const int64_t* seg_off, float scaling,
                       int64_t window, Dt dt, float* ctx, float* P, SiteStats* st) {
   if (D > 32 * kMaxDPerLane) throw std::runtime_error("fused attention: head_dim above 256");
-  fused_softmax_pv_k<<<blocks_for(nmat * T * 32, 128), 128>>>(S, v, nmat, T, heads, kv_heads, D,
-                                                              seg_off, scaling, window, dt, ctx, P,
-                                                              st);
+  fused_softmax_pv_k<<<blocks_for(nmat * T * 32, 128), 128>>>(
+      S, v, nmat, T, heads, kv_heads, D, seg_off, scaling, window, dt, ctx, P, st);
   check_launch("fused_softmax_pv");
 }
 

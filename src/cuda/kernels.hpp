@@ -30,8 +30,8 @@ void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int
                 float* out);
 // transformers' RMSNorm per row of n: y = round(x * rsqrt(mean(x^2) + eps)); out = round(w * y);
 // offset (Gemma): out = round(x * rsqrt(...) * (1 + w)).
-void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset,
-             Dt dt, float* out);
+void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset, Dt dt,
+             float* out);
 // In place on x [rows, heads, head_dim]: the first rot dims of each head rotated with the table
 // row rowoff[r] (tables [*, rot], values in the run dtype):
 // x = round(round(x * cos) + round(rotate_half(x) * sin)).

@@ -58,7 +58,7 @@ namespace nanscope {
 // CUDA backend (src/cuda, built with NANSCOPE_CUDA; cuda_built() in cuda/forward_cuda.hpp says
 // whether this build has it).
 enum class Device : uint8_t { Cpu, Cuda };
-const char* device_name(Device d);                     // "cpu" | "cuda"
+const char* device_name(Device d);                       // "cpu" | "cuda"
 std::optional<Device> parse_device(std::string_view s);  // nullopt for anything else
 
 // The kernels a matrix product can run on.

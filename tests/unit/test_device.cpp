@@ -16,8 +16,8 @@
 namespace nanscope {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::fixture;
+using ::testing::HasSubstr;
 using testing::run_cli;
 using testing::TempDir;
 
@@ -48,7 +48,8 @@ TEST(Device, ParsesCpuAndCudaOnly) {
 TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
   if (gpu_visible()) GTEST_SKIP() << "a GPU is visible: tests/gpu/run.sh covers --device cuda";
   const std::string expected = cuda_built() ? "no usable CUDA device" : "-DNANSCOPE_CUDA=ON";
-  const auto r = run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"});
+  const auto r =
+      run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"});
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_THAT(r.err, HasSubstr(expected));
   TempDir d;
@@ -68,9 +69,9 @@ TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
   } catch (const InputError& e) {
     EXPECT_THAT(e.what(), HasSubstr(expected));
   }
-  EXPECT_EQ(run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1", "--device", "gpu"})
-                .exit_code,
-            2);
+  EXPECT_EQ(
+      run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1", "--device", "gpu"}).exit_code,
+      2);
 }
 
 }  // namespace
