@@ -10,7 +10,7 @@ if [ -f python/CMakeLists.txt ]; then
 fi
 if [ "${NANSCOPE_SKIP_SANITIZERS:-0}" != 1 ]; then
   BUILD_DIR=build-asan scripts/build.sh -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNANSCOPE_SANITIZE=ON \
-    -DNANSCOPE_BENCH=OFF -DNANSCOPE_PYTHON=OFF
+    -DNANSCOPE_BENCH=OFF -DNANSCOPE_PYTHON=OFF -DNANSCOPE_CUDA=OFF
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     build-asan/nanscope_tests --gtest_filter='Safetensors*:Checkpoint*:Adapter*:BadInput*:Cli*:Hub*:TempFiles*:MappedFiles*:FuzzFindings*'
 fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Reference for `bench_hidden`: transformers on CPU extracting every hidden state
 (output_hidden_states=True) of random-id prompts, batched.
-argv: MODEL [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [BATCH=PROMPTS] [ATTN=eager].
+argv: MODEL [PROMPTS=64] [TOKENS=128] [DTYPE=bf16] [BATCH=PROMPTS] [ATTN=eager] [DEVICE=cpu].
+On cuda the states are copied to the host as float32 (what users keep), and one prompt runs
+first, untimed (CUDA's and cuBLAS's start-up), as bench_hidden does.
 Prints one JSON line: tokens/s, peak RSS."""
 import json, os, resource, sys, time
 import torch, transformers
@@ -12,24 +14,30 @@ tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 128
 dname = sys.argv[4] if len(sys.argv) > 4 else "bf16"
 batch = int(sys.argv[5]) if len(sys.argv) > 5 else prompts
 attn = sys.argv[6] if len(sys.argv) > 6 else "eager"
+dev = sys.argv[7] if len(sys.argv) > 7 else "cpu"
 dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dname]
 torch.set_num_threads(int(os.environ.get("THREADS", str(os.cpu_count()))))
 t0 = time.perf_counter()
-m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dt, device_map="cpu",
+m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dt, device_map=dev,
                                                       attn_implementation=attn)
 m.eval()
 t1 = time.perf_counter()
 g = torch.Generator().manual_seed(1234)
-ids = torch.randint(0, m.config.vocab_size, (prompts, tokens), generator=g)
+ids = torch.randint(0, m.config.vocab_size, (prompts, tokens), generator=g).to(dev)
 checksum = 0.0
+if dev == "cuda":
+    with torch.no_grad():
+        m(input_ids=ids[:1], output_hidden_states=True, use_cache=False)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
 with torch.no_grad():
     for b in range(0, prompts, batch):
         o = m(input_ids=ids[b:b + batch], output_hidden_states=True, use_cache=False)
-        states = [h.float() for h in o.hidden_states]  # what users keep
+        states = [h.float().cpu() for h in o.hidden_states]  # what users keep
         checksum += float(states[-1][0, 0, 0])
 t2 = time.perf_counter()
 print(json.dumps({"tool": "transformers", "model": d, "prompts": prompts, "tokens": tokens,
-                  "batch": batch, "dtype": dname, "attention": attn,
+                  "batch": batch, "dtype": dname, "attention": attn, "device": dev,
                   "load_seconds": t1 - t0, "seconds": t2 - t1,
                   "tokens_per_s": prompts * tokens / (t2 - t1),
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -9,6 +9,7 @@
 #include "cli/inputs.hpp"
 #include "common/error.hpp"
 #include "common/temp_files.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/hidden.hpp"
 #include "tools/hidden_read.hpp"
 #include "tools/trace.hpp"
@@ -88,7 +89,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, input, out, tokenizer, layers = "all", pool = "none", dtype = "bf16",
                                               attention = "eager", out_dtype = "fp32", shard,
-                                              adapter;
+                                              adapter, device = "cpu";
     std::vector<std::string> merge_index;
     int64_t batch_tokens = 4096;
     bool allow_unnormalized = false, json = false;
@@ -132,6 +133,9 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
       ->type_name("DTYPE")
       ->capture_default_str();
   add_attention_option(app, a->attention);
+  app->add_option("--device", a->device, "cpu | cuda (an NVIDIA GPU)")
+      ->type_name("DEVICE")
+      ->capture_default_str();
   app->add_option("--batch-tokens", a->batch_tokens,
                   "Run this many tokens through the model at a time, one shard each (bounds "
                   "memory)")
@@ -178,6 +182,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.fwd.dtype = dt;
                    opt.fwd.attention = at;
                    if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
+                   opt.fwd.device = parse_device_flag(a->device);
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;

@@ -2,13 +2,15 @@
 #include "cli/inputs.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/trace.hpp"
 
 namespace nanscope::cli {
 
 void add_trace(CLI::App& root, std::vector<Command>& out) {
   struct Args {
-    std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save, adapter;
+    std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save, adapter,
+        device = "cpu";
     bool json = false;
     int threads = 0;
   };
@@ -30,6 +32,9 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                   "PEFT adapter directory or hub id, applied unmerged as peft's PeftModel "
                   "computes it")
       ->type_name("DIR");
+  app->add_option("--device", a->device, "cpu | cuda (an NVIDIA GPU)")
+      ->type_name("DEVICE")
+      ->capture_default_str();
   app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file")
       ->type_name("FILE");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
@@ -44,6 +49,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                    const std::string model = model_path(a->model);
                    opt.dtype = parse_run_dtype_flag("--dtype", a->dtype, model);
                    opt.attention = parse_attention_flag(a->attention);
+                   opt.device = parse_device_flag(a->device);
                    if (!a->save.empty()) {
                      check_writable(a->save, "--save");  // now, not after the forward pass
                      opt.save = a->save;

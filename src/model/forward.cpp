@@ -21,6 +21,7 @@
 #include "common/error.hpp"
 #include "model/adapter_overlay.hpp"
 #include "common/strings.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "model/weights.hpp"
@@ -135,6 +136,8 @@ class Model {
   }
 
   uint64_t weight_bytes() const { return weights_.bytes_read(); }
+  const ModelSpec& spec() const { return spec_; }
+  bool reports_sites() const { return sites_; }
 
   // Decoder layers, final norm and lm_head, from the embeddings h [T, H].
   Vec run(Vec h) {
@@ -826,13 +829,25 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
     }
   } end_of_pass;
   Model m(ck, opt, obs, lengths, cache, cache != nullptr);
+  uint64_t device_bytes = 0;
+  if (opt.device == Device::Cuda && (opt.adapter || cache))
+    fail("--device cuda: {} runs on the CPU only in this version (drop --device cuda)",
+         opt.adapter ? "an adapter applied unmerged" : "decoding with a key/value cache");
   try {
-    const Vec logits = m.run(embed(m));
-    res.logits.assign(logits.begin(), logits.end());
+    if (opt.device == Device::Cuda) {  // the layers on the GPU (src/cuda), the embeddings here
+      const Vec h = embed(m);
+      CudaPass p = forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites());
+      res.logits = std::move(p.logits);
+      res.stopped_early = p.stopped_early;
+      device_bytes = p.weight_bytes;
+    } else {
+      const Vec logits = m.run(embed(m));
+      res.logits.assign(logits.begin(), logits.end());
+    }
   } catch (const StopForward&) {
     res.stopped_early = true;
   }
-  res.weight_bytes = m.weight_bytes();
+  res.weight_bytes = m.weight_bytes() + device_bytes;
   return res;
 }
 

@@ -16,6 +16,7 @@
 
 #include "formats/checkpoint.hpp"
 #include "model/observer.hpp"
+#include "numerics/backend.hpp"
 #include "numerics/dtype.hpp"
 
 namespace nanscope {
@@ -41,6 +42,7 @@ struct ForwardOptions {
   const AdapterOverlay* adapter = nullptr;
   // Copies of the weights kept across passes (model/weights.hpp); null: read from the mapping.
   ResidentWeights* resident = nullptr;
+  Device device = Device::Cpu;  // Cuda: the layers on the GPU (src/cuda/forward_cuda.hpp)
 };
 
 struct ForwardResult {

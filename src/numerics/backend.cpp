@@ -79,6 +79,16 @@ const char* path_name(MatmulPath p) {
   return "?";
 }
 
+const char* device_name(Device d) {
+  return d == Device::Cuda ? "cuda" : "cpu";
+}
+
+std::optional<Device> parse_device(std::string_view s) {
+  if (s == "cpu") return Device::Cpu;
+  if (s == "cuda") return Device::Cuda;
+  return std::nullopt;
+}
+
 bool valid(const AmxTuning& t) {
   return t.m > 0 && t.n > 0 && t.k >= 0 && t.m % 32 == 0 && t.n % 32 == 0 && t.k % 32 == 0;
 }
@@ -93,6 +103,7 @@ Backend backend_from_environment() {
     }
   }
   b.profile = env_on("NANSCOPE_PROFILE");
+  b.cuda_gemm_f32_out = env_on("NANSCOPE_CUDA_GEMM_F32");
   b.amx = env_on("NANSCOPE_NO_AMX")        ? AmxUse::Off
           : env_on("NANSCOPE_AMX_EMULATE") ? AmxUse::Emulated
                                            : AmxUse::Auto;

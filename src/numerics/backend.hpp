@@ -34,6 +34,9 @@
 // |                                |   n_outer         | a block                                |
 // | NANSCOPE_AMX_STEAL=0|1         | amx_tuning.steal  | 0: a static split of the AMX blocks    |
 // |                                |                   | among the workers instead of stealing  |
+// | NANSCOPE_CUDA_GEMM_F32=1       | cuda_gemm_f32_out | --device cuda: products write fp32 and |
+// |                                |                   | round once after (default: the run     |
+// |                                |                   | dtype, as torch's cuBLAS calls)        |
 // | ONEDNN_MAX_CPU_ISA (oneDNN's)  | onednn_amx=false  | when set, oneDNN's own cap decides;    |
 // |                                |                   | otherwise nanscope lets oneDNN 2.6 use |
 // |                                |                   | AMX (opt-in there)                     |
@@ -45,10 +48,18 @@
 
 #include <cstdint>
 #include <optional>
+#include <string_view>
 
 #include "numerics/dtype.hpp"
 
 namespace nanscope {
+
+// Where the forward pass runs (ForwardOptions::device, `--device`): the CPU kernels below, or the
+// CUDA backend (src/cuda, built with NANSCOPE_CUDA; cuda_built() in cuda/forward_cuda.hpp says
+// whether this build has it).
+enum class Device : uint8_t { Cpu, Cuda };
+const char* device_name(Device d);                       // "cpu" | "cuda"
+std::optional<Device> parse_device(std::string_view s);  // nullopt for anything else
 
 // The kernels a matrix product can run on.
 enum class MatmulPath : uint8_t {
@@ -95,6 +106,9 @@ struct Backend {
   bool onednn = true;      // bf16 products on oneDNN where it has a bf16 kernel and AMX is not used
   bool onednn_amx = true;  // raise oneDNN 2.6's ISA cap to AMX at its first use (see the table)
   AmxTuning amx_tuning;
+  // --device cuda: linear products write fp32 and are rounded after, instead of writing the run
+  // dtype as torch's cuBLAS calls do (an experiment on the accumulation; NANSCOPE_CUDA_GEMM_F32).
+  bool cuda_gemm_f32_out = false;
   // Tests and experiments: every product this path can compute runs on it, whatever its number
   // of tokens (the bf16-only paths take bf16 runs only; other runs keep the usual choice).
   // choose_*_path throws std::logic_error if this machine cannot run it (path_runs_here).

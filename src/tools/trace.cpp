@@ -87,6 +87,7 @@ ForwardResult run(const Checkpoint& ck, const TraceOptions& opt, DType dt, Obser
   fo.dtype = dt;
   fo.attention = opt.attention;
   fo.adapter = opt.adapter.get();
+  fo.device = opt.device;
   if (opt.embeddings)
     return forward_embeddings(ck, *opt.embeddings,
                               int64_t(opt.embeddings->size()) / ck.config().hidden_size, fo, obs);

@@ -36,6 +36,7 @@ struct TraceOptions {
   std::optional<std::vector<float>> embeddings;  // [T, hidden_size] inputs_embeds instead of ids
   DType dtype = DType::BF16;
   AttentionProfile attention = AttentionProfile::Eager;
+  Device device = Device::Cpu;  // the fp32 shadow pass runs there too
   std::optional<std::filesystem::path> save;  // --save: hidden.0..N, logits, input_ids
   // Rerun in fp32 up to the first non-finite site to report value_fp32 (one more pass through
   // the weights up to that layer). Off: value_fp32 is absent.

@@ -1,0 +1,746 @@
+// The host side of the CUDA forward pass: weights uploaded once per (checkpoint, run dtype), the
+// recipe of model/forward.cpp (norm; attention; optional norm; residual; norm; MLP; optional norm;
+// residual) with cuBLAS products and the kernels of kernels.cu, and the observer's reports.
+//
+// Products are called as torch calls them on the GPU: x @ W^T as cublasGemmEx(T, N) with bf16 /
+// fp16 / fp32 inputs and CUBLAS_COMPUTE_32F (no TF32), output in the run dtype; a product with a
+// bias writes fp32 and adds the bias before its one rounding, as torch's cuBLASLt epilogue does.
+// Eager attention's q.k^T and p.v are batched products (one matrix per sequence and head, k and v
+// read at head h / (nH / nKV) as repeat_kv gives them), q.k^T kept in fp32 so that the observer
+// sees the value that overflows fp16.
+#include "cuda/forward_cuda.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "common/error.hpp"
+#include "cuda/kernels.hpp"
+#include "model/forward.hpp"
+#include "model/rope.hpp"
+#include "model/weights.hpp"
+#include "numerics/backend.hpp"
+
+namespace nanscope {
+
+bool cuda_built() {
+  return true;
+}
+
+namespace {
+
+using cuda::Dt;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(fmt::format("CUDA {}: {}", what, cudaGetErrorString(e)));
+}
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(fmt::format("cuBLAS {}: status {}", what, int(s)));
+}
+
+Dt dt_of(DType d) {
+  return d == DType::BF16 ? Dt::BF16 : d == DType::F16 ? Dt::F16 : Dt::F32;
+}
+cudaDataType_t cuda_type(Dt d) {
+  return d == Dt::BF16 ? CUDA_R_16BF : d == Dt::F16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
+// Device memory, freed with its owner.
+class DevBuf {
+ public:
+  DevBuf() = default;
+  explicit DevBuf(size_t bytes) : bytes_(bytes) {
+    if (bytes > 0) check(cudaMalloc(&p_, bytes), "cudaMalloc");
+  }
+  ~DevBuf() {
+    if (p_ != nullptr) cudaFree(p_);
+  }
+  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(o.bytes_) {}
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  void* get() const { return p_; }
+  float* f() const { return static_cast<float*>(p_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Page-locked host memory: hidden states come back through it at the copy engine's full rate.
+class PinnedBuf {
+ public:
+  explicit PinnedBuf(size_t n) : n_(n) {
+    if (n > 0)
+      check(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(float)), "cudaMallocHost");
+  }
+  ~PinnedBuf() {
+    if (p_ != nullptr) cudaFreeHost(p_);
+  }
+  PinnedBuf(const PinnedBuf&) = delete;
+  PinnedBuf& operator=(const PinnedBuf&) = delete;
+  float* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+struct DevMat {
+  DevBuf buf;  // [rows, cols] in the run dtype's storage
+  int64_t rows = 0, cols = 0;
+};
+struct DevVec {
+  DevBuf buf;  // fp32 values in the run dtype
+  int64_t n = 0;
+  const float* data() const { return n > 0 ? buf.f() : nullptr; }
+  bool empty() const { return n == 0; }
+};
+
+struct DevLayer {
+  DevVec input_norm, attn_out_norm, mlp_in_norm, mlp_out_norm, q_norm, k_norm;
+  DevMat q, k, v, o, gate, up, down;
+  DevVec q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias;
+};
+
+// A checkpoint's weights on the GPU in one run dtype. Kept between passes (hidden runs one
+// pass per batch; trace's fp32 shadow pass replaces them).
+struct DevModel {
+  std::string key;
+  std::vector<DevLayer> layers;
+  DevVec final_norm;
+  DevMat lm_head;
+  uint64_t weight_bytes = 0;
+};
+
+// Staging for weights that need converting (storage dtype other than the run dtype).
+DevMat upload(const WeightView& w, DType run) {
+  const Dt dt = dt_of(run);
+  DevMat m;
+  m.rows = w.rows, m.cols = w.cols;
+  const size_t n = size_t(w.rows * w.cols), eb = size_t(cuda::dt_bytes(dt));
+  m.buf = DevBuf(n * eb);
+  if (n == 0) return m;
+  if (w.storage == run) {  // already in the run dtype: the bytes as they are
+    check(cudaMemcpy(m.buf.get(), w.data, n * eb, cudaMemcpyHostToDevice), "weights upload");
+    return m;
+  }
+  // Converted on the host as the CPU pass reads them (transformers' cast at load), then narrowed
+  // on the GPU (exact: the values are already in the run dtype).
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, w.cols));
+  std::vector<float> host(size_t(std::min(chunk, w.rows) * w.cols));
+  DevBuf stage(host.size() * sizeof(float));
+  for (int64_t r0 = 0; r0 < w.rows; r0 += chunk) {
+    const int64_t nr = std::min(chunk, w.rows - r0);
+    weight_rows(w, r0, nr, run, host.data());
+    check(cudaMemcpy(stage.get(), host.data(), size_t(nr * w.cols) * sizeof(float),
+                     cudaMemcpyHostToDevice),
+          "weights upload");
+    cuda::to_storage(stage.f(), static_cast<char*>(m.buf.get()) + size_t(r0 * w.cols) * eb,
+                     nr * w.cols, dt);
+  }
+  check(cudaDeviceSynchronize(), "weights upload");
+  return m;
+}
+
+DevVec upload(const Activations& v) {
+  DevVec d;
+  d.n = int64_t(v.size());
+  d.buf = DevBuf(v.size() * sizeof(float));
+  if (!v.empty())
+    check(cudaMemcpy(d.buf.get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice),
+          "upload");
+  return d;
+}
+
+std::unique_ptr<DevModel>& model_cache() {
+  static std::unique_ptr<DevModel> cached;
+  return cached;
+}
+
+DevModel& device_model(const Checkpoint& ck, const ModelSpec& spec, const ForwardOptions& opt) {
+  const std::string key = fmt::format("{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
+                                      static_cast<const void*>(&ck));
+  std::unique_ptr<DevModel>& cached = model_cache();
+  if (cached && cached->key == key) return *cached;
+  cached.reset();  // free the previous model's memory first
+  auto m = std::make_unique<DevModel>();
+  m->key = key;
+  const int64_t H = spec.hidden;
+  WeightSource ws(ck, opt.dtype, opt.release_pages);
+  for (const LayerSpec& s : spec.layers) {
+    const LayerWeights w = ws.layer(s, H);
+    DevLayer d;
+    d.input_norm = upload(w.input_norm);
+    d.attn_out_norm = upload(w.attn_out_norm);
+    d.mlp_in_norm = upload(w.mlp_in_norm);
+    d.mlp_out_norm = upload(w.mlp_out_norm);
+    d.q_norm = upload(w.q_norm);
+    d.k_norm = upload(w.k_norm);
+    d.q = upload(w.q, opt.dtype);
+    d.k = upload(w.k, opt.dtype);
+    d.v = upload(w.v, opt.dtype);
+    d.o = upload(w.o, opt.dtype);
+    d.gate = upload(w.gate, opt.dtype);
+    d.up = upload(w.up, opt.dtype);
+    d.down = upload(w.down, opt.dtype);
+    d.q_bias = upload(w.q_bias);
+    d.k_bias = upload(w.k_bias);
+    d.v_bias = upload(w.v_bias);
+    d.o_bias = upload(w.o_bias);
+    d.gate_bias = upload(w.gate_bias);
+    d.up_bias = upload(w.up_bias);
+    d.down_bias = upload(w.down_bias);
+    m->layers.push_back(std::move(d));
+    ws.release_all();
+  }
+  m->final_norm = upload(ws.vector(spec.final_norm, "weight", H));
+  m->lm_head = upload(ws.matrix(spec.tied ? spec.embed : spec.lm_head, spec.vocab, H), opt.dtype);
+  ws.release_all();
+  m->weight_bytes = ws.bytes_read();
+  cached = std::move(m);
+  return *cached;
+}
+
+cublasHandle_t blas() {
+  static cublasHandle_t h = [] {
+    cublasHandle_t x = nullptr;
+    check(cublasCreate(&x), "cublasCreate");
+    return x;
+  }();
+  return h;
+}
+
+void require_device() {
+  static const bool ok = [] {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0)
+      fail(
+          "--device cuda: no usable CUDA device ({}); run on a machine with an NVIDIA GPU and "
+          "its driver, or use --device cpu",
+          e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+    return true;
+  }();
+  (void)ok;
+}
+
+struct Stop {};
+
+// One sequence of a batch: rows [off, off + len).
+struct Seg {
+  int64_t off = 0, len = 0;
+};
+
+class Pass {
+ public:
+  Pass(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
+       const ForwardOptions& opt, Observer* obs, bool sites)
+      : c_(ck.config()),
+        spec_(spec),
+        dtype_(opt.dtype),
+        dt_(dt_of(opt.dtype)),
+        att_(opt.attention),
+        obs_(obs),
+        sites_(sites && obs != nullptr),
+        f32_out_(backend().cuda_gemm_f32_out || opt.dtype == DType::F32),
+        dm_(device_model(ck, spec, opt)),
+        host_(static_cast<size_t>(std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) *
+                                  spec.hidden)) {
+    for (int64_t len : lengths) {
+      segs_.push_back({T_, len});
+      T_ += len;
+      maxT_ = std::max(maxT_, len);
+    }
+    H_ = spec.hidden;
+    V_ = spec.vocab;
+    int64_t qd = 0, kvd = 0, I = 0;
+    for (const LayerSpec& s : spec.layers) {
+      qd = std::max(qd, s.attn.heads * s.attn.head_dim);
+      kvd = std::max(kvd, s.attn.kv_heads * s.attn.head_dim);
+      I = std::max(I, s.mlp.intermediate);
+      maxH_ = std::max(maxH_, s.attn.heads);
+    }
+    const int64_t widest = std::max({H_, qd, kvd, I});  // the lm_head's buffers: run()
+    const size_t f = sizeof(float), eb = size_t(cuda::dt_bytes(dt_));
+    h_ = DevBuf(size_t(T_ * H_) * f);
+    x_ = DevBuf(size_t(T_ * H_) * f);
+    y_ = DevBuf(size_t(T_ * H_) * f);
+    q_ = DevBuf(size_t(T_ * qd) * f);
+    k_ = DevBuf(size_t(T_ * kvd) * f);
+    v_ = DevBuf(size_t(T_ * kvd) * f);
+    ctx_ = DevBuf(size_t(T_ * qd) * f);
+    g_ = DevBuf(size_t(T_ * I) * f);
+    u_ = DevBuf(size_t(T_ * I) * f);
+    act_ = DevBuf(size_t(T_ * I) * f);
+    xs_ = DevBuf(size_t(T_ * widest) * eb);
+    cs_ = DevBuf(size_t(T_ * widest) * eb);
+    qs_ = DevBuf(size_t(T_ * qd) * eb);
+    ks_ = DevBuf(size_t(T_ * kvd) * eb);
+    vs_ = DevBuf(size_t(T_ * kvd) * eb);
+    stats_ = DevBuf(sizeof(cuda::SiteStats));
+    build_rope();
+    plan_attention();
+  }
+
+  uint64_t weight_bytes() const { return dm_.weight_bytes; }
+
+  std::vector<float> run(std::span<const float> h0) {
+    check(cudaMemcpy(h_.get(), h0.data(), h0.size() * sizeof(float), cudaMemcpyHostToDevice),
+          "upload");
+    hidden(0, h_.f());
+    const int64_t N = int64_t(spec_.layers.size());
+    for (int64_t l = 0; l < N; ++l) {
+      layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
+      if (l + 1 < N) hidden(l + 1, h_.f());
+    }
+    norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
+    hidden(N, x_.f());
+    // Only now: hidden's observer stops after the last state it keeps, and [T, V] is large.
+    logits_ = DevBuf(size_t(T_ * V_) * sizeof(float));
+    const size_t lm_c = size_t(T_ * V_) * size_t(cuda::dt_bytes(dt_));
+    if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
+    linear(-1, spec_.lm_head, stage(x_.f(), T_ * H_), T_, dm_.lm_head, DevVec{}, logits_.f());
+    if (spec_.final_softcap) {
+      cuda::softcap(logits_.f(), T_ * V_, *spec_.final_softcap, dt_);
+      site(-1, "final_logit_softcapping", logits_.f(), {T_, V_});
+    }
+    std::vector<float> out(size_t(T_ * V_));
+    check(cudaMemcpy(out.data(), logits_.get(), out.size() * sizeof(float), cudaMemcpyDeviceToHost),
+          "logits download");
+    return out;
+  }
+
+ private:
+  // Sequences of one length whose attention is computed together (plan_attention).
+  struct Chunk {
+    int64_t len = 0;
+    std::vector<int64_t> segs;
+  };
+
+  // ---- one decoder layer: the recipe of forward.cpp ----
+  void layer(const LayerSpec& s, const DevLayer& w) {
+    const int64_t l = s.index;
+    const LayerNames& n = s.names;
+    norm(l, n.input_norm, h_.f(), w.input_norm, H_, T_, x_.f());
+    attention(s, w, x_.f(), y_.f());
+    const float* a = y_.f();
+    if (!n.attn_out_norm.empty()) {
+      norm(l, n.attn_out_norm, y_.f(), w.attn_out_norm, H_, T_, x_.f());
+      a = x_.f();
+    }
+    cuda::add_round(h_.f(), a, T_ * H_, dt_, h_.f());
+    site(l, n.prefix + "residual_attn", h_.f(), {T_, H_});
+
+    norm(l, n.mlp_in_norm, h_.f(), w.mlp_in_norm, H_, T_, x_.f());
+    mlp(s, w, x_.f(), y_.f());
+    const float* m = y_.f();
+    if (!n.mlp_out_norm.empty()) {
+      norm(l, n.mlp_out_norm, y_.f(), w.mlp_out_norm, H_, T_, x_.f());
+      m = x_.f();
+    }
+    cuda::add_round(h_.f(), m, T_ * H_, dt_, h_.f());
+    site(l, n.prefix + "residual_mlp", h_.f(), {T_, H_});
+  }
+
+  void mlp(const LayerSpec& s, const DevLayer& w, const float* x, float* out) {
+    const int64_t l = s.index, I = w.gate.rows;
+    const LayerNames& n = s.names;
+    const void* xs = stage(x, T_ * H_);
+    linear(l, n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, xs, T_, w.gate,
+           w.gate_bias, g_.f());
+    linear(l, n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, xs, T_, w.up, w.up_bias,
+           u_.f());
+    cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f());
+    site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
+    linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj,
+           stage(act_.f(), T_ * I), T_, w.down, w.down_bias, out);
+  }
+
+  void attention(const LayerSpec& s, const DevLayer& w, const float* x, float* out) {
+    const int64_t l = s.index;
+    const LayerNames& n = s.names;
+    const AttentionSpec& a = s.attn;
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
+    const std::string& p = n.prefix;
+    const void* xs = stage(x, T_ * H_);
+    linear(l, p + "self_attn.q_proj", xs, T_, w.q, w.q_bias, q_.f());
+    linear(l, p + "self_attn.k_proj", xs, T_, w.k, w.k_bias, k_.f());
+    linear(l, p + "self_attn.v_proj", xs, T_, w.v, w.v_bias, v_.f());
+    if (a.qk_norm) {  // per head, in place through the staging copy of the input
+      norm(l, n.q_norm, q_.f(), w.q_norm, D, T_ * a.heads, ctx_.f(), {T_, a.heads, D});
+      check(cudaMemcpy(q_.get(), ctx_.get(), size_t(T_ * qd) * sizeof(float),
+                       cudaMemcpyDeviceToDevice),
+            "copy");
+      norm(l, n.k_norm, k_.f(), w.k_norm, D, T_ * a.kv_heads, ctx_.f(), {T_, a.kv_heads, D});
+      check(cudaMemcpy(k_.get(), ctx_.get(), size_t(T_ * kvd) * sizeof(float),
+                       cudaMemcpyDeviceToDevice),
+            "copy");
+    }
+    const Rope& r = ropes_.at(a.rope);
+    cuda::rope(q_.f(), T_, a.heads, D, r.dim, r.cos.f(), r.sin.f(),
+               static_cast<const int64_t*>(r.rowoff.get()), dt_);
+    cuda::rope(k_.f(), T_, a.kv_heads, D, r.dim, r.cos.f(), r.sin.f(),
+               static_cast<const int64_t*>(r.rowoff.get()), dt_);
+    if (sites_) {
+      std::vector<float> qk(size_t(T_ * (qd + kvd))), qh(size_t(T_ * qd)), kh(size_t(T_ * kvd));
+      download(q_.f(), qh);
+      download(k_.f(), kh);
+      for (int64_t t = 0; t < T_; ++t) {
+        std::copy_n(qh.data() + t * qd, qd, qk.data() + t * (qd + kvd));
+        std::copy_n(kh.data() + t * kvd, kvd, qk.data() + t * (qd + kvd) + qd);
+      }
+      emit_host(l, p + "self_attn.rope", qk, {T_, a.heads + a.kv_heads, D});
+    }
+    if (att_ == AttentionProfile::Eager)
+      eager(s);
+    else
+      fused(s);
+    linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
+  }
+
+  // q.k^T of one chunk into S (fp32, [nmat, T, T]) as a batched tensor-core product: one
+  // matrix per sequence and head, k read at head h / (nH / nKV) as repeat_kv gives it. The
+  // pointer arrays of the p.v product (eager) and the sequences' first rows go up with it.
+  // Returns the device arrays: [A1, B1, C1, A2, B2, C2] pointers, then the offsets.
+  const void* const* chunk_scores(const Chunk& c, const AttentionSpec& a) {
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D,
+                  rep = a.heads / a.kv_heads;
+    const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
+    const size_t eb = size_t(cuda::dt_bytes(dt_));
+    const char* qb = static_cast<const char*>(qs_.get());
+    const char* kb = static_cast<const char*>(ks_.get());
+    const char* vb = static_cast<const char*>(vs_.get());
+    std::vector<const void*> ptrs(size_t(6 * nmat));
+    std::vector<int64_t> offs;
+    for (size_t si = 0; si < c.segs.size(); ++si) {
+      const Seg& g = segs_[size_t(c.segs[si])];
+      offs.push_back(g.off);
+      for (int64_t h = 0; h < a.heads; ++h) {
+        const size_t mat = si * size_t(a.heads) + size_t(h), n = size_t(nmat);
+        const int64_t kvh = h / rep;
+        ptrs[mat] = kb + size_t(g.off * kvd + kvh * D) * eb;
+        ptrs[n + mat] = qb + size_t(g.off * qd + h * D) * eb;
+        ptrs[2 * n + mat] = S_.f() + int64_t(mat) * T * T;
+        ptrs[3 * n + mat] = vb + size_t(g.off * kvd + kvh * D) * eb;
+        ptrs[4 * n + mat] = Ps_.get() == nullptr  // eager only
+                                ? nullptr
+                                : static_cast<const char*>(Ps_.get()) + mat * size_t(T * T) * eb;
+        ptrs[5 * n + mat] = ctx_.f() + g.off * qd + h * D;
+      }
+    }
+    check(cudaMemcpy(ptrs_.get(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice),
+          "upload");
+    check(cudaMemcpy(static_cast<char*>(ptrs_.get()) + ptrs.size() * sizeof(void*), offs.data(),
+                     offs.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
+          "upload");
+    const void* const* dp = static_cast<const void* const*>(ptrs_.get());
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_type(dt_);
+    // Column-major: S^T[j, i] = sum_d k[j, d] q[i, d]  ->  S row-major [i, j].
+    check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(T), int(T), int(D), &one, dp, t,
+                              int(kvd), dp + nmat, t, int(qd), &zero,
+                              const_cast<void* const*>(dp + 2 * nmat), CUDA_R_32F, int(T),
+                              int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "q.k^T");
+    return dp;
+  }
+
+  void qkv_storage(const AttentionSpec& a) {
+    const int64_t qd = a.heads * a.head_dim, kvd = a.kv_heads * a.head_dim;
+    cuda::to_storage(q_.f(), qs_.get(), T_ * qd, dt_);
+    cuda::to_storage(k_.f(), ks_.get(), T_ * kvd, dt_);
+    cuda::to_storage(v_.f(), vs_.get(), T_ * kvd, dt_);
+  }
+
+  // transformers' eager_attention_forward on the GPU: s = round(q @ k^T) (kept in fp32 until
+  // eager_softmax rounds it), round(s * scaling), soft-capping, round(s + mask),
+  // p = round(softmax_fp32(s)), ctx = round(p @ v).
+  void eager(const LayerSpec& s) {
+    const AttentionSpec& a = s.attn;
+    const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
+    qkv_storage(a);
+    const float mask = dtype_lowest(dtype_);
+    cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
+    for (const Chunk& c : chunks_) {
+      const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
+      const void* const* dp = chunk_scores(c, a);
+      cuda::eager_softmax(S_.f(), P_.f(), Ps_.get(), nmat, T, a.scaling, a.softcap.value_or(0.0f),
+                          a.window, mask, dt_, st);
+      const float one = 1.0f, zero = 0.0f;
+      const cudaDataType_t t = cuda_type(dt_);
+      // ctx^T[d, i] = sum_j v[j, d] p[i, j].
+      check(cublasGemmBatchedEx(blas(), CUBLAS_OP_N, CUBLAS_OP_N, int(D), int(T), int(T), &one,
+                                dp + 3 * nmat, t, int(kvd), dp + 4 * nmat, t, int(T), &zero,
+                                const_cast<void* const*>(dp + 5 * nmat), CUDA_R_32F, int(qd),
+                                int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "p.v");
+    }
+    cuda::bias_round(ctx_.get(), Dt::F32, nullptr, T_, qd, dt_, ctx_.f());
+    report_attention(s, qd);
+  }
+
+  // The fused profile: q.k^T on tensor cores as above, then the flash-style softmax and p.v.
+  void fused(const LayerSpec& s) {
+    const AttentionSpec& a = s.attn;
+    const int64_t qd = a.heads * a.head_dim;
+    qkv_storage(a);
+    cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
+    for (const Chunk& c : chunks_) {
+      const int64_t nmat = int64_t(c.segs.size()) * a.heads;
+      const void* const* dp = chunk_scores(c, a);
+      const auto* offs = reinterpret_cast<const int64_t*>(dp + 6 * nmat);
+      cuda::fused_softmax_pv(S_.f(), v_.f(), nmat, c.len, a.heads, a.kv_heads, a.head_dim, offs,
+                             a.scaling, a.window, dt_, ctx_.f(), sites_ ? P_.f() : nullptr, st);
+    }
+    report_attention(s, qd);
+  }
+
+  void report_attention(const LayerSpec& s, int64_t qd) {
+    if (!sites_) return;
+    const AttentionSpec& a = s.attn;
+    const std::string& p = s.names.prefix;
+    const cuda::SiteStats sc = read_stats();
+    emit_device(s.index, p + "self_attn.scores", S_.f(), {a.heads, T_, T_}, sc);
+    site(s.index, p + "self_attn.probs", P_.f(), {a.heads, T_, T_});
+    site(s.index, p + "self_attn.context", ctx_.f(), {T_, qd});
+  }
+
+  // ---- building blocks ----
+  // x (fp32, rounded) in the run dtype's storage for a product's input (fp32 runs: as it is).
+  const void* stage(const float* x, int64_t n) {
+    if (dt_ == Dt::F32) return x;
+    cuda::to_storage(x, xs_.get(), n, dt_);
+    return xs_.get();
+  }
+
+  // out[rows, W.rows] = round(x @ W^T (+ bias)); x in storage (stage).
+  void linear(int64_t l, const std::string& module, const void* x, int64_t rows, const DevMat& w,
+              const DevVec& bias, float* out) {
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_type(dt_);
+    const bool f32 = f32_out_ || !bias.empty();
+    void* c = f32 ? static_cast<void*>(out) : cs_.get();
+    check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.rows), int(rows), int(w.cols), &one,
+                       w.buf.get(), t, int(w.cols), x, t, int(w.cols), &zero, c,
+                       f32 ? CUDA_R_32F : t, int(w.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "linear");
+    cuda::bias_round(c, f32 ? Dt::F32 : dt_, bias.data(), rows, w.rows, dt_, out);
+    site(l, module, out, {rows, w.rows});
+  }
+
+  void norm(int64_t l, const std::string& module, const float* x, const DevVec& w, int64_t n,
+            int64_t rows, float* out, std::initializer_list<int64_t> shape = {}) {
+    cuda::rmsnorm(x, rows, n, w.data(), float(spec_.eps), spec_.norm == NormKind::RmsOffset, dt_,
+                  out);
+    if (shape.size() == 0)
+      site(l, module, out, {T_, n});
+    else
+      site(l, module, out, shape);
+  }
+
+  cuda::SiteStats* reset_stats() {
+    check(cudaMemset(stats_.get(), 0, sizeof(cuda::SiteStats)), "memset");
+    return static_cast<cuda::SiteStats*>(stats_.get());
+  }
+  cuda::SiteStats read_stats() {
+    cuda::SiteStats s;
+    check(cudaMemcpy(&s, stats_.get(), sizeof(s), cudaMemcpyDeviceToHost), "stats download");
+    return s;
+  }
+
+  void download(const float* d, std::vector<float>& out) {
+    check(cudaMemcpy(out.data(), d, out.size() * sizeof(float), cudaMemcpyDeviceToHost),
+          "download");
+  }
+
+  // A site computed on the GPU: statistics there, values to the host for the observer.
+  void site(int64_t l, const std::string& name, const float* d,
+            std::initializer_list<int64_t> shape) {
+    if (!sites_) return;
+    int64_t n = 1;
+    for (int64_t x : shape) n *= x;
+    cuda::SiteStats* st = reset_stats();
+    cuda::site_stats(d, n, st);
+    emit_device(l, name, d, shape, read_stats());
+  }
+
+  void emit_device(int64_t l, const std::string& name, const float* d,
+                   std::initializer_list<int64_t> shape, const cuda::SiteStats& st) {
+    int64_t n = 1;
+    for (int64_t x : shape) n *= x;
+    std::vector<float> v(static_cast<size_t>(n));
+    download(d, v);
+    float peak;
+    std::memcpy(&peak, &st.peak_bits, sizeof(peak));
+    emit(l, name, v, shape, st.nonfinite == 0, peak);
+  }
+
+  void emit_host(int64_t l, const std::string& name, const std::vector<float>& v,
+                 std::initializer_list<int64_t> shape) {
+    bool finite = true;
+    double peak = 0;
+    for (float x : v) {
+      if (std::isfinite(x))
+        peak = std::max(peak, double(std::fabs(x)));
+      else
+        finite = false;
+    }
+    emit(l, name, v, shape, finite, peak);
+  }
+
+  void emit(int64_t l, const std::string& name, const std::vector<float>& v,
+            std::initializer_list<int64_t> shape, bool finite, double peak) {
+    const std::vector<int64_t> sh(shape);
+    SiteView sv;
+    sv.layer = l;
+    sv.name = name;
+    sv.values = v;
+    sv.shape = sh;
+    sv.finite = finite;
+    sv.peak_abs = peak;
+    obs_->site(sv);
+    if (obs_->done()) throw Stop{};
+  }
+
+  void hidden(int64_t index, const float* d) {
+    if (obs_ == nullptr) return;
+    check(cudaMemcpy(host_.data(), d, size_t(T_ * H_) * sizeof(float), cudaMemcpyDeviceToHost),
+          "hidden state download");
+    obs_->hidden_state(index, std::span<const float>(host_.data(), size_t(T_ * H_)), T_, H_);
+    if (obs_->done()) throw Stop{};
+  }
+
+  // ---- set-up ----
+  // cos/sin tables per rope of the model, concatenated over the lengths that need their own
+  // (dynamic, longrope), and each row's offset into them.
+  struct Rope {
+    int64_t dim = 0;
+    DevBuf cos, sin, rowoff;
+  };
+  void build_rope() {
+    std::map<int, int64_t> dims;
+    for (const LayerSpec& s : spec_.layers) dims[s.attn.rope] = s.attn.rotary_dim;
+    for (const auto& [ri, dim] : dims) {
+      const RopeConfig& rc = spec_.ropes[size_t(ri)];
+      std::map<int64_t, int64_t> base;  // table length -> offset (floats)
+      std::vector<float> cos, sin;
+      std::vector<int64_t> rowoff(static_cast<size_t>(T_));
+      for (const Seg& g : segs_) {
+        const int64_t key = rope_depends_on_length(rc) ? g.len : maxT_;
+        if (!base.contains(key)) {
+          const RopeTables tab = rope_tables(c_, rc, dim, key, dtype_);
+          base[key] = int64_t(cos.size());
+          cos.insert(cos.end(), tab.cos.begin(), tab.cos.end());
+          sin.insert(sin.end(), tab.sin.begin(), tab.sin.end());
+        }
+        for (int64_t t = 0; t < g.len; ++t) rowoff[size_t(g.off + t)] = base[key] + t * dim;
+      }
+      Rope r;
+      r.dim = dim;
+      r.cos = DevBuf(cos.size() * sizeof(float));
+      r.sin = DevBuf(sin.size() * sizeof(float));
+      r.rowoff = DevBuf(rowoff.size() * sizeof(int64_t));
+      check(cudaMemcpy(r.cos.get(), cos.data(), cos.size() * sizeof(float), cudaMemcpyHostToDevice),
+            "upload");
+      check(cudaMemcpy(r.sin.get(), sin.data(), sin.size() * sizeof(float), cudaMemcpyHostToDevice),
+            "upload");
+      check(cudaMemcpy(r.rowoff.get(), rowoff.data(), rowoff.size() * sizeof(int64_t),
+                       cudaMemcpyHostToDevice),
+            "upload");
+      ropes_.emplace(ri, std::move(r));
+    }
+  }
+
+  // Eager attention computes sequences of one length together, in chunks whose score matrices
+  // fit a budget; trace's single sequence is one chunk (its sites are the whole [nH, T, T]).
+  void plan_attention() {
+    const int64_t budget = int64_t(1) << 27;  // score elements per chunk (512 MB of fp32)
+    std::map<int64_t, std::vector<int64_t>> by_len;
+    for (size_t i = 0; i < segs_.size(); ++i) by_len[segs_[i].len].push_back(int64_t(i));
+    int64_t most = 0, most_mats = 0;
+    for (auto& [len, idx] : by_len) {
+      const int64_t per = std::max<int64_t>(1, budget / std::max<int64_t>(1, maxH_ * len * len));
+      for (size_t i = 0; i < idx.size(); i += size_t(per)) {
+        Chunk c;
+        c.len = len;
+        for (size_t j = i; j < std::min(idx.size(), i + size_t(per)); ++j) c.segs.push_back(idx[j]);
+        most = std::max(most, int64_t(c.segs.size()) * maxH_ * len * len);
+        most_mats = std::max(most_mats, int64_t(c.segs.size()) * maxH_);
+        chunks_.push_back(std::move(c));
+      }
+    }
+    // Scores for both profiles (q.k^T on tensor cores); probabilities in fp32 for eager or the
+    // sites, in the run dtype for eager's p.v.
+    S_ = DevBuf(size_t(most) * sizeof(float));
+    if (att_ == AttentionProfile::Eager || sites_) P_ = DevBuf(size_t(most) * sizeof(float));
+    if (att_ == AttentionProfile::Eager) Ps_ = DevBuf(size_t(most) * size_t(cuda::dt_bytes(dt_)));
+    ptrs_ = DevBuf(size_t(6 * most_mats) * sizeof(void*) + size_t(most_mats) * sizeof(int64_t));
+  }
+
+  const ModelConfig& c_;
+  const ModelSpec& spec_;
+  DType dtype_;
+  Dt dt_;
+  AttentionProfile att_;
+  Observer* obs_;
+  bool sites_;
+  bool f32_out_;  // products write fp32 and round in bias_round (always for fp32 runs)
+  DevModel& dm_;
+  std::vector<Seg> segs_;
+  int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
+  DevBuf h_, x_, y_, q_, k_, v_, ctx_, g_, u_, act_, logits_;  // fp32 activations
+  DevBuf xs_, cs_, qs_, ks_, vs_;                              // run-dtype storage
+  DevBuf S_, P_, Ps_, ptrs_, stats_;
+  std::vector<Chunk> chunks_;
+  std::map<int, Rope> ropes_;
+  PinnedBuf host_;  // one hidden state [T, H]
+};
+
+}  // namespace
+
+CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
+                      std::span<const float> h, const ForwardOptions& opt, Observer* obs,
+                      bool sites) {
+  require_device();
+  for (const LayerSpec& s : spec.layers)
+    if (s.mlp.moe)
+      fail(
+          "--device cuda: {} has mixture-of-experts layers, which the GPU path does not compute "
+          "yet; use --device cpu",
+          spec.arch->model_type);
+  for (const LayerSpec& s : spec.layers)
+    if (s.attn.head_dim > 256 || s.attn.head_dim % 2 != 0)
+      fail(
+          "--device cuda: head_dim {} is not supported on the GPU (even, up to 256); use "
+          "--device cpu",
+          s.attn.head_dim);
+  CudaPass res;
+  Pass p(ck, spec, lengths, opt, obs, sites);
+  res.weight_bytes = p.weight_bytes();
+  try {
+    res.logits = p.run(h);
+  } catch (const Stop&) {
+    res.stopped_early = true;
+  }
+  check(cudaDeviceSynchronize(), "forward");
+  return res;
+}
+
+}  // namespace nanscope

@@ -1,0 +1,57 @@
+// The forward pass on an NVIDIA GPU (`--device cuda`): the decoder layers, final norm and lm_head
+// of model/forward.cpp's recipe with kernels for the GPU, numerics as transformers has them there
+// (docs/cuda.md): cuBLAS products of bf16/fp16/fp32 inputs with fp32 accumulation, RMSNorm, RoPE,
+// eager attention (scores materialised and rounded like transformers' eager) or fused attention
+// (flash-style, fp32 softmax), activations and residuals, each rounded where transformers rounds.
+//
+// The host computes the embeddings (a row gather) and hands them over; weights come per layer
+// from the same WeightSource as the CPU pass. The observer's statistics (finite, peak) are
+// computed on the GPU; values come back to the host only where the observer wants them (sites
+// for trace, hidden states).
+//
+// This header needs no CUDA: without the toolkit (NANSCOPE_CUDA=OFF) forward_cuda.cpp's stub
+// throws an InputError saying how to build it.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "formats/checkpoint.hpp"
+#include "model/arch.hpp"
+#include "model/observer.hpp"
+#include "numerics/backend.hpp"
+#include "numerics/dtype.hpp"
+
+namespace nanscope {
+
+struct ForwardOptions;
+
+struct CudaPass {
+  std::vector<float> logits;   // [T, vocab], rounded to the run dtype; empty when stopped early
+  bool stopped_early = false;  // the observer's done() ended the pass
+  uint64_t weight_bytes = 0;   // bytes of weight tensors read from the checkpoint
+};
+
+// Runs layers, final norm and lm_head on GPU 0 from the (rounded) embeddings h [sum(lengths), H]
+// of the sequences `lengths` (stacked as in forward_batch). Reports hidden state 0 (h) and the
+// rest, and, when `sites` is set (one sequence, an observer that wants them), every site.
+// Throws InputError for a family or option the GPU path does not compute yet (mixtures of
+// experts), or when no GPU is usable.
+CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
+                      std::span<const float> h, const ForwardOptions& opt, Observer* obs,
+                      bool sites);
+
+// Whether this build has the CUDA backend (NANSCOPE_CUDA).
+bool cuda_built();
+
+}  // namespace nanscope
+
+namespace nanscope {
+
+// `--device` of the commands: "cpu" or "cuda". Throws InputError for anything else, and for
+// "cuda" in a build without the backend (saying how to build it).
+Device parse_device_flag(std::string_view value);
+
+}  // namespace nanscope

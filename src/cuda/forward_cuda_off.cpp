@@ -1,0 +1,19 @@
+// forward_cuda without the CUDA toolkit (NANSCOPE_CUDA=OFF): `--device cuda` is an input error
+// that says how to build the backend.
+#include "common/error.hpp"
+#include "cuda/forward_cuda.hpp"
+
+namespace nanscope {
+
+bool cuda_built() {
+  return false;
+}
+
+CudaPass forward_cuda(const Checkpoint&, const ModelSpec&, std::span<const int64_t>,
+                      std::span<const float>, const ForwardOptions&, Observer*, bool) {
+  fail(
+      "--device cuda: this nanscope was built without the CUDA backend; rebuild it on a machine "
+      "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
+}
+
+}  // namespace nanscope

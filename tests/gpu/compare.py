@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""The GPU test of nanscope's CUDA backend: runs `nanscope trace --device cuda` (and one batched
+`nanscope hidden --device cuda` per model, dtype and attention) on the shipped tiny models and
+compares them with the goldens transformers made on the GPU (tools/fixtures/make_cuda_goldens.py).
+
+    python3 tests/gpu/compare.py NANSCOPE GOLDENS_DIR MODELS_DIR WORK_DIR [REPORT.json]
+
+For every hidden state and the logits: the NaN/inf pattern must be identical and the norm-wise
+relative error (over the finite elements both have) within the CPU trace's tolerance for the dtype
+(tests/unit/test_forward.cpp: fp32 1e-5, bf16 1e-4, fp16 1e-3). Where the first state that differs
+from the golden does so like one rounding flip (a few elements, each within one unit in the last
+place), the later states may carry it further, up to the CPU test's bound for a propagated flip
+(bf16 1e-2, fp16 5e-3). Also: qwen3-fp16-attn in fp16 is NaN under eager and finite under
+fused, and `trace --json` names model.layers.0.self_attn.scores as its first non-finite site.
+Exit 1 when any comparison fails (each is listed), 0 otherwise. Needs torch (CPU is enough),
+safetensors and numpy; runs on a machine with a GPU only (tests/gpu/run.sh checks for one).
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+DEVICE = os.environ.get("GPU_TEST_DEVICE", "cuda")  # cpu: a dry run of this script elsewhere
+FILTER = os.environ.get("GPU_TEST_FILTER", "")  # only goldens whose file name contains this
+JOBS = int(os.environ.get("GPU_TEST_JOBS", "8"))  # nanscope processes at a time
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64, "I32": np.int32}
+
+
+def load_file(path):
+    """A safetensors file as numpy arrays (F32, F16, I64, I32), without the safetensors package."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        out[k] = np.frombuffer(data[a:b], dtype=_NP[v["dtype"]]).reshape(v["shape"])
+    return out
+
+TOL = {"float32": 1e-5, "bfloat16": 1e-4, "float16": 1e-3}
+FLIP_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
+# Known deviations, each bounded: (model, dtype, attn) -> (bound, why). qwen3-fp16-attn plants
+# scores of 4.2e5 (7.4e4 scaled): its softmax is one-hot up to exp of differences that are a few
+# fp32 ulps of those scores, so the last bits of FlashAttention-2's exp2 / FFMA arrangement,
+# which the fused kernel does not reproduce bit for bit, show in bf16 (measured 2026-12-02 on the
+# H200: 1.0e-3 at hidden.1, 4.8e-3 at the logits; fp16 and eager match). Bound: 1.25x that.
+KNOWN = {("qwen3-fp16-attn", "bfloat16", "sdpa"): (6e-3, "fused softmax of planted 7e4 scores")}
+MANTISSA = {"float32": 23, "bfloat16": 7, "float16": 10}
+NS_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+NS_ATTN = {"eager": "eager", "sdpa": "fused"}
+
+
+def rel_err(a, b):
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    both = fa & fb
+    if not both.any():
+        return 0.0
+    d = a[both].astype(np.float64) - b[both].astype(np.float64)
+    n = np.linalg.norm(b[both].astype(np.float64))
+    return float(np.linalg.norm(d) / n) if n > 0 else float(np.linalg.norm(d))
+
+
+def same_pattern(a, b):
+    return bool(np.array_equal(np.isnan(a), np.isnan(b)) and
+                np.array_equal(np.isposinf(a), np.isposinf(b)) and
+                np.array_equal(np.isneginf(a), np.isneginf(b)))
+
+
+def is_flip(a, b, dtype):
+    m = MANTISSA[dtype]
+    diff = a.view(np.uint32) != b.view(np.uint32)
+    if not diff.any():
+        return True
+    x, y = a[diff].astype(np.float64), b[diff].astype(np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return False
+    bound = np.ldexp(np.maximum(np.abs(x), np.abs(y)), -m)
+    return bool((np.abs(x - y) <= bound).all() and diff.sum() <= max(2, a.size // 200))
+
+
+def compare_states(ours, gold, keys, dtype, label, failures, rows, known=None):
+    """ours/gold: dicts key -> array. Applies the tolerance rule above over keys in order
+    (known: a (bound, why) of KNOWN, which replaces the tolerance)."""
+    propagating = False
+    worst = 0.0
+    identical = 0
+    total = 0
+    for k in keys:
+        a, b = ours[k], gold[k]
+        if a.shape != b.shape:
+            failures.append(f"{label} {k}: shape {a.shape} vs golden {b.shape}")
+            continue
+        if not same_pattern(a, b):
+            failures.append(f"{label} {k}: NaN/inf pattern differs (ours {int((~np.isfinite(a)).sum())}"
+                            f" non-finite, golden {int((~np.isfinite(b)).sum())})")
+            continue
+        e = rel_err(a, b)
+        total += a.size
+        identical += int((a.view(np.uint32) == b.view(np.uint32)).sum())
+        worst = max(worst, e)
+        if e > TOL[dtype] and not propagating:
+            if is_flip(a, b, dtype):
+                propagating = True
+        limit = FLIP_TOL[dtype] if propagating else TOL[dtype]
+        if known:
+            limit = max(limit, known[0])
+        if e > limit:
+            failures.append(f"{label} {k}: relative error {e:.3g} > {limit:g}")
+    rows.append({"case": label, "max_rel": worst,
+                 "bit_identical": identical / total if total else 1.0,
+                 "propagated_flip": propagating, "known": known[1] if known else None})
+
+
+def main():
+    ns, gdir, mdir, work = sys.argv[1:5]
+    report = sys.argv[5] if len(sys.argv) > 5 else None
+    os.makedirs(work, exist_ok=True)
+    failures, rows = [], []
+    goldens = sorted(g for g in glob.glob(os.path.join(gdir, "*__*__*__*.safetensors"))
+                     if FILTER in os.path.basename(g))
+    if not goldens:
+        print(f"no goldens in {gdir}", file=sys.stderr)
+        return 1
+    batch = {}  # (model, dtype, attn) -> [(tag, golden)]
+    jobs = []
+    for g in goldens:
+        model, dtype, attn, tag = os.path.basename(g)[:-len(".safetensors")].split("__")
+        gold = load_file(g)
+        ids = [int(i) for i in gold["input_ids"]]
+        batch.setdefault((model, dtype, attn), []).append((tag, gold))
+        save = os.path.join(work, os.path.basename(g))
+        cmd = [ns, "trace", os.path.join(mdir, model), "--ids", ",".join(map(str, ids)),
+               "--dtype", NS_DTYPE[dtype], "--attention", NS_ATTN[attn], "--device", DEVICE,
+               "--save", save, "--json"]
+        jobs.append((model, dtype, attn, tag, gold, save, cmd))
+    # The runs side by side (one GPU takes several processes), then the comparisons in order.
+    with ThreadPoolExecutor(max_workers=JOBS) as ex:
+        done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), jobs))
+    for (model, dtype, attn, tag, gold, save, cmd), p in zip(jobs, done):
+        label = f"trace {model} {dtype} {attn} {tag}"
+        if p.returncode not in (0, 1):
+            failures.append(f"{label}: exit {p.returncode}: {p.stderr.strip()}")
+            continue
+        if not os.path.exists(save):
+            failures.append(f"{label}: exit {p.returncode}, nothing saved: {p.stderr.strip()}")
+            continue
+        ours = load_file(save)
+        if "logits.last" in gold:
+            ours["logits.last"] = ours["logits"][-1]
+        keys = sorted([k for k in gold if k.startswith("hidden.")], key=lambda k: int(k[7:]))
+        keys.append("logits.last" if "logits.last" in gold else "logits")
+        compare_states(ours, gold, keys, dtype, label, failures, rows, KNOWN.get((model, dtype, attn)))
+        if model == "qwen3-fp16-attn" and dtype == "float16" and tag == "short":
+            j = json.loads(p.stdout)
+            nonfinite = any(not np.isfinite(ours[k]).all() for k in keys)
+            if attn == "eager":
+                site = (j.get("first_nonfinite") or {}).get("site")
+                if not nonfinite or p.returncode != 1:
+                    failures.append(f"{label}: expected NaN under fp16 eager (exit {p.returncode})")
+                if site != "model.layers.0.self_attn.scores":
+                    failures.append(f"{label}: first non-finite site {site!r}, expected "
+                                    "model.layers.0.self_attn.scores")
+                rows[-1]["first_nonfinite"] = j.get("first_nonfinite")
+            elif nonfinite or p.returncode != 0:
+                failures.append(f"{label}: expected finite under fp16 fused (exit {p.returncode})")
+    # The batched path (forward_batch: several sequences of different lengths in one pass).
+    hjobs = []
+    for (model, dtype, attn), cases in sorted(batch.items()):
+        if len(cases) < 2:
+            continue
+        inp = os.path.join(work, f"{model}__{dtype}__{attn}.jsonl")
+        with open(inp, "w") as f:
+            for tag, gold in cases:
+                f.write(json.dumps({"id": tag, "ids": [int(i) for i in gold["input_ids"]]}) + "\n")
+        out = os.path.join(work, f"hid__{model}__{dtype}__{attn}")
+        subprocess.run(["rm", "-rf", out])
+        cmd = [ns, "hidden", os.path.join(mdir, model), "--input", inp, "--out", out,
+               "--dtype", NS_DTYPE[dtype], "--attention", NS_ATTN[attn], "--device", DEVICE]
+        hjobs.append((model, dtype, attn, cases, out, cmd))
+    with ThreadPoolExecutor(max_workers=JOBS) as ex:
+        done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), hjobs))
+    for (model, dtype, attn, cases, out, cmd), p in zip(hjobs, done):
+        label = f"hidden {model} {dtype} {attn}"
+        if p.returncode not in (0, 1):
+            failures.append(f"{label}: exit {p.returncode}: {p.stderr.strip()}")
+            continue
+        shards = {}
+        for s in sorted(glob.glob(os.path.join(out, "hidden-*.safetensors"))):
+            shards.update(load_file(s))
+        for tag, gold in cases:
+            keys = sorted([k for k in gold if k.startswith("hidden.")], key=lambda k: int(k[7:]))
+            missing = [k for k in keys if f"{tag}.layer{k[7:]}" not in shards]
+            if missing:
+                failures.append(f"{label} {tag}: states {missing} not written")
+                continue
+            ours = {k: shards[f"{tag}.layer{k[7:]}"] for k in keys}
+            compare_states(ours, gold, keys, dtype, f"{label} {tag}", failures, rows,
+                           KNOWN.get((model, dtype, attn)))
+    for r in rows:
+        print(f"{r['case']:<55} max_rel {r['max_rel']:.3g}  bit-identical {100 * r['bit_identical']:.2f}%"
+              + ("  (propagated flip)" if r["propagated_flip"] else "")
+              + (f"  (known: {r['known']})" if r["known"] else ""))
+    for f in failures:
+        print("FAIL", f)
+    print(f"{len(rows)} comparisons, {len(failures)} failures")
+    if report:
+        with open(report, "w") as f:
+            json.dump({"rows": rows, "failures": failures}, f, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+// `--device`: the host side of the CUDA backend, which every build and CI run (no GPU needed).
+// The GPU computation itself is tested on the GPU machine against transformers' goldens
+// (tests/gpu/run.sh), never here.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+
+#include "cli_util.hpp"
+#include "common/error.hpp"
+#include "cuda/forward_cuda.hpp"
+#include "formats/checkpoint.hpp"
+#include "model/forward.hpp"
+
+namespace nanscope {
+namespace {
+
+using testing::fixture;
+using ::testing::HasSubstr;
+using testing::run_cli;
+using testing::TempDir;
+
+// Whether an NVIDIA GPU is visible: then `--device cuda` runs instead of failing (the GPU
+// machine), and the tests of the failure below do not apply.
+bool gpu_visible() {
+  return std::system("nvidia-smi -L > /dev/null 2>&1") == 0;
+}
+
+TEST(Device, ParsesCpuAndCudaOnly) {
+  EXPECT_EQ(parse_device("cpu"), Device::Cpu);
+  EXPECT_EQ(parse_device("cuda"), Device::Cuda);
+  EXPECT_EQ(parse_device("gpu"), std::nullopt);
+  EXPECT_EQ(parse_device("CUDA"), std::nullopt);
+  EXPECT_STREQ(device_name(Device::Cuda), "cuda");
+  EXPECT_STREQ(device_name(Device::Cpu), "cpu");
+  EXPECT_EQ(parse_device_flag("cpu"), Device::Cpu);
+  try {
+    parse_device_flag("tpu");
+    ADD_FAILURE() << "no error for --device tpu";
+  } catch (const InputError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("--device tpu: expected cpu or cuda"));
+  }
+}
+
+// Without the backend, --device cuda says how to build it; with it but without a GPU, that there
+// is no usable device. Both are input errors (exit 2), never a crash or a silent CPU run.
+TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
+  if (gpu_visible()) GTEST_SKIP() << "a GPU is visible: tests/gpu/run.sh covers --device cuda";
+  const std::string expected = cuda_built() ? "no usable CUDA device" : "-DNANSCOPE_CUDA=ON";
+  const auto r =
+      run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr(expected));
+  TempDir d;
+  const auto input = (d.path / "in.jsonl").string();
+  std::ofstream(input) << "{\"id\": \"a\", \"ids\": [1, 2, 3]}\n";
+  const auto h = run_cli({"hidden", fixture("models/qwen3-tiny"), "--input", input, "--out",
+                          (d.path / "out").string(), "--device", "cuda"});
+  EXPECT_EQ(h.exit_code, 2) << h.err;
+  EXPECT_THAT(h.err, HasSubstr(expected));
+  const Checkpoint ck = Checkpoint::open(fixture("models/qwen3-tiny"));
+  ForwardOptions opt;
+  opt.device = Device::Cuda;
+  const std::vector<int64_t> ids = {1, 2, 3};
+  try {
+    forward(ck, ids, opt);
+    ADD_FAILURE() << "forward ran with --device cuda and no GPU";
+  } catch (const InputError& e) {
+    EXPECT_THAT(e.what(), HasSubstr(expected));
+  }
+  EXPECT_EQ(
+      run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1", "--device", "gpu"}).exit_code,
+      2);
+}
+
+}  // namespace
+}  // namespace nanscope
