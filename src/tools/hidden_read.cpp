@@ -5,7 +5,8 @@
 
 #include <algorithm>
 #include <fstream>
-#include <regex>
+#include <cctype>
+#include <string_view>
 #include <set>
 #include <sstream>
 
@@ -48,16 +49,26 @@ json read_index(const fs::path& p) {
   return j;
 }
 
+// "slice-KKKKK-of-NNNNN" (slice_dir_name's form): K, else -1. A fixed-width name needs no regex
+// (std::regex also trips GCC 12's -Wmaybe-uninitialized under the sanitizers).
+int64_t slice_index_of(const std::string& name) {
+  const std::string_view pre = "slice-", mid = "-of-";
+  if (name.size() != pre.size() + 5 + mid.size() + 5 || name.compare(0, pre.size(), pre) != 0 ||
+      name.compare(pre.size() + 5, mid.size(), mid) != 0)
+    return -1;
+  for (size_t i : {size_t(0), pre.size() + 5 + mid.size()})
+    for (size_t k = 0; k < 5; ++k)
+      if (!std::isdigit(static_cast<unsigned char>(name[(i ? i : pre.size()) + k]))) return -1;
+  return std::stoll(name.substr(pre.size(), 5));
+}
+
 // The slice directories directly under dir, by K.
 std::vector<std::pair<int64_t, fs::path>> slice_dirs(const fs::path& dir) {
-  static const std::regex re("slice-([0-9]{5})-of-([0-9]{5})");
   std::vector<std::pair<int64_t, fs::path>> out;
   std::error_code ec;
   for (const auto& d : fs::directory_iterator(dir, ec)) {
-    std::smatch m;
-    const std::string name = d.path().filename().string();
-    if (d.is_directory() && std::regex_match(name, m, re))
-      out.emplace_back(std::stoll(m[1].str()), d.path());
+    const int64_t k = slice_index_of(d.path().filename().string());
+    if (d.is_directory() && k >= 0) out.emplace_back(k, d.path());
   }
   std::sort(out.begin(), out.end());
   return out;
