@@ -16,7 +16,9 @@ targets=("$@")
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${NANSCOPE_FUZZ_DIR:-/tmp/nanscope-fuzz}"
 cxx="${CXX_FUZZ:-clang++}"
-flags=(-std=c++20 -O1 -g -march=x86-64-v3 -fsanitize=address,undefined -fno-sanitize-recover=undefined
+# src/common/version.cpp wants the version CMakeLists.txt declares; read it from the same line.
+version=$(sed -n 's/^project(nanscope VERSION \([0-9.]*\).*/\1/p' "$root/CMakeLists.txt")
+flags=(-std=c++20 "-DNANSCOPE_VERSION=\"$version\"" -O1 -g -march=x86-64-v3 -fsanitize=address,undefined -fno-sanitize-recover=undefined
   -I "$root/src" -I /usr/include/x86_64-linux-gnu/openblas-pthread)
 mkdir -p "$out/obj"
 
