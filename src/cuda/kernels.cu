@@ -105,13 +105,14 @@ __global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, 
 
 // One thread per (row, head, j < rot/2): both halves of the pair.
 __global__ void rope_k(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot,
-                       const float* cos, const float* sin, const int64_t* rowoff, Dt dt) {
+                       const float* cos, const float* sin, const int64_t* rowoff, int64_t shift,
+                       Dt dt) {
   const int64_t half = rot / 2;
   FOR_EACH(i, rows * heads * half) {
     const int64_t j = i % half, rh = i / half, r = rh / heads;
     float* v = x + rh * head_dim;
-    const float* c = cos + rowoff[r];
-    const float* s = sin + rowoff[r];
+    const float* c = cos + rowoff[r] + shift;
+    const float* s = sin + rowoff[r] + shift;
     const float lo = v[j], hi = v[j + half];
     const float a0 = round_dt(lo * c[j], dt), b0 = round_dt(-hi * s[j], dt);
     const float a1 = round_dt(hi * c[j + half], dt), b1 = round_dt(lo * s[j + half], dt);
@@ -177,13 +178,13 @@ __device__ __forceinline__ bool masked_key(int64_t i, int64_t j, int64_t window)
 // One warp per score row. torch's softmax for rows up to 1024 (PersistentSoftmax.cuh) gives each
 // row a group of W = min(next_pow2(T), 32) lanes, element j to lane j % W, a sequential sum per
 // lane and then a butterfly over the W lanes, and divides exp(x - max) by the sum: the same here.
-__global__ void eager_softmax_k(float* S, float* P, void* pstore, int64_t nmat, int64_t T,
-                                float scaling, float cap, int64_t window, float mask, Dt dt,
-                                SiteStats* st) {
+__global__ void eager_softmax_k(float* S, float* P, void* pstore, int64_t nmat, int64_t Tq,
+                                int64_t T, int64_t c0, float scaling, float cap, int64_t window,
+                                float mask, Dt dt, SiteStats* st) {
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= nmat * T) return;
+  if (row >= nmat * Tq) return;
   const int lane = threadIdx.x % 32;
-  const int64_t i = row % T;
+  const int64_t i = c0 + row % Tq;  // the query's own column among the T keys
   float* s = S + row * T;
   float* p = P + row * T;
   int W = 1;
@@ -244,14 +245,15 @@ constexpr int kKeysPerLane = 4;  // 128 keys per block of the online softmax
 // the running max m, p = 2^(s * scale_log2 - m * scale_log2), the sum and accumulators rescaled
 // when m grows, p rounded to the run dtype for p.v (fp32 accumulation, v read at its kv head);
 // out = round(acc * (1 / l)).
-__global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64_t T, int64_t heads,
-                                   int64_t kv_heads, int64_t D, const int64_t* seg_off,
-                                   float scaling, int64_t window, Dt dt, float* ctx, float* P,
-                                   SiteStats* st) {
+__global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64_t Tq, int64_t T,
+                                   int64_t c0, int64_t heads, int64_t kv_heads, int64_t D,
+                                   const int64_t* seg_off, float scaling, int64_t window, Dt dt,
+                                   float* ctx, float* P, SiteStats* st) {
   const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (w >= nmat * T) return;
+  if (w >= nmat * Tq) return;
   const int lane = threadIdx.x % 32;
-  const int64_t mat = w / T, i = w % T, h = mat % heads, kvh = h / (heads / kv_heads);
+  const int64_t mat = w / Tq, qi = w % Tq, i = c0 + qi, h = mat % heads,
+                kvh = h / (heads / kv_heads);
   const int64_t g0 = seg_off[mat / heads];
   const int64_t qd = heads * D, kvd = kv_heads * D;
   float* srow = S + w * T;
@@ -297,7 +299,7 @@ __global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64
   }
   for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
   const float inv = 1.0f / l;
-  float* o = ctx + (g0 + i) * qd + h * D;
+  float* o = ctx + (g0 + qi) * qd + h * D;
   for (int cd = 0; cd < nd; ++cd) {
     const int64_t d = lane + 32 * cd;
     if (d < D) o[d] = round_dt(acc[cd] * inv, dt);
@@ -340,9 +342,9 @@ void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps,
 }
 
 void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, const float* cos,
-          const float* sin, const int64_t* rowoff, Dt dt) {
+          const float* sin, const int64_t* rowoff, Dt dt, int64_t shift) {
   rope_k<<<blocks_for(rows * heads * (rot / 2), 256), 256>>>(x, rows, heads, head_dim, rot, cos,
-                                                             sin, rowoff, dt);
+                                                             sin, rowoff, shift, dt);
   check_launch("rope");
 }
 
@@ -367,20 +369,21 @@ void site_stats(const float* v, int64_t n, SiteStats* st) {
   check_launch("site_stats");
 }
 
-void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t T, float scaling,
-                   float cap, int64_t window, float mask, Dt dt, SiteStats* st) {
-  const int64_t rows = nmat * T;
-  eager_softmax_k<<<blocks_for(rows * 32, 256), 256>>>(S, P, pstore, nmat, T, scaling, cap, window,
-                                                       mask, dt, st);
+void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t Tq, int64_t T,
+                   int64_t c0, float scaling, float cap, int64_t window, float mask, Dt dt,
+                   SiteStats* st) {
+  const int64_t rows = nmat * Tq;
+  eager_softmax_k<<<blocks_for(rows * 32, 256), 256>>>(S, P, pstore, nmat, Tq, T, c0, scaling, cap,
+                                                       window, mask, dt, st);
   check_launch("eager_softmax");
 }
 
-void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t T, int64_t heads,
-                      int64_t kv_heads, int64_t D, const int64_t* seg_off, float scaling,
-                      int64_t window, Dt dt, float* ctx, float* P, SiteStats* st) {
+void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_t T, int64_t c0,
+                      int64_t heads, int64_t kv_heads, int64_t D, const int64_t* seg_off,
+                      float scaling, int64_t window, Dt dt, float* ctx, float* P, SiteStats* st) {
   if (D > 32 * kMaxDPerLane) throw std::runtime_error("fused attention: head_dim above 256");
-  fused_softmax_pv_k<<<blocks_for(nmat * T * 32, 128), 128>>>(
-      S, v, nmat, T, heads, kv_heads, D, seg_off, scaling, window, dt, ctx, P, st);
+  fused_softmax_pv_k<<<blocks_for(nmat * Tq * 32, 128), 128>>>(
+      S, v, nmat, Tq, T, c0, heads, kv_heads, D, seg_off, scaling, window, dt, ctx, P, st);
   check_launch("fused_softmax_pv");
 }
 
