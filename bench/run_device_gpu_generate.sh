@@ -38,6 +38,7 @@ if command -v compute-sanitizer > /dev/null; then
    done) &
   SAN=$!
 fi
+$BIN/nanscope_tests --gtest_filter='Device*:KvCache*' > "$OUT/tests.txt" 2>&1; echo "tests exit $?" >> "$LOG"
 echo "== GPU test $(date -u +%T)" >> "$LOG"
 GPU_TEST_GENERATE=/tmp/gen-goldens/generate.json timeout 300 python3 tests/gpu/compare.py $NS \
   tests/fixtures/goldens/cuda tests/fixtures/models /tmp/ns-gpu "$OUT/report.json" > "$OUT/gputest.txt" 2>&1
@@ -69,6 +70,8 @@ PY
         --eos none --attention $a --device cuda --json >> "$R"
     done
   done
+  NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b --ids $PROMPT --max-new-tokens 16 --eos none \
+    --attention fused --device cuda > /dev/null 2> "$OUT/step-times.txt"
   for a in sdpa eager; do
     $M ref_generate_cuda_$a timeout 150 python3 bench/reference/ref_generate.py $W/q4b bf16 $P $N $a cuda >> "$R" 2>> "$LOG"
   done
@@ -89,3 +92,4 @@ fi
 echo "== done $(date -u +%T)" >> "$LOG"
 tail -30 "$OUT/gputest.txt"
 cat "$LOG"
+tail -5 "$OUT/step-times.txt"

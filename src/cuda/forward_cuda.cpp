@@ -15,6 +15,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -352,6 +355,7 @@ class Pass {
 
   // A pass with the cache: the tokens sit at positions [past, past + T).
   std::vector<float> run_cached(std::span<const float> h0) {
+    const auto started = std::chrono::steady_clock::now();
     past_ = cache_->past;
     if (past_ + T_ > cache_->cap)
       fail("generate --device cuda: the key/value cache holds {} positions, {} asked for",
@@ -368,9 +372,20 @@ class Pass {
     linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
            logits_.f());
     if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
+    const auto queued = std::chrono::steady_clock::now();
     check(cudaMemcpy(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
                      cudaMemcpyDeviceToHost),
           "logits download");
+    // NANSCOPE_CUDA_STEP_TIMES=1: the host's time to queue a step against the step's whole time
+    // (the benchmark's question: are the launches or the GPU the bottleneck?).
+    static const bool times = std::getenv("NANSCOPE_CUDA_STEP_TIMES") != nullptr;
+    if (times) {
+      const auto done = std::chrono::steady_clock::now();
+      std::fprintf(stderr, "step T=%lld past=%lld queue_ms %.3f total_ms %.3f\n",
+                   static_cast<long long>(T_), static_cast<long long>(past_),
+                   std::chrono::duration<double, std::milli>(queued - started).count(),
+                   std::chrono::duration<double, std::milli>(done - started).count());
+    }
     const float* lh = static_cast<const float*>(logits_host_.get());
     return std::vector<float>(lh, lh + V_);
   }
