@@ -360,6 +360,10 @@ class Pass {
     if (past_ + T_ > cache_->cap)
       fail("generate --device cuda: the key/value cache holds {} positions, {} asked for",
            cache_->cap, past_ + T_);
+    if (past_ + T_ > max_keys_)
+      fail("forward: a --device cuda pass of {} tokens after {} cached ones (only the first "
+           "pass may hold more than one)",
+           T_, past_);
     std::memcpy(h_host_.get(), h0.data(), h0.size() * sizeof(float));
     check(cudaMemcpyAsync(h_.get(), h_host_.get(), h0.size() * sizeof(float),
                           cudaMemcpyHostToDevice),
@@ -812,7 +816,12 @@ class Pass {
     }
     // Scores for both profiles (q.k^T on tensor cores); probabilities in fp32 for eager or the
     // sites, in the run dtype for eager's p.v.
-    if (cache_) most = maxH_ * T_ * cache_->cap;  // T queries against up to cap keys
+    // With a cache: a 1-token step reads up to cap keys; a longer pass (the prompt) runs first,
+    // against its own keys only (run_cached checks), so that its scores stay [T, T] as trace's.
+    if (cache_) {
+      max_keys_ = T_ == 1 ? cache_->cap : T_;
+      most = maxH_ * T_ * max_keys_;
+    }
     S_ = DevBuf(size_t(most) * sizeof(float));
     if (att_ == AttentionProfile::Eager || sites_) P_ = DevBuf(size_t(most) * sizeof(float));
     if (att_ == AttentionProfile::Eager) Ps_ = DevBuf(size_t(most) * size_t(cuda::dt_bytes(dt_)));
@@ -839,6 +848,7 @@ class Pass {
   DevCache* cache_;  // null: no key/value cache
   int64_t past_ = 0;  // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
+  int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
   PinnedBytes ptrs_host_, logits_host_, h_host_;
   std::vector<Seg> segs_;
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
