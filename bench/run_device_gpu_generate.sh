@@ -6,7 +6,9 @@
 #     tests/fixtures/goldens/cuda, generate against the goldens of (1); a memcheck of two decodes;
 # (3) generate on Qwen3-4B shapes (bf16, 32-token prompt, 128 new tokens, batch 1), nanscope
 #     against transformers' GPU generate in the same job, and the HBM copy rate (the decode floor).
-# Everything lands in $OUT: machine.txt, gen-goldens.tgz, gputest.txt, report.json, bench.jsonl,
+# (2) and (3) run twice for generate: as it is, and with NANSCOPE_CUDA_GRAPH=1 (the decode step
+# replayed as one CUDA graph, its attention in decode_attention; gputest-graph.txt).
+# Everything lands in $OUT: machine.txt, gen-goldens.tgz, gputest*.txt, report.json, bench.jsonl,
 # summary.txt, job.log. GOLDENS_ONLY=1: (1) alone; BENCH=0: no (3).
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
@@ -31,11 +33,12 @@ tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens gen-goldens.log 2>/dev/null 
   tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens
 [ "${GOLDENS_ONLY:-0}" = 1 ] && exit 0
 if command -v compute-sanitizer > /dev/null; then
-  (for a in eager fused; do
-     timeout 90 compute-sanitizer --tool memcheck --print-limit 5 $NS generate tests/fixtures/models/mistral-tiny \
-       --ids 7,60,113,166,219,272,325,378 --max-new-tokens 12 --eos none --dtype bf16 --attention $a \
-       --device cuda > /dev/null 2> /tmp/memcheck-$a.txt; echo "memcheck $a exit $?" >> /tmp/memcheck-$a.txt
-   done) &
+  (for g in 0 1; do for a in eager fused; do
+     NANSCOPE_CUDA_GRAPH=$g timeout 90 compute-sanitizer --tool memcheck --print-limit 5 $NS generate \
+       tests/fixtures/models/mistral-tiny --ids 7,60,113,166,219,272,325,378 --max-new-tokens 12 \
+       --eos none --dtype bf16 --attention $a --device cuda > /dev/null 2> /tmp/memcheck-$g-$a.txt
+     echo "memcheck graph=$g $a exit $?" >> /tmp/memcheck-$g-$a.txt
+   done; done) &
   SAN=$!
 fi
 $BIN/nanscope_tests --gtest_filter='Device*:KvCache*' > "$OUT/tests.txt" 2>&1; echo "tests exit $?" >> "$LOG"
@@ -43,6 +46,10 @@ echo "== GPU test $(date -u +%T)" >> "$LOG"
 GPU_TEST_GENERATE=/tmp/gen-goldens/generate.json timeout 300 python3 tests/gpu/compare.py $NS \
   tests/fixtures/goldens/cuda tests/fixtures/models /tmp/ns-gpu "$OUT/report.json" > "$OUT/gputest.txt" 2>&1
 echo "GPU test exit $?" >> "$LOG"
+NANSCOPE_CUDA_GRAPH=1 GPU_TEST_ONLY=generate GPU_TEST_GENERATE=/tmp/gen-goldens/generate.json \
+  timeout 200 python3 tests/gpu/compare.py $NS tests/fixtures/goldens/cuda tests/fixtures/models \
+  /tmp/ns-gpu-graph "$OUT/report-graph.json" > "$OUT/gputest-graph.txt" 2>&1
+echo "GPU test (graph) exit $?" >> "$LOG"
 [ -n "${SAN:-}" ] && { wait $SAN; cat /tmp/memcheck-*.txt >> "$LOG"; }
 if [ "${BENCH:-1}" = 1 ]; then
   wait $SYNTH
@@ -64,20 +71,29 @@ print(json.dumps({"label": "hbm_copy", "bytes": 2 * x.numel(), "seconds_median":
 PY
   P=32; N=128
   PROMPT=$(python3 -c "print(','.join(str((i * 37 + 11) % 1000 + 1) for i in range(32)))")
-  for a in fused eager; do
-    for rep in 1 2; do
-      $M nanscope_generate_cuda_${a}_r$rep $NS generate $W/q4b --ids $PROMPT --max-new-tokens $N \
-        --eos none --attention $a --device cuda --json >> "$R"
+  for g in 0 1; do
+    for a in fused eager; do
+      for rep in 1 2; do
+        NANSCOPE_CUDA_GRAPH=$g $M nanscope_generate_cuda_${a}_graph${g}_r$rep $NS generate $W/q4b \
+          --ids $PROMPT --max-new-tokens $N --eos none --attention $a --device cuda --json >> "$R"
+      done
     done
+    NANSCOPE_CUDA_GRAPH=$g NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b --ids $PROMPT \
+      --max-new-tokens 16 --eos none --attention fused --device cuda > /dev/null 2>> "$OUT/step-times.txt"
   done
-  NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b --ids $PROMPT --max-new-tokens 16 --eos none \
-    --attention fused --device cuda > /dev/null 2> "$OUT/step-times.txt"
   for a in sdpa eager; do
     $M ref_generate_cuda_$a timeout 150 python3 bench/reference/ref_generate.py $W/q4b bf16 $P $N $a cuda >> "$R" 2>> "$LOG"
   done
   python3 - "$R" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+ref = {r["inner"]["attn"]: r["inner"]["ids"] for r in rows if r["label"].startswith("ref_") and "inner" in r}
+for r in rows:
+    f = dict(r, **r.get("inner", {}))
+    if f["label"].startswith("nanscope") and "ids" in f:  # the first 16 ids against transformers'
+        want = ref.get("sdpa" if "_fused_" in f["label"] else "eager")
+        f["label"] += "" if want is None else (" =ref16" if f["ids"][:16] == want else " !=ref16")
+        r["label"] = f["label"]
 for r in rows:
     f = dict(r, **r.get("inner", {}))
     if f.get("label") == "hbm_copy":
@@ -91,5 +107,6 @@ PY
 fi
 echo "== done $(date -u +%T)" >> "$LOG"
 tail -30 "$OUT/gputest.txt"
+tail -8 "$OUT/gputest-graph.txt"
 cat "$LOG"
 tail -5 "$OUT/step-times.txt"

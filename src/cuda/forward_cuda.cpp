@@ -348,10 +348,27 @@ class Pass {
       if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
       logits_host_ = PinnedBytes(size_t(V_) * sizeof(float));
       h_host_ = PinnedBytes(size_t(T_ * H_) * sizeof(float));
+      // NANSCOPE_CUDA_GRAPH=1: the 1-token step replayed as one CUDA graph (its position a
+      // device scalar, its attention decode_attention's); off by default until the GPU test
+      // has compared it with transformers (docs/cuda.md).
+      const char* g = std::getenv("NANSCOPE_CUDA_GRAPH");
+      graph_ = T_ == 1 && g != nullptr && std::string(g) == "1";
+      if (graph_) {
+        check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+        pos_ = DevBuf(sizeof(int64_t));
+        pos_host_ = PinnedBytes(sizeof(int64_t));
+      }
     }
     build_rope();
     plan_attention();
   }
+
+  ~Pass() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  Pass(const Pass&) = delete;
+  Pass& operator=(const Pass&) = delete;
 
   // A pass with the cache: the tokens sit at positions [past, past + T).
   std::vector<float> run_cached(std::span<const float> h0) {
@@ -365,21 +382,25 @@ class Pass {
            "pass may hold more than one)",
            T_, past_);
     std::memcpy(h_host_.get(), h0.data(), h0.size() * sizeof(float));
-    check(cudaMemcpyAsync(h_.get(), h_host_.get(), h0.size() * sizeof(float),
-                          cudaMemcpyHostToDevice),
-          "upload");
-    const int64_t N = int64_t(spec_.layers.size());
-    for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
-    // The final norm of every row (a row's norm does not depend on the others), lm_head on the
-    // last one, as transformers' generate computes it.
-    norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
-    linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
-           logits_.f());
-    if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
-    const auto queued = std::chrono::steady_clock::now();
-    check(cudaMemcpy(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
-                     cudaMemcpyDeviceToHost),
-          "logits download");
+    std::chrono::steady_clock::time_point queued;
+    if (graph_) {
+      *static_cast<int64_t*>(pos_host_.get()) = past_;
+      if (graph_runs_++ == 0) {
+        // The first step runs as it is (cuBLAS's first calls of these shapes set up outside a
+        // capture); the second is captured, and every later one replays it.
+        const StreamScope on(stream_);
+        step_body();
+      } else {
+        if (exec_ == nullptr) capture();
+        check(cudaGraphLaunch(exec_, stream_), "graph launch");
+      }
+      queued = std::chrono::steady_clock::now();
+      check(cudaStreamSynchronize(stream_), "decode step");
+    } else {
+      step_body();
+      queued = std::chrono::steady_clock::now();
+      check(cudaStreamSynchronize(nullptr), "decode step");
+    }
     // NANSCOPE_CUDA_STEP_TIMES=1: the host's time to queue a step against the step's whole time
     // (the benchmark's question: are the launches or the GPU the bottleneck?).
     static const bool times = std::getenv("NANSCOPE_CUDA_STEP_TIMES") != nullptr;
@@ -395,6 +416,66 @@ class Pass {
   }
 
   uint64_t weight_bytes() const { return dm_.weight_bytes; }
+
+ private:
+  // The kernels, cuBLAS and the copies of this thread on `s` while it lives (legacy default
+  // stream again after).
+  struct StreamScope {
+    explicit StreamScope(cudaStream_t s) {
+      cuda::set_stream(s);
+      check(cublasSetStream(blas(), s), "cublasSetStream");
+    }
+    ~StreamScope() {
+      cuda::set_stream(nullptr);
+      cublasSetStream(blas(), nullptr);
+    }
+    StreamScope(const StreamScope&) = delete;
+    StreamScope& operator=(const StreamScope&) = delete;
+  };
+
+  // A cached pass's work, queued on the current stream: the embeddings up, the layers, the final
+  // norm of every row (a row's norm does not depend on the others), lm_head on the last one (as
+  // transformers' generate computes it), the logits row down to page-locked memory.
+  void step_body() {
+    const cudaStream_t st = graph_ ? stream_ : nullptr;
+    check(cudaMemcpyAsync(h_.get(), h_host_.get(), size_t(T_ * H_) * sizeof(float),
+                          cudaMemcpyHostToDevice, st),
+          "upload");
+    if (graph_)
+      check(cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice,
+                            st),
+            "upload");
+    const int64_t N = int64_t(spec_.layers.size());
+    for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
+    norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
+    linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
+           logits_.f());
+    if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
+    check(cudaMemcpyAsync(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
+                          cudaMemcpyDeviceToHost, st),
+          "logits download");
+  }
+
+  // step_body captured once into a graph (the host buffers and the position scalar are read
+  // when it replays). A failure ends the capture before it is reported.
+  void capture() {
+    const StreamScope on(stream_);
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "graph capture");
+    cudaGraph_t g = nullptr;
+    try {
+      step_body();
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &g);
+      if (g != nullptr) cudaGraphDestroy(g);
+      throw;
+    }
+    check(cudaStreamEndCapture(stream_, &g), "graph capture");
+    const cudaError_t e = cudaGraphInstantiate(&exec_, g, 0);
+    cudaGraphDestroy(g);
+    check(e, "graph instantiate");
+  }
+
+ public:
 
   std::vector<float> run(std::span<const float> h0) {
     check(cudaMemcpy(h_.get(), h0.data(), h0.size() * sizeof(float), cudaMemcpyHostToDevice),
@@ -483,10 +564,21 @@ class Pass {
       norm(l, n.k_norm, k_.f(), w.k_norm, D, T_ * a.kv_heads, k_.f(), {T_, a.kv_heads, D});
     }
     const Rope& r = ropes_.at(a.rope);
+    const auto* dpos = graph_ ? static_cast<const int64_t*>(pos_.get()) : nullptr;
     cuda::rope(q_.f(), T_, a.heads, D, r.dim, r.cos.f(), r.sin.f(),
-               static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim);
+               static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
     cuda::rope(k_.f(), T_, a.kv_heads, D, r.dim, r.cos.f(), r.sin.f(),
-               static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim);
+               static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
+    if (graph_) {  // nothing here may depend on the step's position but through dpos
+      cuda::cache_append(k_.f(), v_.f(), kvd, dpos, cache_->k[size_t(l)].get(),
+                         cache_->v[size_t(l)].get(), cache_->vf[size_t(l)].f(), dt_);
+      cuda::decode_attention(q_.f(), cache_->k[size_t(l)].get(), cache_->v[size_t(l)].get(),
+                             cache_->vf[size_t(l)].f(), dpos, a.heads, a.kv_heads, D, a.scaling,
+                             a.softcap.value_or(0.0f), a.window,
+                             att_ == AttentionProfile::Fused, dt_, S_.f(), max_keys_, ctx_.f());
+      linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
+      return;
+    }
     if (cache_) {  // this pass's keys and values join the cache at rows [P, P + T)
       const size_t eb = size_t(cuda::dt_bytes(dt_)), at = size_t(past_ * kvd);
       cuda::to_storage(k_.f(), static_cast<char*>(cache_->k[size_t(l)].get()) + at * eb, T_ * kvd,
@@ -849,6 +941,12 @@ class Pass {
   int64_t past_ = 0;  // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
   int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
+  bool graph_ = false;    // a 1-token pass replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
+  cudaStream_t stream_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  int64_t graph_runs_ = 0;
+  DevBuf pos_;  // the step's position, on the GPU
+  PinnedBytes pos_host_;
   PinnedBytes ptrs_host_, logits_host_, h_host_;
   std::vector<Seg> segs_;
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;

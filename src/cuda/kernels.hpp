@@ -35,9 +35,11 @@ void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps,
 // In place on x [rows, heads, head_dim]: the first rot dims of each head rotated with the table
 // row rowoff[r] + shift (tables [*, rot], values in the run dtype; shift: a decode step's
 // position times rot, so that one offset array serves every step):
-// x = round(round(x * cos) + round(rotate_half(x) * sin)).
+// x = round(round(x * cos) + round(rotate_half(x) * sin)). dpos (a device scalar, nullable):
+// shift = *dpos * rot instead, read when the kernel runs (a captured decode step).
 void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, const float* cos,
-          const float* sin, const int64_t* rowoff, Dt dt, int64_t shift = 0);
+          const float* sin, const int64_t* rowoff, Dt dt, int64_t shift = 0,
+          const int64_t* dpos = nullptr);
 void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out);
 // act = round(round(f(g)) * u), f = silu (act 0) or gelu-tanh (act 1).
 void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out);
@@ -66,5 +68,22 @@ void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t Tq, i
 void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_t T, int64_t c0,
                       int64_t heads, int64_t kv_heads, int64_t D, const int64_t* seg_off,
                       float scaling, int64_t window, Dt dt, float* ctx, float* P, SiteStats* st);
+
+// Every launch of this file goes to `stream` (a cudaStream_t; null: the legacy default stream).
+void set_stream(void* stream);
+
+// A captured decode step (forward_cuda.cpp, NANSCOPE_CUDA_GRAPH=1), whose position is the device
+// scalar *pos: its key and value rows k, v [kvd] (fp32, rounded) into the cache at row *pos (k and
+// v in storage, v also in fp32 in vf).
+void cache_append(const float* k, const float* v, int64_t kvd, const int64_t* pos, void* kst,
+                  void* vst, float* vf, Dt dt);
+// Its attention: q [heads * D] (fp32, rounded) against the cache rows [lo, *pos] (lo: the last
+// window - 1 before it for a sliding-window layer, else 0), eager or fused as the kernels above
+// compute them, with q.k in a plain fp32 sum (not cuBLAS's order). S: scratch [heads, sstride],
+// sstride >= the keys; ctx [heads * D], rounded.
+void decode_attention(const float* q, const void* kc, const void* vc, const float* vf,
+                      const int64_t* pos, int64_t heads, int64_t kv_heads, int64_t D, float scaling,
+                      float cap, int64_t window, bool fused, Dt dt, float* S, int64_t sstride,
+                      float* ctx);
 
 }  // namespace nanscope::cuda
