@@ -162,7 +162,8 @@ def check_generate(ns, path, mdir, failures, gen_rows):
                 pair = {id1, id2}
                 tie = (ours[i] in pair and want[i] in pair and
                        l1 - l2 <= 2 * ULP[r["dtype"]] * abs(l1))
-                row["tie"] = {"step": i, "ours": ours[i], "theirs": want[i], "top2": r["top2"][i]}
+                row["tie"] = {"step": i, "ours": ours[i], "theirs": want[i], "top2": r["top2"][i],
+                              "near_tie": tie}
                 if not tie:
                     failures.append(f"{label}: step {i}: ours {ours[i]} vs transformers' {want[i]}"
                                     f" (its top two {id1}: {l1:.6g}, {id2}: {l2:.6g}): not a near-tie")
@@ -299,7 +300,9 @@ def main():
         if "identical" in r:
             t = r["tie"]
             print(f"{r['case']:<55} identical {r['identical']}/{r['of']} tokens"
-                  + (f"  (near-tie at step {t['step']}: {t['top2']})" if t else ""))
+                  + (f"  (then step {t['step']}: ours {t['ours']}, transformers' {t['theirs']}, its"
+                     f" top two {t['top2']}: {'a near-tie' if t['near_tie'] else 'NOT a near-tie'})"
+                     if t else ""))
         else:
             print(f"{r['case']:<55} exit {r['exit']}"
                   + (f"  first_nonfinite {r['first_nonfinite']}" if r.get("first_nonfinite") else ""))
