@@ -10,7 +10,9 @@
 //
 // Every path may be a str or an os.PathLike. InputError becomes ValueError, OutputError OSError,
 // with the command line's flags in messages spelled as Python keywords. The GIL is released
-// during the forward pass; state arrays own their std::vector through a capsule (no copy).
+// during the forward pass, and Ctrl-C stops a long call at the library's next safe point
+// (common/interrupt_check.hpp) as KeyboardInterrupt; state arrays own their std::vector through
+// a capsule (no copy).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "common/error.hpp"
+#include "common/interrupt_check.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/hub.hpp"
 #include "tokenizer/bpe.hpp"
@@ -44,6 +47,20 @@ using namespace nanscope;
 namespace fs = std::filesystem;
 
 namespace {
+
+// At the library's safe points: Python's signal handlers, which only the main thread runs (a
+// call from another thread finds nothing to do). A raised KeyboardInterrupt travels through the
+// library as py::error_already_set and is restored when the call returns.
+void python_interrupt_check() {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+// What every long call does around the library: the GIL released, Ctrl-C checked at safe points.
+struct Released {
+  py::gil_scoped_release nogil;
+  ScopedInterruptCheck check{&python_interrupt_check};
+};
 
 // The library's messages name the command line's flags (`--dtype`, `--out X`); a Python user
 // passes keywords, so they read `dtype=`, `out=X`, `allow_nonfinite=True`.
@@ -189,7 +206,7 @@ class Model {
     o.eos = eos;
     GenerateResult r;
     {
-      py::gil_scoped_release nogil;
+      Released nogil;
       r = nanscope::generate(*ck_, o);
     }
     return to_py(generate_json(r));
@@ -239,7 +256,7 @@ class Model {
     std::vector<HiddenStates> out(prompts.size());
     for (auto& o : out) o.states.resize(size_t(S)), o.H = H;
     {
-      py::gil_scoped_release nogil;
+      Released nogil;
       std::vector<int64_t> lengths;
       for (const auto& in : inputs) lengths.push_back(in.tokens());
       for (const auto& [b0, b1] : batch_ranges(lengths, batch_tokens)) {
@@ -276,7 +293,7 @@ class Model {
       const auto ls = layer_list(layers, num_states());
       HiddenStates s;
       {
-        py::gil_scoped_release nogil;
+        Released nogil;
         s = hidden_states_embeddings(*ck_, e, T, f, ls);
       }
       return states_to_list(std::move(s));
@@ -291,7 +308,7 @@ class Model {
     const ForwardOptions f = opts(dtype, "eager");
     std::vector<float> e;
     {
-      py::gil_scoped_release nogil;
+      Released nogil;
       e = input_embeddings(*ck_, in, f.dtype);
     }
     return to_numpy(std::move(e), {in.tokens(), ck_->config().hidden_size});
@@ -326,7 +343,7 @@ class Model {
     const auto ls = layer_list(layers, num_states());
     HiddenStates s;
     {
-      py::gil_scoped_release nogil;
+      Released nogil;
       s = nanscope::hidden_states(*ck_, in, f, ls);
     }
     return states_to_list(std::move(s));
@@ -372,7 +389,7 @@ struct PyHiddenStates {
     const HiddenEntry& e = entry(id);
     std::vector<float> v;
     {
-      py::gil_scoped_release nogil;
+      Released nogil;
       v = set.read(e, layer);
     }
     const auto sh = set.shape(e);
@@ -466,7 +483,7 @@ PYBIND11_MODULE(nanscope, m) {
         const auto model = resolve_model_path(path);
         ScanResult r;
         {
-          py::gil_scoped_release nogil;
+          Released nogil;
           r = scan(model, o);
         }
         return to_py(scan_to_json(r));
@@ -503,7 +520,7 @@ PYBIND11_MODULE(nanscope, m) {
         }
         CheckResult r;
         {
-          py::gil_scoped_release nogil;
+          Released nogil;
           r = check(resolve_model_path(path), o);
         }
         return to_py(check_json(r));
@@ -538,7 +555,7 @@ PYBIND11_MODULE(nanscope, m) {
         if (adapter) o.adapter = AdapterOverlay::open(resolve_model_path(adapter->string()), ck);
         TraceResult r;
         {
-          py::gil_scoped_release nogil;
+          Released nogil;
           r = trace(ck, o);
         }
         return to_py(trace_json(r));
@@ -569,7 +586,7 @@ PYBIND11_MODULE(nanscope, m) {
         o.threads = threads;
         MergeResult r;
         {
-          py::gil_scoped_release nogil;
+          Released nogil;
           r = merge(o);
         }
         return to_py(merge_result_json(r));
@@ -620,7 +637,7 @@ PYBIND11_MODULE(nanscope, m) {
         if (generate < 0) fail("compare: generate {} is negative", generate);
         CompareResult r;
         {
-          py::gil_scoped_release nogil;
+          Released nogil;
           r = nanscope::compare(sa, sb, toks, generate);
         }
         return to_py(compare_json(r));

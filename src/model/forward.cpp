@@ -18,6 +18,7 @@
 #include <set>
 #include <string>
 
+#include "common/interrupt_check.hpp"
 #include "common/error.hpp"
 #include "model/adapter_overlay.hpp"
 #include "common/strings.hpp"
@@ -144,6 +145,7 @@ class Model {
     hidden(0, h);
     const int64_t N = int64_t(spec_.layers.size());
     for (int64_t l = 0; l < N; ++l) {
+      check_interrupt();
       layer(spec_.layers[size_t(l)], h);
       if (l + 1 < N) hidden(l + 1, h);
     }

@@ -67,6 +67,8 @@ const char* path_name(MatmulPath p) {
       return "scalar";
     case MatmulPath::Stream:
       return "stream";
+    case MatmulPath::Stream512:
+      return "stream512";
     case MatmulPath::Blas:
       return "blas";
     case MatmulPath::OneDnn:
@@ -108,6 +110,13 @@ Backend backend_from_environment() {
           : env_on("NANSCOPE_AMX_EMULATE") ? AmxUse::Emulated
                                            : AmxUse::Auto;
   b.onednn = !env_on("NANSCOPE_NO_ONEDNN");
+  b.avx512 = !env_on("NANSCOPE_NO_AVX512");
+  if (const char* e = std::getenv("NANSCOPE_DECODE")) {
+    long rows = 0, prefetch = 0;
+    if (std::sscanf(e, "%ld,%ld", &rows, &prefetch) == 2 && (rows == 2 || rows == 4 || rows == 8) &&
+        prefetch >= 0 && prefetch <= 4096)
+      b.decode = {rows, prefetch};
+  }
   // oneDNN reads ONEDNN_MAX_CPU_ISA itself; where it is set, it alone caps the ISA.
   b.onednn_amx = std::getenv("ONEDNN_MAX_CPU_ISA") == nullptr;
   AmxTuning& t = b.amx_tuning;
@@ -152,8 +161,15 @@ bool has_onednn_bf16() {
   return gemm_bf16::available();
 }
 
+bool has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
 bool path_runs_here(MatmulPath p, const char** why) {
   const char* reason = nullptr;
+  if (p == MatmulPath::Stream512 && !has_avx512()) reason = "no AVX-512 on this processor";
   if (p == MatmulPath::AmxTiles && !has_amx_hardware())
     reason = "no AMX tiles on this processor (or not granted by the kernel)";
   if (p == MatmulPath::OneDnn && !has_onednn_bf16())
@@ -195,7 +211,8 @@ MatmulPath choose_linear_path(DType dt, int64_t tokens, const Backend& b) {
     // parallel loop (products computed side by side, one per worker).
     if (b.onednn && !omp_in_parallel() && has_onednn_bf16()) return MatmulPath::OneDnn;
   }
-  return tokens >= kGemmTokens ? MatmulPath::Blas : MatmulPath::Stream;
+  if (tokens >= kGemmTokens) return MatmulPath::Blas;
+  return b.avx512 && has_avx512() ? MatmulPath::Stream512 : MatmulPath::Stream;
 }
 
 MatmulPath choose_attention_path(DType dt, const Backend& b) {

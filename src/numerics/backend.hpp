@@ -26,6 +26,10 @@
 // | NANSCOPE_AMX_EMULATE=1         | amx = Emulated    | every AMX path on tiles emulated in    |
 // |                                |                   | C++, on any machine (slow; tests)      |
 // | NANSCOPE_NO_ONEDNN=1           | onednn = false    | bf16 products without AMX on OpenBLAS  |
+// | NANSCOPE_NO_AVX512=1           | avx512 = false    | few-token products on the AVX2 kernel  |
+// |                                |                   | even where the processor has AVX-512   |
+// | NANSCOPE_DECODE=ROWS,PREFETCH  | decode.rows/      | the AVX-512 streaming kernel's rows    |
+// |                                |   .prefetch       | per block and prefetch distance        |
 // | NANSCOPE_AMX_BLOCK=M,N,K       | amx_tuning.m/n/k  | the AMX kernel's C block and K step,   |
 // |                                |                   | multiples of 32 (K 0: the whole K)     |
 // | NANSCOPE_AMX_PREFETCH=ab|a|b|0 | amx_tuning.       | which operand's next tiles are         |
@@ -65,16 +69,17 @@ std::optional<Device> parse_device(std::string_view s);  // nullopt for anything
 enum class MatmulPath : uint8_t {
   Scalar,       // linear_ref's plain loops: the reference; chosen only when forced
   Stream,       // AVX2 microkernel streaming the weights once: few tokens (memory-bound)
+  Stream512,    // the same on AVX-512 (16 lanes, all tokens per row block): few tokens
   Blas,         // OpenBLAS sgemm on weights widened to fp32: many tokens, any dtype
   OneDnn,       // oneDNN's bf16 matmul (AVX512-BF16 or AMX inside oneDNN): bf16 runs
   AmxTiles,     // nanscope's tile kernel (gemm_amx) on the processor's AMX: bf16 runs
   AmxEmulated,  // the same kernel on tiles emulated in C++ (slow): bf16 runs, tests
 };
-inline constexpr MatmulPath kAllMatmulPaths[] = {MatmulPath::Scalar,   MatmulPath::Stream,
-                                                 MatmulPath::Blas,     MatmulPath::OneDnn,
-                                                 MatmulPath::AmxTiles, MatmulPath::AmxEmulated};
+inline constexpr MatmulPath kAllMatmulPaths[] = {
+    MatmulPath::Scalar, MatmulPath::Stream,   MatmulPath::Stream512,  MatmulPath::Blas,
+    MatmulPath::OneDnn, MatmulPath::AmxTiles, MatmulPath::AmxEmulated};
 
-// "scalar", "stream", "blas", "onednn", "amx", "amx-emulated".
+// "scalar", "stream", "stream512", "blas", "onednn", "amx", "amx-emulated".
 const char* path_name(MatmulPath p);
 inline bool is_amx(MatmulPath p) {
   return p == MatmulPath::AmxTiles || p == MatmulPath::AmxEmulated;
@@ -91,6 +96,14 @@ struct AmxTuning {
 };
 bool valid(const AmxTuning& t);
 
+// The AVX-512 streaming kernel's blocking (kernels.cpp): weight rows per block (2, 4 or 8: the
+// rows streamed side by side) and a software prefetch distance in bytes ahead of each row (0:
+// none, the hardware prefetchers alone).
+struct DecodeTuning {
+  int64_t rows = 4;
+  int64_t prefetch = 0;
+};
+
 // Where the AMX paths may run.
 enum class AmxUse : uint8_t {
   Auto,      // on the processor's tiles where it has AMX
@@ -106,6 +119,8 @@ struct Backend {
   bool onednn = true;      // bf16 products on oneDNN where it has a bf16 kernel and AMX is not used
   bool onednn_amx = true;  // raise oneDNN 2.6's ISA cap to AMX at its first use (see the table)
   AmxTuning amx_tuning;
+  bool avx512 = true;  // few-token products on Stream512 where the processor has AVX-512
+  DecodeTuning decode;
   // --device cuda: linear products write fp32 and are rounded after, instead of writing the run
   // dtype as torch's cuBLAS calls do (an experiment on the accumulation; NANSCOPE_CUDA_GEMM_F32).
   bool cuda_gemm_f32_out = false;
@@ -139,6 +154,7 @@ class ScopedBackend {
 // Processor features, each detected once at its first use.
 bool has_amx_hardware();  // AMX-BF16 tiles, granted to the process by the kernel
 bool has_onednn_bf16();   // a oneDNN bf16 matmul other than its reference loops
+bool has_avx512();        // AVX-512 F/BW/VL/DQ, with the vector state enabled by the OS
 
 // Whether this machine can run path p (Scalar, Stream, Blas, AmxEmulated: always), and if not
 // why not ("no AMX on this processor", ...), for tests to report skipped paths.
@@ -151,7 +167,8 @@ bool path_runs_here(MatmulPath p, const char** why = nullptr);
 //     at a time) (measured on a Sapphire Rapids Xeon: 3-4x the fp32 path already at 128 tokens,
 //     bench/bench_gemm.cpp);
 //   tokens >= 16: OpenBLAS (compute-bound);
-//   else the streaming kernel (memory-bound: the weights are read once).
+//   else the streaming kernel (memory-bound: the weights are read once), on AVX-512 where the
+//     processor has it and b.avx512.
 MatmulPath choose_linear_path(DType dt, int64_t tokens, const Backend& b = backend());
 
 // The path of eager attention's q.k^T and p.v products (any number of rows): AMX (tiles or

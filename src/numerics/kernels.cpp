@@ -311,6 +311,168 @@ void linear_stream(const float* x, int64_t T, const WeightView& w, const float* 
   });
 }
 
+// Few tokens on AVX-512 (Stream512): 16 lanes, the weights converted in registers as they
+// stream in, RB rows at a time and every token of the block while those rows sit in L1, so the
+// weights are read from memory once for up to 15 tokens. Only where the stored values are the
+// run dtype's (or the run is fp32): a cast at load (bf16 stored, fp16 run) takes Stream.
+// The zero-masked forms of the intrinsics below: GCC 12's plain forms start from an undefined
+// register (`__Y = __Y`), which -Werror=uninitialized rejects once inlined here.
+#define NS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2")))
+
+NS_AVX512 inline __m512 bf16x16_to_f32(__m256i b) {
+  return _mm512_castsi512_ps(
+      _mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, b), 16));
+}
+
+// Once per output: through memory, as the cast and extract intrinsics start from undefined ones.
+NS_AVX512 inline float hsum16(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  return hsum(_mm256_add_ps(_mm256_load_ps(t), _mm256_load_ps(t + 8)));
+}
+
+template <DType S>
+NS_AVX512 inline __m512 load16_stored(const std::byte* p) {
+  if constexpr (S == DType::BF16)
+    return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  else if constexpr (S == DType::F16)
+    return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  else
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+// The last K % 16 values, the lanes past K read as zero.
+template <DType S>
+NS_AVX512 inline __m512 load16_stored_tail(const std::byte* p, int n) {
+  const __mmask16 m = __mmask16((1u << n) - 1);
+  if constexpr (S == DType::BF16)
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p));
+  else if constexpr (S == DType::F16)
+    return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_maskz_loadu_epi16(m, p));
+  else
+    return _mm512_maskz_loadu_ps(m, p);
+}
+
+template <DType S, int RB, int TB>
+NS_AVX512 inline void micro512(const std::byte* w, size_t row_bytes, const float* x, int64_t K,
+                               int64_t prefetch, float (&out)[RB][TB]) {
+  constexpr size_t es = S == DType::F32 ? 4 : 2;
+  __m512 acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t K16 = K & ~int64_t(15);
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m512 wv[RB];
+    for (int r = 0; r < RB; ++r) {
+      const std::byte* p = w + r * row_bytes + size_t(k) * es;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(p + prefetch), _MM_HINT_T0);
+      wv[r] = load16_stored<S>(p);
+    }
+    for (int t = 0; t < TB; ++t) {
+      const __m512 xv = _mm512_loadu_ps(x + t * K + k);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  if (K16 < K) {
+    const int n = int(K - K16);
+    const __mmask16 m = __mmask16((1u << n) - 1);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 wv = load16_stored_tail<S>(w + r * row_bytes + size_t(K16) * es, n);
+      for (int t = 0; t < TB; ++t)
+        acc[r][t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * K + K16), acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) out[r][t] = hsum16(acc[r][t]);
+}
+
+// Rows [r0, r1) of one product for every token: blocks of RB rows, tokens in groups of 4, 2, 1.
+template <DType S, int RB>
+NS_AVX512 void rows512(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                       float* out, int64_t r0, int64_t r1, int64_t prefetch) {
+  const size_t row_bytes = size_t(w.cols) * (S == DType::F32 ? 4 : 2);
+  auto block = [&](auto rb, int64_t r) {
+    constexpr int R = decltype(rb)::value;
+    const std::byte* wr = w.data + size_t(r) * row_bytes;
+    auto emit = [&](auto& res, int64_t t0, int tb) {
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < tb; ++j) {
+          float v = res[i][j];
+          if (bias) v += bias[r + i];
+          out[(t0 + j) * w.rows + r + i] = round_to(v, dt);
+        }
+    };
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) {
+      float res[R][4];
+      micro512<S, R, 4>(wr, row_bytes, x + t * w.cols, w.cols, prefetch, res);
+      emit(res, t, 4);
+    }
+    if (t + 2 <= T) {
+      float res[R][2];
+      micro512<S, R, 2>(wr, row_bytes, x + t * w.cols, w.cols, prefetch, res);
+      emit(res, t, 2);
+      t += 2;
+    }
+    if (t < T) {
+      float res[R][1];
+      micro512<S, R, 1>(wr, row_bytes, x + t * w.cols, w.cols, prefetch, res);
+      emit(res, t, 1);
+    }
+  };
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) block(std::integral_constant<int, RB>{}, r);
+  for (; r < r1; ++r) block(std::integral_constant<int, 1>{}, r);
+}
+
+bool stream512_computes(const WeightView& w, DType dt) {
+  return w.storage == dt || dt == DType::F32;
+}
+
+// Rows [r0, r1) of w on the AVX-512 kernel with the rows per block of the tuning.
+void stream512_rows(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                    float* out, int64_t r0, int64_t r1) {
+  const DecodeTuning& d = backend().decode;
+  const int64_t pf = d.prefetch;
+  auto go = [&](auto s) {
+    constexpr DType S = decltype(s)::value;
+    if (d.rows >= 8) return rows512<S, 8>(x, T, w, bias, dt, out, r0, r1, pf);
+    if (d.rows >= 4) return rows512<S, 4>(x, T, w, bias, dt, out, r0, r1, pf);
+    return rows512<S, 2>(x, T, w, bias, dt, out, r0, r1, pf);
+  };
+  switch (w.storage) {
+    case DType::BF16:
+      return go(std::integral_constant<DType, DType::BF16>{});
+    case DType::F16:
+      return go(std::integral_constant<DType, DType::F16>{});
+    default:
+      return go(std::integral_constant<DType, DType::F32>{});
+  }
+}
+
+// Several products of one input on one parallel loop over all their rows (q/k/v, gate/up of a
+// decode step): one fork and join instead of one per product, and no worker idles on the small
+// ones. Each output row is still computed whole by one worker.
+void stream512_many(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt) {
+  int64_t total = 0;
+  for (const LinearOutput& o : outs) total += o.w.rows;
+  parallel_for(total, 16, [&](int64_t b, int64_t e) {
+    int64_t base = 0;
+    for (const LinearOutput& o : outs) {
+      const int64_t lo = std::max(b, base), hi = std::min(e, base + o.w.rows);
+      if (lo < hi) stream512_rows(x, T, o.w, o.bias, dt, o.out, lo - base, hi - base);
+      base += o.w.rows;
+    }
+  });
+}
+
+void linear_stream512(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+                      float* out) {
+  if (!stream512_computes(w, dt)) return linear_stream(x, T, w, bias, dt, out);
+  const LinearOutput o{w, bias, out};
+  stream512_many(x, T, std::span(&o, 1), dt);
+}
+
 }  // namespace
 
 void linear(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
@@ -320,6 +482,8 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
       return linear_ref(x, T, w, bias, dt, out);
     case MatmulPath::Stream:
       return linear_stream(x, T, w, bias, dt, out);
+    case MatmulPath::Stream512:
+      return linear_stream512(x, T, w, bias, dt, out);
     case MatmulPath::Blas:
       return linear_blas(x, T, w, bias, dt, out);
     case MatmulPath::OneDnn:
@@ -333,7 +497,11 @@ void linear(const float* x, int64_t T, const WeightView& w, const float* bias, D
 void linear_shared_input(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt) {
   // On the AMX path the input is narrowed and packed once for all outputs of bf16 weights of one
   // width; every other case is one linear() per output.
-  bool shared = is_amx(choose_linear_path(dt, T)) && !outs.empty();
+  const MatmulPath path = choose_linear_path(dt, T);
+  if (path == MatmulPath::Stream512 &&
+      std::all_of(outs.begin(), outs.end(), [&](const LinearOutput& o) { return stream512_computes(o.w, dt); }))
+    return stream512_many(x, T, outs, dt);
+  bool shared = is_amx(path) && !outs.empty();
   for (const LinearOutput& o : outs)
     shared = shared && o.w.storage == DType::BF16 && o.w.cols == outs[0].w.cols;
   if (!shared) {

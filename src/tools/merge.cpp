@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/interrupt_check.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "common/strings.hpp"
@@ -114,6 +115,7 @@ class Merger {
       : o_(o), base_(base), ad_(ad), pool_(threads), scratch_(size_t(pool_.size())) {}
 
   void check_cancel() const {
+    check_interrupt();
     if (o_.cancel && o_.cancel->load()) fail("merge: interrupted; nothing was written");
   }
 

@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <exception>
 #include <set>
 #include <thread>
 
+#include "common/interrupt_check.hpp"
 #include "formats/adapter.hpp"
 #include "formats/peft_names.hpp"
 #include "model/arch.hpp"
@@ -141,8 +143,19 @@ std::vector<TensorReport> scan_values(
   check_files();
   std::vector<ValueStats> partial(chunks.size());
   std::atomic<size_t> next{0};
-  auto worker = [&] {
-    for (size_t k; (k = next.fetch_add(1)) < chunks.size();) {
+  std::atomic<bool> stop{false};
+  std::exception_ptr interrupted;  // from the caller's safe point between its chunks
+  auto worker = [&](bool caller) {
+    for (size_t k; !stop.load() && (k = next.fetch_add(1)) < chunks.size();) {
+      if (caller) {
+        try {
+          check_interrupt();
+        } catch (...) {
+          interrupted = std::current_exception();
+          stop = true;
+          break;
+        }
+      }
       const Chunk& ch = chunks[k];
       const auto& [file, info] = tensors[ch.tensor];
       const size_t esz = size_t(dtype_bits(info->dtype) / 8);
@@ -154,9 +167,10 @@ std::vector<TensorReport> scan_values(
   int n = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
   n = int(std::min<size_t>(size_t(n), std::max<size_t>(1, chunks.size())));
   std::vector<std::thread> pool;
-  for (int i = 1; i < n; ++i) pool.emplace_back(worker);
-  worker();
+  for (int i = 1; i < n; ++i) pool.emplace_back(worker, false);
+  worker(true);
   for (auto& t : pool) t.join();
+  if (interrupted) std::rethrow_exception(interrupted);
   check_files();
   for (size_t k = 0; k < chunks.size(); ++k) reports[chunks[k].tensor].stats.merge(partial[k]);
   return reports;

@@ -422,8 +422,16 @@ TEST(Backend, ChoiceFollowsDtypeTokensAndOptions) {
   Backend b;
   b.amx = AmxUse::Off;
   b.onednn = false;
+  b.avx512 = false;
   EXPECT_EQ(choose_linear_path(DType::F32, 1, b), MatmulPath::Stream);
   EXPECT_EQ(choose_linear_path(DType::F32, 15, b), MatmulPath::Stream);
+  b.avx512 = true;  // the AVX-512 streaming kernel, where the processor has it
+  for (DType dt : kRun)
+    for (int64_t T : {1, 2, 15})
+      EXPECT_EQ(choose_linear_path(dt, T, b),
+                has_avx512() ? MatmulPath::Stream512 : MatmulPath::Stream);
+  EXPECT_EQ(choose_linear_path(DType::F32, 16, b), MatmulPath::Blas);
+  b.avx512 = false;
   EXPECT_EQ(choose_linear_path(DType::F32, 16, b), MatmulPath::Blas);
   EXPECT_EQ(choose_linear_path(DType::BF16, 4096, b), MatmulPath::Blas);
   EXPECT_EQ(choose_attention_path(DType::BF16, b), MatmulPath::Blas);
