@@ -98,11 +98,13 @@ for r in rows:
     f = dict(r, **r.get("inner", {}))
     if f.get("label") == "hbm_copy":
         print(f"hbm copy {f['tb_per_s']:.2f} TB/s"); continue
-    dec = f.get("decode_tokens_per_s") or f.get("tokens_per_s")
-    step = f.get("decode_s", 0) / 127 * 1e3 if "decode_s" in f else 1e3 / dec if dec else 0
+    dec = f.get("decode_tokens_per_s") or f.get("tokens_per_s") or 0
+    step = f["decode_s"] / 127 * 1e3 if "decode_s" in f else 1e3 / dec if dec else 0
     print(f"{f['label']:<34} rc {f.get('rc')} wall {f.get('seconds')}s decode {dec:.1f} tok/s "
           f"({step:.2f} ms/step) prefill {f.get('prefill_s', f.get('prefill_seconds'))} "
           f"ids {str(f.get('ids'))[:60]}")
+    if f.get("stderr"):
+        print("    stderr:", f["stderr"][-300:].replace("\n", " | "))
 PY
 fi
 echo "== done $(date -u +%T)" >> "$LOG"
