@@ -279,9 +279,9 @@ class PinnedBytes {
 // only the last window - 1 before the new tokens, which is what transformers' cache keeps.
 struct DevCache {
   int64_t cap = 0;
-  int64_t past = 0;               // positions written
-  std::vector<DevBuf> k, v;       // the run dtype's storage (the products' inputs)
-  std::vector<DevBuf> vf;         // v in fp32 (the fused kernel reads it so)
+  int64_t past = 0;          // positions written
+  std::vector<DevBuf> k, v;  // the run dtype's storage (the products' inputs)
+  std::vector<DevBuf> vf;    // v in fp32 (the fused kernel reads it so)
 };
 
 // One sequence of a batch: rows [off, off + len).
@@ -378,9 +378,10 @@ class Pass {
       fail("generate --device cuda: the key/value cache holds {} positions, {} asked for",
            cache_->cap, past_ + T_);
     if (past_ + T_ > max_keys_)
-      fail("forward: a --device cuda pass of {} tokens after {} cached ones (only the first "
-           "pass may hold more than one)",
-           T_, past_);
+      fail(
+          "forward: a --device cuda pass of {} tokens after {} cached ones (only the first "
+          "pass may hold more than one)",
+          T_, past_);
     std::memcpy(h_host_.get(), h0.data(), h0.size() * sizeof(float));
     std::chrono::steady_clock::time_point queued;
     if (graph_) {
@@ -442,9 +443,9 @@ class Pass {
                           cudaMemcpyHostToDevice, st),
           "upload");
     if (graph_)
-      check(cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice,
-                            st),
-            "upload");
+      check(
+          cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
+          "upload");
     const int64_t N = int64_t(spec_.layers.size());
     for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
     norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
@@ -476,7 +477,6 @@ class Pass {
   }
 
  public:
-
   std::vector<float> run(std::span<const float> h0) {
     check(cudaMemcpy(h_.get(), h0.data(), h0.size() * sizeof(float), cudaMemcpyHostToDevice),
           "upload");
@@ -574,8 +574,8 @@ class Pass {
                          cache_->v[size_t(l)].get(), cache_->vf[size_t(l)].f(), dt_);
       cuda::decode_attention(q_.f(), cache_->k[size_t(l)].get(), cache_->v[size_t(l)].get(),
                              cache_->vf[size_t(l)].f(), dpos, a.heads, a.kv_heads, D, a.scaling,
-                             a.softcap.value_or(0.0f), a.window,
-                             att_ == AttentionProfile::Fused, dt_, S_.f(), max_keys_, ctx_.f());
+                             a.softcap.value_or(0.0f), a.window, att_ == AttentionProfile::Fused,
+                             dt_, S_.f(), max_keys_, ctx_.f());
       linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
       return;
     }
@@ -721,8 +721,8 @@ class Pass {
       const int64_t nmat = int64_t(c.segs.size()) * a.heads;
       const void* const* dp = chunk_scores(c, a, s.index);
       const auto* offs = reinterpret_cast<const int64_t*>(dp + 6 * nmat);
-      const float* v = cache_ ? cache_->vf[size_t(s.index)].f() + key_lo(a) * a.kv_heads * a.head_dim
-                              : v_.f();
+      const float* v =
+          cache_ ? cache_->vf[size_t(s.index)].f() + key_lo(a) * a.kv_heads * a.head_dim : v_.f();
       cuda::fused_softmax_pv(S_.f(), v, nmat, c.len, cache_ ? keys(a) : c.len, query_col(a),
                              a.heads, a.kv_heads, a.head_dim, offs, a.scaling, a.window, dt_,
                              ctx_.f(), sites_ ? P_.f() : nullptr, st);
@@ -937,7 +937,7 @@ class Pass {
   bool f32_out_;  // products write fp32 and round in bias_round (always for fp32 runs)
   std::shared_ptr<DevModel> dm_keep_;
   DevModel& dm_;
-  DevCache* cache_;  // null: no key/value cache
+  DevCache* cache_;   // null: no key/value cache
   int64_t past_ = 0;  // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
   int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold

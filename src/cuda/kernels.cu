@@ -454,7 +454,8 @@ void to_storage(const float* x, void* out, int64_t n, Dt dt) {
 
 void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int64_t cols, Dt dt,
                 float* out) {
-  bias_round_k<<<blocks_for(rows * cols, 256), 256, 0, g_stream>>>(c_in, ctype, bias, rows, cols, dt, out);
+  bias_round_k<<<blocks_for(rows * cols, 256), 256, 0, g_stream>>>(c_in, ctype, bias, rows, cols,
+                                                                   dt, out);
   check_launch("bias_round");
 }
 
@@ -467,8 +468,8 @@ void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps,
 
 void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, const float* cos,
           const float* sin, const int64_t* rowoff, Dt dt, int64_t shift, const int64_t* dpos) {
-  rope_k<<<blocks_for(rows * heads * (rot / 2), 256), 256, 0, g_stream>>>(x, rows, heads, head_dim, rot, cos,
-                                                             sin, rowoff, shift, dpos, dt);
+  rope_k<<<blocks_for(rows * heads * (rot / 2), 256), 256, 0, g_stream>>>(
+      x, rows, heads, head_dim, rot, cos, sin, rowoff, shift, dpos, dt);
   check_launch("rope");
 }
 
@@ -497,8 +498,8 @@ void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t Tq, i
                    int64_t c0, float scaling, float cap, int64_t window, float mask, Dt dt,
                    SiteStats* st) {
   const int64_t rows = nmat * Tq;
-  eager_softmax_k<<<blocks_for(rows * 32, 256), 256, 0, g_stream>>>(S, P, pstore, nmat, Tq, T, c0, scaling, cap,
-                                                       window, mask, dt, st);
+  eager_softmax_k<<<blocks_for(rows * 32, 256), 256, 0, g_stream>>>(
+      S, P, pstore, nmat, Tq, T, c0, scaling, cap, window, mask, dt, st);
   check_launch("eager_softmax");
 }
 
