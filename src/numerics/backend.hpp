@@ -101,7 +101,7 @@ bool valid(const AmxTuning& t);
 // none, the hardware prefetchers alone).
 struct DecodeTuning {
   int64_t rows = 4;
-  int64_t prefetch = 0;
+  int64_t prefetch = 1024;
 };
 
 // Where the AMX paths may run.

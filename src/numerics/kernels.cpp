@@ -863,27 +863,4 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-Stats stats(std::span<const float> v) {
-  Stats s;
-  s.count = int64_t(v.size());
-  double mn = std::numeric_limits<double>::infinity(), mx = -mn;
-  for (float f : v) {
-    if (std::isnan(f))
-      ++s.nan;
-    else if (std::isinf(f))
-      ++(f > 0 ? s.posinf : s.neginf);
-    else {
-      mn = std::min(mn, double(f));
-      mx = std::max(mx, double(f));
-      s.any_finite = true;
-    }
-  }
-  if (s.any_finite) {
-    s.min = mn;
-    s.max = mx;
-    s.abs_max = std::max(std::abs(mn), std::abs(mx));
-  }
-  return s;
-}
-
 }  // namespace nanscope

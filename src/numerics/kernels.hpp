@@ -113,13 +113,4 @@ void sgemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, float* c
 // Dot product of two fp32 rows with fp32 accumulation (8 lanes), for attention.
 float dot_f32(const float* a, const float* b, int64_t n);
 
-// Statistics of a block of values, NaN and inf counted per element (never from a sum).
-struct Stats {
-  int64_t count = 0, nan = 0, posinf = 0, neginf = 0;
-  double min = 0, max = 0, abs_max = 0;  // over finite elements (0 when there are none)
-  bool any_finite = false;
-  bool finite() const { return nan == 0 && posinf == 0 && neginf == 0; }
-};
-Stats stats(std::span<const float> v);
-
 }  // namespace nanscope

@@ -1,6 +1,8 @@
-// Per-element value statistics of a raw tensor buffer: NaN / inf counts, values beyond the fp16
-// range, and the largest finite magnitude. Counted element by element (never from a sum, which
-// would miss inf and mixed signs), on the raw bits, so one pass reads each byte once.
+// Per-element value statistics, the one type for stored tensors (scan, check, merge) and for
+// activations (trace's sites, hidden states and logits): NaN / inf counts, values beyond the
+// fp16 range, min / max and the largest finite magnitude. Counted element by element (never from
+// a sum, which would miss inf and mixed signs), on the raw bits, so one pass reads each byte
+// once.
 #pragma once
 
 #include <cstddef>
@@ -20,6 +22,7 @@ struct ValueStats {
   float min = 0.0f, max = 0.0f;  // over finite values (0 when none)
   bool any_finite = false;
   uint64_t nonfinite() const { return nan + inf; }
+  bool finite() const { return nan == 0 && inf == 0; }
   void merge(const ValueStats& o);
 };
 

@@ -419,7 +419,7 @@ std::string run_summary(const CheckRun& cr) {
   const auto& t = *cr.trace;
   if (t.finite()) {
     double peak = 0;
-    for (const auto& h : t.hidden) peak = std::max(peak, h.stats.abs_max);
+    for (const auto& h : t.hidden) peak = std::max(peak, double(h.stats.abs_max));
     return fmt::format("{:<11} all {} hidden states and the logits finite (max |h| = {})",
                        run_label(cr), t.hidden.size(), g(peak));
   }
@@ -632,7 +632,7 @@ std::string check_html(const CheckResult& r) {
       }
       const auto& st = cr.trace->hidden[i].stats;
       row.push_back(st.finite() ? g(st.abs_max)
-                                : fmt::format("NaN x{} inf x{}", st.nan, st.posinf + st.neginf));
+                                : fmt::format("NaN x{} inf x{}", st.nan, st.inf));
     }
     states.rows.push_back(std::move(row));
   }

@@ -371,10 +371,19 @@ std::string fidelity_verdict(const MergeResult& r) {
   const std::string dt = dtype_cli_name(r.out_dtype);
   if (r.relative_error <= std::ldexp(1.0, -mantissa))
     return fmt::format("update kept within {} rounding", dt);
+  // Rounding W + dW into a coarse dtype adds noise (relative_error) that is mostly orthogonal
+  // to the update: what is lost is the share missing along dW (1 - projected), typically the
+  // elements below the dtype's resolution of W. Only that share is called lost.
+  const double lost_share = 1.0 - r.projected;
+  if (std::fabs(lost_share) <= 0.01)
+    return fmt::format(
+        "update kept (projected {:.3f}), with {} rounding noise of {:.2g}% of its size on top, as "
+        "any {} copy of W + dW has: merge into fp32 (--dtype fp32) to avoid the noise",
+        r.projected, dt, 100 * r.relative_error, dt);
   return fmt::format(
-      "{:.2g}% of the update lost to rounding into {}: merge into fp32 (--dtype "
-      "fp32) to keep it",
-      100 * r.relative_error, dt);
+      "{:.2g}% of the update lost to rounding into {} ({} of {} updated elements kept the base "
+      "value): merge into fp32 (--dtype fp32) or apply the adapter unmerged (--adapter) to keep it",
+      100 * lost_share, dt, r.lost, r.update_elements);
 }
 
 struct TmpDirGuard {

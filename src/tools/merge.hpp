@@ -110,8 +110,10 @@ struct MergeResult {
   uint64_t update_elements = 0;
   std::vector<TensorFidelity> worst;  // merged tensors with the largest relative_error (<= 5)
   // The figures in words: "update kept exactly", "update kept within bf16 rounding" (relative
-  // error at most the dtype's unit roundoff) or "X% of the update lost to rounding into bf16:
-  // merge into fp32 (--dtype fp32) to keep it".
+  // error at most the dtype's unit roundoff), "update kept (projected P), with bf16 rounding
+  // noise of X% of its size on top ..." (|1 - projected| <= 1%), or "Y% of the update lost to
+  // rounding into bf16 (...): merge into fp32 (--dtype fp32) or apply the adapter unmerged"
+  // (Y = 100 x (1 - projected)).
   std::string fidelity_verdict;
   std::vector<NonfiniteTensor> nonfinite;
   std::vector<std::string> fixes;  // the distinct fixes of `nonfinite`, in order

@@ -47,11 +47,11 @@ class TraceObserver : public Observer {
     f.layer = s.layer;
     f.site = std::string(s.name);
     f.shape.assign(s.shape.begin(), s.shape.end());
-    f.stats = stats(s.values);
+    f.stats = value_stats(s.values);
     first = std::move(f);
   }
   void hidden_state(int64_t index, std::span<const float> v, int64_t, int64_t) override {
-    hidden.push_back({index, stats(v)});
+    hidden.push_back({index, value_stats(v)});
     if (keep_) states.emplace_back(v.begin(), v.end());
   }
   std::optional<FirstNonfinite> first;
@@ -140,7 +140,7 @@ TraceResult trace(const Checkpoint& ck, const TraceOptions& opt) {
   ForwardResult fr = run(ck, opt, opt.dtype, &obs);
   r.T = fr.tokens;
   r.hidden = std::move(obs.hidden);
-  r.logits = stats(fr.logits);
+  r.logits = value_stats(fr.logits);
   r.first_nonfinite = std::move(obs.first);
   r.sites = std::move(obs.sites);
   r.weight_bytes = fr.weight_bytes;
@@ -167,24 +167,24 @@ nlohmann::json num(double v, bool present = true) {
   return v;
 }
 
-nlohmann::json stats_json(const Stats& s) {
+nlohmann::json stats_json(const ValueStats& s) {
   return {{"finite", s.finite()},
           {"min", num(s.min, s.any_finite)},
           {"max", num(s.max, s.any_finite)},
           {"abs_max", num(s.abs_max, s.any_finite)},
           {"nan", s.nan},
-          {"inf", s.posinf + s.neginf}};
+          {"inf", s.inf}};
 }
 
-std::string status(const Stats& s) {
+std::string status(const ValueStats& s) {
   if (s.finite()) return "[OK]";
   std::string out = "[FAIL:";
   if (s.nan) out += fmt::format(" {} NaN", s.nan);
-  if (s.posinf + s.neginf) out += fmt::format(" {} inf", s.posinf + s.neginf);
+  if (s.inf) out += fmt::format(" {} inf", s.inf);
   return out + "]";
 }
 
-std::string minmax(const Stats& s) {
+std::string minmax(const ValueStats& s) {
   if (!s.any_finite) return "min=nan max=nan";
   return fmt::format("min={:.4g} max={:.4g}", s.min, s.max);
 }
@@ -214,7 +214,7 @@ nlohmann::json trace_json(const TraceResult& r) {
                             {"finite_in_fp32", f.finite_in_fp32},
                             {"shape", f.shape},
                             {"nan", f.stats.nan},
-                            {"inf", f.stats.posinf + f.stats.neginf}};
+                            {"inf", f.stats.inf}};
   } else {
     j["first_nonfinite"] = nullptr;
   }
@@ -237,7 +237,7 @@ std::string trace_text(const TraceResult& r) {
   }
   const FirstNonfinite& f = *r.first_nonfinite;
   out += fmt::format("First non-finite site: {} [{}] ({} NaN, {} inf)\n", f.site,
-                     fmt::join(f.shape, ", "), f.stats.nan, f.stats.posinf + f.stats.neginf);
+                     fmt::join(f.shape, ", "), f.stats.nan, f.stats.inf);
   if (r.dtype != DType::F32 && f.value_fp32) {
     if (f.finite_in_fp32)
       out += fmt::format("  in fp32 this site is finite, reaching |x| = {:.4g}{}\n", *f.value_fp32,

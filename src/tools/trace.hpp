@@ -24,6 +24,7 @@
 #include "model/adapter_overlay.hpp"
 #include "model/forward.hpp"
 #include "numerics/kernels.hpp"
+#include "numerics/stats.hpp"
 
 namespace nanscope {
 
@@ -58,14 +59,14 @@ struct SitePeak {
 
 struct HiddenStateStats {
   int64_t index = 0;
-  Stats stats;  // NaN / inf counted per element; min / max / abs_max over finite elements
+  ValueStats stats;  // NaN / inf counted per element; min / max / abs_max over finite elements
 };
 
 struct FirstNonfinite {
   int64_t layer = -1;  // -1 for model.embed_tokens, model.norm, lm_head
   std::string site;    // "model.layers.1.mlp.down_proj"
   std::vector<int64_t> shape;
-  Stats stats;  // of the site's values in the run dtype
+  ValueStats stats;  // of the site's values in the run dtype
   // What the same site computes in an fp32 run of the same inputs: the largest finite |value|
   // among its intermediate results (for eager scores, the unscaled q.k^T). Absent when the
   // shadow pass was off, the run dtype is fp32 itself, or the site is non-finite in fp32 too.
@@ -79,7 +80,7 @@ struct TraceResult {
   std::vector<int64_t> tokens;  // empty when run from embeddings
   int64_t T = 0, hidden_size = 0, vocab = 0, layers = 0;
   std::vector<HiddenStateStats> hidden;  // N + 1 states
-  Stats logits;
+  ValueStats logits;
   std::optional<FirstNonfinite> first_nonfinite;
   // Every site in order, with TraceOptions::site_peaks.
   std::vector<SitePeak> sites;

@@ -11,6 +11,7 @@
 #include "cli_util.hpp"
 #include "fake_hub.hpp"
 #include "synthetic_model.hpp"
+#include "numerics/dtype.hpp"
 
 using namespace nanscope;
 using namespace nanscope::testing;
@@ -327,9 +328,42 @@ TEST(CliUsage, MergeNamesTheFixFirstAndJudgesFidelityInWords) {
   auto b16 = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter",
                       fixture("adapters/lora-bf16"), "--out", (d.path / "o5").string()});
   ASSERT_EQ(b16.exit_code, 0) << b16.err;
+  // lora-bf16 into bf16: 1.5% rounding noise, but the update's direction kept (projected
+  // 1.0001): rounding noise, not a lost update.
   EXPECT_THAT(b16.out, ::testing::ContainsRegex(
-                           "fidelity: (update kept within bf16 rounding|[0-9.e+-]+% of the update "
-                           "lost to rounding into bf16: merge into fp32 \\(--dtype fp32\\))"));
+                           "fidelity: update kept \\(projected 1\\.000\\), with bf16 rounding "
+                           "noise of 1\\.5% of its size on top"));
+  // An update mostly below bf16's resolution of W: the same adapter scaled down 1000x
+  // (lora_B / 1000) loses most of it, and the verdict says so.
+  const fs::path small = d.path / "small";
+  fs::create_directories(small);
+  fs::copy_file(fixture("adapters/lora-bf16/adapter_config.json"), small / "adapter_config.json");
+  {
+    const auto src =
+        SafetensorsFile::open(fixture("adapters/lora-bf16/adapter_model.safetensors"));
+    std::vector<TensorSpec> specs;
+    for (const auto& t : src->tensors()) specs.push_back({t.name, t.dtype, t.shape});
+    SafetensorsWriter w(small / "adapter_model.safetensors", specs, {});
+    for (const auto& t : src->tensors()) {
+      std::vector<float> v(size_t(t.numel()));
+      load_to_f32(src->data(t).data(), t.dtype, v.data(), v.size());
+      if (t.name.find("lora_B") != std::string::npos)
+        for (float& x : v) x /= 1000.0f;
+      std::vector<std::byte> out(src->data(t).size());
+      store_from_f32(v.data(), t.dtype, out.data(), v.size());
+      w.write(out);
+    }
+    w.commit();
+  }
+  auto lost = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter",
+                       small.string(), "--out", (d.path / "o6").string(), "--json"});
+  ASSERT_EQ(lost.exit_code, 0) << lost.err;
+  const std::string v = lost.json()["fidelity"]["verdict"];
+  EXPECT_THAT(v, ::testing::ContainsRegex(
+                     "^[0-9.]+% of the update lost to rounding into bf16 \\([0-9]+ of [0-9]+ "
+                     "updated elements kept the base value\\): merge into fp32 \\(--dtype "
+                     "fp32\\) or apply the adapter unmerged \\(--adapter\\) to keep it$"))
+      << v;
 }
 
 TEST(CliUsage, MergeOverflowingEvenFp32NamesTheAdapterTensors) {

@@ -15,6 +15,7 @@
 #include "numerics/backend.hpp"
 #include "numerics/gemm_amx.hpp"
 #include "numerics/kernels.hpp"
+#include "numerics/stats.hpp"
 
 namespace nanscope {
 namespace {
@@ -393,16 +394,16 @@ TEST(Kernels, SiluMulMatchesReference) {
   EXPECT_EQ(out, kInf);
 }
 
-TEST(Kernels, StatsCountPerElement) {
+TEST(Kernels, ActivationStatsCountPerElement) {  // value_stats over fp32 activations
   std::vector<float> v = {1.0f, -3.0f, kNaN, kInf, -kInf, 2.0f};
-  Stats s = stats(v);
-  EXPECT_EQ(s.nan, 1);
-  EXPECT_EQ(s.posinf, 1);
-  EXPECT_EQ(s.neginf, 1);
+  const ValueStats s = value_stats(v);
+  EXPECT_EQ(s.nan, 1u);
+  EXPECT_EQ(s.inf, 2u);
   EXPECT_FALSE(s.finite());
-  EXPECT_EQ(s.min, -3.0);
-  EXPECT_EQ(s.max, 2.0);
-  EXPECT_EQ(s.abs_max, 3.0);
+  EXPECT_EQ(s.min, -3.0f);
+  EXPECT_EQ(s.max, 2.0f);
+  EXPECT_EQ(s.abs_max, 3.0f);
+  EXPECT_TRUE(value_stats(std::span<const float>(v).first(2)).finite());
 }
 
 ModelConfig rope_config(const std::string& type) {

@@ -119,7 +119,7 @@ TEST(Trace, SaveWritesTheInterfaceLayout) {
   std::vector<float> h(size_t(T * r.hidden_size));
   const TensorInfo* last = f->find("hidden." + std::to_string(N));
   load_to_f32(f->data(*last).data(), DType::F32, h.data(), h.size());
-  EXPECT_EQ(stats(h).max, r.hidden[size_t(N)].stats.max);
+  EXPECT_EQ(value_stats(h).max, r.hidden[size_t(N)].stats.max);
   fs::remove(out);
 }
 
