@@ -8,8 +8,10 @@
 #     against transformers' GPU generate in the same job, and the HBM copy rate (the decode floor).
 # (2) and (3) run twice for generate: as it is, and with NANSCOPE_CUDA_GRAPH=1 (the decode step
 # replayed as one CUDA graph, its attention in decode_attention; gputest-graph.txt).
-# Everything lands in $OUT: machine.txt, gen-goldens.tgz, gputest*.txt, report.json, bench.jsonl,
-# summary.txt, job.log. GOLDENS_ONLY=1: (1) alone; BENCH=0: no (3).
+# Everything lands in $OUT/all.tgz (machine.txt, gen-goldens.tgz, gputest*.txt, report*.json,
+# bench.jsonl, step-times.txt, summary.txt, job.log, ...: at most 8 files come back), with
+# summary.txt, gputest.txt, bench.jsonl and job.log beside it. GOLDENS_ONLY=1: (1) alone;
+# BENCH=0: no (3).
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
 export CUDA_VISIBLE_DEVICES=0  # device_job.sh hides the GPU for the CPU benchmarks
@@ -29,9 +31,8 @@ echo "== generate goldens $(date -u +%T)" >> "$LOG"
 timeout 240 python3 tools/fixtures/make_cuda_generate_goldens.py --models tests/fixtures/models \
   --out /tmp/gen-goldens > "$OUT/gen-goldens.log" 2>&1
 echo "goldens exit $?" >> "$LOG"
-tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens gen-goldens.log 2>/dev/null ||
-  tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens
-[ "${GOLDENS_ONLY:-0}" = 1 ] && exit 0
+tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens
+if [ "${GOLDENS_ONLY:-0}" = 1 ]; then cat "$OUT/gen-goldens.log" | tail -5; exit 0; fi
 if command -v compute-sanitizer > /dev/null; then
   (for g in 0 1; do for a in eager fused; do
      NANSCOPE_CUDA_GRAPH=$g timeout 90 compute-sanitizer --tool memcheck --print-limit 5 $NS generate \
@@ -112,3 +113,6 @@ tail -30 "$OUT/gputest.txt"
 tail -8 "$OUT/gputest-graph.txt"
 cat "$LOG"
 tail -5 "$OUT/step-times.txt"
+(cd "$OUT" && tar czf /tmp/all.tgz ./* && mv /tmp/all.tgz . &&
+  find . -maxdepth 1 -type f ! -name all.tgz ! -name summary.txt ! -name gputest.txt \
+    ! -name bench.jsonl ! -name job.log -delete)
