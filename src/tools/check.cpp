@@ -19,6 +19,26 @@
 
 namespace nanscope {
 
+const char* cause_kind_name(CauseKind k) {
+  switch (k) {
+    case CauseKind::AdapterNonfinite:
+      return "adapter_nonfinite";
+    case CauseKind::AdapterDiverged:
+      return "adapter_diverged";
+    case CauseKind::WeightsNonfinite:
+      return "weights_nonfinite";
+    case CauseKind::MergeOverflow:
+      return "merge_overflow";
+    case CauseKind::ActivationOverflow:
+      return "activation_overflow";
+    case CauseKind::EmbeddingRows:
+      return "embedding_rows";
+    case CauseKind::Structure:
+      return "structure";
+  }
+  return "?";
+}
+
 namespace {
 
 // The module an adapter tensor belongs to:
@@ -63,15 +83,15 @@ std::string list_rows(const std::vector<int64_t>& rows, size_t most = 20) {
                      rows.size() > most ? fmt::format(" and {} more", rows.size() - most) : "");
 }
 
-std::string structure_fix(const std::string& kind) {
-  if (kind == "adapter_keys")
+std::string structure_fix(FindingKind kind) {
+  if (kind == FindingKind::AdapterKeys)
     return "The model was saved with PEFT wrapping: call merge_and_unload() before "
            "save_pretrained, or merge with `nanscope merge`; transformers would initialise the "
            "wrapped weights at random.";
-  if (kind == "tied_embeddings")
+  if (kind == FindingKind::TiedEmbeddings)
     return "Make config.json agree with the tensors: tie_word_embeddings false when "
            "lm_head.weight is its own tensor (`nanscope merge` writes it right).";
-  if (kind == "shape_mismatch")
+  if (kind == FindingKind::ShapeMismatch)
     return "config.json does not describe these tensors: use the config.json of the model the "
            "weights came from.";
   return "Re-download or re-save the checkpoint: transformers would initialise a missing tensor "
@@ -155,7 +175,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       if (!a.computed || !a.stats.nonfinite()) continue;
       adapter_bad_by_module[adapter_module(a.name)].push_back(&a);
       r.causes.push_back(
-          {"adapter_nonfinite",
+          {CauseKind::AdapterNonfinite,
            {},
            {},
            {},
@@ -178,22 +198,22 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
 
   // Structure.
   for (const auto& f : r.scan.findings)
-    if (f.severity == "error" && f.kind != "nonfinite")
-      r.causes.push_back({"structure",
+    if (f.severity == Severity::Error && f.kind != FindingKind::Nonfinite)
+      r.causes.push_back({CauseKind::Structure,
                           {},
                           {},
                           {},
                           "",
                           f.tensor,
-                          fmt::format("{}: {}", f.kind, f.detail),
-                          structure_fix(f.kind)});
+                          fmt::format("{}: {}", finding_kind_name(f.kind), f.detail),
+                          structure_fix(f.kind), f.kind});
 
   // Non-finite weights, with where they were born.
   for (const auto& t : r.scan.tensor_reports) {
     if (t.source != "model" || !t.computed || !t.stats.nonfinite()) continue;
     const std::string module = module_of_tensor(t.name);
     std::string origin;
-    std::string kind = "weights_nonfinite";
+    CauseKind kind = CauseKind::WeightsNonfinite;
     std::string fix =
         "If this model came from a merge, run check with --base and --adapter to see whether the "
         "adapter or the merge is to blame; re-merge with `nanscope merge`, which refuses to write "
@@ -213,7 +233,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       origin = "already non-finite in the base model";
       fix = "The base checkpoint itself is damaged: re-download it, then merge again.";
     } else if (base_stats && adapter) {
-      kind = "merge_overflow";
+      kind = CauseKind::MergeOverflow;
       origin = fmt::format(
           "the base ({}) and the adapter are finite here: the merge arithmetic overflowed the "
           "output dtype {} (W + dW beyond its range)",
@@ -233,7 +253,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       for (int64_t id : opt.ids)
         if (bad.count(id)) hit.push_back(id);
       r.causes.push_back(
-          {"embedding_rows",
+          {CauseKind::EmbeddingRows,
            {},
            {},
            {},
@@ -244,7 +264,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
                        r.bad_embedding_rows.size(), list_rows(r.bad_embedding_rows), origin,
                        hit.empty() ? "; this input contains none of them"
                                    : fmt::format("; this input contains {}", fmt::join(hit, ", "))),
-           kind == "weights_nonfinite" && !adapter
+           kind == CauseKind::WeightsNonfinite && !adapter
                ? "Restore these rows from the base model (or re-merge); until then avoid these "
                  "token ids."
                : fix});
@@ -263,7 +283,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
 
   // Traces: fp32 first (the reference), then each dtype and attention profile.
   const bool runnable = std::none_of(r.causes.begin(), r.causes.end(), [](const Cause& c) {
-    return c.kind == "structure" && c.detail.rfind("tied_embeddings", 0) != 0;
+    return c.kind == CauseKind::Structure && c.finding != FindingKind::TiedEmbeddings;
   });
   auto run = [&](DType dt, AttentionProfile at) -> const CheckRun& {
     CheckRun cr{dt, at, std::nullopt, ""};
@@ -287,8 +307,8 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
     return r.runs.back();
   };
   const bool weights_finite = std::none_of(r.causes.begin(), r.causes.end(), [](const Cause& c) {
-    return c.kind == "weights_nonfinite" || c.kind == "merge_overflow" ||
-           c.kind == "embedding_rows";
+    return c.kind == CauseKind::WeightsNonfinite || c.kind == CauseKind::MergeOverflow ||
+           c.kind == CauseKind::EmbeddingRows;
   });
   run(DType::F32, AttentionProfile::Eager);
   for (DType dt : opt.dtypes) {
@@ -335,7 +355,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   if (diverged)
     r.causes.insert(
         r.causes.begin(),
-        {"adapter_diverged",
+        {CauseKind::AdapterDiverged,
          {},
          {},
          {},
@@ -390,7 +410,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
             " Loading the adapter unmerged on the base (PeftModel.from_pretrained) is finite in "
             "{}, so that works too.",
             run_dtype_name(cr.dtype));
-    r.causes.push_back({"activation_overflow", cr.dtype, cr.attention,
+    r.causes.push_back({CauseKind::ActivationOverflow, cr.dtype, cr.attention,
                         f.layer >= 0 ? std::optional<int64_t>(f.layer) : std::nullopt, f.site, "",
                         detail, fix});
   }
@@ -400,7 +420,7 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
 namespace {
 
 nlohmann::json cause_json(const Cause& c) {
-  nlohmann::json j = {{"kind", c.kind}, {"detail", c.detail}, {"fix", c.fix}};
+  nlohmann::json j = {{"kind", cause_kind_name(c.kind)}, {"detail", c.detail}, {"fix", c.fix}};
   j["dtype"] = c.dtype ? nlohmann::json(run_dtype_name(*c.dtype)) : nlohmann::json(nullptr);
   j["attention"] =
       c.attention ? nlohmann::json(attention_name(*c.attention)) : nlohmann::json(nullptr);
@@ -506,7 +526,7 @@ std::string check_text(const CheckResult& r) {
       where += " " + c.tensor;
     else if (!c.site.empty())
       where += " " + c.site;
-    s += fmt::format("\nCause {}: {}{}\n  {}\n", i + 1, c.kind, where, c.detail);
+    s += fmt::format("\nCause {}: {}{}\n  {}\n", i + 1, cause_kind_name(c.kind), where, c.detail);
   }
   if (r.adapter_unmerged)
     s += "\nThe adapter was applied unmerged to the model in every run (as peft's PeftModel "
@@ -580,7 +600,7 @@ std::string check_html(const CheckResult& r) {
       where.push_back(c.tensor);
     else if (!c.site.empty())
       where.push_back(c.site);
-    h.causes.push_back({c.kind, fmt::format("{}", fmt::join(where, " · ")), c.detail, c.fix});
+    h.causes.push_back({cause_kind_name(c.kind), fmt::format("{}", fmt::join(where, " · ")), c.detail, c.fix});
   }
 
   if (r.divergence) {  // the fine-tune against its base, state by state (fp32)

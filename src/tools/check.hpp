@@ -27,14 +27,27 @@ struct CheckOptions {
   int threads = 0;
 };
 
+enum class CauseKind : uint8_t {
+  AdapterNonfinite,    // the adapter itself holds NaN / inf
+  AdapterDiverged,     // a finite adapter whose update or activations blew up (divergence.hpp)
+  WeightsNonfinite,    // NaN / inf in the model's weights (origin in the detail)
+  MergeOverflow,       // base and adapter finite, W + dW beyond the output dtype's range
+  ActivationOverflow,  // finite weights, a run dtype's activations turn non-finite
+  EmbeddingRows,       // non-finite rows of the embedding (which token ids)
+  Structure,           // a structural finding of scan (the finding's kind says which)
+};
+// The JSON spelling: "adapter_nonfinite", "adapter_diverged", "weights_nonfinite",
+// "merge_overflow", "activation_overflow", "embedding_rows", "structure".
+const char* cause_kind_name(CauseKind k);
+
 struct Cause {
-  std::string kind;  // adapter_nonfinite | adapter_diverged | weights_nonfinite |
-                     // merge_overflow | activation_overflow | embedding_rows | structure
+  CauseKind kind = CauseKind::Structure;
   std::optional<DType> dtype;
   std::optional<AttentionProfile> attention;
   std::optional<int64_t> layer;
   std::string site, tensor, detail;
   std::string fix;  // one or two concrete sentences
+  std::optional<FindingKind> finding;  // kind Structure: the scan finding behind it
 };
 
 struct CheckRun {

@@ -17,9 +17,33 @@
 
 namespace nanscope {
 
+const char* severity_name(Severity s) {
+  return s == Severity::Error ? "error" : "warning";
+}
+
+const char* finding_kind_name(FindingKind k) {
+  switch (k) {
+    case FindingKind::Nonfinite:
+      return "nonfinite";
+    case FindingKind::Fp16Range:
+      return "fp16_range";
+    case FindingKind::MissingTensor:
+      return "missing_tensor";
+    case FindingKind::UnexpectedTensor:
+      return "unexpected_tensor";
+    case FindingKind::ShapeMismatch:
+      return "shape_mismatch";
+    case FindingKind::AdapterKeys:
+      return "adapter_keys";
+    case FindingKind::TiedEmbeddings:
+      return "tied_embeddings";
+  }
+  return "?";
+}
+
 bool ScanResult::has_error() const {
   return std::any_of(findings.begin(), findings.end(),
-                     [](const Finding& f) { return f.severity == "error"; });
+                     [](const Finding& f) { return f.severity == Severity::Error; });
 }
 
 namespace {
@@ -51,21 +75,21 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
     if (!ref) {
       if (!e.required) continue;
       if (e.name == "lm_head.weight") {
-        out.push_back({"error", "tied_embeddings", e.name, 0,
+        out.push_back({Severity::Error, FindingKind::TiedEmbeddings, e.name, 0,
                        "config.json says tie_word_embeddings=false but there is no "
                        "lm_head.weight: transformers would initialise the output layer at random"});
         continue;
       }
       auto it = peft_for.find(e.name);
       if (it != peft_for.end()) continue;  // reported below as adapter_keys
-      out.push_back({"error", "missing_tensor", e.name, 0,
+      out.push_back({Severity::Error, FindingKind::MissingTensor, e.name, 0,
                      fmt::format("expected {} ({}); transformers would initialise it at random "
                                  "and only warn",
                                  shape_str(e.shape), c.model_type)});
       continue;
     }
     if (ref->info->shape != e.shape)
-      out.push_back({"error", "shape_mismatch", e.name, 0,
+      out.push_back({Severity::Error, FindingKind::ShapeMismatch, e.name, 0,
                      fmt::format("expected {} from config.json, found {}", shape_str(e.shape),
                                  shape_str(ref->info->shape))});
   }
@@ -78,7 +102,7 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
 
     if (is_peft_key(name)) {
       const std::optional<PeftName> p = parse_peft_name(name);
-      out.push_back({"error", "adapter_keys", name, 0,
+      out.push_back({Severity::Error, FindingKind::AdapterKeys, name, 0,
                      !p || (p->is_lora() && p->role != PeftRole::TokenRows)
                          ? "unmerged LoRA tensor left in the model: merge_and_unload() was not "
                            "called, or the PeftModel's state dict was saved"
@@ -93,18 +117,18 @@ std::vector<Finding> check_structure(const Checkpoint& ck) {
           emb && emb->info->shape == ref.info->shape && emb->info->dtype == ref.info->dtype &&
           std::memcmp(emb->bytes().data(), ref.bytes().data(), ref.bytes().size()) == 0;
       if (same)
-        out.push_back({"warning", "tied_embeddings", name, 0,
+        out.push_back({Severity::Warning, FindingKind::TiedEmbeddings, name, 0,
                        "config.json ties the embeddings and lm_head.weight is a redundant "
                        "identical copy"});
       else
-        out.push_back({"error", "tied_embeddings", name, 0,
+        out.push_back({Severity::Error, FindingKind::TiedEmbeddings, name, 0,
                        "config.json says tie_word_embeddings=true but lm_head.weight differs from "
                        "model.embed_tokens.weight: transformers ties them and silently drops "
                        "lm_head.weight (a merge that changed lm_head is lost); set "
                        "tie_word_embeddings=false"});
       continue;
     }
-    out.push_back({"warning", "unexpected_tensor", name, 0,
+    out.push_back({Severity::Warning, FindingKind::UnexpectedTensor, name, 0,
                    fmt::format("not part of a {} model with this config; transformers ignores "
                                "it with a warning",
                                c.model_type)});
@@ -182,12 +206,12 @@ void value_findings(const std::vector<TensorReport>& reports, std::vector<Findin
     if (!r.computed) continue;
     const auto& s = r.stats;
     if (s.nonfinite())
-      out.push_back({"error", "nonfinite", r.name, s.nonfinite(),
+      out.push_back({Severity::Error, FindingKind::Nonfinite, r.name, s.nonfinite(),
                      fmt::format("{} NaN and {} inf among {} values ({})", s.nan, s.inf, s.count,
                                  dtype_name(r.dtype)),
                      r.source});
     if (s.fp16_range)
-      out.push_back({"warning", "fp16_range", r.name, s.fp16_range,
+      out.push_back({Severity::Warning, FindingKind::Fp16Range, r.name, s.fp16_range,
                      fmt::format("{} finite values beyond 65504 (abs max {:.6g}): they become inf "
                                  "if this tensor is loaded in fp16",
                                  s.fp16_range, s.abs_max),
@@ -222,7 +246,7 @@ ScanResult scan(const std::filesystem::path& model_dir, const ScanOptions& opt) 
   value_findings(r.tensor_reports, r.findings);
   // Errors first, then by tensor name, so the worst news leads.
   std::stable_sort(r.findings.begin(), r.findings.end(), [](const Finding& a, const Finding& b) {
-    return (a.severity == "error") > (b.severity == "error");
+    return (a.severity == Severity::Error) > (b.severity == Severity::Error);
   });
   return r;
 }
@@ -235,8 +259,8 @@ nlohmann::json scan_to_json(const ScanResult& r) {
   j["bytes"] = r.bytes;
   j["findings"] = nlohmann::json::array();
   for (const auto& f : r.findings)
-    j["findings"].push_back({{"severity", f.severity},
-                             {"kind", f.kind},
+    j["findings"].push_back({{"severity", severity_name(f.severity)},
+                             {"kind", finding_kind_name(f.kind)},
                              {"tensor", f.tensor},
                              {"count", f.count},
                              {"detail", f.detail},
@@ -260,14 +284,14 @@ nlohmann::json scan_to_json(const ScanResult& r) {
 std::string scan_to_text(const ScanResult& r) {
   std::string s;
   size_t errors = 0, warnings = 0;
-  for (const auto& f : r.findings) (f.severity == "error" ? errors : warnings)++;
+  for (const auto& f : r.findings) (f.severity == Severity::Error ? errors : warnings)++;
   s += fmt::format("{}: {} model, {} tensors, {:.1f} MiB\n", r.model.string(), r.model_type,
                    r.tensors, double(r.bytes) / (1 << 20));
   // Group findings of one kind so a model with hundreds of leftover keys stays readable.
   std::map<std::string, std::vector<const Finding*>> by_kind;
   std::vector<std::string> order;
   for (const auto& f : r.findings) {
-    auto key = f.severity + " " + f.kind;
+    auto key = std::string(severity_name(f.severity)) + " " + finding_kind_name(f.kind);
     if (!by_kind.count(key)) order.push_back(key);
     by_kind[key].push_back(&f);
   }

@@ -14,10 +14,24 @@
 
 namespace nanscope {
 
+enum class Severity : uint8_t { Error, Warning };
+enum class FindingKind : uint8_t {
+  Nonfinite,         // NaN / inf among a tensor's values
+  Fp16Range,         // finite values beyond fp16's range (inf once cast to fp16)
+  MissingTensor,     // config.json asks for it, no shard has it
+  UnexpectedTensor,  // in a shard, not in the layer description
+  ShapeMismatch,     // the shape config.json implies differs
+  AdapterKeys,       // PEFT-wrapped names (base_model.model..., lora_A) in a model
+  TiedEmbeddings,    // tie_word_embeddings disagrees with the tensors
+};
+// The JSON spellings (docs/interface.md): "error" | "warning"; "nonfinite", "fp16_range",
+// "missing_tensor", "unexpected_tensor", "shape_mismatch", "adapter_keys", "tied_embeddings".
+const char* severity_name(Severity s);
+const char* finding_kind_name(FindingKind k);
+
 struct Finding {
-  std::string severity;  // "error" | "warning"
-  std::string kind;      // nonfinite, fp16_range, missing_tensor, unexpected_tensor,
-                         // shape_mismatch, adapter_keys, tied_embeddings
+  Severity severity = Severity::Error;
+  FindingKind kind = FindingKind::Nonfinite;
   std::string tensor;
   uint64_t count = 0;
   std::string detail;

@@ -20,7 +20,7 @@ const std::vector<int64_t> kIds = {1, 15, 300, 7, 42, 999, 3, 12};
 
 std::vector<std::string> kinds(const CheckResult& r) {
   std::vector<std::string> k;
-  for (const auto& c : r.causes) k.push_back(c.kind);
+  for (const auto& c : r.causes) k.push_back(cause_kind_name(c.kind));
   return k;
 }
 
@@ -49,19 +49,19 @@ TEST(Check, PoisonedAdapterIsBlamedBeforeTheWeightsItPoisoned) {
   CheckResult r = run_check("merged/poisoned", opt);
   ASSERT_FALSE(r.pass());
   ASSERT_GE(r.causes.size(), 2u) << check_text(r);
-  EXPECT_EQ(r.causes[0].kind, "adapter_nonfinite");
+  EXPECT_EQ(r.causes[0].kind, CauseKind::AdapterNonfinite);
   EXPECT_THAT(r.causes[0].tensor, HasSubstr("layers.1.self_attn.q_proj.lora_B"));
-  EXPECT_EQ(r.causes[1].kind, "weights_nonfinite");
+  EXPECT_EQ(r.causes[1].kind, CauseKind::WeightsNonfinite);
   EXPECT_EQ(r.causes[1].tensor, "model.layers.1.self_attn.q_proj.weight");
   EXPECT_THAT(r.causes[1].detail, HasSubstr("inherited from the adapter"));
   // No activation cause: the weights are to blame, not the dtype.
-  for (const auto& c : r.causes) EXPECT_NE(c.kind, "activation_overflow");
+  for (const auto& c : r.causes) EXPECT_NE(c.kind, CauseKind::ActivationOverflow);
 }
 
 TEST(Check, PoisonedMergedModelAloneIsWeightsNonfinite) {
   CheckResult r = run_check("merged/poisoned");
   ASSERT_FALSE(r.causes.empty());
-  EXPECT_EQ(r.causes[0].kind, "weights_nonfinite");
+  EXPECT_EQ(r.causes[0].kind, CauseKind::WeightsNonfinite);
   EXPECT_THAT(r.causes[0].fix, HasSubstr("--base and --adapter"));
 }
 
@@ -122,7 +122,7 @@ TEST(Check, StructureProblemsAreCausesAndTracesAreSkipped) {
 
   CheckResult peft = run_check("models/qwen3-peftkeys");
   ASSERT_FALSE(peft.pass());
-  for (const auto& c : peft.causes) EXPECT_EQ(c.kind, "structure");
+  for (const auto& c : peft.causes) EXPECT_EQ(c.kind, CauseKind::Structure);
   EXPECT_THAT(peft.causes[0].fix, HasSubstr("merge_and_unload"));
 }
 

@@ -94,11 +94,11 @@ TEST_P(TrainedCase, VerdictUnmergedAndMerged) {
     if (diverged) {
       EXPECT_FALSE(r.pass());
       ASSERT_FALSE(r.causes.empty());
-      EXPECT_EQ(r.causes.front().kind, "adapter_diverged");
+      EXPECT_EQ(r.causes.front().kind, CauseKind::AdapterDiverged);
       EXPECT_FALSE(r.causes.front().dtype.has_value());  // every dtype
       EXPECT_NE(r.causes.front().fix.find("earlier checkpoint"), std::string::npos);
       for (const Cause& c : r.causes)  // "run in bf16" would be wrong advice here
-        EXPECT_NE(c.kind, "activation_overflow") << c.fix;
+        EXPECT_NE(c.kind, CauseKind::ActivationOverflow) << c.fix;
     } else {
       EXPECT_TRUE(r.pass()) << name << ": " << (r.causes.empty() ? "" : r.causes[0].detail);
       EXPECT_LT(r.divergence->growth, kDivergedGrowth / 10);

@@ -17,7 +17,7 @@ namespace {
 
 const Finding* find_kind(const ScanResult& r, const std::string& kind, const std::string& tensor) {
   for (const auto& f : r.findings)
-    if (f.kind == kind && f.tensor == tensor) return &f;
+    if (finding_kind_name(f.kind) == kind && f.tensor == tensor) return &f;
   return nullptr;
 }
 
@@ -63,7 +63,7 @@ TEST(Scan, CountsNonFiniteElementsPerTensor) {
   const Finding* f = find_kind(r, "nonfinite", name);
   ASSERT_NE(f, nullptr) << scan_to_text(r);
   EXPECT_EQ(f->count, 3u);
-  EXPECT_EQ(f->severity, "error");
+  EXPECT_EQ(f->severity, Severity::Error);
   auto cli = run_cli({"scan", d.path.string(), "--json"});
   EXPECT_EQ(cli.exit_code, 1);
   auto j = cli.json();
@@ -89,7 +89,7 @@ TEST(Scan, Fp16RangeIsAWarning) {
   ScanResult r = scan(d.path, {});
   const Finding* f = find_kind(r, "fp16_range", name);
   ASSERT_NE(f, nullptr);
-  EXPECT_EQ(f->severity, "warning");
+  EXPECT_EQ(f->severity, Severity::Warning);
   EXPECT_EQ(f->count, 2u);
   EXPECT_FALSE(r.has_error());
   EXPECT_EQ(run_cli({"scan", d.path.string()}).exit_code, 0);
@@ -122,7 +122,7 @@ TEST(Scan, StructureFindings) {
   EXPECT_EQ(find_kind(r, "missing_tensor", "model.layers.0.self_attn.q_proj.weight"), nullptr);
   const Finding* u = find_kind(r, "unexpected_tensor", "model.extra.weight");
   ASSERT_NE(u, nullptr);
-  EXPECT_EQ(u->severity, "warning");
+  EXPECT_EQ(u->severity, Severity::Warning);
   EXPECT_EQ(run_cli({"scan", d.path.string()}).exit_code, 1);
 }
 
@@ -135,7 +135,7 @@ TEST(Scan, TiedEmbeddingsDisagreement) {
   ScanResult r = scan(d.path, {});
   const Finding* f = find_kind(r, "tied_embeddings", "lm_head.weight");
   ASSERT_NE(f, nullptr);
-  EXPECT_EQ(f->severity, "error");
+  EXPECT_EQ(f->severity, Severity::Error);
 
   // Untied config without lm_head.
   TempDir d2;
@@ -182,7 +182,7 @@ TEST(ScanFixtures, DamagedCheckpointsFromTheRealLibraries) {
   ScanResult peftkeys = scan(models + "/qwen3-peftkeys", {});
   EXPECT_TRUE(peftkeys.has_error());
   size_t adapter_keys = 0;
-  for (const auto& x : peftkeys.findings) adapter_keys += x.kind == "adapter_keys";
+  for (const auto& x : peftkeys.findings) adapter_keys += x.kind == FindingKind::AdapterKeys;
   EXPECT_GT(adapter_keys, 10u);
   EXPECT_EQ(find_kind(peftkeys, "missing_tensor", "model.layers.0.self_attn.q_proj.weight"),
             nullptr);
@@ -209,7 +209,7 @@ TEST(ScanFixtures, AdapterTensorsAreScannedToo) {
   ScanResult r = scan(base, ScanOptions{adapter, 0});
   bool found = false;
   for (const auto& f : r.findings)
-    if (f.kind == "nonfinite" && f.source == "adapter" &&
+    if (f.kind == FindingKind::Nonfinite && f.source == "adapter" &&
         f.tensor.find("layers.0.self_attn.q_proj.lora_B") != std::string::npos)
       found = true;
   EXPECT_TRUE(found) << scan_to_text(r);
