@@ -1,6 +1,7 @@
 #include "cli/commands.hpp"
 #include "cli/inputs.hpp"
 #include "common/error.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/generate.hpp"
 #include "tools/trace.hpp"
 
@@ -9,7 +10,7 @@ namespace nanscope::cli {
 void add_generate(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, adapter, ids, text, tokenizer, dtype = "bf16", attention = "eager", eos,
-        weights = "resident";
+        weights = "resident", device = "cpu";
     int64_t max_new_tokens = 32, top_k = 0;
     double temperature = 0.0, top_p = 1.0;
     uint64_t seed = 0;
@@ -52,6 +53,9 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                   "resident: copied once into memory of their own (fastest decoding) | mapped: "
                   "read from the files at every step (no second copy)")
       ->capture_default_str();
+  app->add_option("--device", a->device,
+                  "cpu | cuda (an NVIDIA GPU: the layers and the key/value cache there)")
+      ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
   describe(app,
@@ -68,6 +72,7 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                    if (a->weights != "resident" && a->weights != "mapped")
                      fail_usage("--weights {}: expected resident or mapped", a->weights);
                    opt.resident = a->weights == "resident";
+                   opt.device = parse_device_flag(a->device);
                    opt.temperature = a->temperature;
                    opt.top_k = a->top_k;
                    opt.top_p = a->top_p;

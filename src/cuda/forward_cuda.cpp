@@ -15,6 +15,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -169,18 +172,20 @@ DevVec upload(const Activations& v) {
   return d;
 }
 
-std::unique_ptr<DevModel>& model_cache() {
-  static std::unique_ptr<DevModel> cached;
+// Shared: a decoder's key/value cache (forward_cuda_step) keeps its model alive.
+std::shared_ptr<DevModel>& model_cache() {
+  static std::shared_ptr<DevModel> cached;
   return cached;
 }
 
-DevModel& device_model(const Checkpoint& ck, const ModelSpec& spec, const ForwardOptions& opt) {
+std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& spec,
+                                       const ForwardOptions& opt) {
   const std::string key = fmt::format("{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
                                       static_cast<const void*>(&ck));
-  std::unique_ptr<DevModel>& cached = model_cache();
-  if (cached && cached->key == key) return *cached;
+  std::shared_ptr<DevModel>& cached = model_cache();
+  if (cached && cached->key == key) return cached;
   cached.reset();  // free the previous model's memory first
-  auto m = std::make_unique<DevModel>();
+  auto m = std::make_shared<DevModel>();
   m->key = key;
   const int64_t H = spec.hidden;
   WeightSource ws(ck, opt.dtype, opt.release_pages);
@@ -215,7 +220,7 @@ DevModel& device_model(const Checkpoint& ck, const ModelSpec& spec, const Forwar
   ws.release_all();
   m->weight_bytes = ws.bytes_read();
   cached = std::move(m);
-  return *cached;
+  return cached;
 }
 
 cublasHandle_t blas() {
@@ -243,6 +248,42 @@ void require_device() {
 
 struct Stop {};
 
+// Page-locked host bytes: sources of copies that must not wait for the GPU (cudaMemcpyAsync
+// from pageable memory is staged synchronously).
+class PinnedBytes {
+ public:
+  PinnedBytes() = default;
+  explicit PinnedBytes(size_t n) : n_(n) {
+    if (n > 0) check(cudaMallocHost(&p_, n), "cudaMallocHost");
+  }
+  ~PinnedBytes() {
+    if (p_ != nullptr) cudaFreeHost(p_);
+  }
+  PinnedBytes(PinnedBytes&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
+  PinnedBytes& operator=(PinnedBytes&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  PinnedBytes(const PinnedBytes&) = delete;
+  PinnedBytes& operator=(const PinnedBytes&) = delete;
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// The keys (after RoPE) and values of the positions run so far, per layer, on the GPU: rows
+// [0, cap) of [cap, kv_heads * head_dim]. Every position is kept; a sliding-window layer reads
+// only the last window - 1 before the new tokens, which is what transformers' cache keeps.
+struct DevCache {
+  int64_t cap = 0;
+  int64_t past = 0;          // positions written
+  std::vector<DevBuf> k, v;  // the run dtype's storage (the products' inputs)
+  std::vector<DevBuf> vf;    // v in fp32 (the fused kernel reads it so)
+};
+
 // One sequence of a batch: rows [off, off + len).
 struct Seg {
   int64_t off = 0, len = 0;
@@ -250,8 +291,10 @@ struct Seg {
 
 class Pass {
  public:
+  // cache: one sequence whose keys and values go to (and are read from) the GPU cache; the
+  // logits are then the last row's only (generate's logits_to_keep = 1).
   Pass(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
-       const ForwardOptions& opt, Observer* obs, bool sites)
+       const ForwardOptions& opt, Observer* obs, bool sites, DevCache* cache = nullptr)
       : c_(ck.config()),
         spec_(spec),
         dtype_(opt.dtype),
@@ -260,7 +303,9 @@ class Pass {
         obs_(obs),
         sites_(sites && obs != nullptr),
         f32_out_(backend().cuda_gemm_f32_out || opt.dtype == DType::F32),
-        dm_(device_model(ck, spec, opt)),
+        dm_keep_(device_model(ck, spec, opt)),
+        dm_(*dm_keep_),
+        cache_(cache),
         host_(static_cast<size_t>(std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) *
                                   spec.hidden)) {
     for (int64_t len : lengths) {
@@ -295,12 +340,143 @@ class Pass {
     ks_ = DevBuf(size_t(T_ * kvd) * eb);
     vs_ = DevBuf(size_t(T_ * kvd) * eb);
     stats_ = DevBuf(sizeof(cuda::SiteStats));
+    if (cache_) {
+      if (segs_.size() != 1) fail("forward: a key/value cache holds one sequence");
+      // Allocated once: a decode step allocates nothing and waits for the GPU only at the end.
+      logits_ = DevBuf(size_t(V_) * sizeof(float));
+      const size_t lm_c = size_t(V_) * eb;
+      if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
+      logits_host_ = PinnedBytes(size_t(V_) * sizeof(float));
+      h_host_ = PinnedBytes(size_t(T_ * H_) * sizeof(float));
+      // NANSCOPE_CUDA_GRAPH=1: the 1-token step replayed as one CUDA graph (its position a
+      // device scalar, its attention decode_attention's); off by default until the GPU test
+      // has compared it with transformers (docs/cuda.md).
+      const char* g = std::getenv("NANSCOPE_CUDA_GRAPH");
+      graph_ = T_ == 1 && g != nullptr && std::string(g) == "1";
+      if (graph_) {
+        check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+        pos_ = DevBuf(sizeof(int64_t));
+        pos_host_ = PinnedBytes(sizeof(int64_t));
+      }
+    }
     build_rope();
     plan_attention();
   }
 
+  ~Pass() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  Pass(const Pass&) = delete;
+  Pass& operator=(const Pass&) = delete;
+
+  // A pass with the cache: the tokens sit at positions [past, past + T).
+  std::vector<float> run_cached(std::span<const float> h0) {
+    const auto started = std::chrono::steady_clock::now();
+    past_ = cache_->past;
+    if (past_ + T_ > cache_->cap)
+      fail("generate --device cuda: the key/value cache holds {} positions, {} asked for",
+           cache_->cap, past_ + T_);
+    if (past_ + T_ > max_keys_)
+      fail(
+          "forward: a --device cuda pass of {} tokens after {} cached ones (only the first "
+          "pass may hold more than one)",
+          T_, past_);
+    std::memcpy(h_host_.get(), h0.data(), h0.size() * sizeof(float));
+    std::chrono::steady_clock::time_point queued;
+    if (graph_) {
+      *static_cast<int64_t*>(pos_host_.get()) = past_;
+      if (graph_runs_++ == 0) {
+        // The first step runs as it is (cuBLAS's first calls of these shapes set up outside a
+        // capture); the second is captured, and every later one replays it.
+        const StreamScope on(stream_);
+        step_body();
+      } else {
+        if (exec_ == nullptr) capture();
+        check(cudaGraphLaunch(exec_, stream_), "graph launch");
+      }
+      queued = std::chrono::steady_clock::now();
+      check(cudaStreamSynchronize(stream_), "decode step");
+    } else {
+      step_body();
+      queued = std::chrono::steady_clock::now();
+      check(cudaStreamSynchronize(nullptr), "decode step");
+    }
+    // NANSCOPE_CUDA_STEP_TIMES=1: the host's time to queue a step against the step's whole time
+    // (the benchmark's question: are the launches or the GPU the bottleneck?).
+    static const bool times = std::getenv("NANSCOPE_CUDA_STEP_TIMES") != nullptr;
+    if (times) {
+      const auto done = std::chrono::steady_clock::now();
+      std::fprintf(stderr, "step T=%lld past=%lld queue_ms %.3f total_ms %.3f\n",
+                   static_cast<long long>(T_), static_cast<long long>(past_),
+                   std::chrono::duration<double, std::milli>(queued - started).count(),
+                   std::chrono::duration<double, std::milli>(done - started).count());
+    }
+    const float* lh = static_cast<const float*>(logits_host_.get());
+    return std::vector<float>(lh, lh + V_);
+  }
+
   uint64_t weight_bytes() const { return dm_.weight_bytes; }
 
+ private:
+  // The kernels, cuBLAS and the copies of this thread on `s` while it lives (legacy default
+  // stream again after).
+  struct StreamScope {
+    explicit StreamScope(cudaStream_t s) {
+      cuda::set_stream(s);
+      check(cublasSetStream(blas(), s), "cublasSetStream");
+    }
+    ~StreamScope() {
+      cuda::set_stream(nullptr);
+      cublasSetStream(blas(), nullptr);
+    }
+    StreamScope(const StreamScope&) = delete;
+    StreamScope& operator=(const StreamScope&) = delete;
+  };
+
+  // A cached pass's work, queued on the current stream: the embeddings up, the layers, the final
+  // norm of every row (a row's norm does not depend on the others), lm_head on the last one (as
+  // transformers' generate computes it), the logits row down to page-locked memory.
+  void step_body() {
+    const cudaStream_t st = graph_ ? stream_ : nullptr;
+    check(cudaMemcpyAsync(h_.get(), h_host_.get(), size_t(T_ * H_) * sizeof(float),
+                          cudaMemcpyHostToDevice, st),
+          "upload");
+    if (graph_)
+      check(
+          cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
+          "upload");
+    const int64_t N = int64_t(spec_.layers.size());
+    for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
+    norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
+    linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
+           logits_.f());
+    if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
+    check(cudaMemcpyAsync(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
+                          cudaMemcpyDeviceToHost, st),
+          "logits download");
+  }
+
+  // step_body captured once into a graph (the host buffers and the position scalar are read
+  // when it replays). A failure ends the capture before it is reported.
+  void capture() {
+    const StreamScope on(stream_);
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "graph capture");
+    cudaGraph_t g = nullptr;
+    try {
+      step_body();
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &g);
+      if (g != nullptr) cudaGraphDestroy(g);
+      throw;
+    }
+    check(cudaStreamEndCapture(stream_, &g), "graph capture");
+    const cudaError_t e = cudaGraphInstantiate(&exec_, g, 0);
+    cudaGraphDestroy(g);
+    check(e, "graph instantiate");
+  }
+
+ public:
   std::vector<float> run(std::span<const float> h0) {
     check(cudaMemcpy(h_.get(), h0.data(), h0.size() * sizeof(float), cudaMemcpyHostToDevice),
           "upload");
@@ -383,21 +559,36 @@ class Pass {
     linear(l, p + "self_attn.q_proj", xs, T_, w.q, w.q_bias, q_.f());
     linear(l, p + "self_attn.k_proj", xs, T_, w.k, w.k_bias, k_.f());
     linear(l, p + "self_attn.v_proj", xs, T_, w.v, w.v_bias, v_.f());
-    if (a.qk_norm) {  // per head, in place through the staging copy of the input
-      norm(l, n.q_norm, q_.f(), w.q_norm, D, T_ * a.heads, ctx_.f(), {T_, a.heads, D});
-      check(cudaMemcpy(q_.get(), ctx_.get(), size_t(T_ * qd) * sizeof(float),
-                       cudaMemcpyDeviceToDevice),
-            "copy");
-      norm(l, n.k_norm, k_.f(), w.k_norm, D, T_ * a.kv_heads, ctx_.f(), {T_, a.kv_heads, D});
-      check(cudaMemcpy(k_.get(), ctx_.get(), size_t(T_ * kvd) * sizeof(float),
-                       cudaMemcpyDeviceToDevice),
-            "copy");
+    if (a.qk_norm) {  // per head, in place (rmsnorm_k reads a row whole before it writes it)
+      norm(l, n.q_norm, q_.f(), w.q_norm, D, T_ * a.heads, q_.f(), {T_, a.heads, D});
+      norm(l, n.k_norm, k_.f(), w.k_norm, D, T_ * a.kv_heads, k_.f(), {T_, a.kv_heads, D});
     }
     const Rope& r = ropes_.at(a.rope);
+    const auto* dpos = graph_ ? static_cast<const int64_t*>(pos_.get()) : nullptr;
     cuda::rope(q_.f(), T_, a.heads, D, r.dim, r.cos.f(), r.sin.f(),
-               static_cast<const int64_t*>(r.rowoff.get()), dt_);
+               static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
     cuda::rope(k_.f(), T_, a.kv_heads, D, r.dim, r.cos.f(), r.sin.f(),
-               static_cast<const int64_t*>(r.rowoff.get()), dt_);
+               static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
+    if (graph_) {  // nothing here may depend on the step's position but through dpos
+      cuda::cache_append(k_.f(), v_.f(), kvd, dpos, cache_->k[size_t(l)].get(),
+                         cache_->v[size_t(l)].get(), cache_->vf[size_t(l)].f(), dt_);
+      cuda::decode_attention(q_.f(), cache_->k[size_t(l)].get(), cache_->v[size_t(l)].get(),
+                             cache_->vf[size_t(l)].f(), dpos, a.heads, a.kv_heads, D, a.scaling,
+                             a.softcap.value_or(0.0f), a.window, att_ == AttentionProfile::Fused,
+                             dt_, S_.f(), max_keys_, ctx_.f());
+      linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
+      return;
+    }
+    if (cache_) {  // this pass's keys and values join the cache at rows [P, P + T)
+      const size_t eb = size_t(cuda::dt_bytes(dt_)), at = size_t(past_ * kvd);
+      cuda::to_storage(k_.f(), static_cast<char*>(cache_->k[size_t(l)].get()) + at * eb, T_ * kvd,
+                       dt_);
+      cuda::to_storage(v_.f(), static_cast<char*>(cache_->v[size_t(l)].get()) + at * eb, T_ * kvd,
+                       dt_);
+      check(cudaMemcpyAsync(cache_->vf[size_t(l)].f() + at, v_.get(),
+                            size_t(T_ * kvd) * sizeof(float), cudaMemcpyDeviceToDevice),
+            "cache");
+    }
     if (sites_) {
       std::vector<float> qk(size_t(T_ * (qd + kvd))), qh(size_t(T_ * qd)), kh(size_t(T_ * kvd));
       download(q_.f(), qh);
@@ -415,56 +606,79 @@ class Pass {
     linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
   }
 
-  // q.k^T of one chunk into S (fp32, [nmat, T, T]) as a batched tensor-core product: one
-  // matrix per sequence and head, k read at head h / (nH / nKV) as repeat_kv gives it. The
-  // pointer arrays of the p.v product (eager) and the sequences' first rows go up with it.
-  // Returns the device arrays: [A1, B1, C1, A2, B2, C2] pointers, then the offsets.
-  const void* const* chunk_scores(const Chunk& c, const AttentionSpec& a) {
+  // q.k^T of one chunk into S (fp32, [nmat, Tq, Tk]) as a batched tensor-core product: one
+  // matrix per sequence and head, k read at head h / (nH / nKV) as repeat_kv gives it. Without a
+  // cache Tq = Tk = the chunk's length; with one, the keys are the cache's rows [lo, P + T)
+  // (key_lo). The pointer arrays of the p.v product (eager) and the sequences' first rows go up
+  // with it. Returns the device arrays: [A1, B1, C1, A2, B2, C2] pointers, then the offsets.
+  const void* const* chunk_scores(const Chunk& c, const AttentionSpec& a, int64_t l) {
     const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D,
                   rep = a.heads / a.kv_heads;
-    const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
+    const int64_t Tq = c.len, Tk = cache_ ? keys(a) : c.len,
+                  nmat = int64_t(c.segs.size()) * a.heads;
     const size_t eb = size_t(cuda::dt_bytes(dt_));
     const char* qb = static_cast<const char*>(qs_.get());
-    const char* kb = static_cast<const char*>(ks_.get());
-    const char* vb = static_cast<const char*>(vs_.get());
+    const size_t lo = size_t(cache_ ? key_lo(a) * kvd : 0) * eb;
+    const char* kb = static_cast<const char*>(cache_ ? cache_->k[size_t(l)].get() : ks_.get()) + lo;
+    const char* vb = static_cast<const char*>(cache_ ? cache_->v[size_t(l)].get() : vs_.get()) + lo;
     std::vector<const void*> ptrs(size_t(6 * nmat));
     std::vector<int64_t> offs;
     for (size_t si = 0; si < c.segs.size(); ++si) {
       const Seg& g = segs_[size_t(c.segs[si])];
+      const int64_t koff = cache_ ? 0 : g.off;  // the cache holds this one sequence only
       offs.push_back(g.off);
       for (int64_t h = 0; h < a.heads; ++h) {
         const size_t mat = si * size_t(a.heads) + size_t(h), n = size_t(nmat);
         const int64_t kvh = h / rep;
-        ptrs[mat] = kb + size_t(g.off * kvd + kvh * D) * eb;
+        ptrs[mat] = kb + size_t(koff * kvd + kvh * D) * eb;
         ptrs[n + mat] = qb + size_t(g.off * qd + h * D) * eb;
-        ptrs[2 * n + mat] = S_.f() + int64_t(mat) * T * T;
-        ptrs[3 * n + mat] = vb + size_t(g.off * kvd + kvh * D) * eb;
+        ptrs[2 * n + mat] = S_.f() + int64_t(mat) * Tq * Tk;
+        ptrs[3 * n + mat] = vb + size_t(koff * kvd + kvh * D) * eb;
         ptrs[4 * n + mat] = Ps_.get() == nullptr  // eager only
                                 ? nullptr
-                                : static_cast<const char*>(Ps_.get()) + mat * size_t(T * T) * eb;
+                                : static_cast<const char*>(Ps_.get()) + mat * size_t(Tq * Tk) * eb;
         ptrs[5 * n + mat] = ctx_.f() + g.off * qd + h * D;
       }
     }
-    check(cudaMemcpy(ptrs_.get(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice),
-          "upload");
-    check(cudaMemcpy(static_cast<char*>(ptrs_.get()) + ptrs.size() * sizeof(void*), offs.data(),
-                     offs.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
-          "upload");
-    const void* const* dp = static_cast<const void* const*>(ptrs_.get());
+    const size_t pbytes = ptrs.size() * sizeof(void*), obytes = offs.size() * sizeof(int64_t);
+    char* dev = static_cast<char*>(ptrs_.get());
+    if (cache_) {
+      // One region per layer, copied from page-locked memory without waiting for the GPU: the
+      // host region is rewritten only at the next pass, after this one's final download.
+      dev += size_t(l) * ptr_region_;
+      char* host = static_cast<char*>(ptrs_host_.get()) + size_t(l) * ptr_region_;
+      std::memcpy(host, ptrs.data(), pbytes);
+      std::memcpy(host + pbytes, offs.data(), obytes);
+      check(cudaMemcpyAsync(dev, host, pbytes + obytes, cudaMemcpyHostToDevice), "upload");
+    } else {
+      check(cudaMemcpy(dev, ptrs.data(), pbytes, cudaMemcpyHostToDevice), "upload");
+      check(cudaMemcpy(dev + pbytes, offs.data(), obytes, cudaMemcpyHostToDevice), "upload");
+    }
+    const void* const* dp = reinterpret_cast<const void* const*>(dev);
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_type(dt_);
     // Column-major: S^T[j, i] = sum_d k[j, d] q[i, d]  ->  S row-major [i, j].
-    check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(T), int(T), int(D), &one, dp, t,
-                              int(kvd), dp + nmat, t, int(qd), &zero,
-                              const_cast<void* const*>(dp + 2 * nmat), CUDA_R_32F, int(T),
+    check(cublasGemmBatchedEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(Tk), int(Tq), int(D), &one, dp,
+                              t, int(kvd), dp + nmat, t, int(qd), &zero,
+                              const_cast<void* const*>(dp + 2 * nmat), CUDA_R_32F, int(Tk),
                               int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
           "q.k^T");
     return dp;
   }
 
+  // With a cache: the first cache row the attention reads (a sliding-window layer's cache holds
+  // the last window - 1 positions before these tokens, as transformers' DynamicCache keeps
+  // them), and the number of keys; without one, the chunk's own rows.
+  int64_t key_lo(const AttentionSpec& a) const {
+    return a.window > 0 ? std::max<int64_t>(0, past_ - (a.window - 1)) : 0;
+  }
+  int64_t keys(const AttentionSpec& a) const { return cache_ ? past_ + T_ - key_lo(a) : maxT_; }
+  int64_t query_col(const AttentionSpec& a) const { return cache_ ? past_ - key_lo(a) : 0; }
+
   void qkv_storage(const AttentionSpec& a) {
     const int64_t qd = a.heads * a.head_dim, kvd = a.kv_heads * a.head_dim;
     cuda::to_storage(q_.f(), qs_.get(), T_ * qd, dt_);
+    if (cache_) return;  // k and v are read from the cache
     cuda::to_storage(k_.f(), ks_.get(), T_ * kvd, dt_);
     cuda::to_storage(v_.f(), vs_.get(), T_ * kvd, dt_);
   }
@@ -479,15 +693,16 @@ class Pass {
     const float mask = dtype_lowest(dtype_);
     cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
     for (const Chunk& c : chunks_) {
-      const int64_t T = c.len, nmat = int64_t(c.segs.size()) * a.heads;
-      const void* const* dp = chunk_scores(c, a);
-      cuda::eager_softmax(S_.f(), P_.f(), Ps_.get(), nmat, T, a.scaling, a.softcap.value_or(0.0f),
-                          a.window, mask, dt_, st);
+      const int64_t Tq = c.len, Tk = cache_ ? keys(a) : c.len,
+                    nmat = int64_t(c.segs.size()) * a.heads;
+      const void* const* dp = chunk_scores(c, a, s.index);
+      cuda::eager_softmax(S_.f(), P_.f(), Ps_.get(), nmat, Tq, Tk, query_col(a), a.scaling,
+                          a.softcap.value_or(0.0f), a.window, mask, dt_, st);
       const float one = 1.0f, zero = 0.0f;
       const cudaDataType_t t = cuda_type(dt_);
       // ctx^T[d, i] = sum_j v[j, d] p[i, j].
-      check(cublasGemmBatchedEx(blas(), CUBLAS_OP_N, CUBLAS_OP_N, int(D), int(T), int(T), &one,
-                                dp + 3 * nmat, t, int(kvd), dp + 4 * nmat, t, int(T), &zero,
+      check(cublasGemmBatchedEx(blas(), CUBLAS_OP_N, CUBLAS_OP_N, int(D), int(Tq), int(Tk), &one,
+                                dp + 3 * nmat, t, int(kvd), dp + 4 * nmat, t, int(Tk), &zero,
                                 const_cast<void* const*>(dp + 5 * nmat), CUDA_R_32F, int(qd),
                                 int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "p.v");
@@ -504,10 +719,13 @@ class Pass {
     cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
     for (const Chunk& c : chunks_) {
       const int64_t nmat = int64_t(c.segs.size()) * a.heads;
-      const void* const* dp = chunk_scores(c, a);
+      const void* const* dp = chunk_scores(c, a, s.index);
       const auto* offs = reinterpret_cast<const int64_t*>(dp + 6 * nmat);
-      cuda::fused_softmax_pv(S_.f(), v_.f(), nmat, c.len, a.heads, a.kv_heads, a.head_dim, offs,
-                             a.scaling, a.window, dt_, ctx_.f(), sites_ ? P_.f() : nullptr, st);
+      const float* v =
+          cache_ ? cache_->vf[size_t(s.index)].f() + key_lo(a) * a.kv_heads * a.head_dim : v_.f();
+      cuda::fused_softmax_pv(S_.f(), v, nmat, c.len, cache_ ? keys(a) : c.len, query_col(a),
+                             a.heads, a.kv_heads, a.head_dim, offs, a.scaling, a.window, dt_,
+                             ctx_.f(), sites_ ? P_.f() : nullptr, st);
     }
     report_attention(s, qd);
   }
@@ -643,7 +861,9 @@ class Pass {
       std::vector<float> cos, sin;
       std::vector<int64_t> rowoff(static_cast<size_t>(T_));
       for (const Seg& g : segs_) {
-        const int64_t key = rope_depends_on_length(rc) ? g.len : maxT_;
+        // With a cache the table covers every position it can hold; rows are shifted by the
+        // pass's first position at each call (rope's shift).
+        const int64_t key = cache_ ? cache_->cap : rope_depends_on_length(rc) ? g.len : maxT_;
         if (!base.contains(key)) {
           const RopeTables tab = rope_tables(c_, rc, dim, key, dtype_);
           base[key] = int64_t(cos.size());
@@ -688,10 +908,23 @@ class Pass {
     }
     // Scores for both profiles (q.k^T on tensor cores); probabilities in fp32 for eager or the
     // sites, in the run dtype for eager's p.v.
+    // With a cache: a 1-token step reads up to cap keys; a longer pass (the prompt) runs first,
+    // against its own keys only (run_cached checks), so that its scores stay [T, T] as trace's.
+    if (cache_) {
+      max_keys_ = T_ == 1 ? cache_->cap : T_;
+      most = maxH_ * T_ * max_keys_;
+    }
     S_ = DevBuf(size_t(most) * sizeof(float));
     if (att_ == AttentionProfile::Eager || sites_) P_ = DevBuf(size_t(most) * sizeof(float));
     if (att_ == AttentionProfile::Eager) Ps_ = DevBuf(size_t(most) * size_t(cuda::dt_bytes(dt_)));
-    ptrs_ = DevBuf(size_t(6 * most_mats) * sizeof(void*) + size_t(most_mats) * sizeof(int64_t));
+    ptr_region_ = size_t(6 * most_mats) * sizeof(void*) + size_t(most_mats) * sizeof(int64_t);
+    if (cache_) {  // a region per layer (chunk_scores)
+      const size_t layers = spec_.layers.size();
+      ptrs_ = DevBuf(layers * ptr_region_);
+      ptrs_host_ = PinnedBytes(layers * ptr_region_);
+    } else {
+      ptrs_ = DevBuf(ptr_region_);
+    }
   }
 
   const ModelConfig& c_;
@@ -702,7 +935,19 @@ class Pass {
   Observer* obs_;
   bool sites_;
   bool f32_out_;  // products write fp32 and round in bias_round (always for fp32 runs)
+  std::shared_ptr<DevModel> dm_keep_;
   DevModel& dm_;
+  DevCache* cache_;   // null: no key/value cache
+  int64_t past_ = 0;  // with a cache: positions before this pass's tokens
+  size_t ptr_region_ = 0;
+  int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
+  bool graph_ = false;    // a 1-token pass replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
+  cudaStream_t stream_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  int64_t graph_runs_ = 0;
+  DevBuf pos_;  // the step's position, on the GPU
+  PinnedBytes pos_host_;
+  PinnedBytes ptrs_host_, logits_host_, h_host_;
   std::vector<Seg> segs_;
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
   DevBuf h_, x_, y_, q_, k_, v_, ctx_, g_, u_, act_, logits_;  // fp32 activations
@@ -713,12 +958,7 @@ class Pass {
   PinnedBuf host_;  // one hidden state [T, H]
 };
 
-}  // namespace
-
-CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
-                      std::span<const float> h, const ForwardOptions& opt, Observer* obs,
-                      bool sites) {
-  require_device();
+void check_supported(const ModelSpec& spec) {
   for (const LayerSpec& s : spec.layers)
     if (s.mlp.moe)
       fail(
@@ -731,6 +971,15 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
           "--device cuda: head_dim {} is not supported on the GPU (even, up to 256); use "
           "--device cpu",
           s.attn.head_dim);
+}
+
+}  // namespace
+
+CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
+                      std::span<const float> h, const ForwardOptions& opt, Observer* obs,
+                      bool sites) {
+  require_device();
+  check_supported(spec);
   CudaPass res;
   Pass p(ck, spec, lengths, opt, obs, sites);
   res.weight_bytes = p.weight_bytes();
@@ -740,6 +989,62 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
     res.stopped_early = true;
   }
   check(cudaDeviceSynchronize(), "forward");
+  return res;
+}
+
+namespace {
+
+// KvCache::device for --device cuda: the GPU cache, the model description it was made for (the
+// passes refer to it) and one pass per token count (the prompt's, then 1), made once.
+struct GpuDecoder {
+  ModelSpec spec;
+  std::string key;
+  DevCache cache;
+  std::map<int64_t, std::unique_ptr<Pass>> passes;
+};
+
+}  // namespace
+
+CudaPass forward_cuda_step(const Checkpoint& ck, const ModelSpec& spec, std::span<const float> h,
+                           int64_t T, KvCache& cache, const ForwardOptions& opt) {
+  require_device();
+  check_supported(spec);
+  for (const LayerSpec& s : spec.layers)
+    if (rope_depends_on_length(spec.ropes[size_t(s.attn.rope)]))
+      fail(
+          "--device cuda: generate with a {} RoPE (its frequencies follow the length) runs on the "
+          "CPU only in this version; use --device cpu",
+          spec.ropes[size_t(s.attn.rope)].type);
+  const std::string key = fmt::format("{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
+                                      attention_name(opt.attention), static_cast<const void*>(&ck));
+  auto dec = std::static_pointer_cast<GpuDecoder>(cache.device);
+  if (dec && dec->key != key)
+    fail("forward: this key/value cache was made for another model, dtype or attention");
+  if (!dec) {
+    if (cache.past != 0) fail("forward: a --device cuda step after CPU steps on one cache");
+    dec = std::make_shared<GpuDecoder>();
+    dec->spec = spec;
+    dec->key = key;
+    DevCache& c = dec->cache;
+    c.cap = cache.capacity > 0 ? cache.capacity : T + 4096;
+    for (const LayerSpec& s : spec.layers) {
+      const size_t n = size_t(c.cap * s.attn.kv_heads * s.attn.head_dim);
+      c.k.emplace_back(n * size_t(cuda::dt_bytes(dt_of(opt.dtype))));
+      c.v.emplace_back(n * size_t(cuda::dt_bytes(dt_of(opt.dtype))));
+      c.vf.emplace_back(n * sizeof(float));
+    }
+    cache.device = dec;
+  }
+  DevCache& c = dec->cache;
+  c.past = cache.past;
+  std::unique_ptr<Pass>& p = dec->passes[T];
+  const int64_t len = T;
+  if (!p)
+    p = std::make_unique<Pass>(ck, dec->spec, std::span<const int64_t>(&len, 1), opt, nullptr,
+                               false, &c);
+  CudaPass res;
+  res.weight_bytes = p->weight_bytes();
+  res.logits = p->run_cached(h);
   return res;
 }
 

@@ -27,6 +27,7 @@
 namespace nanscope {
 
 struct ForwardOptions;
+struct KvCache;
 
 struct CudaPass {
   std::vector<float> logits;   // [T, vocab], rounded to the run dtype; empty when stopped early
@@ -42,6 +43,15 @@ struct CudaPass {
 CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
                       std::span<const float> h, const ForwardOptions& opt, Observer* obs,
                       bool sites);
+
+// One step of incremental decoding on GPU 0 (model/forward.hpp's forward_step with --device
+// cuda): the rounded embeddings h [T, H] of the tokens at positions [cache.past, cache.past + T)
+// attend to the keys and values kept on the GPU in cache.device (made at the first step, sized
+// for cache.capacity positions) and to each other; theirs are appended. Returns the last
+// position's logits only ([1, vocab]), as generate computes them. Does not advance cache.past.
+// Throws InputError past the capacity, and where forward_cuda does.
+CudaPass forward_cuda_step(const Checkpoint& ck, const ModelSpec& spec, std::span<const float> h,
+                           int64_t T, KvCache& cache, const ForwardOptions& opt);
 
 // Whether this build has the CUDA backend (NANSCOPE_CUDA).
 bool cuda_built();

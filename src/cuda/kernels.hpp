@@ -29,14 +29,17 @@ void to_storage(const float* x, void* out, int64_t n, Dt dt);
 void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int64_t cols, Dt dt,
                 float* out);
 // transformers' RMSNorm per row of n: y = round(x * rsqrt(mean(x^2) + eps)); out = round(w * y);
-// offset (Gemma): out = round(x * rsqrt(...) * (1 + w)).
+// offset (Gemma): out = round(x * rsqrt(...) * (1 + w)). out may be x (in place).
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset, Dt dt,
              float* out);
 // In place on x [rows, heads, head_dim]: the first rot dims of each head rotated with the table
-// row rowoff[r] (tables [*, rot], values in the run dtype):
-// x = round(round(x * cos) + round(rotate_half(x) * sin)).
+// row rowoff[r] + shift (tables [*, rot], values in the run dtype; shift: a decode step's
+// position times rot, so that one offset array serves every step):
+// x = round(round(x * cos) + round(rotate_half(x) * sin)). dpos (a device scalar, nullable):
+// shift = *dpos * rot instead, read when the kernel runs (a captured decode step).
 void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, const float* cos,
-          const float* sin, const int64_t* rowoff, Dt dt);
+          const float* sin, const int64_t* rowoff, Dt dt, int64_t shift = 0,
+          const int64_t* dpos = nullptr);
 void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out);
 // act = round(round(f(g)) * u), f = silu (act 0) or gelu-tanh (act 1).
 void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out);
@@ -45,22 +48,42 @@ void softcap(float* v, int64_t n, float cap, Dt dt);
 // Statistics of n values: any non-finite, largest finite |value|.
 void site_stats(const float* v, int64_t n, SiteStats* st);
 
-// Eager attention's elementwise steps and softmax on nmat score matrices [T, T] (row i = query):
-// S holds q.k^T in fp32 on entry; on return round(round(round(S) * scaling) [softcap] + mask)
-// (mask on keys j > i or out of the window), and P = round(softmax_fp32(S)) (fp32 values, and
-// in storage for p.v in pstore). st (nullable) gets the scores' statistics: peak over visible
-// raw q.k, non-finite by the masked-key rule.
-void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t T, float scaling,
-                   float cap, int64_t window, float mask, Dt dt, SiteStats* st);
+// Eager attention's elementwise steps and softmax on nmat score matrices [Tq, T] (Tq queries,
+// T keys; query r sits at key column c0 + r: 0 without a cache, the cached keys before it with
+// one): S holds q.k^T in fp32 on entry; on return round(round(round(S) * scaling) [softcap] +
+// mask) (mask on keys j > c0 + r or out of the window), and P = round(softmax_fp32(S)) (fp32
+// values, and in storage for p.v in pstore). st (nullable) gets the scores' statistics: peak
+// over visible raw q.k, non-finite by the masked-key rule.
+void eager_softmax(float* S, float* P, void* pstore, int64_t nmat, int64_t Tq, int64_t T,
+                   int64_t c0, float scaling, float cap, int64_t window, float mask, Dt dt,
+                   SiteStats* st);
 
 // Fused attention (flash-style: fp32 scores and online softmax, exp2 as FlashAttention-2 does,
-// probabilities rounded to the run dtype for p.v, output round(acc / l)) on nmat score rows
-// blocks [T, T] of q.k^T in fp32 (S, from the tensor-core product; matrix mat is head
-// mat % heads of the sequence starting at row seg_off[mat / heads] of v [rows, kv_heads*D] and
-// ctx [rows, heads*D]). P (nullable, the sites): S then holds the scaled scores (-inf where
-// masked) and P the probabilities. st (nullable): peak of |s * scaling|, non-finite scores.
-void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t T, int64_t heads,
-                      int64_t kv_heads, int64_t D, const int64_t* seg_off, float scaling,
-                      int64_t window, Dt dt, float* ctx, float* P, SiteStats* st);
+// probabilities rounded to the run dtype for p.v, output round(acc / l)) on nmat score
+// blocks [Tq, T] of q.k^T in fp32 (S, from the tensor-core product; query r at key column c0 + r
+// as in eager_softmax; matrix mat is head mat % heads of the sequence starting at row
+// seg_off[mat / heads] of v [rows, kv_heads*D] and ctx [rows, heads*D]). P (nullable, the
+// sites): S then holds the scaled scores (-inf where masked) and P the probabilities. st
+// (nullable): peak of |s * scaling|, non-finite scores.
+void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_t T, int64_t c0,
+                      int64_t heads, int64_t kv_heads, int64_t D, const int64_t* seg_off,
+                      float scaling, int64_t window, Dt dt, float* ctx, float* P, SiteStats* st);
+
+// Every launch of this file goes to `stream` (a cudaStream_t; null: the legacy default stream).
+void set_stream(void* stream);
+
+// A captured decode step (forward_cuda.cpp, NANSCOPE_CUDA_GRAPH=1), whose position is the device
+// scalar *pos: its key and value rows k, v [kvd] (fp32, rounded) into the cache at row *pos (k and
+// v in storage, v also in fp32 in vf).
+void cache_append(const float* k, const float* v, int64_t kvd, const int64_t* pos, void* kst,
+                  void* vst, float* vf, Dt dt);
+// Its attention: q [heads * D] (fp32, rounded) against the cache rows [lo, *pos] (lo: the last
+// window - 1 before it for a sliding-window layer, else 0), eager or fused as the kernels above
+// compute them, with q.k in a plain fp32 sum (not cuBLAS's order). S: scratch [heads, sstride],
+// sstride >= the keys; ctx [heads * D], rounded.
+void decode_attention(const float* q, const void* kc, const void* vc, const float* vf,
+                      const int64_t* pos, int64_t heads, int64_t kv_heads, int64_t D, float scaling,
+                      float cap, int64_t window, bool fused, Dt dt, float* S, int64_t sstride,
+                      float* ctx);
 
 }  // namespace nanscope::cuda

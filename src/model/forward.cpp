@@ -832,13 +832,16 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
   } end_of_pass;
   Model m(ck, opt, obs, lengths, cache, cache != nullptr);
   uint64_t device_bytes = 0;
-  if (opt.device == Device::Cuda && (opt.adapter || cache))
-    fail("--device cuda: {} runs on the CPU only in this version (drop --device cuda)",
-         opt.adapter ? "an adapter applied unmerged" : "decoding with a key/value cache");
+  if (opt.device == Device::Cuda && opt.adapter)
+    fail("--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
+         "--device cuda)");
+  if (opt.device == Device::Cuda && cache && obs)
+    fail("forward: a --device cuda step with a key/value cache reports no sites or states");
   try {
     if (opt.device == Device::Cuda) {  // the layers on the GPU (src/cuda), the embeddings here
       const Vec h = embed(m);
-      CudaPass p = forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites());
+      CudaPass p = cache ? forward_cuda_step(ck, m.spec(), h, T, *cache, opt)
+                         : forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites());
       res.logits = std::move(p.logits);
       res.stopped_early = p.stopped_early;
       device_bytes = p.weight_bytes;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -65,6 +66,11 @@ struct KvCache {
   int64_t past = 0;                      // positions run so far
   std::vector<std::vector<float>> k, v;  // per layer: [rows, kv_heads * head_dim]
   std::vector<int64_t> start;            // per layer: the position of row 0
+  // --device cuda: the keys and values stay on the GPU (src/cuda/forward_cuda.hpp), k/v above
+  // stay empty. `capacity`: the positions that GPU cache is sized for (the prompt plus the new
+  // tokens; 0: the first step's length plus 4096), allocated once at the first step.
+  int64_t capacity = 0;
+  std::shared_ptr<void> device;
 };
 
 // One step of incremental decoding (transformers' generate): `ids` at positions [cache.past,

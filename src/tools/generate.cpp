@@ -148,7 +148,17 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   ResidentWeights resident;
   fo.resident = opt.resident ? &resident : nullptr;
   fo.release_pages = opt.resident;
+  fo.device = opt.device;
   KvCache cache;
+  if (opt.device == Device::Cuda) {
+    if (opt.adapter)
+      fail("generate --device cuda: an adapter applied unmerged runs on the CPU only in this "
+           "version (drop --device cuda, or merge it first)");
+    // The weights live on the GPU; the host reads only embedding rows, from the mapping.
+    fo.resident = nullptr;
+    fo.release_pages = true;
+    cache.capacity = int64_t(opt.prompt.size()) + opt.max_new_tokens;
+  }
   std::mt19937_64 rng(opt.seed);
   std::vector<int64_t> seen = opt.prompt, input = opt.prompt;
   r.finish_reason = "length";
@@ -165,6 +175,7 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
       to.attention = opt.attention;
       to.adapter = opt.adapter;
       to.shadow_fp32 = false;
+      to.device = opt.device;
       const TraceResult tr = trace(ck, to);
       GenerateStep s;
       s.step = step;

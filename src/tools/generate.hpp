@@ -36,6 +36,9 @@ struct GenerateOptions {
   // read them from the mapped files at every step (no second copy in memory, slower).
   bool resident = true;
   bool keep_logits = false;  // GenerateResult::step_logits (tests: how close a near-tie was)
+  // Cuda: the layers and the key/value cache on the GPU (src/cuda/forward_cuda.hpp); only each
+  // step's logits row comes back. No adapter there yet.
+  Device device = Device::Cpu;
 };
 
 struct GenerateStep {

@@ -13,7 +13,7 @@ for b in nanscope bench_hidden make_synthetic; do cp "build/$b" "$C/bin/" && str
 tar -C "$C" -cJf "$C/bin.tar.xz" bin && rm -rf "$C/bin"
 (cd "$C/deb" && for p in libdnnl2 ocl-icd-libopencl1 libsleef3; do
   [ -n "$(ls ./${p}_*.deb 2>/dev/null)" ] || apt-get download "$p"; done)
-cp tools/fixtures/make_cuda_goldens.py "$C/repo/tools/fixtures/"
+cp tools/fixtures/make_cuda_goldens.py tools/fixtures/make_cuda_generate_goldens.py "$C/repo/tools/fixtures/"
 cp tests/gpu/compare.py tests/gpu/run.sh tests/gpu/device_job.sh "$C/repo/tests/gpu/"
 cp bench/reference/ref_hidden.py "$C/repo/bench/reference/"
 du -sh "$C"

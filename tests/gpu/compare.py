@@ -12,6 +12,14 @@ from the golden does so like one rounding flip (a few elements, each within one 
 place), the later states may carry it further, up to the CPU test's bound for a propagated flip
 (bf16 1e-2, fp16 5e-3). Also: qwen3-fp16-attn in fp16 is NaN under eager and finite under
 fused, and `trace --json` names model.layers.0.self_attn.scores as its first non-finite site.
+Decoding: every run of GOLDENS_DIR/generate/generate.json (tools/fixtures/make_cuda_generate_goldens.py,
+or the file GPU_TEST_GENERATE names) through `nanscope generate --device cuda --eos none` must give
+transformers' token ids, or part from them only at a near-tie: at the first differing step both
+tokens are transformers' top two and its two logits lie within two units in the last place of the
+run dtype (the rule of tests/unit/test_generate.cpp, on transformers' logits); later tokens are
+then another text and not compared. qwen3-fp16-attn decoded in fp16 must stop at step 0 with
+exit 1 naming an attention site under eager, and stay finite under fused; --adapter with
+--device cuda is exit 2.
 Exit 1 when any comparison fails (each is listed), 0 otherwise. Needs torch (CPU is enough),
 safetensors and numpy; runs on a machine with a GPU only (tests/gpu/run.sh checks for one).
 """
@@ -118,6 +126,79 @@ def compare_states(ours, gold, keys, dtype, label, failures, rows, known=None):
                  "propagated_flip": propagating, "known": known[1] if known else None})
 
 
+ULP = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
+P8 = [1, 15, 300, 7, 42, 999, 3, 12]
+
+
+def check_generate(ns, path, mdir, failures, gen_rows):
+    with open(path) as f:
+        doc = json.load(f)
+    jobs = []
+    for r in doc["runs"]:
+        if FILTER and FILTER not in r["model"]:
+            continue
+        cmd = [ns, "generate", os.path.join(mdir, r["model"]),
+               "--ids", ",".join(map(str, r["prompt_ids"])), "--max-new-tokens", str(len(r["ids"])),
+               "--eos", "none", "--dtype", NS_DTYPE[r["dtype"]], "--attention", NS_ATTN[r["attn"]],
+               "--device", DEVICE, "--json"]
+        jobs.append((r, cmd))
+    with ThreadPoolExecutor(max_workers=JOBS) as ex:
+        done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), jobs))
+    for (r, cmd), p in zip(jobs, done):
+        label = f"generate {r['model']} {r['dtype']} {r['attn']} p{len(r['prompt_ids'])}"
+        if p.returncode != 0:
+            failures.append(f"{label}: exit {p.returncode}: {p.stderr.strip()[:300]}")
+            continue
+        ours, want = json.loads(p.stdout)["ids"], r["ids"]
+        i = 0
+        while i < len(ours) and i < len(want) and ours[i] == want[i]:
+            i += 1
+        row = {"case": label, "identical": i, "of": len(want), "tie": None}
+        if i < len(want) or len(ours) != len(want):
+            if i >= len(ours) or i >= len(want):
+                failures.append(f"{label}: {len(ours)} tokens, transformers made {len(want)}")
+            else:
+                id1, l1, id2, l2 = r["top2"][i]
+                pair = {id1, id2}
+                tie = (ours[i] in pair and want[i] in pair and
+                       l1 - l2 <= 2 * ULP[r["dtype"]] * abs(l1))
+                row["tie"] = {"step": i, "ours": ours[i], "theirs": want[i], "top2": r["top2"][i],
+                              "near_tie": tie}
+                if not tie:
+                    failures.append(f"{label}: step {i}: ours {ours[i]} vs transformers' {want[i]}"
+                                    f" (its top two {id1}: {l1:.6g}, {id2}: {l2:.6g}): not a near-tie")
+        gen_rows.append(row)
+    # The seed's case decoded: NaN from fp16 eager attention at the first step, finite fused.
+    m = os.path.join(mdir, "qwen3-fp16-attn")
+    if os.path.isdir(m):
+        for attn in ("eager", "fused"):
+            p = subprocess.run([ns, "generate", m, "--ids", ",".join(map(str, P8)), "--max-new-tokens",
+                                "4", "--dtype", "fp16", "--attention", attn, "--device", DEVICE,
+                                "--json"], capture_output=True, text=True)
+            label = f"generate qwen3-fp16-attn float16 {attn}"
+            try:
+                j = json.loads(p.stdout)
+            except ValueError:
+                failures.append(f"{label}: exit {p.returncode}, no JSON: {p.stderr.strip()[:300]}")
+                continue
+            nf = j.get("first_nonfinite")
+            if attn == "eager" and (p.returncode != 1 or not nf or nf.get("step") != 0
+                                    or "self_attn" not in (nf.get("site") or "")):
+                failures.append(f"{label}: expected exit 1 at step 0 in self_attn, got exit "
+                                f"{p.returncode}, first_nonfinite {nf}")
+            if attn == "fused" and (p.returncode != 0 or nf):
+                failures.append(f"{label}: expected finite, got exit {p.returncode}, {nf}")
+            gen_rows.append({"case": label, "exit": p.returncode, "first_nonfinite": nf})
+    # An adapter is not applied on the GPU yet: an input error, not a CPU run or a crash.
+    ad = os.path.join(os.path.dirname(os.path.normpath(mdir)), "adapters", "lora-bf16")
+    if os.path.isdir(ad):
+        p = subprocess.run([ns, "generate", os.path.join(mdir, "qwen3-tiny"), "--adapter", ad,
+                            "--ids", "1,2,3", "--device", DEVICE], capture_output=True, text=True)
+        if p.returncode != 2 or "adapter" not in p.stderr:
+            failures.append(f"generate --adapter --device cuda: exit {p.returncode} ({p.stderr.strip()[:200]})")
+        gen_rows.append({"case": "generate --adapter --device cuda", "exit": p.returncode})
+
+
 def main():
     ns, gdir, mdir, work = sys.argv[1:5]
     report = sys.argv[5] if len(sys.argv) > 5 else None
@@ -125,7 +206,15 @@ def main():
     failures, rows = [], []
     goldens = sorted(g for g in glob.glob(os.path.join(gdir, "*__*__*__*.safetensors"))
                      if FILTER in os.path.basename(g))
-    if not goldens:
+    gen_path = os.environ.get("GPU_TEST_GENERATE", os.path.join(gdir, "generate", "generate.json"))
+    gen_rows = []
+    if os.environ.get("GPU_TEST_ONLY") == "generate":
+        goldens = []
+    if os.path.exists(gen_path):
+        check_generate(ns, gen_path, mdir, failures, gen_rows)
+    else:
+        failures.append(f"no generate goldens at {gen_path}")
+    if not goldens and os.environ.get("GPU_TEST_ONLY") != "generate":
         print(f"no goldens in {gdir}", file=sys.stderr)
         return 1
     batch = {}  # (model, dtype, attn) -> [(tag, golden)]
@@ -207,12 +296,22 @@ def main():
         print(f"{r['case']:<55} max_rel {r['max_rel']:.3g}  bit-identical {100 * r['bit_identical']:.2f}%"
               + ("  (propagated flip)" if r["propagated_flip"] else "")
               + (f"  (known: {r['known']})" if r["known"] else ""))
+    for r in gen_rows:
+        if "identical" in r:
+            t = r["tie"]
+            print(f"{r['case']:<55} identical {r['identical']}/{r['of']} tokens"
+                  + (f"  (then step {t['step']}: ours {t['ours']}, transformers' {t['theirs']}, its"
+                     f" top two {t['top2']}: {'a near-tie' if t['near_tie'] else 'NOT a near-tie'})"
+                     if t else ""))
+        else:
+            print(f"{r['case']:<55} exit {r['exit']}"
+                  + (f"  first_nonfinite {r['first_nonfinite']}" if r.get("first_nonfinite") else ""))
     for f in failures:
         print("FAIL", f)
-    print(f"{len(rows)} comparisons, {len(failures)} failures")
+    print(f"{len(rows)} comparisons, {len(gen_rows)} generate checks, {len(failures)} failures")
     if report:
         with open(report, "w") as f:
-            json.dump({"rows": rows, "failures": failures}, f, indent=1)
+            json.dump({"rows": rows, "generate": gen_rows, "failures": failures}, f, indent=1)
     return 1 if failures else 0
 
 

@@ -59,6 +59,10 @@ TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
                           (d.path / "out").string(), "--device", "cuda"});
   EXPECT_EQ(h.exit_code, 2) << h.err;
   EXPECT_THAT(h.err, HasSubstr(expected));
+  const auto g =
+      run_cli({"generate", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"});
+  EXPECT_EQ(g.exit_code, 2) << g.err;
+  EXPECT_THAT(g.err, HasSubstr(expected));
   const Checkpoint ck = Checkpoint::open(fixture("models/qwen3-tiny"));
   ForwardOptions opt;
   opt.device = Device::Cuda;
@@ -72,6 +76,16 @@ TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
   EXPECT_EQ(
       run_cli({"trace", fixture("models/qwen3-tiny"), "--ids", "1", "--device", "gpu"}).exit_code,
       2);
+}
+
+// An adapter is applied on the CPU only so far: generate --device cuda with one is exit 2 saying
+// so, before any GPU is looked for (so on every machine).
+TEST(Device, GenerateWithAnAdapterOnCudaIsAnInputError) {
+  if (!cuda_built()) GTEST_SKIP() << "built without the CUDA backend";
+  const auto r = run_cli({"generate", fixture("models/qwen3-tiny"), "--adapter",
+                          fixture("adapters/lora-bf16"), "--ids", "1,2,3", "--device", "cuda"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("an adapter applied unmerged runs on the CPU only"));
 }
 
 }  // namespace
