@@ -26,6 +26,7 @@
 #include <string>
 
 #include "common/error.hpp"
+#include "common/interrupt_check.hpp"
 #include "cuda/kernels.hpp"
 #include "model/forward.hpp"
 #include "model/rope.hpp"
@@ -351,8 +352,7 @@ class Pass {
       // NANSCOPE_CUDA_GRAPH=1: the 1-token step replayed as one CUDA graph (its position a
       // device scalar, its attention decode_attention's); off by default until the GPU test
       // has compared it with transformers (docs/cuda.md).
-      const char* g = std::getenv("NANSCOPE_CUDA_GRAPH");
-      graph_ = T_ == 1 && g != nullptr && std::string(g) == "1";
+      graph_ = T_ == 1 && backend().cuda_graph;
       if (graph_) {
         check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
         pos_ = DevBuf(sizeof(int64_t));
@@ -404,8 +404,7 @@ class Pass {
     }
     // NANSCOPE_CUDA_STEP_TIMES=1: the host's time to queue a step against the step's whole time
     // (the benchmark's question: are the launches or the GPU the bottleneck?).
-    static const bool times = std::getenv("NANSCOPE_CUDA_STEP_TIMES") != nullptr;
-    if (times) {
+    if (backend().cuda_step_times) {
       const auto done = std::chrono::steady_clock::now();
       std::fprintf(stderr, "step T=%lld past=%lld queue_ms %.3f total_ms %.3f\n",
                    static_cast<long long>(T_), static_cast<long long>(past_),
@@ -483,6 +482,7 @@ class Pass {
     hidden(0, h_.f());
     const int64_t N = int64_t(spec_.layers.size());
     for (int64_t l = 0; l < N; ++l) {
+      check_interrupt();
       layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
       if (l + 1 < N) hidden(l + 1, h_.f());
     }

@@ -14,7 +14,9 @@
 #include <random>
 
 #include "common/error.hpp"
+#include "common/interrupt_check.hpp"
 #include "model/weights.hpp"
+#include "numerics/backend.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
 
@@ -151,6 +153,10 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   fo.device = opt.device;
   KvCache cache;
   if (opt.device == Device::Cuda) {
+    if (!backend().cuda_generate)
+      fail("generate --device cuda: the GPU decode path is built but has not yet been compared "
+           "with transformers on a GPU (tests/gpu/run.sh, docs/cuda.md); run on the CPU, or set "
+           "NANSCOPE_CUDA_GENERATE=1 to try it anyway");
     if (opt.adapter)
       fail("generate --device cuda: an adapter applied unmerged runs on the CPU only in this "
            "version (drop --device cuda, or merge it first)");
@@ -163,6 +169,7 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   std::vector<int64_t> seen = opt.prompt, input = opt.prompt;
   r.finish_reason = "length";
   for (int64_t step = 0; step < opt.max_new_tokens; ++step) {
+    check_interrupt();
     const auto t0 = std::chrono::steady_clock::now();
     ForwardResult fr = forward_step(ck, input, cache, fo);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
