@@ -29,6 +29,7 @@
 
 #include "common/error.hpp"
 #include "common/interrupt_check.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/hub.hpp"
 #include "tokenizer/bpe.hpp"
@@ -177,13 +178,17 @@ std::vector<int64_t> layer_list(const std::optional<std::vector<int64_t>>& layer
 class Model {
  public:
   // adapter: a PEFT adapter directory applied unmerged (as peft's PeftModel) in every pass.
-  explicit Model(const fs::path& path, std::optional<fs::path> adapter = std::nullopt)
-      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(resolve_model_path(path.string())))) {
+  // device: where every pass of this model runs ("cpu" or "cuda").
+  explicit Model(const fs::path& path, std::optional<fs::path> adapter = std::nullopt,
+                 const std::string& device = "cpu")
+      : ck_(std::make_shared<Checkpoint>(Checkpoint::open(resolve_model_path(path.string())))),
+        dev_(parse_device_flag(device)) {
     if (adapter) ov_ = AdapterOverlay::open(resolve_model_path(adapter->string()), *ck_);
   }
 
   std::shared_ptr<const Checkpoint> checkpoint() const { return ck_; }
   std::shared_ptr<const AdapterOverlay> adapter() const { return ov_; }
+  Device device() const { return dev_; }
 
   // Greedy (or sampled) decoding with the key/value cache: the --json dict of `generate`.
   py::object generate(std::optional<std::vector<int64_t>> ids, std::optional<std::string> text,
@@ -198,6 +203,7 @@ class Model {
     o.dtype = f.dtype;
     o.attention = f.attention;
     o.adapter = ov_;
+    o.device = dev_;
     o.max_new_tokens = max_new_tokens;
     o.temperature = temperature;
     o.top_k = top_k;
@@ -352,10 +358,12 @@ class Model {
   ForwardOptions opts(const std::string& dtype, const std::string& attention) const {
     ForwardOptions f = fwd_options(dtype, attention);
     f.adapter = ov_.get();
+    f.device = dev_;
     return f;
   }
 
   std::shared_ptr<Checkpoint> ck_;
+  Device dev_ = Device::Cpu;
   std::shared_ptr<const AdapterOverlay> ov_;
   std::shared_ptr<Tokenizer> tk_;
 };
@@ -437,10 +445,11 @@ PYBIND11_MODULE(nanscope, m) {
   });
 
   py::class_<Model>(m, "Model")
-      .def(py::init<const fs::path&, std::optional<fs::path>>(), py::arg("path"),
-           py::arg("adapter") = py::none(),
+      .def(py::init<const fs::path&, std::optional<fs::path>, const std::string&>(),
+           py::arg("path"), py::arg("adapter") = py::none(), py::arg("device") = "cpu",
            "Opens a checkpoint directory (config.json + safetensors); a str or os.PathLike. "
-           "adapter: a PEFT adapter directory applied unmerged, as peft's PeftModel computes it.")
+           "adapter: a PEFT adapter directory applied unmerged, as peft's PeftModel computes it. "
+           "device: 'cpu' or 'cuda' (an NVIDIA GPU), where every pass of this model runs.")
       .def("generate", &Model::generate, py::arg("ids") = py::none(), py::arg("text") = py::none(),
            py::arg("max_new_tokens") = 32, py::arg("dtype") = "bf16",
            py::arg("attention") = "eager", py::arg("temperature") = 0.0, py::arg("top_k") = 0,
@@ -496,8 +505,9 @@ PYBIND11_MODULE(nanscope, m) {
       [](const fs::path& path, std::optional<std::vector<int64_t>> ids,
          std::optional<std::string> text, std::optional<fs::path> base,
          std::optional<fs::path> adapter, std::vector<std::string> dtypes,
-         const std::string& attention) {
+         const std::string& attention, const std::string& device) {
         CheckOptions o;
+        o.device = parse_device_flag(device);
         if (ids && text) fail("check: pass ids or text, not both");
         if (text)
           o.ids = Model(path).tokenize(*text);
@@ -528,13 +538,15 @@ PYBIND11_MODULE(nanscope, m) {
       py::arg("path"), py::arg("ids") = py::none(), py::arg("text") = py::none(),
       py::arg("base") = py::none(), py::arg("adapter") = py::none(),
       py::arg("dtypes") = std::vector<std::string>{"bf16", "fp16"}, py::arg("attention") = "eager",
+      py::arg("device") = "cpu",
       "nanscope check: the verdict (PASS / FAIL with causes), as the --json dict.");
 
   m.def(
       "trace",
       [](const fs::path& path, std::optional<std::vector<int64_t>> ids, const std::string& dtype,
          const std::string& attention, std::optional<std::string> text,
-         std::optional<fs::path> tokenizer, std::optional<fs::path> adapter) {
+         std::optional<fs::path> tokenizer, std::optional<fs::path> adapter,
+         const std::string& device) {
         if (ids && text) fail("trace: pass ids or text, not both");
         if (!ids && !text) fail("trace: pass ids (token ids) or text");
         TraceOptions o;
@@ -552,6 +564,7 @@ PYBIND11_MODULE(nanscope, m) {
         }
         o.dtype = f.dtype;
         o.attention = f.attention;
+        o.device = parse_device_flag(device);
         if (adapter) o.adapter = AdapterOverlay::open(resolve_model_path(adapter->string()), ck);
         TraceResult r;
         {
@@ -563,6 +576,7 @@ PYBIND11_MODULE(nanscope, m) {
       py::arg("path"), py::arg("ids") = py::none(), py::arg("dtype") = "bf16",
       py::arg("attention") = "eager", py::kw_only(), py::arg("text") = py::none(),
       py::arg("tokenizer") = py::none(), py::arg("adapter") = py::none(),
+      py::arg("device") = "cpu",
       "nanscope trace: every hidden state's statistics and the first non-finite site, as the "
       "--json dict. Token ids, or text tokenized with the model's (or tokenizer=) tokenizer.json.");
 
@@ -606,7 +620,9 @@ PYBIND11_MODULE(nanscope, m) {
          std::optional<fs::path> adapter_b, const std::string& dtype,
          std::optional<std::string> dtype_a, std::optional<std::string> dtype_b,
          const std::string& attention, std::optional<std::string> attention_a,
-         std::optional<std::string> attention_b, int64_t generate) {
+         std::optional<std::string> attention_b, int64_t generate,
+         std::optional<std::string> device, std::optional<std::string> device_a,
+         std::optional<std::string> device_b) {
         // A and B: paths (str / os.PathLike) or nanscope.Model objects (their adapter kept).
         auto model_of = [](py::object x, const std::optional<fs::path>& ad) {
           if (py::isinstance<Model>(x)) {
@@ -619,21 +635,25 @@ PYBIND11_MODULE(nanscope, m) {
         if (ids && text) fail("compare: pass ids or text, not both");
         if (!ids && !text) fail("compare: pass ids (token ids) or text");
         const std::vector<int64_t> toks = ids ? *ids : ma.tokenize(*text);
+        // device_a / device_b, else device, else the Model's own (cpu for a path).
         auto side = [&](Model& mo, const std::optional<std::string>& d,
-                        const std::optional<std::string>& at, const char* which) {
+                        const std::optional<std::string>& at,
+                        const std::optional<std::string>& dev, const char* which) {
           const ForwardOptions f = fwd_options(d.value_or(dtype), at.value_or(attention));
           CompareSide s;
           s.ck = mo.checkpoint().get();
           s.adapter = mo.adapter();
           s.dtype = f.dtype;
           s.attention = f.attention;
-          s.label = fmt::format("{}: {}{} {} {}", which, mo.path(),
+          s.device = dev ? parse_device_flag(*dev) : device ? parse_device_flag(*device) : mo.device();
+          s.label = fmt::format("{}: {}{} {} {}{}", which, mo.path(),
                                 s.adapter ? " + " + s.adapter->adapter().dir().string() : "",
-                                run_dtype_name(f.dtype), attention_name(f.attention));
+                                run_dtype_name(f.dtype), attention_name(f.attention),
+                                s.device == Device::Cuda ? " cuda" : "");
           return s;
         };
-        const CompareSide sa = side(ma, dtype_a, attention_a, "A"),
-                          sb = side(mb, dtype_b, attention_b, "B");
+        const CompareSide sa = side(ma, dtype_a, attention_a, device_a, "A"),
+                          sb = side(mb, dtype_b, attention_b, device_b, "B");
         if (generate < 0) fail("compare: generate {} is negative", generate);
         CompareResult r;
         {
@@ -646,7 +666,8 @@ PYBIND11_MODULE(nanscope, m) {
       py::arg("adapter_a") = py::none(), py::arg("adapter_b") = py::none(),
       py::arg("dtype") = "bf16", py::arg("dtype_a") = py::none(), py::arg("dtype_b") = py::none(),
       py::arg("attention") = "eager", py::arg("attention_a") = py::none(),
-      py::arg("attention_b") = py::none(), py::arg("generate") = 0,
+      py::arg("attention_b") = py::none(), py::arg("generate") = 0, py::arg("device") = py::none(),
+      py::arg("device_a") = py::none(), py::arg("device_b") = py::none(),
       "nanscope compare: how far apart two runs are on one input, layer by layer (the --json "
       "dict). a, b: checkpoint paths or Model objects.");
 

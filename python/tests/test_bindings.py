@@ -320,3 +320,28 @@ def test_hidden_states_reads_slices_as_one(tmp_path):
         hs.state(ids[0], 2)
     with pytest.raises(ValueError, match="does not exist"):
         nanscope.HiddenStates(tmp_path / "nowhere")
+
+
+def gpu_visible():
+    import shutil
+    import subprocess
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(gpu_visible(), reason="a GPU is visible: tests/gpu/run.sh covers device='cuda'")
+def test_device_cuda_without_a_gpu_is_a_value_error():
+    # device= reaches the CUDA backend (its own message), never a silent CPU run.
+    want = "no usable CUDA device|NANSCOPE_CUDA=ON"
+    with pytest.raises(ValueError, match=want):
+        nanscope.Model(TINY, device="cuda").hidden_states(IDS)
+    with pytest.raises(ValueError, match=want):
+        nanscope.trace(TINY, IDS, device="cuda")
+    with pytest.raises(ValueError, match=want):
+        nanscope.check(TINY, ids=IDS, device="cuda")
+    with pytest.raises(ValueError, match=want):
+        nanscope.compare(TINY, TINY, ids=IDS, device_b="cuda")
+    with pytest.raises(ValueError, match="expected cpu or cuda"):
+        nanscope.Model(TINY, device="gpu")
+    # cpu stays the default and is accepted by name.
+    assert nanscope.Model(TINY, device="cpu").hidden_states(IDS)[0].shape == (len(IDS), 64)

@@ -2,6 +2,7 @@
 #include <filesystem>
 
 #include "cli/commands.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "cli/inputs.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
@@ -40,7 +41,8 @@ int finish(const CheckResult& r, const std::string& report, bool json) {
 void add_check(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, base, adapter, ids, text, tokenizer, dtypes = "bf16,fp16",
-                                                            attention = "eager", report;
+                                                            attention = "eager", report,
+                                                            device = "cpu";
     bool json = false;
     int threads = 0;
   };
@@ -64,6 +66,11 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
   add_attention_option(app, a->attention,
                        " | both (with eager, a run that fails inside attention is also run fused)");
   app->add_option("--report", a->report, "Write a self-contained HTML report")->type_name("FILE");
+  app->add_option("--device", a->device,
+                  "cpu | cuda (an NVIDIA GPU: the model's runs; an adapter applied unmerged and "
+                  "the divergence figures stay on the CPU)")
+      ->type_name("DEVICE")
+      ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " for scanning and the forward passes");
   describe(app,
@@ -88,6 +95,7 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
                    if (!a->base.empty()) opt.base = model_path(a->base);
                    if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
                    opt.threads = apply_threads(a->threads);
+                   opt.device = parse_device_flag(a->device);
                    if (a->ids.empty() && a->text.empty()) {
                      CheckInput in = default_check_input(model, a->tokenizer);
                      opt.ids = std::move(in.ids);

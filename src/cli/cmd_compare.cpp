@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 
 #include "cli/commands.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "cli/inputs.hpp"
 #include "common/error.hpp"
 #include "tools/compare.hpp"
@@ -10,11 +11,11 @@ namespace nanscope::cli {
 
 void add_compare(CLI::App& root, std::vector<Command>& out) {
   struct Side {
-    std::string model, adapter, dtype, attention;
+    std::string model, adapter, dtype, attention, device;
   };
   struct Args {
     Side a, b;
-    std::string dtype = "bf16", attention = "eager", ids, text, tokenizer;
+    std::string dtype = "bf16", attention = "eager", device = "cpu", ids, text, tokenizer;
     int64_t generate = 0;
     bool json = false;
     int threads = 0;
@@ -40,6 +41,11 @@ void add_compare(CLI::App& root, std::vector<Command>& out) {
       ->type_name("PROFILE");
   app->add_option("--attention-b", a->b.attention, "Attention of B (default: --attention)")
       ->type_name("PROFILE");
+  app->add_option("--device", a->device, "Where both run: cpu | cuda (an NVIDIA GPU)")
+      ->type_name("DEVICE")
+      ->capture_default_str();
+  app->add_option("--device-a", a->a.device, "Where A runs (default: --device)")->type_name("DEVICE");
+  app->add_option("--device-b", a->b.device, "Where B runs (default: --device)")->type_name("DEVICE");
   add_token_options(app, a->ids, a->text, a->tokenizer, "Text, tokenized with A's tokenizer.json");
   app->add_option("--generate", a->generate, "Also decode N tokens greedily with each, side by side")
       ->type_name("N");
@@ -48,7 +54,8 @@ void add_compare(CLI::App& root, std::vector<Command>& out) {
   describe(app,
            "  nanscope compare ./merged Qwen/Qwen3-4B --adapter-b ./my-lora --text \"Hello\"\n"
            "  nanscope compare ./model ./model --dtype-a fp16 --dtype-b fp32 --text \"Hi\" --json\n"
-           "  nanscope compare ./fine-tune Qwen/Qwen3-4B --text \"Hi\" --generate 32\n",
+           "  nanscope compare ./fine-tune Qwen/Qwen3-4B --text \"Hi\" --generate 32\n"
+           "  nanscope compare ./model ./model --device-a cpu --device-b cuda --text \"Hi\"\n",
            "0 both runs finite, 1 a state or the logits of A or B hold NaN/inf");
   out.push_back({app, [a] {
                    apply_threads(a->threads);
@@ -66,11 +73,13 @@ void add_compare(CLI::App& root, std::vector<Command>& out) {
                      const AttentionProfile ap = parse_attention_flag(at);
                      cs.dtype = dt;
                      cs.attention = ap;
+                     cs.device = parse_device_flag(s.device.empty() ? a->device : s.device);
                      if (!s.adapter.empty())
                        cs.adapter = AdapterOverlay::open(model_path(s.adapter), ck);
-                     cs.label = fmt::format("{}{} {} {}", s.model,
+                     cs.label = fmt::format("{}{} {} {}{}", s.model,
                                             s.adapter.empty() ? "" : " + " + s.adapter + " (unmerged)",
-                                            run_dtype_name(dt), attention_name(ap));
+                                            run_dtype_name(dt), attention_name(ap),
+                                            cs.device == Device::Cuda ? " cuda" : "");
                      return cs;
                    };
                    const CompareSide sa = side(a->a, ca, pa, "a"), sb = side(a->b, cb, pb, "b");

@@ -195,6 +195,10 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   std::shared_ptr<const AdapterOverlay> overlay;
   if (opt.adapter) overlay = AdapterOverlay::open(*opt.adapter, base ? *base : ck);
   r.adapter_unmerged = overlay && !base;
+  if (r.adapter_unmerged && opt.device == Device::Cuda)
+    fail("check --device cuda: --adapter without --base applies the adapter unmerged, which runs "
+         "on the CPU only in this version (drop --device cuda, or check the merged model with "
+         "--base and --adapter)");
 
   // Structure.
   for (const auto& f : r.scan.findings)
@@ -294,12 +298,16 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
       to.ids = opt.ids;
       to.dtype = dt;
       to.attention = at;
+      to.device = opt.device;
       if (r.adapter_unmerged) to.adapter = overlay;
       to.site_peaks = r.runs.empty();  // the fp32 reference: the report's heat map
       try {
         cr.trace = trace(ck, to);
         if (to.site_peaks) r.report.fp32_sites = std::move(cr.trace->sites);
       } catch (const InputError& e) {
+        // No GPU, or a model the GPU path does not compute: no verdict can come from the
+        // runs asked for, so the command fails (exit 2) instead of judging none of them.
+        if (opt.device == Device::Cuda) throw;
         cr.error = e.what();
       }
     }

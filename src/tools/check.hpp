@@ -25,6 +25,9 @@ struct CheckOptions {
   // inside attention is also run fused, to show whether SDPA / flash / SGLang would survive it.
   std::vector<AttentionProfile> attentions = {AttentionProfile::Eager};
   int threads = 0;
+  // Where the model's runs (fp32 reference and each dtype) compute. The adapter applied unmerged
+  // (with --base: evidence beside the merge) and the divergence figures stay on the CPU.
+  Device device = Device::Cpu;
 };
 
 enum class CauseKind : uint8_t {

@@ -94,6 +94,7 @@ CompareResult compare(const CompareSide& a, const CompareSide& b, std::span<cons
     fo.dtype = s.dtype;
     fo.attention = s.attention;
     fo.adapter = s.adapter.get();
+    fo.device = s.device;
     return forward(*s.ck, ids, fo, &obs);
   };
   States sa, sb;
@@ -138,6 +139,7 @@ CompareResult compare(const CompareSide& a, const CompareSide& b, std::span<cons
       go.dtype = s.dtype;
       go.attention = s.attention;
       go.adapter = s.adapter;
+      go.device = s.device;
       return generate(*s.ck, go);
     };
     r.gen_a = gen(a);

@@ -79,6 +79,33 @@ TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
       2);
 }
 
+// check and compare take --device too (their runs are trace's and forward's): on a machine
+// without a GPU (or the backend) the same input error, never a silent CPU run.
+TEST(Device, CheckAndCompareOnCudaWithoutGpuAreInputErrors) {
+  if (gpu_visible()) GTEST_SKIP() << "a GPU is visible: tests/gpu/run.sh covers --device cuda";
+  const std::string expected = cuda_built() ? "no usable CUDA device" : "-DNANSCOPE_CUDA=ON";
+  const std::string m = fixture("models/qwen3-tiny");
+  const auto c = run_cli({"check", m, "--ids", "1,2,3", "--device", "cuda", "--json"});
+  EXPECT_EQ(c.exit_code, 2) << c.out << c.err;
+  EXPECT_THAT(c.out + c.err, HasSubstr(expected));
+  for (const char* flag : {"--device", "--device-b"}) {
+    const auto r = run_cli({"compare", m, m, "--ids", "1,2,3", flag, "cuda"});
+    EXPECT_EQ(r.exit_code, 2) << flag << ": " << r.err;
+    EXPECT_THAT(r.err, HasSubstr(expected)) << flag;
+  }
+  EXPECT_EQ(run_cli({"compare", m, m, "--ids", "1,2", "--device-a", "tpu"}).exit_code, 2);
+  EXPECT_EQ(run_cli({"check", m, "--ids", "1,2", "--device", "tpu"}).exit_code, 2);
+}
+
+// check --adapter without --base applies the adapter unmerged, which runs on the CPU only.
+TEST(Device, CheckOfAnUnmergedAdapterOnCudaIsAnInputError) {
+  if (!cuda_built()) GTEST_SKIP() << "built without the CUDA backend";
+  const auto r = run_cli({"check", fixture("models/qwen3-tiny"), "--adapter",
+                          fixture("adapters/lora-bf16"), "--ids", "1,2,3", "--device", "cuda"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("applies the adapter unmerged, which runs on the CPU only"));
+}
+
 // An adapter is applied on the CPU only so far: generate --device cuda with one is exit 2 saying
 // so, before any GPU is looked for (so on every machine).
 TEST(Device, GenerateWithAnAdapterOnCudaIsAnInputError) {
