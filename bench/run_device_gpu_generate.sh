@@ -86,6 +86,13 @@ PY
   for a in sdpa eager; do
     $M ref_generate_cuda_$a timeout 150 python3 bench/reference/ref_generate.py $W/q4b bf16 $P $N $a cuda >> "$R" 2>> "$LOG"
   done
+  # check --device cuda end to end (fp32 reference + bf16 + fp16; target under 3 s), and the
+  # CPU against the GPU on one input (compare --device-a cpu --device-b cuda).
+  for rep in 1 2; do
+    $M nanscope_check_cuda_r$rep $NS check $W/q4b --ids $PROMPT --device cuda --json >> "$R" 2>> "$LOG"
+  done
+  $M nanscope_compare_cpu_cuda $NS compare $W/q4b $W/q4b --ids $PROMPT --dtype bf16 \
+    --device-a cpu --device-b cuda --json >> "$R" 2>> "$LOG"
   python3 - "$R" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
