@@ -54,7 +54,8 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                   "read from the files at every step (no second copy)")
       ->capture_default_str();
   app->add_option("--device", a->device,
-                  "cpu | cuda (an NVIDIA GPU: the layers and the key/value cache there)")
+                  "cpu | cuda (an NVIDIA GPU: the layers and the key/value cache there; opt-in "
+                  "with NANSCOPE_CUDA_GENERATE=1 until its GPU test has run)")
       ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
