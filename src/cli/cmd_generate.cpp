@@ -56,6 +56,7 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
   app->add_option("--device", a->device,
                   "cpu | cuda (an NVIDIA GPU: the layers and the key/value cache there; opt-in "
                   "with NANSCOPE_CUDA_GENERATE=1 until its GPU test has run)")
+      ->type_name("DEVICE")
       ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
