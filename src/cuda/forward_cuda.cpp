@@ -361,6 +361,9 @@ class Pass {
     }
     build_rope();
     plan_attention();
+    // cudaMemcpy from pageable memory returns before its DMA has landed, on the legacy stream,
+    // which a graph pass's non-blocking stream does not wait for: the RoPE tables must be there.
+    if (graph_) check(cudaStreamSynchronize(nullptr), "set-up");
   }
 
   ~Pass() {

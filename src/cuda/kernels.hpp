@@ -2,7 +2,8 @@
 // side (forward_cuda.cpp) is ordinary C++. Activations are fp32 device arrays whose values are
 // already rounded to the run dtype, as on the CPU (numerics/kernels.hpp); matrix-product inputs
 // are converted to the run dtype's storage first (to_storage). Every rounding is the one
-// transformers does on the GPU (docs/cuda.md). All launches go to the default stream.
+// transformers does on the GPU (docs/cuda.md). All launches go to the stream of
+// set_stream (the legacy default stream unless a decode step is being captured or replayed).
 #pragma once
 
 #include <cstdint>

@@ -133,15 +133,25 @@ P8 = [1, 15, 300, 7, 42, 999, 3, 12]
 def check_generate(ns, path, mdir, failures, gen_rows):
     with open(path) as f:
         doc = json.load(f)
+    # A golden transformers could not make is a case not tested: a failure, not a silent pass
+    # (one CUDA error in the goldens script can leave every later run out).
+    for msg in doc.get("failed", []):
+        lines = msg.strip().splitlines() or [""]
+        failures.append(f"generate golden not made: {lines[0][:120]} ... {lines[-1][:200]}")
     jobs = []
     for r in doc["runs"]:
         if FILTER and FILTER not in r["model"]:
             continue
+        if len(r["ids"]) != doc["max_new_tokens"]:  # eos is off: every run is that long
+            failures.append(f"generate golden {r['model']} {r['dtype']} {r['attn']} "
+                            f"p{len(r['prompt_ids'])}: {len(r['ids'])} ids, not {doc['max_new_tokens']}")
         cmd = [ns, "generate", os.path.join(mdir, r["model"]),
                "--ids", ",".join(map(str, r["prompt_ids"])), "--max-new-tokens", str(len(r["ids"])),
                "--eos", "none", "--dtype", NS_DTYPE[r["dtype"]], "--attention", NS_ATTN[r["attn"]],
                "--device", DEVICE, "--json"]
         jobs.append((r, cmd))
+    if not jobs and not FILTER:
+        failures.append(f"{path}: no generate runs to compare")
     with ThreadPoolExecutor(max_workers=JOBS) as ex:
         done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), jobs))
     for (r, cmd), p in zip(jobs, done):
