@@ -32,8 +32,8 @@
 #include "cuda/forward_cuda.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/hub.hpp"
-#include "tokenizer/bpe.hpp"
 #include "model/adapter_overlay.hpp"
+#include "tokenizer/bpe.hpp"
 #include "tools/check.hpp"
 #include "tools/compare.hpp"
 #include "tools/generate.hpp"
@@ -575,8 +575,7 @@ PYBIND11_MODULE(nanscope, m) {
       },
       py::arg("path"), py::arg("ids") = py::none(), py::arg("dtype") = "bf16",
       py::arg("attention") = "eager", py::kw_only(), py::arg("text") = py::none(),
-      py::arg("tokenizer") = py::none(), py::arg("adapter") = py::none(),
-      py::arg("device") = "cpu",
+      py::arg("tokenizer") = py::none(), py::arg("adapter") = py::none(), py::arg("device") = "cpu",
       "nanscope trace: every hidden state's statistics and the first non-finite site, as the "
       "--json dict. Token ids, or text tokenized with the model's (or tokenizer=) tokenizer.json.");
 
@@ -637,15 +636,17 @@ PYBIND11_MODULE(nanscope, m) {
         const std::vector<int64_t> toks = ids ? *ids : ma.tokenize(*text);
         // device_a / device_b, else device, else the Model's own (cpu for a path).
         auto side = [&](Model& mo, const std::optional<std::string>& d,
-                        const std::optional<std::string>& at,
-                        const std::optional<std::string>& dev, const char* which) {
+                        const std::optional<std::string>& at, const std::optional<std::string>& dev,
+                        const char* which) {
           const ForwardOptions f = fwd_options(d.value_or(dtype), at.value_or(attention));
           CompareSide s;
           s.ck = mo.checkpoint().get();
           s.adapter = mo.adapter();
           s.dtype = f.dtype;
           s.attention = f.attention;
-          s.device = dev ? parse_device_flag(*dev) : device ? parse_device_flag(*device) : mo.device();
+          s.device = dev      ? parse_device_flag(*dev)
+                     : device ? parse_device_flag(*device)
+                              : mo.device();
           s.label = fmt::format("{}: {}{} {} {}{}", which, mo.path(),
                                 s.adapter ? " + " + s.adapter->adapter().dir().string() : "",
                                 run_dtype_name(f.dtype), attention_name(f.attention),

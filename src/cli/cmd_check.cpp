@@ -2,11 +2,11 @@
 #include <filesystem>
 
 #include "cli/commands.hpp"
-#include "cuda/forward_cuda.hpp"
 #include "cli/inputs.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
 #include "common/strings.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/check.hpp"
 
 namespace nanscope::cli {
@@ -40,9 +40,8 @@ int finish(const CheckResult& r, const std::string& report, bool json) {
 
 void add_check(CLI::App& root, std::vector<Command>& out) {
   struct Args {
-    std::string model, base, adapter, ids, text, tokenizer, dtypes = "bf16,fp16",
-                                                            attention = "eager", report,
-                                                            device = "cpu";
+    std::string model, base, adapter, ids, text, tokenizer,
+        dtypes = "bf16,fp16", attention = "eager", report, device = "cpu";
     bool json = false;
     int threads = 0;
   };

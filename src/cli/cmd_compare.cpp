@@ -1,9 +1,9 @@
 #include <fmt/format.h>
 
 #include "cli/commands.hpp"
-#include "cuda/forward_cuda.hpp"
 #include "cli/inputs.hpp"
 #include "common/error.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "tools/compare.hpp"
 #include "tools/trace.hpp"
 
@@ -44,8 +44,10 @@ void add_compare(CLI::App& root, std::vector<Command>& out) {
   app->add_option("--device", a->device, "Where both run: cpu | cuda (an NVIDIA GPU)")
       ->type_name("DEVICE")
       ->capture_default_str();
-  app->add_option("--device-a", a->a.device, "Where A runs (default: --device)")->type_name("DEVICE");
-  app->add_option("--device-b", a->b.device, "Where B runs (default: --device)")->type_name("DEVICE");
+  app->add_option("--device-a", a->a.device, "Where A runs (default: --device)")
+      ->type_name("DEVICE");
+  app->add_option("--device-b", a->b.device, "Where B runs (default: --device)")
+      ->type_name("DEVICE");
   add_token_options(app, a->ids, a->text, a->tokenizer, "Text, tokenized with A's tokenizer.json");
   app->add_option("--generate", a->generate, "Also decode N tokens greedily with each, side by side")
       ->type_name("N");
@@ -76,10 +78,11 @@ void add_compare(CLI::App& root, std::vector<Command>& out) {
                      cs.device = parse_device_flag(s.device.empty() ? a->device : s.device);
                      if (!s.adapter.empty())
                        cs.adapter = AdapterOverlay::open(model_path(s.adapter), ck);
-                     cs.label = fmt::format("{}{} {} {}{}", s.model,
-                                            s.adapter.empty() ? "" : " + " + s.adapter + " (unmerged)",
-                                            run_dtype_name(dt), attention_name(ap),
-                                            cs.device == Device::Cuda ? " cuda" : "");
+                     cs.label =
+                         fmt::format("{}{} {} {}{}", s.model,
+                                     s.adapter.empty() ? "" : " + " + s.adapter + " (unmerged)",
+                                     run_dtype_name(dt), attention_name(ap),
+                                     cs.device == Device::Cuda ? " cuda" : "");
                      return cs;
                    };
                    const CompareSide sa = side(a->a, ca, pa, "a"), sb = side(a->b, cb, pb, "b");

@@ -10,7 +10,7 @@ namespace nanscope::cli {
 void add_generate(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, adapter, ids, text, tokenizer, dtype = "bf16", attention = "eager", eos,
-        weights = "resident", device = "cpu";
+                                                      weights = "resident", device = "cpu";
     int64_t max_new_tokens = 32, top_k = 0;
     double temperature = 0.0, top_p = 1.0;
     uint64_t seed = 0;

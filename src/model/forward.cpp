@@ -18,11 +18,11 @@
 #include <set>
 #include <string>
 
-#include "common/interrupt_check.hpp"
 #include "common/error.hpp"
-#include "model/adapter_overlay.hpp"
+#include "common/interrupt_check.hpp"
 #include "common/strings.hpp"
 #include "cuda/forward_cuda.hpp"
+#include "model/adapter_overlay.hpp"
 #include "model/arch.hpp"
 #include "model/rope.hpp"
 #include "model/weights.hpp"
@@ -833,8 +833,9 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
   Model m(ck, opt, obs, lengths, cache, cache != nullptr);
   uint64_t device_bytes = 0;
   if (opt.device == Device::Cuda && opt.adapter)
-    fail("--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
-         "--device cuda)");
+    fail(
+        "--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
+        "--device cuda)");
   if (opt.device == Device::Cuda && cache && obs)
     fail("forward: a --device cuda step with a key/value cache reports no sites or states");
   try {

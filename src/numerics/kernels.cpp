@@ -499,7 +499,8 @@ void linear_shared_input(const float* x, int64_t T, std::span<const LinearOutput
   // width; every other case is one linear() per output.
   const MatmulPath path = choose_linear_path(dt, T);
   if (path == MatmulPath::Stream512 &&
-      std::all_of(outs.begin(), outs.end(), [&](const LinearOutput& o) { return stream512_computes(o.w, dt); }))
+      std::all_of(outs.begin(), outs.end(),
+                  [&](const LinearOutput& o) { return stream512_computes(o.w, dt); }))
     return stream512_many(x, T, outs, dt);
   bool shared = is_amx(path) && !outs.empty();
   for (const LinearOutput& o : outs)

@@ -196,9 +196,10 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   if (opt.adapter) overlay = AdapterOverlay::open(*opt.adapter, base ? *base : ck);
   r.adapter_unmerged = overlay && !base;
   if (r.adapter_unmerged && opt.device == Device::Cuda)
-    fail("check --device cuda: --adapter without --base applies the adapter unmerged, which runs "
-         "on the CPU only in this version (drop --device cuda, or check the merged model with "
-         "--base and --adapter)");
+    fail(
+        "check --device cuda: --adapter without --base applies the adapter unmerged, which runs "
+        "on the CPU only in this version (drop --device cuda, or check the merged model with "
+        "--base and --adapter)");
 
   // Structure.
   for (const auto& f : r.scan.findings)
@@ -210,7 +211,8 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
                           "",
                           f.tensor,
                           fmt::format("{}: {}", finding_kind_name(f.kind), f.detail),
-                          structure_fix(f.kind), f.kind});
+                          structure_fix(f.kind),
+                          f.kind});
 
   // Non-finite weights, with where they were born.
   for (const auto& t : r.scan.tensor_reports) {
@@ -608,7 +610,8 @@ std::string check_html(const CheckResult& r) {
       where.push_back(c.tensor);
     else if (!c.site.empty())
       where.push_back(c.site);
-    h.causes.push_back({cause_kind_name(c.kind), fmt::format("{}", fmt::join(where, " · ")), c.detail, c.fix});
+    h.causes.push_back(
+        {cause_kind_name(c.kind), fmt::format("{}", fmt::join(where, " · ")), c.detail, c.fix});
   }
 
   if (r.divergence) {  // the fine-tune against its base, state by state (fp32)
@@ -659,8 +662,7 @@ std::string check_html(const CheckResult& r) {
         continue;
       }
       const auto& st = cr.trace->hidden[i].stats;
-      row.push_back(st.finite() ? g(st.abs_max)
-                                : fmt::format("NaN x{} inf x{}", st.nan, st.inf));
+      row.push_back(st.finite() ? g(st.abs_max) : fmt::format("NaN x{} inf x{}", st.nan, st.inf));
     }
     states.rows.push_back(std::move(row));
   }

@@ -24,7 +24,7 @@ struct CompareSide {
   std::shared_ptr<const AdapterOverlay> adapter;
   DType dtype = DType::BF16;
   AttentionProfile attention = AttentionProfile::Eager;
-  std::string label;  // "MODEL (+ ADAPTER) bf16 eager" (+ " cuda" on the GPU)
+  std::string label;            // "MODEL (+ ADAPTER) bf16 eager" (+ " cuda" on the GPU)
   Device device = Device::Cpu;  // --device cuda: this side's passes on the GPU
 };
 

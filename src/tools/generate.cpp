@@ -154,12 +154,14 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   KvCache cache;
   if (opt.device == Device::Cuda) {
     if (!backend().cuda_generate)
-      fail("generate --device cuda: the GPU decode path is built but has not yet been compared "
-           "with transformers on a GPU (tests/gpu/run.sh, docs/cuda.md); run on the CPU, or set "
-           "NANSCOPE_CUDA_GENERATE=1 to try it anyway");
+      fail(
+          "generate --device cuda: the GPU decode path is built but has not yet been compared "
+          "with transformers on a GPU (tests/gpu/run.sh, docs/cuda.md); run on the CPU, or set "
+          "NANSCOPE_CUDA_GENERATE=1 to try it anyway");
     if (opt.adapter)
-      fail("generate --device cuda: an adapter applied unmerged runs on the CPU only in this "
-           "version (drop --device cuda, or merge it first)");
+      fail(
+          "generate --device cuda: an adapter applied unmerged runs on the CPU only in this "
+          "version (drop --device cuda, or merge it first)");
     // The weights live on the GPU; the host reads only embedding rows, from the mapping.
     fo.resident = nullptr;
     fo.release_pages = true;

@@ -4,11 +4,11 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
-#include <fstream>
 #include <cctype>
-#include <string_view>
+#include <fstream>
 #include <set>
 #include <sstream>
+#include <string_view>
 
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"

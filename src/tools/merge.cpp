@@ -16,9 +16,9 @@
 #include <sstream>
 #include <thread>
 
-#include "common/interrupt_check.hpp"
 #include "common/atomic_file.hpp"
 #include "common/error.hpp"
+#include "common/interrupt_check.hpp"
 #include "common/strings.hpp"
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"

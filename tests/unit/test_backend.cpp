@@ -516,11 +516,11 @@ TEST(Backend, EnvironmentTable) {
     const char* name;
     const char* value;
   };
-  const char* table[] = {"NANSCOPE_THREADS",      "NANSCOPE_PROFILE",   "NANSCOPE_NO_AMX",
-                         "NANSCOPE_AMX_EMULATE",  "NANSCOPE_NO_ONEDNN", "NANSCOPE_AMX_BLOCK",
-                         "NANSCOPE_AMX_PREFETCH", "NANSCOPE_AMX_ORDER", "NANSCOPE_AMX_STEAL",
-                         "ONEDNN_MAX_CPU_ISA",    "NANSCOPE_NO_AVX512", "NANSCOPE_DECODE",
-                         "NANSCOPE_CUDA_GEMM_F32", "NANSCOPE_CUDA_GENERATE", "NANSCOPE_CUDA_GRAPH",
+  const char* table[] = {"NANSCOPE_THREADS",        "NANSCOPE_PROFILE",       "NANSCOPE_NO_AMX",
+                         "NANSCOPE_AMX_EMULATE",    "NANSCOPE_NO_ONEDNN",     "NANSCOPE_AMX_BLOCK",
+                         "NANSCOPE_AMX_PREFETCH",   "NANSCOPE_AMX_ORDER",     "NANSCOPE_AMX_STEAL",
+                         "ONEDNN_MAX_CPU_ISA",      "NANSCOPE_NO_AVX512",     "NANSCOPE_DECODE",
+                         "NANSCOPE_CUDA_GEMM_F32",  "NANSCOPE_CUDA_GENERATE", "NANSCOPE_CUDA_GRAPH",
                          "NANSCOPE_CUDA_STEP_TIMES"};
   auto with = [&](std::initializer_list<Var> vars) {
     std::vector<std::optional<std::string>> saved;

@@ -10,8 +10,8 @@
 
 #include "cli_util.hpp"
 #include "fake_hub.hpp"
-#include "synthetic_model.hpp"
 #include "numerics/dtype.hpp"
+#include "synthetic_model.hpp"
 
 using namespace nanscope;
 using namespace nanscope::testing;
@@ -339,8 +339,7 @@ TEST(CliUsage, MergeNamesTheFixFirstAndJudgesFidelityInWords) {
   fs::create_directories(small);
   fs::copy_file(fixture("adapters/lora-bf16/adapter_config.json"), small / "adapter_config.json");
   {
-    const auto src =
-        SafetensorsFile::open(fixture("adapters/lora-bf16/adapter_model.safetensors"));
+    const auto src = SafetensorsFile::open(fixture("adapters/lora-bf16/adapter_model.safetensors"));
     std::vector<TensorSpec> specs;
     for (const auto& t : src->tensors()) specs.push_back({t.name, t.dtype, t.shape});
     SafetensorsWriter w(small / "adapter_model.safetensors", specs, {});
@@ -355,8 +354,8 @@ TEST(CliUsage, MergeNamesTheFixFirstAndJudgesFidelityInWords) {
     }
     w.commit();
   }
-  auto lost = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter",
-                       small.string(), "--out", (d.path / "o6").string(), "--json"});
+  auto lost = run_cli({"merge", "--base", fixture("models/qwen3-tiny"), "--adapter", small.string(),
+                       "--out", (d.path / "o6").string(), "--json"});
   ASSERT_EQ(lost.exit_code, 0) << lost.err;
   const std::string v = lost.json()["fidelity"]["verdict"];
   EXPECT_THAT(v, ::testing::ContainsRegex(
