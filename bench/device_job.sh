@@ -8,3 +8,9 @@ W=/tmp/nsbench; mkdir -p "$W"
 BIN=.carry/bin
 M="python3 bench/measure.py"
 . bench/device_env.sh  # libdnnl, libOpenCL and libsleef from .carry/deb (bench/carry.sh)
+# The machine a CPU job ran on, into $OUT/machine.txt: cores, caches, memory, versions, THP.
+machine_info() {
+  { nproc; lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket|NUMA|L3'; free -g | head -2
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"; } > "$OUT/machine.txt" 2>&1
+}

@@ -8,9 +8,7 @@
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
 R=$OUT/decode.jsonl; : > "$R"
-{ nproc; lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket|NUMA|L3'; free -g | head -2
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"; } > "$OUT/machine.txt" 2>&1
+machine_info
 if [ "${TESTS:-1}" = 1 ]; then
   $BIN/nanscope_tests --gtest_filter="${FILTER:-Paths/*:Backend*:Kernels*:KvCache*:*GenerateGolden*}" > "$OUT/tests.txt" 2>&1
   grep -E "^\[  (PASSED|FAILED|SKIPPED)|FAILED" "$OUT/tests.txt" | head -20

@@ -8,9 +8,7 @@ cd "$(dirname "$0")/.."
 . bench/device_job.sh
 R=$OUT/generate.jsonl; : > "$R"
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
-{ nproc; lscpu | grep -E 'Model name|^CPU\(s\)'; free -g | head -2
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"; } > "$OUT/machine.txt" 2>&1
+machine_info
 if [ "${TESTS:-1}" = 1 ]; then
   $BIN/nanscope_tests --gtest_filter="${FILTER:-*GenerateGolden*:KvCache*:*PeftGolden*:Generate.*:Compare.*:Divergence*:Trained*:Paths/*:Backend*}" > "$OUT/tests-amx.txt" 2>&1
   grep -E "^\[  (PASSED|FAILED)" "$OUT/tests-amx.txt" | head -20
