@@ -8,6 +8,8 @@ W=/tmp/nsbench; mkdir -p "$W"
 BIN=.carry/bin
 M="python3 bench/measure.py"
 . bench/device_env.sh  # libdnnl, libOpenCL and libsleef from .carry/deb (bench/carry.sh)
+# The tests run the CLI at the path they were built with (build/nanscope): the carried one.
+[ -e build/nanscope ] || { mkdir -p build && ln -s "$PWD/$BIN/nanscope" build/nanscope; }
 # The machine a CPU job ran on, into $OUT/machine.txt: cores, caches, memory, versions, THP.
 machine_info() {
   { nproc; lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket|NUMA|L3'; free -g | head -2

@@ -11,11 +11,12 @@
 # Everything lands in $OUT/all.tgz (machine.txt, gen-goldens.tgz, gputest*.txt, report*.json,
 # bench.jsonl, step-times.txt, summary.txt, job.log, ...: at most 8 files come back), with
 # summary.txt, gputest.txt, bench.jsonl and job.log beside it. GOLDENS_ONLY=1: (1) alone;
-# BENCH=0: no (3).
+# GOLDENS=committed: no (1), the goldens of tests/fixtures/goldens/cuda/generate; BENCH=0: no (3);
+# REF_EAGER=0: transformers' generate with sdpa only; NSYS=1: an nsys kernel summary of a decode
+# (nsys-*.txt) where the machine has nsys.
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
 export CUDA_VISIBLE_DEVICES=0  # device_job.sh hides the GPU for the CPU benchmarks
-export NANSCOPE_CUDA_GENERATE=1  # generate --device cuda is opt-in until its GPU test passes
 LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 LOG=$OUT/job.log
@@ -28,11 +29,16 @@ if [ "${BENCH:-1}" = 1 ]; then  # the benchmark's checkpoint, written meanwhile 
    cat $W/q4b/*.safetensors > /dev/null) &
   SYNTH=$!
 fi
-echo "== generate goldens $(date -u +%T)" >> "$LOG"
-timeout 240 python3 tools/fixtures/make_cuda_generate_goldens.py --models tests/fixtures/models \
-  --out /tmp/gen-goldens > "$OUT/gen-goldens.log" 2>&1
-echo "goldens exit $?" >> "$LOG"
-tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens
+GEN=/tmp/gen-goldens/generate.json
+if [ "${GOLDENS:-make}" = committed ]; then
+  GEN=$PWD/tests/fixtures/goldens/cuda/generate/generate.json
+else
+  echo "== generate goldens $(date -u +%T)" >> "$LOG"
+  timeout 240 python3 tools/fixtures/make_cuda_generate_goldens.py --models tests/fixtures/models \
+    --out /tmp/gen-goldens > "$OUT/gen-goldens.log" 2>&1
+  echo "goldens exit $?" >> "$LOG"
+  tar -C /tmp -czf "$OUT/gen-goldens.tgz" gen-goldens
+fi
 if [ "${GOLDENS_ONLY:-0}" = 1 ]; then cat "$OUT/gen-goldens.log" | tail -5; exit 0; fi
 if command -v compute-sanitizer > /dev/null; then
   (for g in 0 1; do for a in eager fused; do
@@ -45,10 +51,10 @@ if command -v compute-sanitizer > /dev/null; then
 fi
 $BIN/nanscope_tests --gtest_filter='Device*:KvCache*' > "$OUT/tests.txt" 2>&1; echo "tests exit $?" >> "$LOG"
 echo "== GPU test $(date -u +%T)" >> "$LOG"
-GPU_TEST_GENERATE=/tmp/gen-goldens/generate.json timeout 300 python3 tests/gpu/compare.py $NS \
+GPU_TEST_GENERATE=$GEN timeout 300 python3 tests/gpu/compare.py $NS \
   tests/fixtures/goldens/cuda tests/fixtures/models /tmp/ns-gpu "$OUT/report.json" > "$OUT/gputest.txt" 2>&1
 echo "GPU test exit $?" >> "$LOG"
-NANSCOPE_CUDA_GRAPH=1 GPU_TEST_ONLY=generate GPU_TEST_GENERATE=/tmp/gen-goldens/generate.json \
+NANSCOPE_CUDA_GRAPH=1 GPU_TEST_ONLY=generate GPU_TEST_GENERATE=$GEN \
   timeout 200 python3 tests/gpu/compare.py $NS tests/fixtures/goldens/cuda tests/fixtures/models \
   /tmp/ns-gpu-graph "$OUT/report-graph.json" > "$OUT/gputest-graph.txt" 2>&1
 echo "GPU test (graph) exit $?" >> "$LOG"
@@ -83,7 +89,14 @@ PY
     NANSCOPE_CUDA_GRAPH=$g NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b --ids $PROMPT \
       --max-new-tokens 16 --eos none --attention fused --device cuda > /dev/null 2>> "$OUT/step-times.txt"
   done
-  for a in sdpa eager; do
+  if [ "${NSYS:-0}" = 1 ] && command -v nsys > /dev/null; then
+    for g in 0 1; do
+      NANSCOPE_CUDA_GRAPH=$g timeout 120 nsys profile --cuda-graph-trace=node -o /tmp/nsys-$g -f true \
+        $NS generate $W/q4b --ids $PROMPT --max-new-tokens 64 --eos none --device cuda > /dev/null 2>&1
+      timeout 120 nsys stats -r cuda_gpu_kern_sum -f csv /tmp/nsys-$g.nsys-rep > "$OUT/nsys-$g.txt" 2>&1
+    done
+  fi
+  for a in sdpa $([ "${REF_EAGER:-1}" = 1 ] && echo eager); do
     $M ref_generate_cuda_$a timeout 150 python3 bench/reference/ref_generate.py $W/q4b bf16 $P $N $a cuda >> "$R" 2>> "$LOG"
   done
   # check --device cuda end to end (fp32 reference + bf16 + fp16; target under 3 s), and the

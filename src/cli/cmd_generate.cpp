@@ -54,16 +54,16 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                   "read from the files at every step (no second copy)")
       ->capture_default_str();
   app->add_option("--device", a->device,
-                  "cpu | cuda (an NVIDIA GPU: the layers and the key/value cache there; opt-in "
-                  "with NANSCOPE_CUDA_GENERATE=1 until its GPU test has run)")
+                  "cpu | cuda (an NVIDIA GPU: the layers and the key/value cache there)")
       ->type_name("DEVICE")
       ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
   add_threads_option(app, a->threads, " of the forward pass");
-  describe(app,
-           "  nanscope generate ./merged --text \"The capital of France is\" --max-new-tokens 16\n"
-           "  nanscope generate Qwen/Qwen3-4B --adapter ./my-lora --text \"Hi\" --dtype bf16 --json\n",
-           "0 every step's logits finite, 1 a step's logits held NaN/inf (the run stops there)");
+  describe(
+      app,
+      "  nanscope generate ./merged --text \"The capital of France is\" --max-new-tokens 16\n"
+      "  nanscope generate Qwen/Qwen3-4B --adapter ./my-lora --text \"Hi\" --dtype bf16 --json\n",
+      "0 every step's logits finite, 1 a step's logits held NaN/inf (the run stops there)");
   out.push_back({app, [a] {
                    apply_threads(a->threads);
                    GenerateOptions opt;

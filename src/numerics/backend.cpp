@@ -106,7 +106,6 @@ Backend backend_from_environment() {
   }
   b.profile = env_on("NANSCOPE_PROFILE");
   b.cuda_gemm_f32_out = env_on("NANSCOPE_CUDA_GEMM_F32");
-  b.cuda_generate = env_on("NANSCOPE_CUDA_GENERATE");
   b.cuda_graph = env_on("NANSCOPE_CUDA_GRAPH");
   b.cuda_step_times = env_on("NANSCOPE_CUDA_STEP_TIMES");
   b.amx = env_on("NANSCOPE_NO_AMX")        ? AmxUse::Off

@@ -41,8 +41,6 @@
 // | NANSCOPE_CUDA_GEMM_F32=1       | cuda_gemm_f32_out | --device cuda: products write fp32 and |
 // |                                |                   | round once after (default: the run     |
 // |                                |                   | dtype, as torch's cuBLAS calls)        |
-// | NANSCOPE_CUDA_GENERATE=1       | cuda_generate     | allow generate --device cuda (not yet  |
-// |                                |                   | validated on a GPU: docs/cuda.md)      |
 // | NANSCOPE_CUDA_GRAPH=1          | cuda_graph        | decode steps as one CUDA graph         |
 // | NANSCOPE_CUDA_STEP_TIMES=1     | cuda_step_times   | per-step queue / total time on stderr  |
 // | ONEDNN_MAX_CPU_ISA (oneDNN's)  | onednn_amx=false  | when set, oneDNN's own cap decides;    |
@@ -128,9 +126,6 @@ struct Backend {
   // --device cuda: linear products write fp32 and are rounded after, instead of writing the run
   // dtype as torch's cuBLAS calls do (an experiment on the accumulation; NANSCOPE_CUDA_GEMM_F32).
   bool cuda_gemm_f32_out = false;
-  // generate --device cuda: written and host-tested, not yet compared with transformers on a GPU
-  // (tests/gpu/run.sh), so it runs only when asked for (NANSCOPE_CUDA_GENERATE=1).
-  bool cuda_generate = false;
   bool cuda_graph = false;       // the 1-token decode step replayed as a CUDA graph
   bool cuda_step_times = false;  // each decode step's queueing and total time on stderr
   // Tests and experiments: every product this path can compute runs on it, whatever its number

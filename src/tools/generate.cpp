@@ -80,7 +80,8 @@ int64_t sample(std::vector<float> logits, const GenerateOptions& o, std::mt19937
   const double m = logits[size_t(order[0])];
   std::vector<double> p(static_cast<size_t>(keep));
   double sum = 0;
-  for (int64_t i = 0; i < keep; ++i) sum += p[size_t(i)] = std::exp(logits[size_t(order[size_t(i)])] - m);
+  for (int64_t i = 0; i < keep; ++i)
+    sum += p[size_t(i)] = std::exp(logits[size_t(order[size_t(i)])] - m);
   if (o.top_p < 1.0) {  // the smallest prefix whose mass reaches top_p (at least one token)
     double acc = 0;
     int64_t n = 0;
@@ -131,12 +132,12 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
     if (g.contains("repetition_penalty") && g["repetition_penalty"].is_number() &&
         g["repetition_penalty"].get<double>() != 1.0) {
       penalty = g["repetition_penalty"].get<float>();
-      r.notes.push_back(fmt::format("repetition_penalty {} (generation_config.json) applied",
-                                    penalty));
+      r.notes.push_back(
+          fmt::format("repetition_penalty {} (generation_config.json) applied", penalty));
     }
-    for (const char* k : {"no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
-                          "begin_suppress_tokens", "min_new_tokens", "min_length",
-                          "forced_bos_token_id", "forced_eos_token_id"})
+    for (const char* k :
+         {"no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+          "min_new_tokens", "min_length", "forced_bos_token_id", "forced_eos_token_id"})
       if (g.contains(k) && !g[k].is_null() && !(g[k].is_number() && g[k].get<double>() == 0))
         r.notes.push_back(fmt::format("{} in generation_config.json is not applied", k));
   }
@@ -153,11 +154,6 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   fo.device = opt.device;
   KvCache cache;
   if (opt.device == Device::Cuda) {
-    if (!backend().cuda_generate)
-      fail(
-          "generate --device cuda: the GPU decode path is built but has not yet been compared "
-          "with transformers on a GPU (tests/gpu/run.sh, docs/cuda.md); run on the CPU, or set "
-          "NANSCOPE_CUDA_GENERATE=1 to try it anyway");
     if (opt.adapter)
       fail(
           "generate --device cuda: an adapter applied unmerged runs on the CPU only in this "

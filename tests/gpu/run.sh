@@ -6,7 +6,6 @@
 # (ctest's "skipped"), and it is never registered with ctest: CI runs the host-side tests only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export NANSCOPE_CUDA_GENERATE=1  # generate --device cuda is opt-in until this test has passed (docs/cuda.md)
 NS=${1:-build/nanscope}
 GOLDENS=${2:-tests/fixtures/goldens/cuda}
 WORK=${3:-/tmp/ns-gpu}

@@ -516,12 +516,12 @@ TEST(Backend, EnvironmentTable) {
     const char* name;
     const char* value;
   };
-  const char* table[] = {"NANSCOPE_THREADS",        "NANSCOPE_PROFILE",       "NANSCOPE_NO_AMX",
-                         "NANSCOPE_AMX_EMULATE",    "NANSCOPE_NO_ONEDNN",     "NANSCOPE_AMX_BLOCK",
-                         "NANSCOPE_AMX_PREFETCH",   "NANSCOPE_AMX_ORDER",     "NANSCOPE_AMX_STEAL",
-                         "ONEDNN_MAX_CPU_ISA",      "NANSCOPE_NO_AVX512",     "NANSCOPE_DECODE",
-                         "NANSCOPE_CUDA_GEMM_F32",  "NANSCOPE_CUDA_GENERATE", "NANSCOPE_CUDA_GRAPH",
-                         "NANSCOPE_CUDA_STEP_TIMES"};
+  const char* table[] = {
+      "NANSCOPE_THREADS",       "NANSCOPE_PROFILE",    "NANSCOPE_NO_AMX",
+      "NANSCOPE_AMX_EMULATE",   "NANSCOPE_NO_ONEDNN",  "NANSCOPE_AMX_BLOCK",
+      "NANSCOPE_AMX_PREFETCH",  "NANSCOPE_AMX_ORDER",  "NANSCOPE_AMX_STEAL",
+      "ONEDNN_MAX_CPU_ISA",     "NANSCOPE_NO_AVX512",  "NANSCOPE_DECODE",
+      "NANSCOPE_CUDA_GEMM_F32", "NANSCOPE_CUDA_GRAPH", "NANSCOPE_CUDA_STEP_TIMES"};
   auto with = [&](std::initializer_list<Var> vars) {
     std::vector<std::optional<std::string>> saved;
     for (const char* n : table) {
@@ -559,9 +559,8 @@ TEST(Backend, EnvironmentTable) {
   EXPECT_EQ(dec.prefetch, 0);
   EXPECT_EQ(with({{"NANSCOPE_DECODE", "3,64"}}).decode.rows, 4);  // 2, 4 or 8 rows only
   EXPECT_EQ(with({{"NANSCOPE_DECODE", "8"}}).decode.rows, 4);     // both numbers or neither
-  EXPECT_FALSE(d.cuda_gemm_f32_out || d.cuda_generate || d.cuda_graph || d.cuda_step_times);
+  EXPECT_FALSE(d.cuda_gemm_f32_out || d.cuda_graph || d.cuda_step_times);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_GEMM_F32", "1"}}).cuda_gemm_f32_out);
-  EXPECT_TRUE(with({{"NANSCOPE_CUDA_GENERATE", "1"}}).cuda_generate);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_GRAPH", "1"}}).cuda_graph);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_STEP_TIMES", "1"}}).cuda_step_times);
   const AmxTuning blk = with({{"NANSCOPE_AMX_BLOCK", "64,256,512"}}).amx_tuning;

@@ -60,8 +60,7 @@ TEST(Device, CudaWithoutBackendOrGpuIsAnInputError) {
   EXPECT_EQ(h.exit_code, 2) << h.err;
   EXPECT_THAT(h.err, HasSubstr(expected));
   const auto g =
-      run_cli({"generate", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"},
-              {"NANSCOPE_CUDA_GENERATE=1"});
+      run_cli({"generate", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"});
   EXPECT_EQ(g.exit_code, 2) << g.err;
   EXPECT_THAT(g.err, HasSubstr(expected));
   const Checkpoint ck = Checkpoint::open(fixture("models/qwen3-tiny"));
@@ -111,22 +110,9 @@ TEST(Device, CheckOfAnUnmergedAdapterOnCudaIsAnInputError) {
 TEST(Device, GenerateWithAnAdapterOnCudaIsAnInputError) {
   if (!cuda_built()) GTEST_SKIP() << "built without the CUDA backend";
   const auto r = run_cli({"generate", fixture("models/qwen3-tiny"), "--adapter",
-                          fixture("adapters/lora-bf16"), "--ids", "1,2,3", "--device", "cuda"},
-                         {"NANSCOPE_CUDA_GENERATE=1"});
+                          fixture("adapters/lora-bf16"), "--ids", "1,2,3", "--device", "cuda"});
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_THAT(r.err, HasSubstr("an adapter applied unmerged runs on the CPU only"));
-}
-
-// The GPU decode path has not been compared with transformers on a GPU yet: without
-// NANSCOPE_CUDA_GENERATE=1 it is refused (exit 2) and the message says how to opt in.
-TEST(Device, GenerateOnCudaIsOptInUntilValidated) {
-  if (!cuda_built()) GTEST_SKIP() << "built without the CUDA backend";
-  const auto r =
-      run_cli({"generate", fixture("models/qwen3-tiny"), "--ids", "1,2,3", "--device", "cuda"},
-              {"-u NANSCOPE_CUDA_GENERATE"});
-  EXPECT_EQ(r.exit_code, 2) << r.err;
-  EXPECT_THAT(r.err, HasSubstr("has not yet been compared with transformers on a GPU"));
-  EXPECT_THAT(r.err, HasSubstr("NANSCOPE_CUDA_GENERATE=1"));
 }
 
 }  // namespace
