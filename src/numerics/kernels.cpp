@@ -252,7 +252,8 @@ inline void micro_direct(const std::byte* w, size_t row_bytes, DType storage, DT
   const int64_t K8 = K & ~int64_t(7);
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = load8_weight(w + r * row_bytes + size_t(k) * es, storage, dt);
+    for (int r = 0; r < RB; ++r)
+      wv[r] = load8_weight(w + r * row_bytes + size_t(k) * es, storage, dt);
     for (int t = 0; t < TB; ++t) {
       const __m256 xv = _mm256_loadu_ps(x + t * ldx + k);
       for (int r = 0; r < RB; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
@@ -452,17 +453,20 @@ void stream512_rows(const float* x, int64_t T, const WeightView& w, const float*
 
 // Several products of one input on one parallel loop over all their rows (q/k/v, gate/up of a
 // decode step): one fork and join instead of one per product, and no worker idles on the small
-// ones. Each output row is still computed whole by one worker.
+// ones. The rows go in blocks of kStreamBlock with work stealing: on the GPU machine's 16 vCPUs a
+// static split waited for the slowest core at every product (median step 10-20% above the best).
+// Each output row is still computed whole by one worker, so the split never changes a value.
+constexpr int64_t kStreamBlock = 16;  // rows: 80 KB of a 2560-wide bf16 weight
+
 void stream512_many(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt) {
-  int64_t total = 0;
-  for (const LinearOutput& o : outs) total += o.w.rows;
-  parallel_for(total, 16, [&](int64_t b, int64_t e) {
-    int64_t base = 0;
-    for (const LinearOutput& o : outs) {
-      const int64_t lo = std::max(b, base), hi = std::min(e, base + o.w.rows);
-      if (lo < hi) stream512_rows(x, T, o.w, o.bias, dt, o.out, lo - base, hi - base);
-      base += o.w.rows;
-    }
+  std::vector<int64_t> first{0};  // the first block of each output
+  for (const LinearOutput& o : outs)
+    first.push_back(first.back() + (o.w.rows + kStreamBlock - 1) / kStreamBlock);
+  parallel_for_stealing(first.back(), [&](int64_t, int64_t item) {
+    const size_t i = size_t(std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1);
+    const LinearOutput& o = outs[i];
+    const int64_t r0 = (item - first[i]) * kStreamBlock;
+    stream512_rows(x, T, o.w, o.bias, dt, o.out, r0, std::min(o.w.rows, r0 + kStreamBlock));
   });
 }
 
