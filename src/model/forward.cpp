@@ -115,7 +115,7 @@ class Model {
         const auto key = rope_key_for(s.attn.rope, g.len);
         if (!rope_.contains(key))
           rope_.emplace(key, rope_tables(c_, spec_.ropes[size_t(s.attn.rope)], s.attn.rotary_dim,
-                                         key.second, dt_));
+                                         key.second, dt_, P_));  // rows before P_ go unread
       }
   }
 
@@ -160,7 +160,8 @@ class Model {
     Vec logits = linear_site(-1, spec_.lm_head, x, lm, Vec{});
     if (spec_.final_softcap) {  // Gemma 2: logits = cap * tanh(logits / cap)
       softcap_inplace(logits.data(), int64_t(logits.size()), *spec_.final_softcap, dt_);
-      site(-1, "final_logit_softcapping", logits, {int64_t(logits.size()) / spec_.vocab, spec_.vocab});
+      site(-1, "final_logit_softcapping", logits,
+           {int64_t(logits.size()) / spec_.vocab, spec_.vocab});
     }
     weights_.release_all();
     return logits;
@@ -413,8 +414,7 @@ class Model {
   };
   // Keys of a segment of Tq queries: how many, and the column of query 0's own position.
   int64_t key_count(const Keys& kv, int64_t Tq) const { return cache_ ? kv.rows : Tq; }
-  int64_t query_col0(const Keys& kv) const { return cache_ ? P_ - kv.pos0 : 0;
-  }
+  int64_t query_col0(const Keys& kv) const { return cache_ ? P_ - kv.pos0 : 0; }
 
   // transformers' eager_attention_forward: s = round(q @ k^T); s = round(s * scaling);
   // soft-capping (Gemma 2) s = round(round(tanh(round(s / cap))) * cap); s = round(s + mask)

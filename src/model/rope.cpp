@@ -175,24 +175,25 @@ RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt) {
   return rope_tables(c, c.rope, int64_t(double(c.head_dim) * partial), T, dt);
 }
 
-RopeTables rope_tables(const ModelConfig& c, const RopeConfig& r, int64_t dim, int64_t T,
-                       DType dt) {
+RopeTables rope_tables(const ModelConfig& c, const RopeConfig& r, int64_t dim, int64_t T, DType dt,
+                       int64_t first) {
   const RopeParameters p = rope_parameters(c, r, dim, T);
   RopeTables tab;
   tab.T = T;
   tab.D = dim;
-  const int64_t D = tab.D, half = D / 2;
-  tab.cos.resize(size_t(T * D));
-  tab.sin.resize(size_t(T * D));
+  tab.first = std::clamp<int64_t>(first, 0, T);
+  const int64_t D = tab.D, half = D / 2, rows = T - tab.first;
+  tab.cos.resize(size_t(rows * D));
+  tab.sin.resize(size_t(rows * D));
   const float scale = float(p.attention_scaling);
-  for (int64_t t = 0; t < T; ++t)
+  for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < half; ++j) {
       // freqs = inv_freq @ position_ids (K = 1: one float product); emb = cat(freqs, freqs).
-      const float f = p.inv_freq[size_t(j)] * float(t);
+      const float f = p.inv_freq[size_t(j)] * float(tab.first + i);
       const float cv = round_to(float(std::cos(double(f))) * scale, dt);
       const float sv = round_to(float(std::sin(double(f))) * scale, dt);
-      tab.cos[size_t(t * D + j)] = tab.cos[size_t(t * D + j + half)] = cv;
-      tab.sin[size_t(t * D + j)] = tab.sin[size_t(t * D + j + half)] = sv;
+      tab.cos[size_t(i * D + j)] = tab.cos[size_t(i * D + j + half)] = cv;
+      tab.sin[size_t(i * D + j)] = tab.sin[size_t(i * D + j + half)] = sv;
     }
   return tab;
 }
@@ -205,14 +206,14 @@ void apply_rope(float* x, int64_t T, int64_t heads, const RopeTables& tab, DType
                 int64_t head_dim) {
   const int64_t D = tab.D, half = D / 2;
   const int64_t stride = head_dim > 0 ? head_dim : D;  // the dimensions past D pass through
-  if (pos0 < 0 || pos0 + T > tab.T)
+  if (pos0 < tab.first || pos0 + T > tab.T)
     throw std::logic_error("apply_rope: positions beyond the cos/sin tables");
   // Each step over whole rows so that the products and sums vectorise and the roundings go
   // through the vectorised round_inplace (same values as round_to, element by element).
   std::vector<float> a(static_cast<size_t>(D)), b(a.size());
   for (int64_t t = 0; t < T; ++t) {
-    const float* cs = tab.cos.data() + (pos0 + t) * D;
-    const float* sn = tab.sin.data() + (pos0 + t) * D;
+    const float* cs = tab.cos.data() + (pos0 - tab.first + t) * D;
+    const float* sn = tab.sin.data() + (pos0 - tab.first + t) * D;
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (t * heads + h) * stride;
       for (int64_t j = 0; j < half; ++j) b[size_t(j)] = -v[j + half] * sn[j];

@@ -29,12 +29,15 @@ RopeParameters rope_parameters(const ModelConfig& c, const RopeConfig& r, int64_
 bool rope_depends_on_length(const RopeConfig& r);
 
 // cos and sin, [T, D] row-major, already cast to the run dtype.
+// Rows [first, T) of the tables of a T-position pass (`dynamic` and `longrope` frequencies follow
+// T): a decode step at position P needs row P only, not the P rows before it again.
 struct RopeTables {
-  int64_t T = 0, D = 0;
-  std::vector<float> cos, sin;
+  int64_t T = 0, D = 0, first = 0;
+  std::vector<float> cos, sin;  // [T - first, D]
 };
 RopeTables rope_tables(const ModelConfig& c, int64_t T, DType dt);
-RopeTables rope_tables(const ModelConfig& c, const RopeConfig& r, int64_t dim, int64_t T, DType dt);
+RopeTables rope_tables(const ModelConfig& c, const RopeConfig& r, int64_t dim, int64_t T, DType dt,
+                       int64_t first = 0);
 
 // In place on x [T, heads, D] holding positions pos0 .. pos0+T-1 (rows of `tab`):
 // x = round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) = cat(-x[D/2:], x[:D/2]).
