@@ -32,6 +32,7 @@
 #include "model/rope.hpp"
 #include "model/weights.hpp"
 #include "numerics/backend.hpp"
+#include "numerics/parallel.hpp"
 
 namespace nanscope {
 
@@ -106,6 +107,80 @@ class PinnedBuf {
   size_t n_ = 0;
 };
 
+// Page-locked host bytes: sources of copies that must not wait for the GPU (cudaMemcpyAsync
+// from pageable memory is staged synchronously).
+class PinnedBytes {
+ public:
+  PinnedBytes() = default;
+  explicit PinnedBytes(size_t n) : n_(n) {
+    if (n > 0) check(cudaMallocHost(&p_, n), "cudaMallocHost");
+  }
+  ~PinnedBytes() {
+    if (p_ != nullptr) cudaFreeHost(p_);
+  }
+  PinnedBytes(PinnedBytes&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
+  PinnedBytes& operator=(PinnedBytes&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  PinnedBytes(const PinnedBytes&) = delete;
+  PinnedBytes& operator=(const PinnedBytes&) = delete;
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// Host-to-device copies of weights through two page-locked buffers: the OpenMP workers copy the
+// mapping's pages into one while the other's DMA runs. A cudaMemcpy from the pageable mapping
+// moved 6.6 GB/s on the H200 machine (1.2 s of an 8 GB model's first pass).
+class Uploader {
+ public:
+  Uploader() {
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+    for (int b = 0; b < 2; ++b) {
+      buf_[b] = PinnedBytes(kChunk);
+      check(cudaEventCreateWithFlags(&done_[b], cudaEventDisableTiming), "event");
+    }
+  }
+  ~Uploader() {
+    for (cudaEvent_t e : done_) cudaEventDestroy(e);
+    cudaStreamDestroy(stream_);
+  }
+  Uploader(const Uploader&) = delete;
+  Uploader& operator=(const Uploader&) = delete;
+
+  // dst (device) holds the bytes when this returns.
+  void copy(void* dst, const void* src, size_t bytes) {
+    for (size_t off = 0, i = 0; off < bytes; off += kChunk, ++i) {
+      const size_t n = std::min(kChunk, bytes - off), b = i % 2;
+      check(cudaEventSynchronize(done_[b]), "weights upload");  // this buffer's last DMA is done
+      char* to = static_cast<char*>(buf_[b].get());
+      const char* from = static_cast<const char*>(src) + off;
+      parallel_for(int64_t(n), int64_t(1) << 20, [&](int64_t lo, int64_t hi) {
+        std::memcpy(to + lo, from + lo, size_t(hi - lo));
+      });
+      check(cudaMemcpyAsync(static_cast<char*>(dst) + off, to, n, cudaMemcpyHostToDevice, stream_),
+            "weights upload");
+      check(cudaEventRecord(done_[b], stream_), "weights upload");
+    }
+    check(cudaStreamSynchronize(stream_), "weights upload");
+  }
+
+ private:
+  static constexpr size_t kChunk = size_t(64) << 20;
+  PinnedBytes buf_[2];
+  cudaEvent_t done_[2] = {};
+  cudaStream_t stream_ = nullptr;
+};
+
+Uploader& uploader() {
+  static Uploader u;
+  return u;
+}
+
 struct DevMat {
   DevBuf buf;  // [rows, cols] in the run dtype's storage
   int64_t rows = 0, cols = 0;
@@ -142,23 +217,16 @@ DevMat upload(const WeightView& w, DType run) {
   m.buf = DevBuf(n * eb);
   if (n == 0) return m;
   if (w.storage == run) {  // already in the run dtype: the bytes as they are
-    check(cudaMemcpy(m.buf.get(), w.data, n * eb, cudaMemcpyHostToDevice), "weights upload");
+    uploader().copy(m.buf.get(), w.data, n * eb);
     return m;
   }
-  // Converted on the host as the CPU pass reads them (transformers' cast at load), then narrowed
-  // on the GPU (exact: the values are already in the run dtype).
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, w.cols));
-  std::vector<float> host(size_t(std::min(chunk, w.rows) * w.cols));
-  DevBuf stage(host.size() * sizeof(float));
-  for (int64_t r0 = 0; r0 < w.rows; r0 += chunk) {
-    const int64_t nr = std::min(chunk, w.rows - r0);
-    weight_rows(w, r0, nr, run, host.data());
-    check(cudaMemcpy(stage.get(), host.data(), size_t(nr * w.cols) * sizeof(float),
-                     cudaMemcpyHostToDevice),
-          "weights upload");
-    cuda::to_storage(stage.f(), static_cast<char*>(m.buf.get()) + size_t(r0 * w.cols) * eb,
-                     nr * w.cols, dt);
-  }
+  // The stored bytes go up as they are and are cast on the GPU (transformers' cast at load, round
+  // to nearest even as the CPU pass's weight_rows): a bf16 checkpoint's fp32 or fp16 run moves
+  // 2 bytes per weight over the bus instead of the 4 of a host-side cast.
+  const Dt sdt = dt_of(w.storage);
+  DevBuf raw(n * size_t(cuda::dt_bytes(sdt)));
+  uploader().copy(raw.get(), w.data, raw.bytes());
+  cuda::convert(raw.get(), sdt, m.buf.get(), dt, int64_t(n));
   check(cudaDeviceSynchronize(), "weights upload");
   return m;
 }
@@ -249,32 +317,6 @@ void require_device() {
 
 struct Stop {};
 
-// Page-locked host bytes: sources of copies that must not wait for the GPU (cudaMemcpyAsync
-// from pageable memory is staged synchronously).
-class PinnedBytes {
- public:
-  PinnedBytes() = default;
-  explicit PinnedBytes(size_t n) : n_(n) {
-    if (n > 0) check(cudaMallocHost(&p_, n), "cudaMallocHost");
-  }
-  ~PinnedBytes() {
-    if (p_ != nullptr) cudaFreeHost(p_);
-  }
-  PinnedBytes(PinnedBytes&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
-  PinnedBytes& operator=(PinnedBytes&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  PinnedBytes(const PinnedBytes&) = delete;
-  PinnedBytes& operator=(const PinnedBytes&) = delete;
-  void* get() const { return p_; }
-
- private:
-  void* p_ = nullptr;
-  size_t n_ = 0;
-};
-
 // The keys (after RoPE) and values of the positions run so far, per layer, on the GPU: rows
 // [0, cap) of [cap, kv_heads * head_dim]. Every position is kept; a sliding-window layer reads
 // only the last window - 1 before the new tokens, which is what transformers' cache keeps.
@@ -336,7 +378,7 @@ class Pass {
     u_ = DevBuf(size_t(T_ * I) * f);
     act_ = DevBuf(size_t(T_ * I) * f);
     xs_ = DevBuf(size_t(T_ * widest) * eb);
-    cs_ = DevBuf(size_t(T_ * widest) * eb);
+    cs_ = DevBuf(size_t(T_ * std::max(widest, std::max(qd + 2 * kvd, 2 * I))) * eb);  // linear_many
     qs_ = DevBuf(size_t(T_ * qd) * eb);
     ks_ = DevBuf(size_t(T_ * kvd) * eb);
     vs_ = DevBuf(size_t(T_ * kvd) * eb);
@@ -349,15 +391,16 @@ class Pass {
       if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
       logits_host_ = PinnedBytes(size_t(V_) * sizeof(float));
       h_host_ = PinnedBytes(size_t(T_ * H_) * sizeof(float));
-      // NANSCOPE_CUDA_GRAPH=1: the 1-token step replayed as one CUDA graph (its position a
-      // device scalar, its attention decode_attention's); off by default until the GPU test
-      // has compared it with transformers (docs/cuda.md).
-      graph_ = T_ == 1 && backend().cuda_graph;
-      if (graph_) {
-        check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
+      // A 1-token step reads its position from a device scalar and attends with
+      // decode_attention, graph or not, so that NANSCOPE_CUDA_GRAPH=1 (the step replayed as one
+      // CUDA graph) changes the launches only, never the numbers.
+      step_ = T_ == 1 && !sites_;
+      graph_ = step_ && backend().cuda_graph;
+      if (step_) {
         pos_ = DevBuf(sizeof(int64_t));
         pos_host_ = PinnedBytes(sizeof(int64_t));
       }
+      if (graph_) check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "stream");
     }
     build_rope();
     plan_attention();
@@ -387,8 +430,8 @@ class Pass {
           T_, past_);
     std::memcpy(h_host_.get(), h0.data(), h0.size() * sizeof(float));
     std::chrono::steady_clock::time_point queued;
+    if (step_) *static_cast<int64_t*>(pos_host_.get()) = past_;
     if (graph_) {
-      *static_cast<int64_t*>(pos_host_.get()) = past_;
       if (graph_runs_++ == 0) {
         // The first step runs as it is (cuBLAS's first calls of these shapes set up outside a
         // capture); the second is captured, and every later one replays it.
@@ -444,7 +487,7 @@ class Pass {
     check(cudaMemcpyAsync(h_.get(), h_host_.get(), size_t(T_ * H_) * sizeof(float),
                           cudaMemcpyHostToDevice, st),
           "upload");
-    if (graph_)
+    if (step_)
       check(
           cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
           "upload");
@@ -517,8 +560,7 @@ class Pass {
   void layer(const LayerSpec& s, const DevLayer& w) {
     const int64_t l = s.index;
     const LayerNames& n = s.names;
-    norm(l, n.input_norm, h_.f(), w.input_norm, H_, T_, x_.f());
-    attention(s, w, x_.f(), y_.f());
+    attention(s, w, norm_staged(l, n.input_norm, h_.f(), w.input_norm, x_.f()), y_.f());
     const float* a = y_.f();
     if (!n.attn_out_norm.empty()) {
       norm(l, n.attn_out_norm, y_.f(), w.attn_out_norm, H_, T_, x_.f());
@@ -527,8 +569,7 @@ class Pass {
     cuda::add_round(h_.f(), a, T_ * H_, dt_, h_.f());
     site(l, n.prefix + "residual_attn", h_.f(), {T_, H_});
 
-    norm(l, n.mlp_in_norm, h_.f(), w.mlp_in_norm, H_, T_, x_.f());
-    mlp(s, w, x_.f(), y_.f());
+    mlp(s, w, norm_staged(l, n.mlp_in_norm, h_.f(), w.mlp_in_norm, x_.f()), y_.f());
     const float* m = y_.f();
     if (!n.mlp_out_norm.empty()) {
       norm(l, n.mlp_out_norm, y_.f(), w.mlp_out_norm, H_, T_, x_.f());
@@ -538,48 +579,52 @@ class Pass {
     site(l, n.prefix + "residual_mlp", h_.f(), {T_, H_});
   }
 
-  void mlp(const LayerSpec& s, const DevLayer& w, const float* x, float* out) {
+  // xs: the input [T, H] in the run dtype's storage (norm_staged).
+  void mlp(const LayerSpec& s, const DevLayer& w, const void* xs, float* out) {
     const int64_t l = s.index, I = w.gate.rows;
     const LayerNames& n = s.names;
-    const void* xs = stage(x, T_ * H_);
-    linear(l, n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, xs, T_, w.gate,
-           w.gate_bias, g_.f());
-    linear(l, n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, xs, T_, w.up, w.up_bias,
-           u_.f());
-    cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f());
+    linear_many(
+        l, xs, T_,
+        {{n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, w.gate, w.gate_bias,
+          g_.f()},
+         {n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, w.up, w.up_bias, u_.f()}});
+    cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f(),
+                  dt_ == Dt::F32 ? nullptr : xs_.get());
     site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
     linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj,
-           stage(act_.f(), T_ * I), T_, w.down, w.down_bias, out);
+           dt_ == Dt::F32 ? act_.get() : xs_.get(), T_, w.down, w.down_bias, out);
   }
 
-  void attention(const LayerSpec& s, const DevLayer& w, const float* x, float* out) {
+  // xs: the input [T, H] in the run dtype's storage (norm_staged).
+  void attention(const LayerSpec& s, const DevLayer& w, const void* xs, float* out) {
     const int64_t l = s.index;
     const LayerNames& n = s.names;
     const AttentionSpec& a = s.attn;
     const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
     const std::string& p = n.prefix;
-    const void* xs = stage(x, T_ * H_);
-    linear(l, p + "self_attn.q_proj", xs, T_, w.q, w.q_bias, q_.f());
-    linear(l, p + "self_attn.k_proj", xs, T_, w.k, w.k_bias, k_.f());
-    linear(l, p + "self_attn.v_proj", xs, T_, w.v, w.v_bias, v_.f());
+    linear_many(l, xs, T_,
+                {{p + "self_attn.q_proj", w.q, w.q_bias, q_.f()},
+                 {p + "self_attn.k_proj", w.k, w.k_bias, k_.f()},
+                 {p + "self_attn.v_proj", w.v, w.v_bias, v_.f()}});
     if (a.qk_norm) {  // per head, in place (rmsnorm_k reads a row whole before it writes it)
       norm(l, n.q_norm, q_.f(), w.q_norm, D, T_ * a.heads, q_.f(), {T_, a.heads, D});
       norm(l, n.k_norm, k_.f(), w.k_norm, D, T_ * a.kv_heads, k_.f(), {T_, a.kv_heads, D});
     }
     const Rope& r = ropes_.at(a.rope);
-    const auto* dpos = graph_ ? static_cast<const int64_t*>(pos_.get()) : nullptr;
+    const auto* dpos = step_ ? static_cast<const int64_t*>(pos_.get()) : nullptr;
     cuda::rope(q_.f(), T_, a.heads, D, r.dim, r.cos.f(), r.sin.f(),
                static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
     cuda::rope(k_.f(), T_, a.kv_heads, D, r.dim, r.cos.f(), r.sin.f(),
                static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
-    if (graph_) {  // nothing here may depend on the step's position but through dpos
+    if (step_) {  // nothing here may depend on the step's position but through dpos (graphs)
       cuda::cache_append(k_.f(), v_.f(), kvd, dpos, cache_->k[size_t(l)].get(),
                          cache_->v[size_t(l)].get(), cache_->vf[size_t(l)].f(), dt_);
       cuda::decode_attention(q_.f(), cache_->k[size_t(l)].get(), cache_->v[size_t(l)].get(),
                              cache_->vf[size_t(l)].f(), dpos, a.heads, a.kv_heads, D, a.scaling,
                              a.softcap.value_or(0.0f), a.window, att_ == AttentionProfile::Fused,
-                             dt_, S_.f(), max_keys_, ctx_.f());
-      linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
+                             dt_, S_.f(), max_keys_, ctx_.f(),
+                             dt_ == Dt::F32 ? nullptr : xs_.get());
+      linear(l, n.o_proj, dt_ == Dt::F32 ? ctx_.get() : xs_.get(), T_, w.o, w.o_bias, out);
       return;
     }
     if (cache_) {  // this pass's keys and values join the cache at rows [P, P + T)
@@ -751,6 +796,37 @@ class Pass {
     return xs_.get();
   }
 
+  // Products of one input x (in storage) [rows, cols]: out_i = round(x @ W_i^T (+ bias_i)), the
+  // same cuBLAS calls as linear(), their outputs rounded by one launch.
+  struct LinearSpec {
+    std::string module;
+    const DevMat& w;
+    const DevVec& bias;
+    float* out;
+  };
+  void linear_many(int64_t l, const void* x, int64_t rows,
+                   std::initializer_list<LinearSpec> specs) {
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_type(dt_);
+    cuda::RoundSegments segs;
+    const size_t eb = size_t(cuda::dt_bytes(dt_));
+    size_t at = 0;  // bytes into cs_
+    for (const LinearSpec& sp : specs) {
+      const bool f32 = f32_out_ || !sp.bias.empty();  // as linear() calls it
+      void* c = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
+      at += size_t(rows * sp.w.rows) * eb;
+      if (!f32 && at > cs_.bytes()) throw std::logic_error("linear_many: the products' scratch");
+      check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(sp.w.rows), int(rows),
+                         int(sp.w.cols), &one, sp.w.buf.get(), t, int(sp.w.cols), x, t,
+                         int(sp.w.cols), &zero, c, f32 ? CUDA_R_32F : t, int(sp.w.rows),
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "linear");
+      segs.seg[segs.n++] = {c, f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
+    }
+    cuda::bias_round_many(segs, rows, dt_);
+    for (const LinearSpec& sp : specs) site(l, sp.module, sp.out, {rows, sp.w.rows});
+  }
+
   // out[rows, W.rows] = round(x @ W^T (+ bias)); x in storage (stage).
   void linear(int64_t l, const std::string& module, const void* x, int64_t rows, const DevMat& w,
               const DevVec& bias, float* out) {
@@ -764,6 +840,17 @@ class Pass {
           "linear");
     cuda::bias_round(c, f32 ? Dt::F32 : dt_, bias.data(), rows, w.rows, dt_, out);
     site(l, module, out, {rows, w.rows});
+  }
+
+  // A norm over rows of H whose output is a product's input: out, and its copy in the run
+  // dtype's storage (xs_) from the same launch. Returns the product's input (out itself in fp32).
+  const void* norm_staged(int64_t l, const std::string& module, const float* x, const DevVec& w,
+                          float* out) {
+    const bool f32 = dt_ == Dt::F32;
+    cuda::rmsnorm(x, T_, H_, w.data(), float(spec_.eps), spec_.norm == NormKind::RmsOffset, dt_,
+                  out, f32 ? nullptr : xs_.get());
+    site(l, module, out, {T_, H_});
+    return f32 ? static_cast<const void*>(out) : xs_.get();
   }
 
   void norm(int64_t l, const std::string& module, const float* x, const DevVec& w, int64_t n,
@@ -944,7 +1031,8 @@ class Pass {
   int64_t past_ = 0;  // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
   int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
-  bool graph_ = false;    // a 1-token pass replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
+  bool step_ = false;     // a 1-token pass with the cache: position on the GPU, decode_attention
+  bool graph_ = false;    // a step replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
   int64_t graph_runs_ = 0;

@@ -68,6 +68,10 @@ __global__ void to_storage_k(const float* x, void* out, int64_t n, Dt dt) {
   FOR_EACH(i, n) store_dt(out, dt, i, x[i]);
 }
 
+__global__ void convert_k(const void* src, Dt sdt, void* dst, Dt ddt, int64_t n) {
+  FOR_EACH(i, n) store_dt(dst, ddt, i, load_dt(src, sdt, i));
+}
+
 __global__ void bias_round_k(const void* c, Dt ctype, const float* bias, int64_t rows, int64_t cols,
                              Dt dt, float* out) {
   FOR_EACH(i, rows * cols) {
@@ -77,10 +81,24 @@ __global__ void bias_round_k(const void* c, Dt ctype, const float* bias, int64_t
   }
 }
 
+__global__ void bias_round_many_k(RoundSegments segs, int64_t rows, Dt dt) {
+  int64_t total = 0;
+  for (int k = 0; k < segs.n; ++k) total += rows * segs.seg[k].cols;
+  FOR_EACH(i, total) {
+    int64_t at = i;
+    int k = 0;
+    while (at >= rows * segs.seg[k].cols) at -= rows * segs.seg[k++].cols;
+    const RoundSegment& s = segs.seg[k];
+    float x = load_dt(s.c_in, s.ctype, at);
+    if (s.bias != nullptr) x = x + s.bias[at % s.cols];
+    s.out[at] = round_dt(x, dt);
+  }
+}
+
 // One block of 256 threads per row: fp32 sum of squares (a tree, as torch's reductions; the order
 // is not torch's exactly), rsqrtf as torch.rsqrt on CUDA.
 __global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, bool offset, Dt dt,
-                          float* out) {
+                          float* out, void* st) {
   const float* xr = x + int64_t(blockIdx.x) * n;
   float* orow = out + int64_t(blockIdx.x) * n;
   float s = 0.0f;
@@ -98,12 +116,15 @@ __global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, 
   const float var = part[0] / float(n);
   const float r = rsqrtf(var + eps);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    float o;
     if (offset) {
-      orow[j] = round_dt(xr[j] * r * (1.0f + w[j]), dt);
+      o = round_dt(xr[j] * r * (1.0f + w[j]), dt);
     } else {
       const float y = round_dt(xr[j] * r, dt);
-      orow[j] = round_dt(w[j] * y, dt);
+      o = round_dt(w[j] * y, dt);
     }
+    orow[j] = o;
+    if (st != nullptr) store_dt(st, dt, int64_t(blockIdx.x) * n + j, o);
   }
 }
 
@@ -132,7 +153,8 @@ __global__ void add_round_k(const float* a, const float* b, int64_t n, Dt dt, fl
 
 // torch's CUDA silu: x / (1 + exp(-x)); gelu(approximate="tanh"): 0.5 x (1 + tanh(kBeta (x +
 // kKappa x^3))) in fp32.
-__global__ void act_mul_k(const float* g, const float* u, int64_t n, int act, Dt dt, float* out) {
+__global__ void act_mul_k(const float* g, const float* u, int64_t n, int act, Dt dt, float* out,
+                          void* st) {
   FOR_EACH(i, n) {
     const float x = g[i];
     float f;
@@ -145,7 +167,9 @@ __global__ void act_mul_k(const float* g, const float* u, int64_t n, int act, Dt
       const float inner = kBeta * (x + kKappa * x * x * x);
       f = 0.5f * x * (1.0f + tanhf(inner));
     }
-    out[i] = round_dt(round_dt(f, dt) * u[i], dt);
+    const float y = round_dt(round_dt(f, dt) * u[i], dt);
+    out[i] = y;
+    if (st != nullptr) store_dt(st, dt, i, y);
   }
 }
 
@@ -339,38 +363,66 @@ __global__ void cache_append_k(const float* k, const float* v, int64_t kvd, cons
 }
 
 // One query (a decode step at position *pos) against the cached keys [lo, pos], lo = pos -
-// (window - 1) for a sliding-window layer (what transformers' cache keeps), else 0: one warp per
-// query head. Raw scores s_j = q.k_j in fp32 (a sequential sum over d: not cuBLAS's order, which
-// differs in the last bits before eager's rounding and in fused's fp32 scores), into S [heads,
-// sstride]; then eager: the steps and softmax of eager_softmax_k (torch's lane layout for a row
-// of L keys) and ctx = round(sum_j p_j v_j) in fp32, j ascending; or fused: the online softmax of
-// fused_softmax_pv_k, blocks of 128 keys. No mask is needed: every key read is visible.
-__global__ void decode_attention_k(const float* q, const void* kc, const void* vc, const float* vf,
-                                   const int64_t* pos, int64_t heads, int64_t kv_heads, int64_t D,
-                                   float scaling, float cap, int64_t window, int fused, Dt dt,
-                                   float* S, int64_t sstride, float* ctx) {
-  const int64_t h = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (h >= heads) return;
-  const int lane = threadIdx.x % 32;
+// (window - 1) for a sliding-window layer (what transformers' cache keeps), else 0: one block of
+// kDecodeWarps warps per query head, so that a step's few heads still spread over many SMs' worth
+// of threads (one warp per head cost ~1 us per cached key per step on Qwen3-4B). No mask is needed:
+// every key read is visible.
+//   scores  s_j = q.k_j in fp32, a warp per key (lanes over d, then a butterfly): not cuBLAS's
+//           order, which differs in the last bits before eager's rounding and fused's fp32 scores;
+//   eager   the score steps of eager_softmax_k, then its softmax in torch's lane layout for a row
+//           of L keys (one warp), p = round(exp(x - m) / sum);
+//   fused   FlashAttention-2's online softmax over blocks of 128 keys, each block's p rounded
+//           against the running max M_b as there; the rescaling f_b = 2^(M_{b-1} - M_b) that the
+//           online loop applies to everything before block b is folded into each key's weight
+//           (F_b = product of the later f), so that keys can be summed in any split;
+//   output  sum_j w_j v_j in fp32 over kDecodeWarps ordered partial sums; eager round(acc), fused
+//           round(acc * (1 / l)).
+constexpr int kDecodeWarps = 8;
+constexpr int kDecodeBlocks = 512;  // blocks of 128 keys: up to 65,536 cached positions
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int o = 16; o > 0; o /= 2) {
+    const float b = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, b) : v + b;
+  }
+  __syncthreads();  // red may still be read from the previous reduction
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = red[0];
+  for (int w = 1; w < kDecodeWarps; ++w) t = is_max ? fmaxf(t, red[w]) : t + red[w];
+  return t;
+}
+
+__global__ void __launch_bounds__(32 * kDecodeWarps)
+    decode_attention_k(const float* q, const void* kc, const void* vc, const float* vf,
+                       const int64_t* pos, int64_t heads, int64_t kv_heads, int64_t D,
+                       float scaling, float cap, int64_t window, int fused, Dt dt, float* S,
+                       int64_t sstride, float* ctx, void* cst) {
+  __shared__ float qs[32 * kMaxDPerLane];
+  __shared__ float part[kDecodeWarps][32 * kMaxDPerLane];
+  __shared__ float red[kDecodeWarps];
+  __shared__ float bscale[kDecodeBlocks];  // fused: M_b * log2(e) * scaling, then F_b
+  __shared__ float bfold[kDecodeBlocks];
+  __shared__ float stat[2];
+  const int64_t h = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nt = blockDim.x;
   const int64_t P = pos[0], lo = window > 0 && P - (window - 1) > 0 ? P - (window - 1) : 0;
   const int64_t L = P + 1 - lo, kvh = h / (heads / kv_heads), kvd = kv_heads * D;
-  const float* qh = q + h * D;
   float* s = S + h * sstride;
-  for (int64_t j = lane; j < L; j += 32) {
+  for (int64_t d = threadIdx.x; d < D; d += nt) qs[d] = q[h * D + d];
+  __syncthreads();
+  for (int64_t j = warp; j < L; j += kDecodeWarps) {
     const int64_t row = (lo + j) * kvd + kvh * D;
     float acc = 0.0f;
-    for (int64_t d = 0; d < D; ++d) acc += qh[d] * load_dt(kc, dt, row + d);
-    s[j] = acc;
+    for (int64_t d = lane; d < D; d += 32) acc += qs[d] * load_dt(kc, dt, row + d);
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) s[j] = acc;
   }
-  __syncwarp();
-  const int nd = int((D + 31) / 32);
-  float* o = ctx + h * D;
+  __syncthreads();
+  float l = 1.0f;
   if (!fused) {
-    int W = 1;
-    while (W < L && W < 32) W *= 2;
-    const bool active = lane < W;
-    float m = -kInf;
-    for (int64_t j = lane; active && j < L; j += W) {
+    for (int64_t j = threadIdx.x; j < L; j += nt) {
       float x = round_dt(round_dt(s[j], dt) * scaling, dt);
       if (cap > 0.0f) {
         x = round_dt(x / cap, dt);
@@ -378,70 +430,87 @@ __global__ void decode_attention_k(const float* q, const void* kc, const void* v
         x = round_dt(x * cap, dt);
       }
       s[j] = x;
-      m = m > x ? m : x;
     }
-    for (int o2 = W / 2; o2 > 0; o2 /= 2) {
-      const float b = __shfl_xor_sync(0xffffffffu, m, o2);
-      m = m < b ? b : m;
+    __syncthreads();
+    if (warp == 0) {
+      int W = 1;
+      while (W < L && W < 32) W *= 2;
+      const bool active = lane < W;
+      float m = -kInf;
+      for (int64_t j = lane; active && j < L; j += W) m = m > s[j] ? m : s[j];
+      for (int o2 = W / 2; o2 > 0; o2 /= 2) {
+        const float b = __shfl_xor_sync(0xffffffffu, m, o2);
+        m = m < b ? b : m;
+      }
+      float sum = 0.0f;
+      for (int64_t j = lane; active && j < L; j += W) sum += expf(s[j] - m);
+      for (int o2 = W / 2; o2 > 0; o2 /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
+      if (lane == 0) stat[0] = m, stat[1] = sum;
     }
-    float sum = 0.0f;
-    for (int64_t j = lane; active && j < L; j += W) sum += expf(s[j] - m);
-    for (int o2 = W / 2; o2 > 0; o2 /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
-    __syncwarp();
-    for (int64_t j = lane; active && j < L; j += W) s[j] = round_dt(expf(s[j] - m) / sum, dt);
-    __syncwarp();
-    for (int cd = 0; cd < nd; ++cd) {
-      const int64_t d = lane + 32 * cd;
-      if (d >= D) continue;
-      float acc = 0.0f;
-      for (int64_t j = 0; j < L; ++j) acc += s[j] * load_dt(vc, dt, (lo + j) * kvd + kvh * D + d);
-      o[d] = round_dt(acc, dt);
+    __syncthreads();
+    const float m = stat[0], sum = stat[1];
+    for (int64_t j = threadIdx.x; j < L; j += nt) s[j] = round_dt(expf(s[j] - m) / sum, dt);
+  } else {
+    const float scale_log2 = scaling * float(1.44269504088896340736) /* log2(e) */;
+    const int64_t nb = (L + 32 * kKeysPerLane - 1) / (32 * kKeysPerLane);
+    for (int64_t b = warp; b < nb; b += kDecodeWarps) {
+      float bmax = -kInf;
+      for (int c = 0; c < kKeysPerLane; ++c) {
+        const int64_t j = b * 32 * kKeysPerLane + c * 32 + lane;
+        bmax = fmaxf(bmax, j < L ? s[j] : -kInf);
+      }
+      for (int o2 = 16; o2 > 0; o2 /= 2) bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, o2));
+      if (lane == 0) bscale[b] = bmax;
     }
-    return;
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the running max and the online loop's rescaling, in block order
+      float m = -kInf;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float mnew = fmaxf(m, bscale[b]);
+        const float ms = mnew == -kInf ? 0.0f : mnew * scale_log2;
+        bfold[b] = m == -kInf ? 0.0f : ex2_approx(m * scale_log2 - ms);  // f_b
+        bscale[b] = ms;
+        m = mnew;
+      }
+      float F = 1.0f;  // F_b: the product of f over the blocks after b
+      for (int64_t b = nb - 1; b >= 0; --b) {
+        const float f = bfold[b];
+        bfold[b] = F;
+        F *= f;
+      }
+    }
+    __syncthreads();
+    float lsum = 0.0f;
+    for (int64_t j = threadIdx.x; j < L; j += nt) {
+      const int64_t b = j / (32 * kKeysPerLane);
+      const float e = ex2_approx(s[j] * scale_log2 - bscale[b]);
+      lsum += bfold[b] * e;
+      s[j] = bfold[b] * round_dt(e, dt);
+    }
+    l = block_reduce(lsum, false, red);
   }
-  const float scale_log2 = scaling * float(1.44269504088896340736) /* log2(e) */;
+  __syncthreads();
+  const int nd = int((D + 31) / 32);
   float acc[kMaxDPerLane];
   for (int c = 0; c < kMaxDPerLane; ++c) acc[c] = 0.0f;
-  float m = -kInf, l = 0.0f;
-  const int64_t i = L - 1;  // the query's column
-  for (int64_t b0 = 0; b0 <= i; b0 += 32 * kKeysPerLane) {
-    float sc[kKeysPerLane];
-    float bmax = -kInf;
-    for (int c = 0; c < kKeysPerLane; ++c) {
-      const int64_t j = b0 + c * 32 + lane;
-      sc[c] = j <= i ? s[j] : -kInf;
-      bmax = fmaxf(bmax, sc[c]);
+  const int64_t j0 = L * warp / kDecodeWarps, j1 = L * (warp + 1) / kDecodeWarps;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float w = s[j];
+    const int64_t row = (lo + j) * kvd + kvh * D;
+    for (int cd = 0; cd < nd; ++cd) {
+      const int64_t d = lane + 32 * cd;
+      if (d < D) acc[cd] += w * (fused ? vf[row + d] : load_dt(vc, dt, row + d));
     }
-    for (int o2 = 16; o2 > 0; o2 /= 2) bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, o2));
-    const float mnew = fmaxf(m, bmax);
-    const float ms = mnew == -kInf ? 0.0f : mnew * scale_log2;
-    const float f = m == -kInf ? 0.0f : ex2_approx(m * scale_log2 - ms);
-    l *= f;
-    for (int c = 0; c < nd; ++c) acc[c] *= f;
-    m = mnew;
-    float pr[kKeysPerLane];
-    for (int c = 0; c < kKeysPerLane; ++c) {
-      const float e = ex2_approx(sc[c] * scale_log2 - ms);
-      l += e;
-      pr[c] = round_dt(e, dt);
-    }
-    for (int c = 0; c < kKeysPerLane; ++c)
-      for (int src = 0; src < 32; ++src) {
-        const float pj = __shfl_sync(0xffffffffu, pr[c], src);
-        const int64_t j = b0 + c * 32 + src;
-        if (j > i) continue;  // uniform across the warp
-        const float* vj = vf + (lo + j) * kvd + kvh * D;
-        for (int cd = 0; cd < nd; ++cd) {
-          const int64_t d = lane + 32 * cd;
-          if (d < D) acc[cd] += pj * vj[d];
-        }
-      }
   }
-  for (int o2 = 16; o2 > 0; o2 /= 2) l += __shfl_xor_sync(0xffffffffu, l, o2);
+  for (int cd = 0; cd < nd; ++cd) part[warp][lane + 32 * cd] = acc[cd];
+  __syncthreads();
   const float inv = 1.0f / l;
-  for (int cd = 0; cd < nd; ++cd) {
-    const int64_t d = lane + 32 * cd;
-    if (d < D) o[d] = round_dt(acc[cd] * inv, dt);
+  for (int64_t d = threadIdx.x; d < D; d += nt) {
+    float t = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) t += part[w][d];
+    const float y = fused ? round_dt(t * inv, dt) : round_dt(t, dt);
+    ctx[h * D + d] = y;
+    if (cst != nullptr) store_dt(cst, dt, h * D + d, y);
   }
 }
 
@@ -452,6 +521,11 @@ void to_storage(const float* x, void* out, int64_t n, Dt dt) {
   check_launch("to_storage");
 }
 
+void convert(const void* src, Dt sdt, void* dst, Dt ddt, int64_t n) {
+  convert_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(src, sdt, dst, ddt, n);
+  check_launch("convert");
+}
+
 void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int64_t cols, Dt dt,
                 float* out) {
   bias_round_k<<<blocks_for(rows * cols, 256), 256, 0, g_stream>>>(c_in, ctype, bias, rows, cols,
@@ -459,10 +533,18 @@ void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int
   check_launch("bias_round");
 }
 
+void bias_round_many(const RoundSegments& segs, int64_t rows, Dt dt) {
+  int64_t total = 0;
+  for (int k = 0; k < segs.n; ++k) total += rows * segs.seg[k].cols;
+  bias_round_many_k<<<blocks_for(total, 256), 256, 0, g_stream>>>(segs, rows, dt);
+  check_launch("bias_round_many");
+}
+
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset, Dt dt,
-             float* out) {
+             float* out, void* storage) {
   if (rows == 0) return;
-  rmsnorm_k<<<unsigned(rows), n <= 128 ? 32 : 256, 0, g_stream>>>(x, n, w, eps, offset, dt, out);
+  rmsnorm_k<<<unsigned(rows), n <= 128 ? 32 : 256, 0, g_stream>>>(x, n, w, eps, offset, dt, out,
+                                                                  storage);
   check_launch("rmsnorm");
 }
 
@@ -478,8 +560,8 @@ void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out) {
   check_launch("add_round");
 }
 
-void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out) {
-  act_mul_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(g, u, n, act, dt, out);
+void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out, void* storage) {
+  act_mul_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(g, u, n, act, dt, out, storage);
   check_launch("act_mul");
 }
 
@@ -525,11 +607,14 @@ void cache_append(const float* k, const float* v, int64_t kvd, const int64_t* po
 void decode_attention(const float* q, const void* kc, const void* vc, const float* vf,
                       const int64_t* pos, int64_t heads, int64_t kv_heads, int64_t D, float scaling,
                       float cap, int64_t window, bool fused, Dt dt, float* S, int64_t sstride,
-                      float* ctx) {
+                      float* ctx, void* ctx_storage) {
   if (D > 32 * kMaxDPerLane) throw std::runtime_error("decode attention: head_dim above 256");
-  decode_attention_k<<<blocks_for(heads * 32, 128), 128, 0, g_stream>>>(
+  // The cache's capacity bounds every step's keys (the caller's sstride).
+  if (sstride > int64_t(kDecodeBlocks) * 32 * kKeysPerLane)
+    throw std::runtime_error("decode attention: more than 65,536 cached positions");
+  decode_attention_k<<<unsigned(heads), 32 * kDecodeWarps, 0, g_stream>>>(
       q, kc, vc, vf, pos, heads, kv_heads, D, scaling, cap, window, fused ? 1 : 0, dt, S, sstride,
-      ctx);
+      ctx, ctx_storage);
   check_launch("decode_attention");
 }
 

@@ -26,13 +26,30 @@ struct SiteStats {
 // out[i] = x[i] in the run dtype's storage (bf16/fp16 bits, or a copy for fp32); x holds values
 // already rounded, so the conversion is exact.
 void to_storage(const float* x, void* out, int64_t n, Dt dt);
+// dst[i] = src[i] cast from storage sdt to storage ddt (round to nearest even, inf past the range).
+void convert(const void* src, Dt sdt, void* dst, Dt ddt, int64_t n);
 // out[r, c] = round(float(c_in[r, c]) + bias[c]) (bias nullable); c_in in storage `ctype`.
 void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int64_t cols, Dt dt,
                 float* out);
+// bias_round of up to three products' outputs in one launch (q/k/v, gate/up of a decode step).
+struct RoundSegment {
+  const void* c_in;
+  Dt ctype;           // c_in's storage
+  const float* bias;  // nullable
+  float* out;
+  int64_t cols;
+};
+struct RoundSegments {
+  RoundSegment seg[3];
+  int n = 0;
+};
+void bias_round_many(const RoundSegments& segs, int64_t rows, Dt dt);
 // transformers' RMSNorm per row of n: y = round(x * rsqrt(mean(x^2) + eps)); out = round(w * y);
-// offset (Gemma): out = round(x * rsqrt(...) * (1 + w)). out may be x (in place).
+// offset (Gemma): out = round(x * rsqrt(...) * (1 + w)). out may be x (in place). storage
+// (nullable): out in the run dtype's storage too (to_storage's copy for the next product, in the
+// same launch: a decode step is some thousand small launches).
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset, Dt dt,
-             float* out);
+             float* out, void* storage = nullptr);
 // In place on x [rows, heads, head_dim]: the first rot dims of each head rotated with the table
 // row rowoff[r] + shift (tables [*, rot], values in the run dtype; shift: a decode step's
 // position times rot, so that one offset array serves every step):
@@ -42,8 +59,9 @@ void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, 
           const float* sin, const int64_t* rowoff, Dt dt, int64_t shift = 0,
           const int64_t* dpos = nullptr);
 void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out);
-// act = round(round(f(g)) * u), f = silu (act 0) or gelu-tanh (act 1).
-void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out);
+// act = round(round(f(g)) * u), f = silu (act 0) or gelu-tanh (act 1); storage as rmsnorm's.
+void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out,
+             void* storage = nullptr);
 // v = round(round(tanh(round(v / cap))) * cap).
 void softcap(float* v, int64_t n, float cap, Dt dt);
 // Statistics of n values: any non-finite, largest finite |value|.
@@ -80,11 +98,11 @@ void cache_append(const float* k, const float* v, int64_t kvd, const int64_t* po
                   void* vst, float* vf, Dt dt);
 // Its attention: q [heads * D] (fp32, rounded) against the cache rows [lo, *pos] (lo: the last
 // window - 1 before it for a sliding-window layer, else 0), eager or fused as the kernels above
-// compute them, with q.k in a plain fp32 sum (not cuBLAS's order). S: scratch [heads, sstride],
-// sstride >= the keys; ctx [heads * D], rounded.
+// compute them (kernels.cu says where the order of sums differs). S: scratch [heads, sstride],
+// sstride >= the keys; ctx [heads * D], rounded, and in storage into ctx_storage (nullable).
 void decode_attention(const float* q, const void* kc, const void* vc, const float* vf,
                       const int64_t* pos, int64_t heads, int64_t kv_heads, int64_t D, float scaling,
                       float cap, int64_t window, bool fused, Dt dt, float* S, int64_t sstride,
-                      float* ctx);
+                      float* ctx, void* ctx_storage = nullptr);
 
 }  // namespace nanscope::cuda
