@@ -32,6 +32,12 @@ bool env_on(const char* name) {
   return v != nullptr && *v != '\0' && std::string_view(v) != "0";
 }
 
+// For what is on by default: set to 0.
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string_view(v) == "0";
+}
+
 // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (tile state) enabled by
 // the OS; then Linux >= 5.16 must grant the process the tile data state (arch_prctl).
 bool detect_amx() {
@@ -106,7 +112,7 @@ Backend backend_from_environment() {
   }
   b.profile = env_on("NANSCOPE_PROFILE");
   b.cuda_gemm_f32_out = env_on("NANSCOPE_CUDA_GEMM_F32");
-  b.cuda_graph = env_on("NANSCOPE_CUDA_GRAPH");
+  b.cuda_graph = !env_off("NANSCOPE_CUDA_GRAPH");
   b.cuda_step_times = env_on("NANSCOPE_CUDA_STEP_TIMES");
   b.amx = env_on("NANSCOPE_NO_AMX")        ? AmxUse::Off
           : env_on("NANSCOPE_AMX_EMULATE") ? AmxUse::Emulated

@@ -41,7 +41,8 @@
 // | NANSCOPE_CUDA_GEMM_F32=1       | cuda_gemm_f32_out | --device cuda: products write fp32 and |
 // |                                |                   | round once after (default: the run     |
 // |                                |                   | dtype, as torch's cuBLAS calls)        |
-// | NANSCOPE_CUDA_GRAPH=1          | cuda_graph        | decode steps as one CUDA graph         |
+// | NANSCOPE_CUDA_GRAPH=0          | cuda_graph=false  | decode steps launched one by one, not  |
+// |                                |                   | replayed as one CUDA graph (default)   |
 // | NANSCOPE_CUDA_STEP_TIMES=1     | cuda_step_times   | per-step queue / total time on stderr  |
 // | ONEDNN_MAX_CPU_ISA (oneDNN's)  | onednn_amx=false  | when set, oneDNN's own cap decides;    |
 // |                                |                   | otherwise nanscope lets oneDNN 2.6 use |
@@ -126,7 +127,7 @@ struct Backend {
   // --device cuda: linear products write fp32 and are rounded after, instead of writing the run
   // dtype as torch's cuBLAS calls do (an experiment on the accumulation; NANSCOPE_CUDA_GEMM_F32).
   bool cuda_gemm_f32_out = false;
-  bool cuda_graph = false;       // the 1-token decode step replayed as a CUDA graph
+  bool cuda_graph = true;        // the 1-token decode step replayed as a CUDA graph
   bool cuda_step_times = false;  // each decode step's queueing and total time on stderr
   // Tests and experiments: every product this path can compute runs on it, whatever its number
   // of tokens (the bf16-only paths take bf16 runs only; other runs keep the usual choice).

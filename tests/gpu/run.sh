@@ -15,3 +15,6 @@ if ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
 fi
 nvidia-smi -L
 python3 tests/gpu/compare.py "$NS" "$GOLDENS" tests/fixtures/models "$WORK" "$WORK/report.json"
+# The decode steps launched one by one instead of replayed as a graph: the same tokens.
+NANSCOPE_CUDA_GRAPH=0 GPU_TEST_ONLY=generate python3 tests/gpu/compare.py "$NS" "$GOLDENS" \
+  tests/fixtures/models "$WORK-nograph" "$WORK/report-nograph.json"

@@ -559,7 +559,9 @@ TEST(Backend, EnvironmentTable) {
   EXPECT_EQ(dec.prefetch, 0);
   EXPECT_EQ(with({{"NANSCOPE_DECODE", "3,64"}}).decode.rows, 4);  // 2, 4 or 8 rows only
   EXPECT_EQ(with({{"NANSCOPE_DECODE", "8"}}).decode.rows, 4);     // both numbers or neither
-  EXPECT_FALSE(d.cuda_gemm_f32_out || d.cuda_graph || d.cuda_step_times);
+  EXPECT_FALSE(d.cuda_gemm_f32_out || d.cuda_step_times);
+  EXPECT_TRUE(d.cuda_graph);
+  EXPECT_FALSE(with({{"NANSCOPE_CUDA_GRAPH", "0"}}).cuda_graph);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_GEMM_F32", "1"}}).cuda_gemm_f32_out);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_GRAPH", "1"}}).cuda_graph);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_STEP_TIMES", "1"}}).cuda_step_times);
