@@ -87,28 +87,9 @@ class DevBuf {
   size_t bytes_ = 0;
 };
 
-// Page-locked host memory: hidden states come back through it at the copy engine's full rate.
-class PinnedBuf {
- public:
-  explicit PinnedBuf(size_t n) : n_(n) {
-    if (n > 0)
-      check(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(float)), "cudaMallocHost");
-  }
-  ~PinnedBuf() {
-    if (p_ != nullptr) cudaFreeHost(p_);
-  }
-  PinnedBuf(const PinnedBuf&) = delete;
-  PinnedBuf& operator=(const PinnedBuf&) = delete;
-  float* data() const { return p_; }
-  size_t size() const { return n_; }
-
- private:
-  float* p_ = nullptr;
-  size_t n_ = 0;
-};
-
 // Page-locked host bytes: sources of copies that must not wait for the GPU (cudaMemcpyAsync
-// from pageable memory is staged synchronously).
+// from pageable memory is staged synchronously), and hidden states coming back at the copy
+// engine's full rate.
 class PinnedBytes {
  public:
   PinnedBytes() = default;
@@ -127,6 +108,7 @@ class PinnedBytes {
   PinnedBytes(const PinnedBytes&) = delete;
   PinnedBytes& operator=(const PinnedBytes&) = delete;
   void* get() const { return p_; }
+  float* f() const { return static_cast<float*>(p_); }
 
  private:
   void* p_ = nullptr;
@@ -350,7 +332,8 @@ class Pass {
         dm_(*dm_keep_),
         cache_(cache),
         host_(static_cast<size_t>(std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) *
-                                  spec.hidden)) {
+                                  spec.hidden) *
+              sizeof(float)) {
     for (int64_t len : lengths) {
       segs_.push_back({T_, len});
       T_ += len;
@@ -589,10 +572,10 @@ class Pass {
           g_.f()},
          {n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, w.up, w.up_bias, u_.f()}});
     cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f(),
-                  dt_ == Dt::F32 ? nullptr : xs_.get());
+                  staged_out());
     site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
-    linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj,
-           dt_ == Dt::F32 ? act_.get() : xs_.get(), T_, w.down, w.down_bias, out);
+    linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj, product_input(act_),
+           T_, w.down, w.down_bias, out);
   }
 
   // xs: the input [T, H] in the run dtype's storage (norm_staged).
@@ -622,9 +605,8 @@ class Pass {
       cuda::decode_attention(q_.f(), cache_->k[size_t(l)].get(), cache_->v[size_t(l)].get(),
                              cache_->vf[size_t(l)].f(), dpos, a.heads, a.kv_heads, D, a.scaling,
                              a.softcap.value_or(0.0f), a.window, att_ == AttentionProfile::Fused,
-                             dt_, S_.f(), max_keys_, ctx_.f(),
-                             dt_ == Dt::F32 ? nullptr : xs_.get());
-      linear(l, n.o_proj, dt_ == Dt::F32 ? ctx_.get() : xs_.get(), T_, w.o, w.o_bias, out);
+                             dt_, S_.f(), max_keys_, ctx_.f(), staged_out());
+      linear(l, n.o_proj, product_input(ctx_), T_, w.o, w.o_bias, out);
       return;
     }
     if (cache_) {  // this pass's keys and values join the cache at rows [P, P + T)
@@ -830,27 +812,24 @@ class Pass {
   // out[rows, W.rows] = round(x @ W^T (+ bias)); x in storage (stage).
   void linear(int64_t l, const std::string& module, const void* x, int64_t rows, const DevMat& w,
               const DevVec& bias, float* out) {
-    const float one = 1.0f, zero = 0.0f;
-    const cudaDataType_t t = cuda_type(dt_);
-    const bool f32 = f32_out_ || !bias.empty();
-    void* c = f32 ? static_cast<void*>(out) : cs_.get();
-    check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.rows), int(rows), int(w.cols), &one,
-                       w.buf.get(), t, int(w.cols), x, t, int(w.cols), &zero, c,
-                       f32 ? CUDA_R_32F : t, int(w.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-          "linear");
-    cuda::bias_round(c, f32 ? Dt::F32 : dt_, bias.data(), rows, w.rows, dt_, out);
-    site(l, module, out, {rows, w.rows});
+    linear_many(l, x, rows, {{module, w, bias, out}});
+  }
+
+  // Where a kernel also writes its output in the run dtype's storage for the next product (xs_);
+  // null in fp32 runs, whose products read the fp32 output itself (product_input).
+  void* staged_out() const { return dt_ == Dt::F32 ? nullptr : xs_.get(); }
+  const void* product_input(const DevBuf& f32) const {
+    return dt_ == Dt::F32 ? f32.get() : xs_.get();
   }
 
   // A norm over rows of H whose output is a product's input: out, and its copy in the run
   // dtype's storage (xs_) from the same launch. Returns the product's input (out itself in fp32).
   const void* norm_staged(int64_t l, const std::string& module, const float* x, const DevVec& w,
                           float* out) {
-    const bool f32 = dt_ == Dt::F32;
     cuda::rmsnorm(x, T_, H_, w.data(), float(spec_.eps), spec_.norm == NormKind::RmsOffset, dt_,
-                  out, f32 ? nullptr : xs_.get());
+                  out, staged_out());
     site(l, module, out, {T_, H_});
-    return f32 ? static_cast<const void*>(out) : xs_.get();
+    return dt_ == Dt::F32 ? static_cast<const void*>(out) : xs_.get();
   }
 
   void norm(int64_t l, const std::string& module, const float* x, const DevVec& w, int64_t n,
@@ -929,9 +908,9 @@ class Pass {
 
   void hidden(int64_t index, const float* d) {
     if (obs_ == nullptr) return;
-    check(cudaMemcpy(host_.data(), d, size_t(T_ * H_) * sizeof(float), cudaMemcpyDeviceToHost),
+    check(cudaMemcpy(host_.f(), d, size_t(T_ * H_) * sizeof(float), cudaMemcpyDeviceToHost),
           "hidden state download");
-    obs_->hidden_state(index, std::span<const float>(host_.data(), size_t(T_ * H_)), T_, H_);
+    obs_->hidden_state(index, std::span<const float>(host_.f(), size_t(T_ * H_)), T_, H_);
     if (obs_->done()) throw Stop{};
   }
 
@@ -1046,7 +1025,7 @@ class Pass {
   DevBuf S_, P_, Ps_, ptrs_, stats_;
   std::vector<Chunk> chunks_;
   std::map<int, Rope> ropes_;
-  PinnedBuf host_;  // one hidden state [T, H]
+  PinnedBytes host_;  // one hidden state [T, H]
 };
 
 void check_supported(const ModelSpec& spec) {

@@ -204,6 +204,40 @@ __device__ __forceinline__ bool masked_key(int64_t i, int64_t j, int64_t window)
   return j > i || (window > 0 && j <= i - window);
 }
 
+// eager_attention_forward's steps on a raw score before the mask: s = round(round(s) * scaling);
+// soft-capping (Gemma 2) s = round(round(tanh(round(s / cap))) * cap).
+__device__ __forceinline__ float eager_score(float raw, float scaling, float cap, Dt dt) {
+  float x = round_dt(round_dt(raw, dt) * scaling, dt);
+  if (cap > 0.0f) {
+    x = round_dt(x / cap, dt);
+    x = round_dt(tanhf(x), dt);
+    x = round_dt(x * cap, dt);
+  }
+  return x;
+}
+
+// torch's softmax lanes for a row of L values: W = min(next_pow2(L), 32).
+__device__ __forceinline__ int torch_softmax_lanes(int64_t L) {
+  int W = 1;
+  while (W < L && W < 32) W *= 2;
+  return W;
+}
+
+// The max and the sum of torch's softmax for a row of L values s (PersistentSoftmax.cuh's lane
+// layout, see eager_softmax_k): m is this lane's max over its elements j = lane, lane + W, ...;
+// returns {row max, sum of exp(s_j - max)}, the same on every lane of the warp.
+__device__ __forceinline__ float2 torch_softmax_stats(float m, const float* s, int64_t L, int W,
+                                                      int lane) {
+  for (int o = W / 2; o > 0; o /= 2) {
+    const float b = __shfl_xor_sync(0xffffffffu, m, o);
+    m = m < b ? b : m;
+  }
+  float sum = 0.0f;
+  for (int64_t j = lane; lane < W && j < L; j += W) sum += expf(s[j] - m);
+  for (int o = W / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  return make_float2(m, sum);
+}
+
 // One warp per score row. torch's softmax for rows up to 1024 (PersistentSoftmax.cuh) gives each
 // row a group of W = min(next_pow2(T), 32) lanes, element j to lane j % W, a sequential sum per
 // lane and then a butterfly over the W lanes, and divides exp(x - max) by the sum: the same here.
@@ -216,8 +250,7 @@ __global__ void eager_softmax_k(float* S, float* P, void* pstore, int64_t nmat, 
   const int64_t i = c0 + row % Tq;  // the query's own column among the T keys
   float* s = S + row * T;
   float* p = P + row * T;
-  int W = 1;
-  while (W < T && W < 32) W *= 2;
+  const int W = torch_softmax_lanes(T);
   const bool active = lane < W;
   float m = -kInf;
   bool bad = false;
@@ -226,12 +259,7 @@ __global__ void eager_softmax_k(float* S, float* P, void* pstore, int64_t nmat, 
     const float raw = s[j];
     const bool hidden = masked_key(i, j, window);
     if (!hidden && isfinite(raw)) peak = fmaxf(peak, fabsf(raw));
-    float x = round_dt(round_dt(raw, dt) * scaling, dt);
-    if (cap > 0.0f) {
-      x = round_dt(x / cap, dt);
-      x = round_dt(tanhf(x), dt);
-      x = round_dt(x * cap, dt);
-    }
+    float x = eager_score(raw, scaling, cap, dt);
     if (hidden) x = round_dt(x + mask, dt);
     if (hidden ? (isnan(x) || x == kInf) : !isfinite(x)) bad = true;
     s[j] = x;
@@ -245,13 +273,9 @@ __global__ void eager_softmax_k(float* S, float* P, void* pstore, int64_t nmat, 
       if (bad) atomicOr(&st->nonfinite, 1u);
     }
   }
-  for (int o = W / 2; o > 0; o /= 2) {
-    const float b = __shfl_xor_sync(0xffffffffu, m, o);
-    m = m < b ? b : m;
-  }
-  float sum = 0.0f;
-  for (int64_t j = lane; active && j < T; j += W) sum += expf(s[j] - m);
-  for (int o = W / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float2 ms = torch_softmax_stats(m, s, T, W, lane);
+  m = ms.x;
+  const float sum = ms.y;
   for (int64_t j = lane; active && j < T; j += W) {
     const float y = round_dt(expf(s[j] - m) / sum, dt);
     p[j] = y;
@@ -422,30 +446,15 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
   __syncthreads();
   float l = 1.0f;
   if (!fused) {
-    for (int64_t j = threadIdx.x; j < L; j += nt) {
-      float x = round_dt(round_dt(s[j], dt) * scaling, dt);
-      if (cap > 0.0f) {
-        x = round_dt(x / cap, dt);
-        x = round_dt(tanhf(x), dt);
-        x = round_dt(x * cap, dt);
-      }
-      s[j] = x;
-    }
+    for (int64_t j = threadIdx.x; j < L; j += nt) s[j] = eager_score(s[j], scaling, cap, dt);
     __syncthreads();
     if (warp == 0) {
-      int W = 1;
-      while (W < L && W < 32) W *= 2;
+      const int W = torch_softmax_lanes(L);
       const bool active = lane < W;
       float m = -kInf;
       for (int64_t j = lane; active && j < L; j += W) m = m > s[j] ? m : s[j];
-      for (int o2 = W / 2; o2 > 0; o2 /= 2) {
-        const float b = __shfl_xor_sync(0xffffffffu, m, o2);
-        m = m < b ? b : m;
-      }
-      float sum = 0.0f;
-      for (int64_t j = lane; active && j < L; j += W) sum += expf(s[j] - m);
-      for (int o2 = W / 2; o2 > 0; o2 /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
-      if (lane == 0) stat[0] = m, stat[1] = sum;
+      const float2 ms = torch_softmax_stats(m, s, L, W, lane);
+      if (lane == 0) stat[0] = ms.x, stat[1] = ms.y;
     }
     __syncthreads();
     const float m = stat[0], sum = stat[1];
