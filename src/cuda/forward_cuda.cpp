@@ -24,6 +24,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "common/error.hpp"
 #include "common/interrupt_check.hpp"
@@ -651,38 +652,57 @@ class Pass {
     const size_t lo = size_t(cache_ ? key_lo(a) * kvd : 0) * eb;
     const char* kb = static_cast<const char*>(cache_ ? cache_->k[size_t(l)].get() : ks_.get()) + lo;
     const char* vb = static_cast<const char*>(cache_ ? cache_->v[size_t(l)].get() : vs_.get()) + lo;
-    std::vector<const void*> ptrs(size_t(6 * nmat));
-    std::vector<int64_t> offs;
-    for (size_t si = 0; si < c.segs.size(); ++si) {
-      const Seg& g = segs_[size_t(c.segs[si])];
-      const int64_t koff = cache_ ? 0 : g.off;  // the cache holds this one sequence only
-      offs.push_back(g.off);
-      for (int64_t h = 0; h < a.heads; ++h) {
-        const size_t mat = si * size_t(a.heads) + size_t(h), n = size_t(nmat);
-        const int64_t kvh = h / rep;
-        ptrs[mat] = kb + size_t(koff * kvd + kvh * D) * eb;
-        ptrs[n + mat] = qb + size_t(g.off * qd + h * D) * eb;
-        ptrs[2 * n + mat] = S_.f() + int64_t(mat) * Tq * Tk;
-        ptrs[3 * n + mat] = vb + size_t(koff * kvd + kvh * D) * eb;
-        ptrs[4 * n + mat] = Ps_.get() == nullptr  // eager only
-                                ? nullptr
-                                : static_cast<const char*>(Ps_.get()) + mat * size_t(Tq * Tk) * eb;
-        ptrs[5 * n + mat] = ctx_.f() + g.off * qd + h * D;
+    const auto arrays = [&](std::vector<const void*>& ptrs, std::vector<int64_t>& offs) {
+      ptrs.resize(size_t(6 * nmat));
+      for (size_t si = 0; si < c.segs.size(); ++si) {
+        const Seg& g = segs_[size_t(c.segs[si])];
+        const int64_t koff = cache_ ? 0 : g.off;  // the cache holds this one sequence only
+        offs.push_back(g.off);
+        for (int64_t h = 0; h < a.heads; ++h) {
+          const size_t mat = si * size_t(a.heads) + size_t(h), n = size_t(nmat);
+          const int64_t kvh = h / rep;
+          ptrs[mat] = kb + size_t(koff * kvd + kvh * D) * eb;
+          ptrs[n + mat] = qb + size_t(g.off * qd + h * D) * eb;
+          ptrs[2 * n + mat] = S_.f() + int64_t(mat) * Tq * Tk;
+          ptrs[3 * n + mat] = vb + size_t(koff * kvd + kvh * D) * eb;
+          ptrs[4 * n + mat] =
+              Ps_.get() == nullptr  // eager only
+                  ? nullptr
+                  : static_cast<const char*>(Ps_.get()) + mat * size_t(Tq * Tk) * eb;
+          ptrs[5 * n + mat] = ctx_.f() + g.off * qd + h * D;
+        }
       }
-    }
-    const size_t pbytes = ptrs.size() * sizeof(void*), obytes = offs.size() * sizeof(int64_t);
-    char* dev = static_cast<char*>(ptrs_.get());
+    };
+    std::vector<const void*> ptrs;
+    std::vector<int64_t> offs;
+    char* dev = nullptr;
     if (cache_) {
       // One region per layer, copied from page-locked memory without waiting for the GPU: the
       // host region is rewritten only at the next pass, after this one's final download.
-      dev += size_t(l) * ptr_region_;
+      arrays(ptrs, offs);
+      const size_t pbytes = ptrs.size() * sizeof(void*), obytes = offs.size() * sizeof(int64_t);
+      dev = static_cast<char*>(ptrs_.get()) + size_t(l) * ptr_region_;
       char* host = static_cast<char*>(ptrs_host_.get()) + size_t(l) * ptr_region_;
       std::memcpy(host, ptrs.data(), pbytes);
       std::memcpy(host + pbytes, offs.data(), obytes);
       check(cudaMemcpyAsync(dev, host, pbytes + obytes, cudaMemcpyHostToDevice), "upload");
     } else {
-      check(cudaMemcpy(dev, ptrs.data(), pbytes, cudaMemcpyHostToDevice), "upload");
-      check(cudaMemcpy(dev + pbytes, offs.data(), obytes, cudaMemcpyHostToDevice), "upload");
+      // Without a cache they depend on the chunk and the layer's head counts only (the buffers
+      // are the pass's): uploaded at the first layer, not at each (a pass of many lengths
+      // waited for a synchronous copy per chunk and layer).
+      const auto key = std::make_tuple(size_t(&c - chunks_.data()), a.heads, a.kv_heads, D);
+      auto it = chunk_ptrs_.find(key);
+      if (it == chunk_ptrs_.end()) {
+        arrays(ptrs, offs);
+        const size_t pbytes = ptrs.size() * sizeof(void*), obytes = offs.size() * sizeof(int64_t);
+        DevBuf b(pbytes + obytes);
+        check(cudaMemcpy(b.get(), ptrs.data(), pbytes, cudaMemcpyHostToDevice), "upload");
+        check(cudaMemcpy(static_cast<char*>(b.get()) + pbytes, offs.data(), obytes,
+                         cudaMemcpyHostToDevice),
+              "upload");
+        it = chunk_ptrs_.emplace(key, std::move(b)).first;
+      }
+      dev = static_cast<char*>(it->second.get());
     }
     const void* const* dp = reinterpret_cast<const void* const*>(dev);
     const float one = 1.0f, zero = 0.0f;
@@ -906,12 +926,52 @@ class Pass {
     if (obs_->done()) throw Stop{};
   }
 
+  // State `index` to the observer: only if it wants it, and reduced here per sequence where it
+  // asks for pools (then [sequences, H] per pool comes back instead of [T, H]).
   void hidden(int64_t index, const float* d) {
     if (obs_ == nullptr) return;
-    check(cudaMemcpy(host_.f(), d, size_t(T_ * H_) * sizeof(float), cudaMemcpyDeviceToHost),
-          "hidden state download");
-    obs_->hidden_state(index, std::span<const float>(host_.f(), size_t(T_ * H_)), T_, H_);
+    if (obs_->wants_state(index)) {
+      const std::span<const Pool> pools = obs_->pools();
+      if (pools.empty()) {
+        check(cudaMemcpy(host_.f(), d, size_t(T_ * H_) * sizeof(float), cudaMemcpyDeviceToHost),
+              "hidden state download");
+        obs_->hidden_state(index, std::span<const float>(host_.f(), size_t(T_ * H_)), T_, H_);
+      } else {
+        pooled(index, d, pools);
+      }
+    }
     if (obs_->done()) throw Stop{};
+  }
+
+  void pooled(int64_t index, const float* d, std::span<const Pool> pools) {
+    const size_t S = segs_.size(), rows = S * size_t(H_) * sizeof(float);
+    if (pool_seg_.get() == nullptr) {  // the sequences' rows, once per pass
+      std::vector<int64_t> ol(2 * S);
+      for (size_t i = 0; i < S; ++i) ol[i] = segs_[i].off, ol[S + i] = segs_[i].len;
+      pool_seg_ = DevBuf(ol.size() * sizeof(int64_t));
+      check(cudaMemcpy(pool_seg_.get(), ol.data(), ol.size() * sizeof(int64_t),
+                       cudaMemcpyHostToDevice),
+            "upload");
+      pool_out_ = DevBuf(rows + S * sizeof(unsigned));
+      pool_host_ = PinnedBytes(rows + S * sizeof(unsigned));
+    }
+    const auto* seg = static_cast<const int64_t*>(pool_seg_.get());
+    auto* bad = reinterpret_cast<unsigned*>(static_cast<char*>(pool_out_.get()) + rows);
+    std::vector<uint8_t> finite(S);
+    for (size_t k = 0; k < pools.size(); ++k) {
+      if (pools[k] == Pool::None) throw std::logic_error("forward_cuda: Pool::None");
+      check(cudaMemsetAsync(bad, 0, S * sizeof(unsigned), nullptr), "memset");
+      cuda::pool_states(d, seg, seg + S, int64_t(S), H_, pools[k] == Pool::Mean, pool_out_.f(),
+                        bad);
+      check(cudaMemcpy(pool_host_.get(), pool_out_.get(), rows + S * sizeof(unsigned),
+                       cudaMemcpyDeviceToHost),
+            "pooled state download");
+      const auto* hb = reinterpret_cast<const unsigned*>(static_cast<const char*>(pool_host_.get()) + rows);
+      for (size_t i = 0; i < S; ++i) finite[i] = hb[i] == 0 ? 1 : 0;
+      obs_->hidden_state_pooled(index, pools[k],
+                                std::span<const float>(pool_host_.f(), S * size_t(H_)), finite,
+                                H_);
+    }
   }
 
   // ---- set-up ----
@@ -991,8 +1051,6 @@ class Pass {
       const size_t layers = spec_.layers.size();
       ptrs_ = DevBuf(layers * ptr_region_);
       ptrs_host_ = PinnedBytes(layers * ptr_region_);
-    } else {
-      ptrs_ = DevBuf(ptr_region_);
     }
   }
 
@@ -1024,8 +1082,11 @@ class Pass {
   DevBuf xs_, cs_, qs_, ks_, vs_;                              // run-dtype storage
   DevBuf S_, P_, Ps_, ptrs_, stats_;
   std::vector<Chunk> chunks_;
+  std::map<std::tuple<size_t, int64_t, int64_t, int64_t>, DevBuf> chunk_ptrs_;  // chunk_scores
   std::map<int, Rope> ropes_;
   PinnedBytes host_;  // one hidden state [T, H]
+  DevBuf pool_seg_, pool_out_;  // pooled(): the sequences' offsets and lengths; rows + flags
+  PinnedBytes pool_host_;
 };
 
 void check_supported(const ModelSpec& spec) {

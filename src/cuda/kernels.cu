@@ -574,6 +574,36 @@ void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* o
   check_launch("act_mul");
 }
 
+// A thread per column of one sequence: its positions in order, as pool_state (tools/hidden.cpp)
+// adds them on the host, so that the GPU's pooled state is the host's pooling of the GPU's state
+// bit for bit (IEEE adds and division: nvcc's defaults, no contraction possible here).
+__global__ void pool_states_k(const float* x, const int64_t* off, const int64_t* len, int64_t H,
+                              bool mean, float* out, unsigned int* nonfinite) {
+  const int64_t s = blockIdx.y, c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= H) return;
+  const float* p = x + off[s] * H + c;
+  const int64_t T = len[s];
+  float sum = 0.0f;
+  bool bad = false;
+  for (int64_t t = 0; t < T; ++t) {
+    const float v = p[t * H];
+    bad |= !isfinite(v);
+    sum = __fadd_rn(sum, v);
+  }
+  out[s * H + c] = mean ? __fdiv_rn(sum, float(T)) : p[(T - 1) * H];
+  if (bad) atomicOr(&nonfinite[s], 1u);
+}
+
+void pool_states(const float* x, const int64_t* off, const int64_t* len, int64_t seqs, int64_t H,
+                 bool mean, float* out, unsigned int* nonfinite) {
+  for (int64_t s0 = 0; s0 < seqs; s0 += 65535) {  // gridDim.y's limit
+    const dim3 grid(unsigned((H + 127) / 128), unsigned(std::min<int64_t>(65535, seqs - s0)));
+    pool_states_k<<<grid, 128, 0, g_stream>>>(x, off + s0, len + s0, H, mean, out + s0 * H,
+                                              nonfinite + s0);
+    check_launch("pool_states");
+  }
+}
+
 void softcap(float* v, int64_t n, float cap, Dt dt) {
   softcap_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(v, n, cap, dt);
   check_launch("softcap");

@@ -67,6 +67,12 @@ void softcap(float* v, int64_t n, float cap, Dt dt);
 // Statistics of n values: any non-finite, largest finite |value|.
 void site_stats(const float* v, int64_t n, SiteStats* st);
 
+// hidden --pool on the GPU: out[s] = the last row of sequence s (rows [off[s], off[s] + len[s])
+// of x [*, H]) or its mean (an fp32 sum over the rows in order, divided by len[s]);
+// nonfinite[s] |= 1 where any element of the sequence's rows is not finite (zero it first).
+void pool_states(const float* x, const int64_t* off, const int64_t* len, int64_t seqs, int64_t H,
+                 bool mean, float* out, unsigned int* nonfinite);
+
 // Eager attention's elementwise steps and softmax on nmat score matrices [Tq, T] (Tq queries,
 // T keys; query r sits at key column c0 + r: 0 without a cache, the cached keys before it with
 // one): S holds q.k^T in fp32 on entry; on return round(round(round(S) * scaling) [softcap] +

@@ -32,6 +32,7 @@
 #include "numerics/kernels.hpp"
 #include "numerics/parallel.hpp"
 #include "numerics/profile.hpp"
+#include "numerics/stats.hpp"
 
 namespace nanscope {
 
@@ -57,12 +58,6 @@ double finite_abs_max(std::span<const float> v) {
   for (float f : v)
     if (std::isfinite(f)) m = std::max(m, double(std::fabs(f)));
   return m;
-}
-
-bool all_finite(std::span<const float> v) {
-  for (float f : v)
-    if (!std::isfinite(f)) return false;
-  return true;
 }
 
 // One sequence of a batch: rows [off, off + len) of every activation.

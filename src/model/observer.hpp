@@ -33,6 +33,10 @@
 
 namespace nanscope {
 
+// How a hidden state is reduced per sequence (`hidden --pool`): the state [T, H] itself, its last
+// row, or h.float().mean(dim=1) (an fp32 sum over the positions in order, divided by T).
+enum class Pool { None, Last, Mean };
+
 struct SiteView {
   int64_t layer = -1;     // -1 for model.embed_tokens, model.norm, lm_head
   std::string_view name;  // full site name, "model.layers.3.self_attn.scores"
@@ -56,6 +60,22 @@ class Observer {
   // [i] the output of layer i-1 for i < N, [N] after the final norm. values is [T, H].
   virtual void hidden_state(int64_t index, std::span<const float> values, int64_t T, int64_t H) {
     (void)index, (void)values, (void)T, (void)H;
+  }
+  // Whether state `index` is wanted at all: a backend whose states live elsewhere (the GPU)
+  // brings back only those.
+  virtual bool wants_state(int64_t index) const {
+    (void)index;
+    return true;
+  }
+  // The reductions wanted per sequence (none: the whole state). A backend that can reduce where
+  // the states are (the GPU) calls hidden_state_pooled for each of them, in this order, instead
+  // of hidden_state; the CPU backend calls hidden_state and the observer reduces.
+  virtual std::span<const Pool> pools() const { return {}; }
+  // rows [sequences, H]: the reduction `pool` of state `index` of each sequence of the pass;
+  // state_finite[s]: whether every element of sequence s's whole state is finite.
+  virtual void hidden_state_pooled(int64_t index, Pool pool, std::span<const float> rows,
+                                   std::span<const uint8_t> state_finite, int64_t H) {
+    (void)index, (void)pool, (void)rows, (void)state_finite, (void)H;
   }
   // Checked after every site: returning true ends the forward pass early (the fp32 shadow
   // pass stops once it has seen the site it is looking for).

@@ -21,6 +21,7 @@
 #include "model/weights.hpp"
 #include "numerics/elementwise.hpp"
 #include "numerics/kernels.hpp"
+#include "numerics/stats.hpp"
 
 namespace nanscope {
 namespace {
@@ -39,10 +40,6 @@ float dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
   for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
   return s;
-}
-
-bool all_finite(const Vec& v) {
-  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
 }
 
 double peak_abs(const Vec& v) {

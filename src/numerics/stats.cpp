@@ -22,6 +22,12 @@ void ValueStats::merge(const ValueStats& o) {
   }
 }
 
+bool all_finite(std::span<const float> x) {
+  for (float f : x)
+    if (!std::isfinite(f)) return false;
+  return true;
+}
+
 namespace {
 
 // The loops work on bit patterns: for IEEE formats the magnitude bits order the same way as the

@@ -33,4 +33,7 @@ ValueStats value_stats(std::span<const float> x);
 // Plain scalar version the fast one is tested against.
 ValueStats value_stats_reference(const std::byte* p, size_t n, DType t);
 
+// Whether every value is finite (stops at the first that is not).
+bool all_finite(std::span<const float> x);
+
 }  // namespace nanscope

@@ -19,6 +19,7 @@
 #include "numerics/backend.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
+#include "numerics/stats.hpp"
 
 namespace nanscope {
 
@@ -51,10 +52,6 @@ int64_t argmax(const std::vector<float>& v) {
   for (size_t i = 1; i < v.size(); ++i)
     if (v[i] > v[size_t(best)]) best = int64_t(i);
   return best;
-}
-
-bool all_finite(const std::vector<float>& v) {
-  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
 }
 
 // transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit divided by the penalty

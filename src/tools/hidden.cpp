@@ -27,6 +27,7 @@
 #include "model/arch.hpp"
 #include "numerics/kernels.hpp"
 #include "tools/trace.hpp"
+#include "numerics/stats.hpp"
 
 namespace nanscope {
 
@@ -72,29 +73,53 @@ std::vector<float> input_embeddings(const Checkpoint& ck, const HiddenInput& in,
 
 namespace {
 
-// Hands each state asked for to the sink, input by input, as the batch's pass computes it.
+// Hands each state asked for to the sink, input by input, as the batch's pass computes it:
+// whole (no pools), or reduced per input for each pool (pooled_sink), by the GPU where the pass
+// runs there (hidden_state_pooled), else here from the whole state.
 class BatchObserver : public Observer {
  public:
   BatchObserver(std::span<const int64_t> layers, std::span<const int64_t> lengths,
                 const StateSink& sink)
-      : layers_(layers), lengths_(lengths), sink_(sink) {}
+      : layers_(layers), lengths_(lengths), sink_(&sink) {}
+  BatchObserver(std::span<const int64_t> layers, std::span<const int64_t> lengths,
+                std::span<const Pool> pools, const PooledSink& sink)
+      : layers_(layers), lengths_(lengths), pools_(pools), pooled_(&sink) {}
   void hidden_state(int64_t index, std::span<const float> v, int64_t T, int64_t H) override {
     (void)T;
-    if (std::binary_search(layers_.begin(), layers_.end(), index)) {
+    if (wants_state(index)) {
       int64_t off = 0;
       for (size_t b = 0; b < lengths_.size(); ++b) {
-        sink_(b, index, v.subspan(size_t(off * H), size_t(lengths_[b] * H)));
+        const std::span<const float> st = v.subspan(size_t(off * H), size_t(lengths_[b] * H));
+        if (pooled_ == nullptr) {
+          (*sink_)(b, index, st);
+        } else {
+          const bool finite = all_finite(st);
+          for (Pool p : pools_) (*pooled_)(b, index, p, pool_state(st, lengths_[b], H, p), finite);
+        }
         off += lengths_[b];
       }
     }
     finished_ = index >= layers_.back();
   }
+  void hidden_state_pooled(int64_t index, Pool pool, std::span<const float> rows,
+                           std::span<const uint8_t> finite, int64_t H) override {
+    if (wants_state(index))
+      for (size_t b = 0; b < lengths_.size(); ++b)
+        (*pooled_)(b, index, pool, rows.subspan(b * size_t(H), size_t(H)), finite[b] != 0);
+    finished_ = index >= layers_.back();
+  }
+  bool wants_state(int64_t index) const override {
+    return std::binary_search(layers_.begin(), layers_.end(), index);
+  }
+  std::span<const Pool> pools() const override { return pools_; }
   bool done() const override { return finished_; }
   bool wants_sites() const override { return false; }
 
  private:
   std::span<const int64_t> layers_, lengths_;
-  const StateSink& sink_;
+  std::span<const Pool> pools_;
+  const StateSink* sink_ = nullptr;
+  const PooledSink* pooled_ = nullptr;
   bool finished_ = false;
 };
 
@@ -160,6 +185,24 @@ void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* cons
     lengths.push_back(in->tokens());
   }
   BatchObserver obs(wanted, lengths, sink);
+  forward_batch(ck, embeddings, lengths, fwd, &obs);
+}
+
+void hidden_states_pooled(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
+                          const ForwardOptions& fwd, std::span<const int64_t> layers,
+                          std::span<const Pool> pools, const PooledSink& sink) {
+  if (inputs.empty()) return;
+  for (Pool p : pools)
+    if (p == Pool::None) throw std::logic_error("hidden_states_pooled: Pool::None");
+  const std::vector<int64_t> wanted = wanted_states(layers, ck.config().num_hidden_layers + 1);
+  std::vector<int64_t> lengths;
+  std::vector<float> embeddings;
+  for (const HiddenInput* in : inputs) {
+    const std::vector<float> e = input_embeddings(ck, *in, fwd.dtype);
+    embeddings.insert(embeddings.end(), e.begin(), e.end());
+    lengths.push_back(in->tokens());
+  }
+  BatchObserver obs(wanted, lengths, pools, sink);
   forward_batch(ck, embeddings, lengths, fwd, &obs);
 }
 
@@ -247,12 +290,6 @@ constexpr const char* kFormat = "nanscope-hidden/1";
 
 std::string shard_name(int64_t n) {
   return fmt::format("hidden-{:05d}.safetensors", n);
-}
-
-bool all_finite(std::span<const float> v) {
-  for (float x : v)
-    if (!std::isfinite(x)) return false;
-  return true;
 }
 
 struct Pending {
@@ -483,18 +520,26 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       sum.tokens += p.tokens;
       pending.push_back(std::move(p));
     }
-    hidden_states_batch(ck, batch, fwd, layers,
-                        [&](size_t b, int64_t layer, std::span<const float> st) {
-                          Pending& p = pending[b];
-                          std::vector<float> v = pool_state(st, p.tokens, H, opt.pool);
-                          // What is written must be finite too (fp32 -> fp16 can overflow), and so
-                          // must the state it came from (last-token pooling would hide earlier
-                          // positions).
-                          std::vector<float> rounded = v;
-                          round_inplace(rounded.data(), rounded.size(), out_dt);
-                          if (!all_finite(st) || !all_finite(rounded)) p.nonfinite.push_back(layer);
-                          p.tensors.emplace_back(layer, std::move(v));
-                        });
+    // What is written must be finite too (fp32 -> fp16 can overflow), and so must the state it
+    // came from (last-token pooling would hide earlier positions).
+    const auto keep = [&](size_t b, int64_t layer, std::span<const float> v, bool state_finite) {
+      Pending& p = pending[b];
+      std::vector<float> rounded(v.begin(), v.end());
+      round_inplace(rounded.data(), rounded.size(), out_dt);
+      if (!state_finite || !all_finite(rounded)) p.nonfinite.push_back(layer);
+      p.tensors.emplace_back(layer, std::vector<float>(v.begin(), v.end()));
+    };
+    if (opt.pool == Pool::None) {
+      hidden_states_batch(ck, batch, fwd, layers,
+                          [&](size_t b, int64_t layer, std::span<const float> st) {
+                            keep(b, layer, st, all_finite(st));
+                          });
+    } else {
+      const Pool pools[] = {opt.pool};
+      hidden_states_pooled(ck, batch, fwd, layers, pools,
+                           [&](size_t b, int64_t layer, Pool, std::span<const float> v,
+                               bool state_finite) { keep(b, layer, v, state_finite); });
+    }
     sum.written += int64_t(batch.size());
     flush();
     if (opt.progress) opt.progress(sum.written, int64_t(todo.size()), sum.tokens, todo_tokens);

@@ -104,13 +104,21 @@ using StateSink = std::function<void(size_t input, int64_t layer, std::span<cons
 void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
                          const ForwardOptions& fwd, std::span<const int64_t> layers,
                          const StateSink& sink);
+// The same with each state reduced per input (pool_state) for each of `pools` (Last, Mean):
+// sink(i, k, pool, values [H], state_finite) where state_finite says whether the whole state
+// [T_i, H] was finite. With --device cuda the reductions happen on the GPU and only [inputs, H]
+// per state and pool comes back; on the CPU they are pool_state of the whole state.
+using PooledSink = std::function<void(size_t input, int64_t layer, Pool pool,
+                                      std::span<const float> values, bool state_finite)>;
+void hidden_states_pooled(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
+                          const ForwardOptions& fwd, std::span<const int64_t> layers,
+                          std::span<const Pool> pools, const PooledSink& sink);
 
 // Inputs of these token counts, in order, grouped into batches of at most batch_tokens tokens
 // (an input longer than that is a batch alone): the [begin, end) index range of each batch.
 std::vector<std::pair<size_t, size_t>> batch_ranges(std::span<const int64_t> tokens,
                                                     int64_t batch_tokens);
 
-enum class Pool { None, Last, Mean };
 std::optional<Pool> parse_pool(std::string_view s);  // "none" | "last" | "mean"
 std::string_view pool_name(Pool p);
 

@@ -302,6 +302,58 @@ def main():
             ours = {k: shards[f"{tag}.layer{k[7:]}"] for k in keys}
             compare_states(ours, gold, keys, dtype, f"{label} {tag}", failures, rows,
                            KNOWN.get((model, dtype, attn)))
+    # Pooling on the GPU (--pool last|mean, a subset of the states): bit for bit the host's
+    # pooling (tools/hidden.cpp's pool_state: positions added in order in fp32, divided by T) of
+    # the whole states the run above wrote, and the same non-finite verdicts.
+    pjobs = []
+    for (model, dtype, attn, cases, out, cmd) in hjobs:
+        for pool in ("last", "mean"):
+            pout = out + f"__{pool}"
+            subprocess.run(["rm", "-rf", pout])
+            pjobs.append((model, dtype, attn, cases, out, pool, pout,
+                          cmd[:cmd.index("--out")] + ["--out", pout] + cmd[cmd.index("--out") + 2:]
+                          + ["--pool", pool, "--layers", "0,2,-1"]))
+    with ThreadPoolExecutor(max_workers=JOBS) as ex:
+        done = list(ex.map(lambda j: subprocess.run(j[-1], capture_output=True, text=True), pjobs))
+    pooled_checked = 0
+    for (model, dtype, attn, cases, out, pool, pout, cmd), p in zip(pjobs, done):
+        label = f"hidden --pool {pool} {model} {dtype} {attn}"
+        if p.returncode not in (0, 1):
+            failures.append(f"{label}: exit {p.returncode}: {p.stderr.strip()}")
+            continue
+        whole, pooled = {}, {}
+        for s_ in sorted(glob.glob(os.path.join(out, "hidden-*.safetensors"))):
+            whole.update(load_file(s_))
+        for s_ in sorted(glob.glob(os.path.join(pout, "hidden-*.safetensors"))):
+            pooled.update(load_file(s_))
+        n_states = max(int(k.rsplit("layer", 1)[1]) for k in whole) + 1
+        for tag, _ in cases:
+            for k in (0, 2, n_states - 1):
+                key = f"{tag}.layer{k}"
+                if key not in pooled or key not in whole:
+                    failures.append(f"{label} {tag}: state {k} not written")
+                    continue
+                st = whole[key].astype(np.float32)
+                if pool == "last":
+                    want = st[-1]
+                else:
+                    acc = np.zeros(st.shape[1], np.float32)
+                    for row in st:
+                        acc += row
+                    want = acc / np.float32(st.shape[0])
+                got = pooled[key]
+                if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+                    failures.append(f"{label} {tag} state {k}: not the host's pooling of the GPU's state")
+                pooled_checked += 1
+        with open(os.path.join(pout, "index.json")) as f:
+            pidx = json.load(f)
+        with open(os.path.join(out, "index.json")) as f:
+            widx = json.load(f)
+        for tag, _ in cases:
+            wl = [l for l in widx["inputs"][tag]["nonfinite_layers"] if l in (0, 2, n_states - 1)]
+            if pidx["inputs"][tag]["nonfinite_layers"] != wl:
+                failures.append(f"{label} {tag}: non-finite states {pidx['inputs'][tag]['nonfinite_layers']}, whole states say {wl}")
+    print(f"{pooled_checked} pooled states bit-identical to the host's pooling checked")
     for r in rows:
         print(f"{r['case']:<55} max_rel {r['max_rel']:.3g}  bit-identical {100 * r['bit_identical']:.2f}%"
               + ("  (propagated flip)" if r["propagated_flip"] else "")

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -134,6 +135,34 @@ TEST(Hidden, PoolLastAndMean) {
   EXPECT_EQ(pool_state(s, 3, 2, Pool::Last), (std::vector<float>{5, 6}));
   EXPECT_EQ(pool_state(s, 3, 2, Pool::Mean), (std::vector<float>{3, 4}));
   EXPECT_EQ(pool_state(s, 3, 2, Pool::None), s);
+}
+
+// hidden_states_pooled hands over each pool of each state asked for, input by input: pool_state
+// of what hidden_states_batch hands over whole, and whether that whole state was finite.
+TEST(Hidden, PooledBatchIsThePoolOfEachWholeState) {
+  const Checkpoint ck = Checkpoint::open(kModels / "qwen3-tiny");
+  ForwardOptions f;
+  const HiddenInput a = ids_input({1, 2, 3}), b = ids_input({9, 8, 7, 6, 5});
+  const std::vector<const HiddenInput*> batch = {&a, &b};
+  const std::vector<int64_t> layers = {0, 2};
+  std::map<std::pair<size_t, int64_t>, std::vector<float>> whole;
+  hidden_states_batch(ck, batch, f, layers, [&](size_t i, int64_t k, std::span<const float> st) {
+    whole[{i, k}].assign(st.begin(), st.end());
+  });
+  ASSERT_EQ(whole.size(), 4u);
+  const Pool pools[] = {Pool::Last, Pool::Mean};
+  int seen = 0;
+  hidden_states_pooled(ck, batch, f, layers, pools,
+                       [&](size_t i, int64_t k, Pool p, std::span<const float> v, bool finite) {
+                         const std::vector<float>& st = whole.at({i, k});
+                         const int64_t T = batch[i]->tokens(), H = ck.config().hidden_size;
+                         EXPECT_TRUE(bit_equal(std::vector<float>(v.begin(), v.end()),
+                                               pool_state(st, T, H, p)))
+                             << "input " << i << " state " << k;
+                         EXPECT_TRUE(finite);
+                         ++seen;
+                       });
+  EXPECT_EQ(seen, 8);  // 2 inputs x 2 states x 2 pools
 }
 
 TEST(Hidden, ParseLayers) {
