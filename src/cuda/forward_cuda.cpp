@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -188,6 +189,7 @@ struct DevModel {
   std::vector<DevLayer> layers;
   DevVec final_norm;
   DevMat lm_head;
+  DevMat embed;  // decoding of an untied model only (device_embed); tied: lm_head is the table
   uint64_t weight_bytes = 0;
 };
 
@@ -273,6 +275,19 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
   m->weight_bytes = ws.bytes_read();
   cached = std::move(m);
   return cached;
+}
+
+// The embedding table in the run dtype for decoding on the GPU (forward_cuda_step gathers its
+// rows there): lm_head's for a tied model, else uploaded once beside it.
+const DevMat& device_embed(DevModel& m, const Checkpoint& ck, const ModelSpec& spec,
+                           const ForwardOptions& opt) {
+  if (spec.tied) return m.lm_head;
+  if (m.embed.buf.get() == nullptr) {
+    WeightSource ws(ck, opt.dtype, opt.release_pages);
+    m.embed = upload(ws.matrix(spec.embed, spec.vocab, spec.hidden), opt.dtype);
+    ws.release_all();
+  }
+  return m.embed;
 }
 
 cublasHandle_t blas() {
@@ -374,7 +389,13 @@ class Pass {
       const size_t lm_c = size_t(V_) * eb;
       if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
       logits_host_ = PinnedBytes(size_t(V_) * sizeof(float));
-      h_host_ = PinnedBytes(size_t(T_ * H_) * sizeof(float));
+      ids_ = DevBuf(size_t(T_) * sizeof(int64_t));
+      ids_host_ = PinnedBytes(size_t(T_) * sizeof(int64_t));
+      pick_ = DevBuf(2 * sizeof(int64_t));
+      pick_host_ = PinnedBytes(2 * sizeof(int64_t));
+      want_logits_ = opt.step_logits;
+      embed_ = &device_embed(dm_, ck, spec, opt);
+      if (spec.embed_scale) embed_scale_ = round_to(float(std::sqrt(double(H_))), dtype_);
       // A 1-token step reads its position from a device scalar and attends with
       // decode_attention, graph or not, so that NANSCOPE_CUDA_GRAPH=1 (the step replayed as one
       // CUDA graph) changes the launches only, never the numbers.
@@ -401,7 +422,7 @@ class Pass {
   Pass& operator=(const Pass&) = delete;
 
   // A pass with the cache: the tokens sit at positions [past, past + T).
-  std::vector<float> run_cached(std::span<const float> h0) {
+  CudaStep run_cached(std::span<const int64_t> ids) {
     const auto started = std::chrono::steady_clock::now();
     past_ = cache_->past;
     if (past_ + T_ > cache_->cap)
@@ -412,7 +433,8 @@ class Pass {
           "forward: a --device cuda pass of {} tokens after {} cached ones (only the first "
           "pass may hold more than one)",
           T_, past_);
-    std::memcpy(h_host_.get(), h0.data(), h0.size() * sizeof(float));
+    if (int64_t(ids.size()) != T_) throw std::logic_error("run_cached: token count");
+    std::memcpy(ids_host_.get(), ids.data(), ids.size() * sizeof(int64_t));
     std::chrono::steady_clock::time_point queued;
     if (step_) *static_cast<int64_t*>(pos_host_.get()) = past_;
     if (graph_) {
@@ -441,8 +463,17 @@ class Pass {
                    std::chrono::duration<double, std::milli>(queued - started).count(),
                    std::chrono::duration<double, std::milli>(done - started).count());
     }
-    const float* lh = static_cast<const float*>(logits_host_.get());
-    return std::vector<float>(lh, lh + V_);
+    CudaStep r;
+    r.weight_bytes = dm_.weight_bytes;
+    if (want_logits_) {
+      const float* lh = static_cast<const float*>(logits_host_.get());
+      r.logits.assign(lh, lh + V_);
+    } else {
+      const auto* pick = static_cast<const int64_t*>(pick_host_.get());
+      r.argmax = pick[0];
+      r.finite = pick[1] == 0;
+    }
+    return r;
   }
 
   uint64_t weight_bytes() const { return dm_.weight_bytes; }
@@ -463,14 +494,17 @@ class Pass {
     StreamScope& operator=(const StreamScope&) = delete;
   };
 
-  // A cached pass's work, queued on the current stream: the embeddings up, the layers, the final
-  // norm of every row (a row's norm does not depend on the others), lm_head on the last one (as
-  // transformers' generate computes it), the logits row down to page-locked memory.
+  // A cached pass's work, queued on the current stream: the ids up and their embedding rows, the
+  // layers, the final norm of every row (a row's norm does not depend on the others), lm_head on
+  // the last one (as transformers' generate computes it), the logits row down to page-locked
+  // memory, or only its argmax and finiteness (step_logits = false).
   void step_body() {
     const cudaStream_t st = graph_ ? stream_ : nullptr;
-    check(cudaMemcpyAsync(h_.get(), h_host_.get(), size_t(T_ * H_) * sizeof(float),
+    check(cudaMemcpyAsync(ids_.get(), ids_host_.get(), size_t(T_) * sizeof(int64_t),
                           cudaMemcpyHostToDevice, st),
           "upload");
+    cuda::embed_rows(embed_->buf.get(), dt_, static_cast<const int64_t*>(ids_.get()), T_, H_,
+                     embed_scale_, h_.f());
     if (step_)
       check(
           cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
@@ -481,9 +515,16 @@ class Pass {
     linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
            logits_.f());
     if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
-    check(cudaMemcpyAsync(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
-                          cudaMemcpyDeviceToHost, st),
-          "logits download");
+    if (want_logits_) {
+      check(cudaMemcpyAsync(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
+                            cudaMemcpyDeviceToHost, st),
+            "logits download");
+    } else {
+      cuda::argmax_finite(logits_.f(), V_, static_cast<int64_t*>(pick_.get()));
+      check(cudaMemcpyAsync(pick_host_.get(), pick_.get(), 2 * sizeof(int64_t),
+                            cudaMemcpyDeviceToHost, st),
+            "argmax download");
+    }
   }
 
   // step_body captured once into a graph (the host buffers and the position scalar are read
@@ -1075,7 +1116,12 @@ class Pass {
   int64_t graph_runs_ = 0;
   DevBuf pos_;  // the step's position, on the GPU
   PinnedBytes pos_host_;
-  PinnedBytes ptrs_host_, logits_host_, h_host_;
+  PinnedBytes ptrs_host_, logits_host_;
+  DevBuf ids_, pick_;  // a cached pass's token ids; [argmax, any non-finite] of its logits
+  PinnedBytes ids_host_, pick_host_;
+  bool want_logits_ = true;        // ForwardOptions::step_logits
+  const DevMat* embed_ = nullptr;  // the embedding table (device_embed)
+  float embed_scale_ = 0.0f;       // Gemma's sqrt(H) in the run dtype, else 0
   std::vector<Seg> segs_;
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
   DevBuf h_, x_, y_, q_, k_, v_, ctx_, g_, u_, act_, logits_;  // fp32 activations
@@ -1136,29 +1182,32 @@ struct GpuDecoder {
 
 }  // namespace
 
-CudaPass forward_cuda_step(const Checkpoint& ck, const ModelSpec& spec, std::span<const float> h,
-                           int64_t T, KvCache& cache, const ForwardOptions& opt) {
+CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
+                           const ForwardOptions& opt) {
   require_device();
-  check_supported(spec);
-  for (const LayerSpec& s : spec.layers)
-    if (rope_depends_on_length(spec.ropes[size_t(s.attn.rope)]))
-      fail(
-          "--device cuda: generate with a {} RoPE (its frequencies follow the length) runs on the "
-          "CPU only in this version; use --device cpu",
-          spec.ropes[size_t(s.attn.rope)].type);
-  const std::string key = fmt::format("{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
-                                      attention_name(opt.attention), static_cast<const void*>(&ck));
+  const int64_t T = int64_t(ids.size());
+  const std::string key =
+      fmt::format("{}|{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
+                  attention_name(opt.attention), static_cast<const void*>(&ck), opt.step_logits);
   auto dec = std::static_pointer_cast<GpuDecoder>(cache.device);
   if (dec && dec->key != key)
     fail("forward: this key/value cache was made for another model, dtype or attention");
   if (!dec) {
     if (cache.past != 0) fail("forward: a --device cuda step after CPU steps on one cache");
+    ModelSpec spec = model_spec(ck.config());
+    check_supported(spec);
+    for (const LayerSpec& s : spec.layers)
+      if (rope_depends_on_length(spec.ropes[size_t(s.attn.rope)]))
+        fail(
+            "--device cuda: generate with a {} RoPE (its frequencies follow the length) runs on "
+            "the CPU only in this version; use --device cpu",
+            spec.ropes[size_t(s.attn.rope)].type);
     dec = std::make_shared<GpuDecoder>();
-    dec->spec = spec;
+    dec->spec = std::move(spec);
     dec->key = key;
     DevCache& c = dec->cache;
     c.cap = cache.capacity > 0 ? cache.capacity : T + 4096;
-    for (const LayerSpec& s : spec.layers) {
+    for (const LayerSpec& s : dec->spec.layers) {
       const size_t n = size_t(c.cap * s.attn.kv_heads * s.attn.head_dim);
       c.k.emplace_back(n * size_t(cuda::dt_bytes(dt_of(opt.dtype))));
       c.v.emplace_back(n * size_t(cuda::dt_bytes(dt_of(opt.dtype))));
@@ -1169,14 +1218,10 @@ CudaPass forward_cuda_step(const Checkpoint& ck, const ModelSpec& spec, std::spa
   DevCache& c = dec->cache;
   c.past = cache.past;
   std::unique_ptr<Pass>& p = dec->passes[T];
-  const int64_t len = T;
   if (!p)
-    p = std::make_unique<Pass>(ck, dec->spec, std::span<const int64_t>(&len, 1), opt, nullptr,
-                               false, &c);
-  CudaPass res;
-  res.weight_bytes = p->weight_bytes();
-  res.logits = p->run_cached(h);
-  return res;
+    p = std::make_unique<Pass>(ck, dec->spec, std::span<const int64_t>(&T, 1), opt, nullptr, false,
+                               &c);
+  return p->run_cached(ids);
 }
 
 }  // namespace nanscope

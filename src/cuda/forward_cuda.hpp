@@ -45,13 +45,21 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
                       bool sites);
 
 // One step of incremental decoding on GPU 0 (model/forward.hpp's forward_step with --device
-// cuda): the rounded embeddings h [T, H] of the tokens at positions [cache.past, cache.past + T)
-// attend to the keys and values kept on the GPU in cache.device (made at the first step, sized
-// for cache.capacity positions) and to each other; theirs are appended. Returns the last
-// position's logits only ([1, vocab]), as generate computes them. Does not advance cache.past.
-// Throws InputError past the capacity, and where forward_cuda does.
-CudaPass forward_cuda_step(const Checkpoint& ck, const ModelSpec& spec, std::span<const float> h,
-                           int64_t T, KvCache& cache, const ForwardOptions& opt);
+// cuda): the tokens `ids` at positions [cache.past, cache.past + T) attend to the keys and values
+// kept on the GPU in cache.device (made at the first step, sized for cache.capacity positions)
+// and to each other; theirs are appended. The embedding rows are gathered on the GPU (the table
+// is uploaded with the weights), so a step moves the ids up and, as generate computes them, the
+// last position's logits ([1, vocab]) down, or with opt.step_logits = false only their argmax
+// and whether they are finite. Does not advance cache.past. Throws InputError past the capacity,
+// for an id outside the vocabulary, and where forward_cuda does.
+struct CudaStep {
+  std::vector<float> logits;  // [vocab]; empty with step_logits = false
+  int64_t argmax = -1;        // with step_logits = false: the first index of the largest logit
+  bool finite = true;         // with step_logits = false: every logit finite
+  uint64_t weight_bytes = 0;
+};
+CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
+                           const ForwardOptions& opt);
 
 // Whether this build has the CUDA backend (NANSCOPE_CUDA).
 bool cuda_built();

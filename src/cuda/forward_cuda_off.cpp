@@ -16,8 +16,8 @@ CudaPass forward_cuda(const Checkpoint&, const ModelSpec&, std::span<const int64
       "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
 }
 
-CudaPass forward_cuda_step(const Checkpoint&, const ModelSpec&, std::span<const float>, int64_t,
-                           KvCache&, const ForwardOptions&) {
+CudaStep forward_cuda_step(const Checkpoint&, std::span<const int64_t>, KvCache&,
+                           const ForwardOptions&) {
   fail(
       "--device cuda: this nanscope was built without the CUDA backend; rebuild it on a machine "
       "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");

@@ -604,6 +604,68 @@ void pool_states(const float* x, const int64_t* off, const int64_t* len, int64_t
   }
 }
 
+// A row per token: the table's row (already in the run dtype's storage: exact), times Gemma's
+// scale rounded once as scale_embeddings does (model/arch.cpp).
+__global__ void embed_rows_k(const void* table, Dt dt, const int64_t* ids, int64_t H, float scale,
+                             float* out) {
+  const int64_t t = blockIdx.x, row = ids[t];
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
+    const float x = load_dt(table, dt, row * H + c);
+    out[t * H + c] = scale != 0.0f ? round_dt(__fmul_rn(x, scale), dt) : x;
+  }
+}
+
+void embed_rows(const void* table, Dt dt, const int64_t* ids, int64_t T, int64_t H, float scale,
+                float* out) {
+  embed_rows_k<<<unsigned(T), 256, 0, g_stream>>>(table, dt, ids, H, scale, out);
+  check_launch("embed_rows");
+}
+
+// One block: the first index of the largest value (generate's argmax: a later equal value never
+// wins), and whether every value is finite.
+__global__ void argmax_finite_k(const float* v, int64_t n, int64_t* out) {
+  __shared__ float bv[32];
+  __shared__ int64_t bi[32];
+  __shared__ int bad_any;
+  if (threadIdx.x == 0) bad_any = 0;
+  __syncthreads();
+  float best = -kInf;
+  int64_t at = -1;
+  bool bad = false;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = v[i];
+    bad |= !isfinite(x);
+    if (at < 0 || x > best) best = x, at = i;
+  }
+  if (bad) atomicOr(&bad_any, 1);
+  const auto better = [](float x, int64_t i, float y, int64_t j) {
+    return j < 0 || (i >= 0 && (x > y || (x == y && i < j)));
+  };
+  for (int o = 16; o > 0; o /= 2) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, at, o);
+    if (better(ob, oi, best, at)) best = ob, at = oi;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) bv[warp] = best, bi[warp] = at;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < warps ? bv[lane] : -kInf;
+    at = lane < warps ? bi[lane] : -1;
+    for (int o = 16; o > 0; o /= 2) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int64_t oi = __shfl_xor_sync(0xffffffffu, at, o);
+      if (better(ob, oi, best, at)) best = ob, at = oi;
+    }
+    if (lane == 0) out[0] = at, out[1] = bad_any;
+  }
+}
+
+void argmax_finite(const float* v, int64_t n, int64_t* out) {
+  argmax_finite_k<<<1, 1024, 0, g_stream>>>(v, n, out);
+  check_launch("argmax_finite");
+}
+
 void softcap(float* v, int64_t n, float cap, Dt dt) {
   softcap_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(v, n, cap, dt);
   check_launch("softcap");

@@ -73,6 +73,15 @@ void site_stats(const float* v, int64_t n, SiteStats* st);
 void pool_states(const float* x, const int64_t* off, const int64_t* len, int64_t seqs, int64_t H,
                  bool mean, float* out, unsigned int* nonfinite);
 
+// A decode step's input on the GPU: out [T, H] = rows ids[t] of the embedding table [vocab, H]
+// (in the run dtype's storage), times scale rounded to the run dtype where scale != 0 (Gemma).
+void embed_rows(const void* table, Dt dt, const int64_t* ids, int64_t T, int64_t H, float scale,
+                float* out);
+// out[0] = the first index of the largest of v[0, n) (generate's argmax; meaningful where every
+// value is finite), out[1] = 1 if any value is not finite, else 0: the greedy choice without the
+// logits row leaving the GPU.
+void argmax_finite(const float* v, int64_t n, int64_t* out);
+
 // Eager attention's elementwise steps and softmax on nmat score matrices [Tq, T] (Tq queries,
 // T keys; query r sits at key column c0 + r: 0 without a cache, the cached keys before it with
 // one): S holds q.k^T in fp32 on entry; on return round(round(round(S) * scaling) [softcap] +

@@ -831,13 +831,10 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
     fail(
         "--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
         "--device cuda)");
-  if (opt.device == Device::Cuda && cache && obs)
-    fail("forward: a --device cuda step with a key/value cache reports no sites or states");
   try {
     if (opt.device == Device::Cuda) {  // the layers on the GPU (src/cuda), the embeddings here
       const Vec h = embed(m);
-      CudaPass p = cache ? forward_cuda_step(ck, m.spec(), h, T, *cache, opt)
-                         : forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites());
+      CudaPass p = forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites());
       res.logits = std::move(p.logits);
       res.stopped_early = p.stopped_early;
       device_bytes = p.weight_bytes;
@@ -873,6 +870,31 @@ ForwardResult forward(const Checkpoint& ck, std::span<const int64_t> ids, const 
 ForwardResult forward_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
                            const ForwardOptions& opt, Observer* obs) {
   const int64_t T = int64_t(ids.size());
+  if (opt.device == Device::Cuda) {
+    // The GPU holds the embedding table too: a step sets up no Model here (the spec, the
+    // embedding row read from the mapping and its pages released cost host time at every step).
+    if (opt.adapter)
+      fail(
+          "--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
+          "--device cuda)");
+    if (obs) fail("forward: a --device cuda step with a key/value cache reports no sites or states");
+    if (T <= 0) fail("forward: no input tokens");
+    ForwardResult r;
+    r.tokens = T;
+    r.hidden = ck.config().hidden_size;
+    r.vocab = ck.config().vocab_size;
+    for (int64_t t = 0; t < T; ++t)
+      if (ids[size_t(t)] < 0 || ids[size_t(t)] >= r.vocab)
+        fail("forward: token id {} (position {}) is out of range: vocab_size is {}", ids[size_t(t)],
+             t, r.vocab);
+    CudaStep s = forward_cuda_step(ck, ids, cache, opt);
+    r.logits = std::move(s.logits);
+    r.argmax = s.argmax;
+    r.logits_finite = s.finite;
+    r.weight_bytes = s.weight_bytes;
+    cache.past += T;
+    return r;
+  }
   ForwardResult r = run_model(
       ck, std::span<const int64_t>(&T, 1), opt, obs, [&](Model& m) { return m.embed(ids); },
       &cache);

@@ -44,6 +44,9 @@ struct ForwardOptions {
   // Copies of the weights kept across passes (model/weights.hpp); null: read from the mapping.
   ResidentWeights* resident = nullptr;
   Device device = Device::Cpu;  // Cuda: the layers on the GPU (src/cuda/forward_cuda.hpp)
+  // forward_step with device Cuda: false brings back only the argmax of the logits row and
+  // whether it is finite (ForwardResult::argmax, logits_finite), computed on the GPU.
+  bool step_logits = true;
 };
 
 struct ForwardResult {
@@ -53,6 +56,10 @@ struct ForwardResult {
   // Bytes of weight tensors the pass read: the whole checkpoint for a dense model, only the
   // routed experts' share of a mixture of experts.
   uint64_t weight_bytes = 0;
+  // forward_step on the GPU with step_logits = false (logits then empty): the first index of the
+  // largest logit and whether every logit is finite.
+  int64_t argmax = -1;
+  bool logits_finite = true;
 };
 
 // Runs the model on token ids. Throws InputError for an id outside [0, vocab_size), a missing

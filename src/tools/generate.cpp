@@ -159,6 +159,9 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
     fo.resident = nullptr;
     fo.release_pages = true;
     cache.capacity = int64_t(opt.prompt.size()) + opt.max_new_tokens;
+    // Greedy decoding needs only the argmax and whether the row is finite: computed on the GPU,
+    // the row stays there.
+    fo.step_logits = sampling || penalty != 1.0f || opt.keep_logits;
   }
   std::mt19937_64 rng(opt.seed);
   std::vector<int64_t> seen = opt.prompt, input = opt.prompt;
@@ -169,7 +172,7 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
     ForwardResult fr = forward_step(ck, input, cache, fo);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     (step == 0 ? r.prefill_s : r.decode_s) += dt;
-    if (!all_finite(fr.logits)) {
+    if (fr.logits.empty() ? !fr.logits_finite : !all_finite(fr.logits)) {
       // Name the first non-finite site: the whole sequence so far traced with sites.
       TraceOptions to;
       to.ids = seen;
@@ -193,7 +196,9 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
     }
     if (penalty != 1.0f) repetition_penalty(fr.logits, seen, penalty);
     if (opt.keep_logits) r.step_logits.push_back(fr.logits);
-    const int64_t next = sampling ? sample(fr.logits, opt, rng) : argmax(fr.logits);
+    const int64_t next = fr.logits.empty() ? fr.argmax
+                         : sampling        ? sample(fr.logits, opt, rng)
+                                           : argmax(fr.logits);
     r.ids.push_back(next);
     seen.push_back(next);
     input.assign(1, next);

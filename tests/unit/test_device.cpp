@@ -1,9 +1,11 @@
 // `--device`: the host side of the CUDA backend, which every build and CI run (no GPU needed).
 // The GPU computation itself is tested on the GPU machine against transformers' goldens
-// (tests/gpu/run.sh), never here.
+// (tests/gpu/run.sh); the DeviceGpu tests below run there too (the GPU machine's job runs
+// nanscope_tests --gtest_filter='Device*') and skip where no GPU is visible.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 
@@ -12,6 +14,7 @@
 #include "cuda/forward_cuda.hpp"
 #include "formats/checkpoint.hpp"
 #include "model/forward.hpp"
+#include "tools/generate.hpp"
 
 namespace nanscope {
 namespace {
@@ -113,6 +116,38 @@ TEST(Device, GenerateWithAnAdapterOnCudaIsAnInputError) {
                           fixture("adapters/lora-bf16"), "--ids", "1,2,3", "--device", "cuda"});
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_THAT(r.err, HasSubstr("an adapter applied unmerged runs on the CPU only"));
+}
+
+// Greedy decoding on the GPU brings back only the argmax and a finite flag of each step's logits
+// (computed there); with the rows kept (keep_logits) the host picks. Both must give the same
+// tokens, and each token must be the first index of its row's largest value: tied and untied
+// tables, Gemma's embedding scale and soft-capping, fp32 and bf16, eager and fused.
+TEST(DeviceGpu, GreedyPickOnTheGpuIsTheHostsArgmaxOfTheRow) {
+  if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
+  for (const char* model : {"qwen3-tiny", "llama-tiny", "gemma2-tiny", "mistral-tiny"})
+    for (DType dt : {DType::F32, DType::BF16})
+      for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused}) {
+        const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
+        GenerateOptions o;
+        o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
+        o.max_new_tokens = 24;
+        o.eos = std::vector<int64_t>{};
+        o.dtype = dt;
+        o.attention = at;
+        o.device = Device::Cuda;
+        const GenerateResult picked = generate(ck, o);
+        o.keep_logits = true;
+        const GenerateResult rows = generate(ck, o);
+        const std::string what = std::string(model) + " " + std::string(dtype_name(dt)) + " " +
+                                 std::string(attention_name(at));
+        ASSERT_EQ(picked.ids, rows.ids) << what;
+        ASSERT_EQ(rows.step_logits.size(), rows.ids.size()) << what;
+        for (size_t i = 0; i < rows.ids.size(); ++i) {
+          const std::vector<float>& l = rows.step_logits[i];
+          const auto best = std::max_element(l.begin(), l.end()) - l.begin();
+          EXPECT_EQ(rows.ids[i], best) << what << " step " << i;
+        }
+      }
 }
 
 }  // namespace
