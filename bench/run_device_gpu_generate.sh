@@ -7,7 +7,8 @@
 # (3) generate on Qwen3-4B shapes (bf16, 32-token prompt, 128 new tokens, batch 1), nanscope
 #     against transformers' GPU generate in the same job, and the HBM copy rate (the decode floor).
 # (2) and (3) run twice for generate: as it is (the decode step replayed as one CUDA graph), and
-# with NANSCOPE_CUDA_GRAPH=0 (launched one by one; gputest-graph.txt).
+# with NANSCOPE_CUDA_GRAPH=0 (launched one by one; gputest-graph.txt); the benchmark also without
+# the decode step's fused kernels (NANSCOPE_CUDA_FUSE=0).
 # Everything lands in $OUT/all.tgz (machine.txt, gen-goldens.tgz, gputest*.txt, report*.json,
 # bench.jsonl, step-times.txt, summary.txt, job.log, ...: at most 8 files come back), with
 # summary.txt, gputest.txt, bench.jsonl and job.log beside it. GOLDENS_ONLY=1: (1) alone;
@@ -86,8 +87,18 @@ PY
           --ids $PROMPT --max-new-tokens $N --eos none --attention $a --device cuda --json >> "$R"
       done
     done
-    NANSCOPE_CUDA_GRAPH=$g NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b --ids $PROMPT \
-      --max-new-tokens 16 --eos none --attention fused --device cuda > /dev/null 2>> "$OUT/step-times.txt"
+    # The decode step without its fused kernels (NANSCOPE_CUDA_FUSE=0): what the fusion gains.
+    for rep in 1 2; do
+      NANSCOPE_CUDA_GRAPH=$g NANSCOPE_CUDA_FUSE=0 $M nanscope_generate_cuda_fused_graph${g}_nofuse_r$rep \
+        $NS generate $W/q4b --ids $PROMPT --max-new-tokens $N --eos none --attention fused \
+        --device cuda --json >> "$R"
+    done
+    for f in 1 0; do
+      echo "graph=$g fuse=$f" >> "$OUT/step-times.txt"
+      NANSCOPE_CUDA_GRAPH=$g NANSCOPE_CUDA_FUSE=$f NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b \
+        --ids $PROMPT --max-new-tokens 16 --eos none --attention fused --device cuda > /dev/null \
+        2>> "$OUT/step-times.txt"
+    done
   done
   if [ "${NSYS:-0}" = 1 ] && command -v nsys > /dev/null; then
     for g in 0 1; do

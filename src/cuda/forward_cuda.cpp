@@ -62,6 +62,91 @@ cudaDataType_t cuda_type(Dt d) {
   return d == Dt::BF16 ? CUDA_R_16BF : d == Dt::F16 ? CUDA_R_16F : CUDA_R_32F;
 }
 
+// NANSCOPE_CUDA_PROFILE=1: where the passes' time goes. mark(phase) closes the span since the
+// previous mark: its GPU time from CUDA events on the legacy stream, and the host's time to get
+// there (queueing, or waiting where a call synchronises). Summed per phase and printed at exit.
+class Profile {
+ public:
+  static Profile& get() {
+    static Profile p;
+    return p;
+  }
+  bool on() const { return on_; }
+  void begin() {
+    if (!on_) return;
+    n_ = 0;
+    record("");
+  }
+  // Only inside begin() .. end(): the passes run on the legacy stream (a decode step's graph
+  // is not split).
+  void mark(const char* phase) {
+    if (on_ && n_ > 0) record(phase);
+  }
+  // The GPU's time between the marks, once the pass's work is done.
+  void end() {
+    if (!on_ || n_ == 0) return;
+    check(cudaEventSynchronize(ev_[n_ - 1]), "profile");
+    for (size_t i = 1; i < n_; ++i) {
+      float ms = 0;
+      check(cudaEventElapsedTime(&ms, ev_[i - 1], ev_[i]), "profile");
+      Sum& s = sums_[names_[i]];
+      s.gpu_ms += ms;
+      s.host_ms += std::chrono::duration<double, std::milli>(host_[i] - host_[i - 1]).count();
+      ++s.count;
+    }
+    n_ = 0;
+  }
+  // Host time outside the marked spans (a pass's set-up, the weights' upload).
+  void host(const char* phase, double ms) {
+    if (!on_) return;
+    Sum& s = sums_[phase];
+    s.host_ms += ms;
+    ++s.count;
+  }
+  ~Profile() {
+    if (!on_ || sums_.empty()) return;
+    double g = 0, h = 0;
+    for (const auto& [name, s] : sums_) g += s.gpu_ms, h += s.host_ms;
+    std::fprintf(stderr, "cuda profile: %-28s %10s %10s %8s\n", "phase", "gpu_ms", "host_ms",
+                 "count");
+    for (const auto& [name, s] : sums_)
+      std::fprintf(stderr, "cuda profile: %-28s %10.2f %10.2f %8lld\n", name.c_str(), s.gpu_ms,
+                   s.host_ms, static_cast<long long>(s.count));
+    std::fprintf(stderr, "cuda profile: %-28s %10.2f %10.2f\n", "total", g, h);
+    for (cudaEvent_t e : ev_) cudaEventDestroy(e);
+  }
+
+ private:
+  Profile() : on_(backend().cuda_profile) {}
+  void record(const char* phase) {
+    if (n_ == ev_.size()) {
+      cudaEvent_t e = nullptr;
+      check(cudaEventCreate(&e), "profile");
+      ev_.push_back(e);
+      host_.emplace_back();
+      names_.emplace_back();
+    }
+    check(cudaEventRecord(ev_[n_], nullptr), "profile");
+    host_[n_] = std::chrono::steady_clock::now();
+    names_[n_] = phase;
+    ++n_;
+  }
+  struct Sum {
+    double gpu_ms = 0, host_ms = 0;
+    int64_t count = 0;
+  };
+  bool on_ = false;
+  std::vector<cudaEvent_t> ev_;
+  std::vector<std::chrono::steady_clock::time_point> host_;
+  std::vector<std::string> names_;
+  size_t n_ = 0;
+  std::map<std::string, Sum> sums_;
+};
+
+void mark(const char* phase) {
+  Profile::get().mark(phase);
+}
+
 // Device memory, freed with its owner.
 class DevBuf {
  public:
@@ -401,6 +486,10 @@ class Pass {
       // CUDA graph) changes the launches only, never the numbers.
       step_ = T_ == 1 && !sites_;
       graph_ = step_ && backend().cuda_graph;
+      // The fused kernels cover the layers without norms after attention or the MLP (Gemma's).
+      fuse_ = step_ && backend().cuda_fuse;
+      for (const LayerSpec& s : spec.layers)
+        if (!s.names.attn_out_norm.empty() || !s.names.mlp_out_norm.empty()) fuse_ = false;
       if (step_) {
         pos_ = DevBuf(sizeof(int64_t));
         pos_host_ = PinnedBytes(sizeof(int64_t));
@@ -509,11 +598,16 @@ class Pass {
       check(
           cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
           "upload");
-    const int64_t N = int64_t(spec_.layers.size());
-    for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
-    norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
-    linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
-           logits_.f());
+    if (fuse_) {
+      fused_layers();
+      linear(-1, spec_.lm_head, product_input(x_), 1, dm_.lm_head, DevVec{}, logits_.f());
+    } else {
+      const int64_t N = int64_t(spec_.layers.size());
+      for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
+      norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
+      linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
+             logits_.f());
+    }
     if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
     if (want_logits_) {
       check(cudaMemcpyAsync(logits_host_.get(), logits_.get(), size_t(V_) * sizeof(float),
@@ -524,6 +618,62 @@ class Pass {
       check(cudaMemcpyAsync(pick_host_.get(), pick_.get(), 2 * sizeof(int64_t),
                             cudaMemcpyDeviceToHost, st),
             "argmax download");
+    }
+  }
+
+  // A 1-token step's layers with the fused kernels: layer()'s recipe, each product's rounding
+  // (and bias) done by the kernel that reads its output, the residual joined with the norm after
+  // it. Leaves the final norm's output in x_ (and in storage for lm_head). A step is a few
+  // hundred launches of a few microseconds: fewer launches is most of what a step can still gain
+  // beyond reading the weights once.
+  void fused_layers() {
+    const int64_t N = int64_t(spec_.layers.size());
+    const float eps = float(spec_.eps);
+    const bool off = spec_.norm == NormKind::RmsOffset;
+    const auto* dpos = static_cast<const int64_t*>(pos_.get());
+    const DevVec& first = N > 0 ? dm_.layers[0].input_norm : dm_.final_norm;
+    cuda::rmsnorm(h_.f(), 1, H_, first.data(), eps, off, dt_, x_.f(), staged_out());
+    for (int64_t l = 0; l < N; ++l) {
+      const LayerSpec& s = spec_.layers[size_t(l)];
+      const DevLayer& w = dm_.layers[size_t(l)];
+      const AttentionSpec& a = s.attn;
+      const Rope& r = ropes_.at(a.rope);
+      cuda::StepQkv q;
+      q.proj = products(product_input(x_), 1,
+                        {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()},
+                         {{}, w.v, w.v_bias, v_.f()}});
+      if (a.qk_norm) q.q_norm = w.q_norm.data(), q.k_norm = w.k_norm.data();
+      q.eps = eps;
+      q.offset = off;
+      q.cos = r.cos.f();
+      q.sin = r.sin.f();
+      q.rowoff = static_cast<const int64_t*>(r.rowoff.get());
+      q.rot = r.dim;
+      q.pos = dpos;
+      q.heads = a.heads, q.kv_heads = a.kv_heads, q.head_dim = a.head_dim;
+      q.q = q_.f();
+      q.kst = cache_->k[size_t(l)].get();
+      q.vst = cache_->v[size_t(l)].get();
+      q.vf = cache_->vf[size_t(l)].f();
+      q.dt = dt_;
+      cuda::step_qkv(q);
+      cuda::decode_attention(q_.f(), q.kst, q.vst, q.vf, dpos, a.heads, a.kv_heads, a.head_dim,
+                             a.scaling, a.softcap.value_or(0.0f), a.window,
+                             att_ == AttentionProfile::Fused, dt_, S_.f(), max_keys_, ctx_.f(),
+                             staged_out());
+      const cuda::RoundSegments o = products(product_input(ctx_), 1, {{{}, w.o, w.o_bias, y_.f()}});
+      cuda::residual_norm(h_.f(), o.seg[0], 1, H_, w.mlp_in_norm.data(), eps, off, dt_, x_.f(),
+                          staged_out());
+      const cuda::RoundSegments gu =
+          products(product_input(x_), 1,
+                   {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}});
+      cuda::step_act(gu.seg[0], gu.seg[1], w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1,
+                     dt_, act_.f(), staged_out());
+      const cuda::RoundSegments d =
+          products(product_input(act_), 1, {{{}, w.down, w.down_bias, y_.f()}});
+      const DevVec& next = l + 1 < N ? dm_.layers[size_t(l + 1)].input_norm : dm_.final_norm;
+      cuda::residual_norm(h_.f(), d.seg[0], 1, H_, next.data(), eps, off, dt_, x_.f(),
+                          staged_out());
     }
   }
 
@@ -548,17 +698,23 @@ class Pass {
 
  public:
   std::vector<float> run(std::span<const float> h0) {
+    Profile::get().begin();
     check(cudaMemcpy(h_.get(), h0.data(), h0.size() * sizeof(float), cudaMemcpyHostToDevice),
           "upload");
+    mark("embeddings up");
     hidden(0, h_.f());
+    mark("states out");
     const int64_t N = int64_t(spec_.layers.size());
     for (int64_t l = 0; l < N; ++l) {
       check_interrupt();
       layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
       if (l + 1 < N) hidden(l + 1, h_.f());
+      mark("states out");
     }
     norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
+    mark("norm");
     hidden(N, x_.f());
+    mark("states out");
     // Only now: hidden's observer stops after the last state it keeps, and [T, V] is large.
     logits_ = DevBuf(size_t(T_ * V_) * sizeof(float));
     const size_t lm_c = size_t(T_ * V_) * size_t(cuda::dt_bytes(dt_));
@@ -568,9 +724,11 @@ class Pass {
       cuda::softcap(logits_.f(), T_ * V_, *spec_.final_softcap, dt_);
       site(-1, "final_logit_softcapping", logits_.f(), {T_, V_});
     }
+    mark("lm_head");
     std::vector<float> out(size_t(T_ * V_));
     check(cudaMemcpy(out.data(), logits_.get(), out.size() * sizeof(float), cudaMemcpyDeviceToHost),
           "logits download");
+    mark("logits out");
     return out;
   }
 
@@ -593,6 +751,7 @@ class Pass {
     }
     cuda::add_round(h_.f(), a, T_ * H_, dt_, h_.f());
     site(l, n.prefix + "residual_attn", h_.f(), {T_, H_});
+    mark("norm");
 
     mlp(s, w, norm_staged(l, n.mlp_in_norm, h_.f(), w.mlp_in_norm, x_.f()), y_.f());
     const float* m = y_.f();
@@ -602,6 +761,7 @@ class Pass {
     }
     cuda::add_round(h_.f(), m, T_ * H_, dt_, h_.f());
     site(l, n.prefix + "residual_mlp", h_.f(), {T_, H_});
+    mark("norm");
   }
 
   // xs: the input [T, H] in the run dtype's storage (norm_staged).
@@ -613,11 +773,14 @@ class Pass {
         {{n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, w.gate, w.gate_bias,
           g_.f()},
          {n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, w.up, w.up_bias, u_.f()}});
+    mark("gate/up products");
     cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f(),
                   staged_out());
     site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
+    mark("act");
     linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj, product_input(act_),
            T_, w.down, w.down_bias, out);
+    mark("down product");
   }
 
   // xs: the input [T, H] in the run dtype's storage (norm_staged).
@@ -631,6 +794,7 @@ class Pass {
                 {{p + "self_attn.q_proj", w.q, w.q_bias, q_.f()},
                  {p + "self_attn.k_proj", w.k, w.k_bias, k_.f()},
                  {p + "self_attn.v_proj", w.v, w.v_bias, v_.f()}});
+    mark("q/k/v products");
     if (a.qk_norm) {  // per head, in place (rmsnorm_k reads a row whole before it writes it)
       norm(l, n.q_norm, q_.f(), w.q_norm, D, T_ * a.heads, q_.f(), {T_, a.heads, D});
       norm(l, n.k_norm, k_.f(), w.k_norm, D, T_ * a.kv_heads, k_.f(), {T_, a.kv_heads, D});
@@ -641,6 +805,7 @@ class Pass {
                static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
     cuda::rope(k_.f(), T_, a.kv_heads, D, r.dim, r.cos.f(), r.sin.f(),
                static_cast<const int64_t*>(r.rowoff.get()), dt_, past_ * r.dim, dpos);
+    mark("q/k norm, rope");
     if (step_) {  // nothing here may depend on the step's position but through dpos (graphs)
       cuda::cache_append(k_.f(), v_.f(), kvd, dpos, cache_->k[size_t(l)].get(),
                          cache_->v[size_t(l)].get(), cache_->vf[size_t(l)].f(), dt_);
@@ -676,6 +841,7 @@ class Pass {
     else
       fused(s);
     linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
+    mark("o product");
   }
 
   // q.k^T of one chunk into S (fp32, [nmat, Tq, Tk]) as a batched tensor-core product: one
@@ -787,8 +953,10 @@ class Pass {
       const int64_t Tq = c.len, Tk = cache_ ? keys(a) : c.len,
                     nmat = int64_t(c.segs.size()) * a.heads;
       const void* const* dp = chunk_scores(c, a, s.index);
+      mark("attention q.k");
       cuda::eager_softmax(S_.f(), P_.f(), Ps_.get(), nmat, Tq, Tk, query_col(a), a.scaling,
                           a.softcap.value_or(0.0f), a.window, mask, dt_, st);
+      mark("attention softmax");
       const float one = 1.0f, zero = 0.0f;
       const cudaDataType_t t = cuda_type(dt_);
       // ctx^T[d, i] = sum_j v[j, d] p[i, j].
@@ -797,6 +965,7 @@ class Pass {
                                 const_cast<void* const*>(dp + 5 * nmat), CUDA_R_32F, int(qd),
                                 int(nmat), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "p.v");
+      mark("attention p.v");
     }
     cuda::bias_round(ctx_.get(), Dt::F32, nullptr, T_, qd, dt_, ctx_.f());
     report_attention(s, qd);
@@ -811,12 +980,14 @@ class Pass {
     for (const Chunk& c : chunks_) {
       const int64_t nmat = int64_t(c.segs.size()) * a.heads;
       const void* const* dp = chunk_scores(c, a, s.index);
+      mark("attention q.k");
       const auto* offs = reinterpret_cast<const int64_t*>(dp + 6 * nmat);
       const float* v =
           cache_ ? cache_->vf[size_t(s.index)].f() + key_lo(a) * a.kv_heads * a.head_dim : v_.f();
       cuda::fused_softmax_pv(S_.f(), v, nmat, c.len, cache_ ? keys(a) : c.len, query_col(a),
                              a.heads, a.kv_heads, a.head_dim, offs, a.scaling, a.window, dt_,
                              ctx_.f(), sites_ ? P_.f() : nullptr, st);
+      mark("attention softmax+p.v");
     }
     report_attention(s, qd);
   }
@@ -849,6 +1020,14 @@ class Pass {
   };
   void linear_many(int64_t l, const void* x, int64_t rows,
                    std::initializer_list<LinearSpec> specs) {
+    cuda::bias_round_many(products(x, rows, specs), rows, dt_);
+    for (const LinearSpec& sp : specs) site(l, sp.module, sp.out, {rows, sp.w.rows});
+  }
+
+  // linear_many's cuBLAS calls alone: the outputs as a kernel reads them before their rounding
+  // (bias_round_many, or a fused decode kernel that rounds them where it reads them).
+  cuda::RoundSegments products(const void* x, int64_t rows,
+                               std::initializer_list<LinearSpec> specs) {
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_type(dt_);
     cuda::RoundSegments segs;
@@ -866,8 +1045,7 @@ class Pass {
             "linear");
       segs.seg[segs.n++] = {c, f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
     }
-    cuda::bias_round_many(segs, rows, dt_);
-    for (const LinearSpec& sp : specs) site(l, sp.module, sp.out, {rows, sp.w.rows});
+    return segs;
   }
 
   // out[rows, W.rows] = round(x @ W^T (+ bias)); x in storage (stage).
@@ -1111,6 +1289,7 @@ class Pass {
   int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
   bool step_ = false;     // a 1-token pass with the cache: position on the GPU, decode_attention
   bool graph_ = false;    // a step replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
+  bool fuse_ = false;     // a step through fused_layers (NANSCOPE_CUDA_FUSE=0: layer())
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
   int64_t graph_runs_ = 0;
@@ -1158,13 +1337,17 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
   require_device();
   check_supported(spec);
   CudaPass res;
+  const auto t0 = std::chrono::steady_clock::now();
   Pass p(ck, spec, lengths, opt, obs, sites);
+  Profile::get().host("pass set-up (host)",
+                      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   res.weight_bytes = p.weight_bytes();
   try {
     res.logits = p.run(h);
   } catch (const Stop&) {
     res.stopped_early = true;
   }
+  Profile::get().end();
   check(cudaDeviceSynchronize(), "forward");
   return res;
 }

@@ -95,15 +95,16 @@ __global__ void bias_round_many_k(RoundSegments segs, int64_t rows, Dt dt) {
   }
 }
 
-// One block of 256 threads per row: fp32 sum of squares (a tree, as torch's reductions; the order
-// is not torch's exactly), rsqrtf as torch.rsqrt on CUDA.
-__global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, bool offset, Dt dt,
-                          float* out, void* st) {
-  const float* xr = x + int64_t(blockIdx.x) * n;
-  float* orow = out + int64_t(blockIdx.x) * n;
-  float s = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += xr[j] * xr[j];
+// 1 / rms of a row of n as every RMSNorm here computes it: fp32 sum of squares (each thread's
+// strided partial, warp butterflies, then the warps' partials: a tree, as torch's reductions; the
+// order is not torch's exactly), rsqrtf as torch.rsqrt on CUDA. The block size is part of the
+// order: rmsnorm_k and the fused decode kernels launch n <= 128 ? 32 : 256 threads per row so
+// that they agree bit for bit.
+__device__ float row_rms_inv(const float* xr, int64_t n, float eps) {
   __shared__ float part[32];
+  float s = 0.0f;
+  // torch squares (pow) in one kernel and sums in another: no FMA of the square into the sum.
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s = __fadd_rn(s, __fmul_rn(xr[j], xr[j]));
   for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
   __syncthreads();
@@ -114,7 +115,13 @@ __global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, 
   }
   __syncthreads();
   const float var = part[0] / float(n);
-  const float r = rsqrtf(var + eps);
+  return rsqrtf(var + eps);
+}
+
+// out = round(w * round(x * r)), or Gemma's round(x * r * (1 + w)); and in storage at st[st_at +
+// j] (nullable). out may be x (each thread writes what it read).
+__device__ void row_norm_out(const float* xr, int64_t n, const float* w, float r, bool offset,
+                             Dt dt, float* orow, void* st, int64_t st_at) {
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     float o;
     if (offset) {
@@ -124,8 +131,31 @@ __global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, 
       o = round_dt(w[j] * y, dt);
     }
     orow[j] = o;
-    if (st != nullptr) store_dt(st, dt, int64_t(blockIdx.x) * n + j, o);
+    if (st != nullptr) store_dt(st, dt, st_at + j, o);
   }
+}
+
+unsigned norm_threads(int64_t n) {
+  return n <= 128 ? 32 : 256;
+}
+
+__global__ void rmsnorm_k(const float* x, int64_t n, const float* w, float eps, bool offset, Dt dt,
+                          float* out, void* st) {
+  const float* xr = x + int64_t(blockIdx.x) * n;
+  const float r = row_rms_inv(xr, n, eps);
+  row_norm_out(xr, n, w, r, offset, dt, out + int64_t(blockIdx.x) * n, st, int64_t(blockIdx.x) * n);
+}
+
+// One pair of RoPE: lo' = round(round(lo * c_lo) + round(-hi * s_lo)), hi' = round(round(hi *
+// c_hi) + round(lo * s_hi)). torch computes each product and the sum as kernels of their own, so
+// no product is fused into the sum (__fmul_rn, __fadd_rn): left to nvcc, an fp32 run (where
+// round is the identity) may get an FMA in one kernel and not in another.
+__device__ __forceinline__ void rope_pair(float& lo, float& hi, float c_lo, float s_lo, float c_hi,
+                                          float s_hi, Dt dt) {
+  const float a0 = round_dt(__fmul_rn(lo, c_lo), dt), b0 = round_dt(__fmul_rn(-hi, s_lo), dt);
+  const float a1 = round_dt(__fmul_rn(hi, c_hi), dt), b1 = round_dt(__fmul_rn(lo, s_hi), dt);
+  lo = round_dt(__fadd_rn(a0, b0), dt);
+  hi = round_dt(__fadd_rn(a1, b1), dt);
 }
 
 // One thread per (row, head, j < rot/2): both halves of the pair.
@@ -139,11 +169,10 @@ __global__ void rope_k(float* x, int64_t rows, int64_t heads, int64_t head_dim, 
     float* v = x + rh * head_dim;
     const float* c = cos + rowoff[r] + shift;
     const float* s = sin + rowoff[r] + shift;
-    const float lo = v[j], hi = v[j + half];
-    const float a0 = round_dt(lo * c[j], dt), b0 = round_dt(-hi * s[j], dt);
-    const float a1 = round_dt(hi * c[j + half], dt), b1 = round_dt(lo * s[j + half], dt);
-    v[j] = round_dt(a0 + b0, dt);
-    v[j + half] = round_dt(a1 + b1, dt);
+    float lo = v[j], hi = v[j + half];
+    rope_pair(lo, hi, c[j], s[j], c[j + half], s[j + half], dt);
+    v[j] = lo;
+    v[j + half] = hi;
   }
 }
 
@@ -153,21 +182,97 @@ __global__ void add_round_k(const float* a, const float* b, int64_t n, Dt dt, fl
 
 // torch's CUDA silu: x / (1 + exp(-x)); gelu(approximate="tanh"): 0.5 x (1 + tanh(kBeta (x +
 // kKappa x^3))) in fp32.
+__device__ __forceinline__ float act_value(float x, int act) {
+  if (act == 0) return x / (1.0f + expf(-x));
+  // M_SQRT2 * M_2_SQRTPI * 0.5, as torch writes kBeta
+  const float kBeta = float(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
+  const float kKappa = 0.044715f;
+  const float inner = kBeta * (x + kKappa * x * x * x);
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
+
 __global__ void act_mul_k(const float* g, const float* u, int64_t n, int act, Dt dt, float* out,
                           void* st) {
   FOR_EACH(i, n) {
-    const float x = g[i];
-    float f;
-    if (act == 0) {
-      f = x / (1.0f + expf(-x));
-    } else {
-      // M_SQRT2 * M_2_SQRTPI * 0.5, as torch writes kBeta
-      const float kBeta = float(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
-      const float kKappa = 0.044715f;
-      const float inner = kBeta * (x + kKappa * x * x * x);
-      f = 0.5f * x * (1.0f + tanhf(inner));
+    const float y = round_dt(round_dt(act_value(g[i], act), dt) * u[i], dt);
+    out[i] = y;
+    if (st != nullptr) store_dt(st, dt, i, y);
+  }
+}
+
+// bias_round of a product's output element (RoundSegment's c_in, ctype, bias; element i of a row
+// of cols).
+__device__ __forceinline__ float rounded_product(const RoundSegment& s, int64_t i, Dt dt) {
+  float x = load_dt(s.c_in, s.ctype, i);
+  if (s.bias != nullptr) x = x + s.bias[i % s.cols];
+  return round_dt(x, dt);
+}
+
+// ---- a decode step's fused kernels (one token; each does in one launch what the launches they
+// replace did, in the same order per element and with the same reductions) ----
+
+// A block per head of q, then k, then v: bias_round of the product, q/k norm, RoPE at *pos, and
+// for k and v the cache append (rmsnorm_k's block size, so the norm's sum is its).
+__global__ void step_qkv_k(StepQkv a) {
+  __shared__ float row[256];
+  const int64_t b = blockIdx.x, D = a.head_dim, kvd = a.kv_heads * D;
+  const int which = b < a.heads ? 0 : b < a.heads + a.kv_heads ? 1 : 2;
+  const int64_t h = which == 0 ? b : which == 1 ? b - a.heads : b - a.heads - a.kv_heads;
+  const RoundSegment& seg = a.proj.seg[which];
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x)
+    row[j] = rounded_product(seg, h * D + j, a.dt);
+  __syncthreads();
+  const int64_t at = a.pos[0] * kvd + h * D;
+  if (which == 2) {
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      store_dt(a.vst, a.dt, at + j, row[j]);
+      a.vf[at + j] = row[j];
     }
-    const float y = round_dt(round_dt(f, dt) * u[i], dt);
+    return;
+  }
+  const float* nw = which == 0 ? a.q_norm : a.k_norm;
+  if (nw != nullptr) {
+    const float r = row_rms_inv(row, D, a.eps);
+    row_norm_out(row, D, nw, r, a.offset, a.dt, row, nullptr, 0);
+    __syncthreads();
+  }
+  const int64_t half = a.rot / 2;
+  const float* c = a.cos + a.rowoff[0] + a.pos[0] * a.rot;
+  const float* sn = a.sin + a.rowoff[0] + a.pos[0] * a.rot;
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    float lo = row[j], hi = row[j + half];
+    rope_pair(lo, hi, c[j], sn[j], c[j + half], sn[j + half], a.dt);
+    row[j] = lo;
+    row[j + half] = hi;
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    if (which == 0)
+      a.q[h * D + j] = row[j];
+    else
+      store_dt(a.kst, a.dt, at + j, row[j]);
+  }
+}
+
+// h = round(h + bias_round(product)), then out = RMSNorm(h) (and in storage): the residual and
+// the next norm of a decode step, a block per row.
+__global__ void residual_norm_k(float* h, RoundSegment p, int64_t n, const float* w, float eps,
+                                bool offset, Dt dt, float* out, void* st) {
+  const int64_t r0 = int64_t(blockIdx.x) * n;
+  float* hr = h + r0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    hr[j] = round_dt(hr[j] + rounded_product(p, r0 + j, dt), dt);
+  const float r = row_rms_inv(hr, n, eps);
+  row_norm_out(hr, n, w, r, offset, dt, out + r0, st, r0);
+}
+
+// act = round(round(f(bias_round(gate))) * bias_round(up)), and in storage.
+__global__ void step_act_k(RoundSegment g, RoundSegment u, int64_t n, int act, Dt dt, float* out,
+                           void* st) {
+  FOR_EACH(i, n) {
+    const float y =
+        round_dt(round_dt(act_value(rounded_product(g, i, dt), act), dt) * rounded_product(u, i, dt),
+                 dt);
     out[i] = y;
     if (st != nullptr) store_dt(st, dt, i, y);
   }
@@ -552,9 +657,28 @@ void bias_round_many(const RoundSegments& segs, int64_t rows, Dt dt) {
 void rmsnorm(const float* x, int64_t rows, int64_t n, const float* w, float eps, bool offset, Dt dt,
              float* out, void* storage) {
   if (rows == 0) return;
-  rmsnorm_k<<<unsigned(rows), n <= 128 ? 32 : 256, 0, g_stream>>>(x, n, w, eps, offset, dt, out,
-                                                                  storage);
+  rmsnorm_k<<<unsigned(rows), norm_threads(n), 0, g_stream>>>(x, n, w, eps, offset, dt, out,
+                                                              storage);
   check_launch("rmsnorm");
+}
+
+void step_qkv(const StepQkv& a) {
+  if (a.head_dim > 256) throw std::runtime_error("step_qkv: head_dim above 256");
+  step_qkv_k<<<unsigned(a.heads + 2 * a.kv_heads), norm_threads(a.head_dim), 0, g_stream>>>(a);
+  check_launch("step_qkv");
+}
+
+void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t n, const float* w,
+                   float eps, bool offset, Dt dt, float* out, void* storage) {
+  residual_norm_k<<<unsigned(rows), norm_threads(n), 0, g_stream>>>(h, product, n, w, eps, offset,
+                                                                    dt, out, storage);
+  check_launch("residual_norm");
+}
+
+void step_act(const RoundSegment& gate, const RoundSegment& up, int64_t n, int act, Dt dt,
+              float* out, void* storage) {
+  step_act_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(gate, up, n, act, dt, out, storage);
+  check_launch("step_act");
 }
 
 void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, const float* cos,

@@ -111,6 +111,38 @@ void set_stream(void* stream);
 // v in storage, v also in fp32 in vf).
 void cache_append(const float* k, const float* v, int64_t kvd, const int64_t* pos, void* kst,
                   void* vst, float* vf, Dt dt);
+// A decode step's fused launches (one token; each computes what the launches it replaces did,
+// element for element and with the same reductions, so the tokens do not depend on the fusion):
+// step_qkv: bias_round of the q/k/v products (proj.seg[0..2], rows = 1), q/k RMSNorm per head
+// (q_norm/k_norm nullable), RoPE at position *pos (tables and rowoff as rope's), q into `q`
+// [heads * D], k and v into the cache at row *pos (cache_append's layout).
+struct StepQkv {
+  RoundSegments proj;
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  float eps = 0.0f;
+  bool offset = false;  // Gemma's (1 + w)
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  const int64_t* rowoff = nullptr;
+  int64_t rot = 0;
+  const int64_t* pos = nullptr;
+  int64_t heads = 0, kv_heads = 0, head_dim = 0;
+  float* q = nullptr;
+  void* kst = nullptr;
+  void* vst = nullptr;
+  float* vf = nullptr;
+  Dt dt = Dt::F32;
+};
+void step_qkv(const StepQkv& a);
+// h = round(h + bias_round(product)) over rows x n, then out = rmsnorm(h) with w (and in storage,
+// nullable): add_round followed by rmsnorm in one launch.
+void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t n, const float* w,
+                   float eps, bool offset, Dt dt, float* out, void* storage);
+// act_mul of bias_round(gate) and bias_round(up) (n elements), in one launch.
+void step_act(const RoundSegment& gate, const RoundSegment& up, int64_t n, int act, Dt dt,
+              float* out, void* storage);
+
 // Its attention: q [heads * D] (fp32, rounded) against the cache rows [lo, *pos] (lo: the last
 // window - 1 before it for a sliding-window layer, else 0), eager or fused as the kernels above
 // compute them (kernels.cu says where the order of sums differs). S: scratch [heads, sstride],

@@ -565,6 +565,10 @@ TEST(Backend, EnvironmentTable) {
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_GEMM_F32", "1"}}).cuda_gemm_f32_out);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_GRAPH", "1"}}).cuda_graph);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_STEP_TIMES", "1"}}).cuda_step_times);
+  EXPECT_TRUE(d.cuda_fuse);
+  EXPECT_FALSE(d.cuda_profile);
+  EXPECT_TRUE(with({{"NANSCOPE_CUDA_PROFILE", "1"}}).cuda_profile);
+  EXPECT_FALSE(with({{"NANSCOPE_CUDA_FUSE", "0"}}).cuda_fuse);
   const AmxTuning blk = with({{"NANSCOPE_AMX_BLOCK", "64,256,512"}}).amx_tuning;
   EXPECT_EQ(blk.m, 64);
   EXPECT_EQ(blk.n, 256);

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 
 #include "cli_util.hpp"
@@ -14,6 +15,7 @@
 #include "cuda/forward_cuda.hpp"
 #include "formats/checkpoint.hpp"
 #include "model/forward.hpp"
+#include "numerics/backend.hpp"
 #include "tools/generate.hpp"
 
 namespace nanscope {
@@ -148,6 +150,55 @@ TEST(DeviceGpu, GreedyPickOnTheGpuIsTheHostsArgmaxOfTheRow) {
           EXPECT_EQ(rows.ids[i], best) << what << " step " << i;
         }
       }
+}
+
+// A decode step's fused kernels (NANSCOPE_CUDA_FUSE, on by default) change the launches, never
+// the numbers: every step's logits bit for bit as the separate kernels compute them, graph or
+// not. The families cover q/k norms (Qwen3), biases (Qwen2), windows (Mistral, Qwen2's), fused
+// projections and partial rotary (Phi-3/4) and Gemma's norms after attention (not fused: the same
+// path either way); fp32, bf16 and fp16; eager and fused attention.
+TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
+  if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
+  for (const char* model : {"qwen3-tiny", "qwen2-tiny", "qwen2-tiny-window", "llama-tiny",
+                            "mistral-tiny", "phi3-tiny", "phi4-tiny-partial", "gemma2-tiny"})
+    for (DType dt : {DType::F32, DType::BF16, DType::F16})
+      for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused})
+        for (bool graph : {false, true}) {
+          const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
+          GenerateOptions o;
+          o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
+          o.max_new_tokens = 40;
+          o.eos = std::vector<int64_t>{};
+          o.dtype = dt;
+          o.attention = at;
+          o.device = Device::Cuda;
+          o.keep_logits = true;
+          Backend b = backend();
+          b.cuda_graph = graph;
+          b.cuda_fuse = false;
+          GenerateResult apart;
+          {
+            const ScopedBackend use(b);
+            apart = generate(ck, o);
+          }
+          b.cuda_fuse = true;
+          GenerateResult fused;
+          {
+            const ScopedBackend use(b);
+            fused = generate(ck, o);
+          }
+          const std::string what = std::string(model) + " " + std::string(dtype_name(dt)) + " " +
+                                   std::string(attention_name(at)) + (graph ? " graph" : "");
+          ASSERT_EQ(fused.ids, apart.ids) << what;
+          ASSERT_EQ(fused.step_logits.size(), apart.step_logits.size()) << what;
+          for (size_t i = 0; i < fused.step_logits.size(); ++i) {
+            const std::vector<float>& x = fused.step_logits[i];
+            const std::vector<float>& y = apart.step_logits[i];
+            ASSERT_EQ(x.size(), y.size()) << what;
+            EXPECT_EQ(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)), 0)
+                << what << " step " << i;
+          }
+        }
 }
 
 }  // namespace
