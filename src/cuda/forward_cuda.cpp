@@ -96,6 +96,8 @@ class Profile {
     }
     n_ = 0;
   }
+  // A pass that ended by an error leaves its marks open: a graph capture must not record them.
+  void reset() { n_ = 0; }
   // Host time outside the marked spans (a pass's set-up, the weights' upload).
   void host(const char* phase, double ms) {
     if (!on_) return;
@@ -155,13 +157,21 @@ class DevBuf {
     if (bytes > 0) check(cudaMalloc(&p_, bytes), "cudaMalloc");
   }
   ~DevBuf() {
-    if (p_ != nullptr) cudaFree(p_);
+    if (p_ != nullptr && own_) cudaFree(p_);
   }
-  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(o.bytes_) {}
+  DevBuf(DevBuf&& o) noexcept
+      : p_(std::exchange(o.p_, nullptr)), bytes_(o.bytes_), own_(o.own_) {}
   DevBuf& operator=(DevBuf&& o) noexcept {
     std::swap(p_, o.p_);
     std::swap(bytes_, o.bytes_);
+    std::swap(own_, o.own_);
     return *this;
+  }
+  // The first `bytes` of this memory, not freed with the view (pass_pool).
+  DevBuf view(size_t bytes) const {
+    DevBuf v;
+    v.p_ = p_, v.bytes_ = bytes, v.own_ = false;
+    return v;
   }
   DevBuf(const DevBuf&) = delete;
   DevBuf& operator=(const DevBuf&) = delete;
@@ -172,6 +182,7 @@ class DevBuf {
  private:
   void* p_ = nullptr;
   size_t bytes_ = 0;
+  bool own_ = true;
 };
 
 // Page-locked host bytes: sources of copies that must not wait for the GPU (cudaMemcpyAsync
@@ -184,14 +195,22 @@ class PinnedBytes {
     if (n > 0) check(cudaMallocHost(&p_, n), "cudaMallocHost");
   }
   ~PinnedBytes() {
-    if (p_ != nullptr) cudaFreeHost(p_);
+    if (p_ != nullptr && own_) cudaFreeHost(p_);
   }
-  PinnedBytes(PinnedBytes&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
+  PinnedBytes(PinnedBytes&& o) noexcept
+      : p_(std::exchange(o.p_, nullptr)), n_(o.n_), own_(o.own_) {}
   PinnedBytes& operator=(PinnedBytes&& o) noexcept {
     std::swap(p_, o.p_);
     std::swap(n_, o.n_);
+    std::swap(own_, o.own_);
     return *this;
   }
+  PinnedBytes view(size_t n) const {
+    PinnedBytes v;
+    v.p_ = p_, v.n_ = n, v.own_ = false;
+    return v;
+  }
+  size_t size() const { return n_; }
   PinnedBytes(const PinnedBytes&) = delete;
   PinnedBytes& operator=(const PinnedBytes&) = delete;
   void* get() const { return p_; }
@@ -200,7 +219,39 @@ class PinnedBytes {
  private:
   void* p_ = nullptr;
   size_t n_ = 0;
+  bool own_ = true;
 };
+
+// The buffers of the passes without a key/value cache (hidden's batches, trace, check), kept
+// for the next one: allocating a batch's ~2.5 GB of device memory and its page-locked state
+// buffer took ~50 ms per 8,192-token batch of Qwen3-4B. Such passes run one at a time; a pass
+// with a cache owns its buffers (generate's prompt and step passes are alive together).
+struct PassPool {
+  std::vector<DevBuf> dev;
+  std::vector<PinnedBytes> pinned;
+};
+PassPool& pass_pool() {
+  static PassPool p;
+  return p;
+}
+
+inline size_t view_size(const DevBuf& b) {
+  return b.bytes();
+}
+inline size_t view_size(const PinnedBytes& b) {
+  return b.size();
+}
+
+template <typename Buf>
+Buf pooled_buffer(std::vector<Buf>& pool, size_t slot, size_t bytes) {
+  if (pool.size() <= slot) pool.resize(slot + 1);
+  Buf& b = pool[slot];
+  if (b.get() == nullptr || view_size(b) < bytes) {
+    b = Buf();  // the old memory first
+    b = Buf(bytes);
+  }
+  return b.view(bytes);
+}
 
 // Host-to-device copies of weights through two page-locked buffers: the OpenMP workers copy the
 // mapping's pages into one while the other's DMA runs. A cudaMemcpy from the pageable mapping
@@ -431,10 +482,10 @@ class Pass {
         f32_out_(backend().cuda_gemm_f32_out || opt.dtype == DType::F32),
         dm_keep_(device_model(ck, spec, opt)),
         dm_(*dm_keep_),
-        cache_(cache),
-        host_(static_cast<size_t>(std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) *
-                                  spec.hidden) *
-              sizeof(float)) {
+        cache_(cache) {
+    host_ = pinned(static_cast<size_t>(
+                       std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) * spec.hidden) *
+                   sizeof(float));
     for (int64_t len : lengths) {
       segs_.push_back({T_, len});
       T_ += len;
@@ -451,22 +502,22 @@ class Pass {
     }
     const int64_t widest = std::max({H_, qd, kvd, I});  // the lm_head's buffers: run()
     const size_t f = sizeof(float), eb = size_t(cuda::dt_bytes(dt_));
-    h_ = DevBuf(size_t(T_ * H_) * f);
-    x_ = DevBuf(size_t(T_ * H_) * f);
-    y_ = DevBuf(size_t(T_ * H_) * f);
-    q_ = DevBuf(size_t(T_ * qd) * f);
-    k_ = DevBuf(size_t(T_ * kvd) * f);
-    v_ = DevBuf(size_t(T_ * kvd) * f);
-    ctx_ = DevBuf(size_t(T_ * qd) * f);
-    g_ = DevBuf(size_t(T_ * I) * f);
-    u_ = DevBuf(size_t(T_ * I) * f);
-    act_ = DevBuf(size_t(T_ * I) * f);
-    xs_ = DevBuf(size_t(T_ * widest) * eb);
-    cs_ = DevBuf(size_t(T_ * std::max(widest, std::max(qd + 2 * kvd, 2 * I))) * eb);  // linear_many
-    qs_ = DevBuf(size_t(T_ * qd) * eb);
-    ks_ = DevBuf(size_t(T_ * kvd) * eb);
-    vs_ = DevBuf(size_t(T_ * kvd) * eb);
-    stats_ = DevBuf(sizeof(cuda::SiteStats));
+    h_ = dev(size_t(T_ * H_) * f);
+    x_ = dev(size_t(T_ * H_) * f);
+    y_ = dev(size_t(T_ * H_) * f);
+    q_ = dev(size_t(T_ * qd) * f);
+    k_ = dev(size_t(T_ * kvd) * f);
+    v_ = dev(size_t(T_ * kvd) * f);
+    ctx_ = dev(size_t(T_ * qd) * f);
+    g_ = dev(size_t(T_ * I) * f);
+    u_ = dev(size_t(T_ * I) * f);
+    act_ = dev(size_t(T_ * I) * f);
+    xs_ = dev(size_t(T_ * widest) * eb);
+    cs_ = dev(size_t(T_ * std::max(widest, std::max(qd + 2 * kvd, 2 * I))) * eb);  // linear_many
+    qs_ = dev(size_t(T_ * qd) * eb);
+    ks_ = dev(size_t(T_ * kvd) * eb);
+    vs_ = dev(size_t(T_ * kvd) * eb);
+    stats_ = dev(sizeof(cuda::SiteStats));
     if (cache_) {
       if (segs_.size() != 1) fail("forward: a key/value cache holds one sequence");
       // Allocated once: a decode step allocates nothing and waits for the GPU only at the end.
@@ -539,9 +590,11 @@ class Pass {
       queued = std::chrono::steady_clock::now();
       check(cudaStreamSynchronize(stream_), "decode step");
     } else {
+      Profile::get().begin();  // launched one by one on the legacy stream: its phases are timed
       step_body();
       queued = std::chrono::steady_clock::now();
       check(cudaStreamSynchronize(nullptr), "decode step");
+      Profile::get().end();
     }
     // NANSCOPE_CUDA_STEP_TIMES=1: the host's time to queue a step against the step's whole time
     // (the benchmark's question: are the launches or the GPU the bottleneck?).
@@ -598,9 +651,11 @@ class Pass {
       check(
           cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
           "upload");
+    mark("step embeddings");
     if (fuse_) {
       fused_layers();
       linear(-1, spec_.lm_head, product_input(x_), 1, dm_.lm_head, DevVec{}, logits_.f());
+      mark("step lm_head");
     } else {
       const int64_t N = int64_t(spec_.layers.size());
       for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
@@ -619,6 +674,7 @@ class Pass {
                             cudaMemcpyDeviceToHost, st),
             "argmax download");
     }
+    mark("step pick / logits out");
   }
 
   // A 1-token step's layers with the fused kernels: layer()'s recipe, each product's rounding
@@ -642,6 +698,7 @@ class Pass {
       q.proj = products(product_input(x_), 1,
                         {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()},
                          {{}, w.v, w.v_bias, v_.f()}});
+      mark("step q/k/v products");
       if (a.qk_norm) q.q_norm = w.q_norm.data(), q.k_norm = w.k_norm.data();
       q.eps = eps;
       q.offset = off;
@@ -657,29 +714,38 @@ class Pass {
       q.vf = cache_->vf[size_t(l)].f();
       q.dt = dt_;
       cuda::step_qkv(q);
+      mark("step q/k/v norm rope cache");
       cuda::decode_attention(q_.f(), q.kst, q.vst, q.vf, dpos, a.heads, a.kv_heads, a.head_dim,
                              a.scaling, a.softcap.value_or(0.0f), a.window,
                              att_ == AttentionProfile::Fused, dt_, S_.f(), max_keys_, ctx_.f(),
                              staged_out());
+      mark("step attention");
       const cuda::RoundSegments o = products(product_input(ctx_), 1, {{{}, w.o, w.o_bias, y_.f()}});
+      mark("step o product");
       cuda::residual_norm(h_.f(), o.seg[0], 1, H_, w.mlp_in_norm.data(), eps, off, dt_, x_.f(),
                           staged_out());
+      mark("step residual + norm");
       const cuda::RoundSegments gu =
           products(product_input(x_), 1,
                    {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}});
+      mark("step gate/up products");
       cuda::step_act(gu.seg[0], gu.seg[1], w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1,
                      dt_, act_.f(), staged_out());
+      mark("step act");
       const cuda::RoundSegments d =
           products(product_input(act_), 1, {{{}, w.down, w.down_bias, y_.f()}});
+      mark("step down product");
       const DevVec& next = l + 1 < N ? dm_.layers[size_t(l + 1)].input_norm : dm_.final_norm;
       cuda::residual_norm(h_.f(), d.seg[0], 1, H_, next.data(), eps, off, dt_, x_.f(),
                           staged_out());
+      mark("step residual + norm");
     }
   }
 
   // step_body captured once into a graph (the host buffers and the position scalar are read
   // when it replays). A failure ends the capture before it is reported.
   void capture() {
+    Profile::get().reset();
     const StreamScope on(stream_);
     check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "graph capture");
     cudaGraph_t g = nullptr;
@@ -699,8 +765,15 @@ class Pass {
  public:
   std::vector<float> run(std::span<const float> h0) {
     Profile::get().begin();
-    check(cudaMemcpy(h_.get(), h0.data(), h0.size() * sizeof(float), cudaMemcpyHostToDevice),
-          "upload");
+    // Through the page-locked state buffer (the same size): a pageable copy moved ~8 GB/s.
+    const size_t hb = h0.size() * sizeof(float);
+    if (hb > host_.size()) throw std::logic_error("forward_cuda: embeddings larger than [T, H]");
+    const char* from = reinterpret_cast<const char*>(h0.data());
+    char* to = static_cast<char*>(host_.get());
+    parallel_for(int64_t(hb), int64_t(1) << 20, [&](int64_t lo, int64_t hi) {
+      std::memcpy(to + lo, from + lo, size_t(hi - lo));
+    });
+    check(cudaMemcpy(h_.get(), host_.get(), hb, cudaMemcpyHostToDevice), "upload");
     mark("embeddings up");
     hidden(0, h_.f());
     mark("states out");
@@ -716,9 +789,9 @@ class Pass {
     hidden(N, x_.f());
     mark("states out");
     // Only now: hidden's observer stops after the last state it keeps, and [T, V] is large.
-    logits_ = DevBuf(size_t(T_ * V_) * sizeof(float));
+    logits_ = dev(size_t(T_ * V_) * sizeof(float));
     const size_t lm_c = size_t(T_ * V_) * size_t(cuda::dt_bytes(dt_));
-    if (!f32_out_ && cs_.bytes() < lm_c) cs_ = DevBuf(lm_c);
+    if (!f32_out_ && cs_.bytes() < lm_c) cs_ = dev(lm_c);
     linear(-1, spec_.lm_head, stage(x_.f(), T_ * H_), T_, dm_.lm_head, DevVec{}, logits_.f());
     if (spec_.final_softcap) {
       cuda::softcap(logits_.f(), T_ * V_, *spec_.final_softcap, dt_);
@@ -1167,12 +1240,12 @@ class Pass {
     if (pool_seg_.get() == nullptr) {  // the sequences' rows, once per pass
       std::vector<int64_t> ol(2 * S);
       for (size_t i = 0; i < S; ++i) ol[i] = segs_[i].off, ol[S + i] = segs_[i].len;
-      pool_seg_ = DevBuf(ol.size() * sizeof(int64_t));
+      pool_seg_ = dev(ol.size() * sizeof(int64_t));
       check(cudaMemcpy(pool_seg_.get(), ol.data(), ol.size() * sizeof(int64_t),
                        cudaMemcpyHostToDevice),
             "upload");
-      pool_out_ = DevBuf(rows + S * sizeof(unsigned));
-      pool_host_ = PinnedBytes(rows + S * sizeof(unsigned));
+      pool_out_ = dev(rows + S * sizeof(unsigned));
+      pool_host_ = pinned(rows + S * sizeof(unsigned));
     }
     const auto* seg = static_cast<const int64_t*>(pool_seg_.get());
     auto* bad = reinterpret_cast<unsigned*>(static_cast<char*>(pool_out_.get()) + rows);
@@ -1194,6 +1267,16 @@ class Pass {
   }
 
   // ---- set-up ----
+  // Device and page-locked buffers: pass_pool's for a pass without a cache, else its own.
+  DevBuf dev(size_t bytes) {
+    if (cache_ != nullptr) return DevBuf(bytes);
+    return pooled_buffer(pass_pool().dev, dev_slot_++, bytes);
+  }
+  PinnedBytes pinned(size_t bytes) {
+    if (cache_ != nullptr) return PinnedBytes(bytes);
+    return pooled_buffer(pass_pool().pinned, pin_slot_++, bytes);
+  }
+
   // cos/sin tables per rope of the model, concatenated over the lengths that need their own
   // (dynamic, longrope), and each row's offset into them.
   struct Rope {
@@ -1262,9 +1345,9 @@ class Pass {
       max_keys_ = T_ == 1 ? cache_->cap : T_;
       most = maxH_ * T_ * max_keys_;
     }
-    S_ = DevBuf(size_t(most) * sizeof(float));
-    if (att_ == AttentionProfile::Eager || sites_) P_ = DevBuf(size_t(most) * sizeof(float));
-    if (att_ == AttentionProfile::Eager) Ps_ = DevBuf(size_t(most) * size_t(cuda::dt_bytes(dt_)));
+    S_ = dev(size_t(most) * sizeof(float));
+    if (att_ == AttentionProfile::Eager || sites_) P_ = dev(size_t(most) * sizeof(float));
+    if (att_ == AttentionProfile::Eager) Ps_ = dev(size_t(most) * size_t(cuda::dt_bytes(dt_)));
     ptr_region_ = size_t(6 * most_mats) * sizeof(void*) + size_t(most_mats) * sizeof(int64_t);
     if (cache_) {  // a region per layer (chunk_scores)
       const size_t layers = spec_.layers.size();
@@ -1284,6 +1367,7 @@ class Pass {
   std::shared_ptr<DevModel> dm_keep_;
   DevModel& dm_;
   DevCache* cache_;   // null: no key/value cache
+  size_t dev_slot_ = 0, pin_slot_ = 0;  // the next of pass_pool's buffers (dev, pinned)
   int64_t past_ = 0;  // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
   int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold

@@ -29,6 +29,18 @@ void check_launch(const char* what) {
     throw std::runtime_error(std::string("CUDA kernel ") + what + ": " + cudaGetErrorString(e));
 }
 
+// The GPU's multiprocessors (grid sizes of the strided kernels).
+unsigned sm_count() {
+  static const unsigned n = [] {
+    int d = 0, c = 0;
+    if (cudaGetDevice(&d) != cudaSuccess ||
+        cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, d) != cudaSuccess || c <= 0)
+      return 132u;
+    return unsigned(c);
+  }();
+  return n;
+}
+
 unsigned blocks_for(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;
   return unsigned(b < 1 ? 1 : (b > (1ll << 30) ? (1ll << 30) : b));
@@ -81,17 +93,17 @@ __global__ void bias_round_k(const void* c, Dt ctype, const float* bias, int64_t
   }
 }
 
+// A grid row per segment. Searching each element's segment in a loop over the launch's
+// parameters put them in local memory and cost 4 ms per layer on Qwen3-4B's gate/up at 8,192
+// tokens (the products themselves: 1.1 ms).
 __global__ void bias_round_many_k(RoundSegments segs, int64_t rows, Dt dt) {
-  int64_t total = 0;
-  for (int k = 0; k < segs.n; ++k) total += rows * segs.seg[k].cols;
-  FOR_EACH(i, total) {
-    int64_t at = i;
-    int k = 0;
-    while (at >= rows * segs.seg[k].cols) at -= rows * segs.seg[k++].cols;
-    const RoundSegment& s = segs.seg[k];
-    float x = load_dt(s.c_in, s.ctype, at);
-    if (s.bias != nullptr) x = x + s.bias[at % s.cols];
-    s.out[at] = round_dt(x, dt);
+  const RoundSegment s = segs.seg[blockIdx.y];
+  const int64_t n = rows * s.cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float x = load_dt(s.c_in, s.ctype, i);
+    if (s.bias != nullptr) x = x + s.bias[i % s.cols];
+    s.out[i] = round_dt(x, dt);
   }
 }
 
@@ -648,9 +660,12 @@ void bias_round(const void* c_in, Dt ctype, const float* bias, int64_t rows, int
 }
 
 void bias_round_many(const RoundSegments& segs, int64_t rows, Dt dt) {
-  int64_t total = 0;
-  for (int k = 0; k < segs.n; ++k) total += rows * segs.seg[k].cols;
-  bias_round_many_k<<<blocks_for(total, 256), 256, 0, g_stream>>>(segs, rows, dt);
+  if (segs.n == 0) return;
+  int64_t most = 0;
+  for (int k = 0; k < segs.n; ++k) most = std::max(most, rows * segs.seg[k].cols);
+  // Enough blocks to fill the GPU several times over; each thread strides over the rest.
+  const unsigned bx = std::min(blocks_for(most, 256), sm_count() * 32u / unsigned(segs.n) + 1u);
+  bias_round_many_k<<<dim3(bx, unsigned(segs.n)), 256, 0, g_stream>>>(segs, rows, dt);
   check_launch("bias_round_many");
 }
 
