@@ -14,13 +14,13 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                  \
-  do {                                                                         \
-    auto e_ = (x);                                                             \
-    if (int(e_) != 0) {                                                        \
+#define CK(x)                                                                   \
+  do {                                                                          \
+    auto e_ = (x);                                                              \
+    if (int(e_) != 0) {                                                         \
       std::fprintf(stderr, "%s:%d %s = %d\n", __FILE__, __LINE__, #x, int(e_)); \
-      std::exit(1);                                                            \
-    }                                                                          \
+      std::exit(1);                                                             \
+    }                                                                           \
   } while (0)
 
 // The inputs both sides build: v_i = ((i * 7919) % 1001 - 500) / 500 * scale, in bf16.
@@ -107,10 +107,11 @@ int main(int argc, char** argv) {
       std::vector<uint16_t> out(size_t(M) * N);
       CK(cudaMemcpy(out.data(), dc, out.size() * 2, cudaMemcpyDeviceToHost));
       static const char* names[] = {"gemmex", "gemmex+ws32M", "lt+ws32M"};
-      std::printf("{\"M\": %d, \"N\": %d, \"K\": %d, \"variant\": \"%s\", \"ms\": %.4f, "
-                  "\"tflops\": %.1f, \"hash\": \"%016llx\"}\n",
-                  M, N, K, names[variant], ts[5], 2.0 * M * N * K / (ts[5] * 1e-3) / 1e12,
-                  static_cast<unsigned long long>(bits_hash(out)));
+      std::printf(
+          "{\"M\": %d, \"N\": %d, \"K\": %d, \"variant\": \"%s\", \"ms\": %.4f, "
+          "\"tflops\": %.1f, \"hash\": \"%016llx\"}\n",
+          M, N, K, names[variant], ts[5], 2.0 * M * N * K / (ts[5] * 1e-3) / 1e12,
+          static_cast<unsigned long long>(bits_hash(out)));
       if (variant == 2) {
         cublasLtMatmulDescDestroy(op);
         cublasLtMatrixLayoutDestroy(la);

@@ -159,8 +159,7 @@ class DevBuf {
   ~DevBuf() {
     if (p_ != nullptr && own_) cudaFree(p_);
   }
-  DevBuf(DevBuf&& o) noexcept
-      : p_(std::exchange(o.p_, nullptr)), bytes_(o.bytes_), own_(o.own_) {}
+  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(o.bytes_), own_(o.own_) {}
   DevBuf& operator=(DevBuf&& o) noexcept {
     std::swap(p_, o.p_);
     std::swap(bytes_, o.bytes_);
@@ -435,6 +434,26 @@ cublasHandle_t blas() {
   return h;
 }
 
+// Two more streams, each with a cuBLAS handle of its own (one handle's workspace must not be
+// used by two streams at once), for a decode step's independent products: k and v beside q, up
+// beside gate. Alone, each of these matrix-vector products leaves most of the GPU idle; the
+// same calls on other streams compute the same bits.
+struct SideStreams {
+  cudaStream_t s[2] = {};
+  cublasHandle_t h[2] = {};
+  SideStreams() {
+    for (int i = 0; i < 2; ++i) {
+      check(cudaStreamCreateWithFlags(&s[i], cudaStreamNonBlocking), "stream");
+      check(cublasCreate(&h[i]), "cublasCreate");
+      check(cublasSetStream(h[i], s[i]), "cublasSetStream");
+    }
+  }
+};
+SideStreams& side_streams() {
+  static SideStreams s;
+  return s;
+}
+
 void require_device() {
   static const bool ok = [] {
     int n = 0;
@@ -483,8 +502,8 @@ class Pass {
         dm_keep_(device_model(ck, spec, opt)),
         dm_(*dm_keep_),
         cache_(cache) {
-    host_ = pinned(static_cast<size_t>(
-                       std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) * spec.hidden) *
+    host_ = pinned(static_cast<size_t>(std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) *
+                                       spec.hidden) *
                    sizeof(float));
     for (int64_t len : lengths) {
       segs_.push_back({T_, len});
@@ -541,6 +560,12 @@ class Pass {
       fuse_ = step_ && backend().cuda_fuse;
       for (const LayerSpec& s : spec.layers)
         if (!s.names.attn_out_norm.empty() || !s.names.mlp_out_norm.empty()) fuse_ = false;
+      streams_ = fuse_ && backend().cuda_step_streams;
+      if (streams_) {
+        check(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "event");
+        for (cudaEvent_t& e : join_)
+          check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+      }
       if (step_) {
         pos_ = DevBuf(sizeof(int64_t));
         pos_host_ = PinnedBytes(sizeof(int64_t));
@@ -555,6 +580,9 @@ class Pass {
   }
 
   ~Pass() {
+    if (fork_ != nullptr) cudaEventDestroy(fork_);
+    for (cudaEvent_t e : join_)
+      if (e != nullptr) cudaEventDestroy(e);
     if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
@@ -695,9 +723,10 @@ class Pass {
       const AttentionSpec& a = s.attn;
       const Rope& r = ropes_.at(a.rope);
       cuda::StepQkv q;
-      q.proj = products(product_input(x_), 1,
-                        {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()},
-                         {{}, w.v, w.v_bias, v_.f()}});
+      q.proj = products(
+          product_input(x_), 1,
+          {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()}, {{}, w.v, w.v_bias, v_.f()}},
+          streams_);
       mark("step q/k/v products");
       if (a.qk_norm) q.q_norm = w.q_norm.data(), q.k_norm = w.k_norm.data();
       q.eps = eps;
@@ -727,10 +756,10 @@ class Pass {
       mark("step residual + norm");
       const cuda::RoundSegments gu =
           products(product_input(x_), 1,
-                   {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}});
+                   {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}}, streams_);
       mark("step gate/up products");
-      cuda::step_act(gu.seg[0], gu.seg[1], w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1,
-                     dt_, act_.f(), staged_out());
+      cuda::step_act(gu.seg[0], gu.seg[1], w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1, dt_,
+                     act_.f(), staged_out());
       mark("step act");
       const cuda::RoundSegments d =
           products(product_input(act_), 1, {{{}, w.down, w.down_bias, y_.f()}});
@@ -770,9 +799,8 @@ class Pass {
     if (hb > host_.size()) throw std::logic_error("forward_cuda: embeddings larger than [T, H]");
     const char* from = reinterpret_cast<const char*>(h0.data());
     char* to = static_cast<char*>(host_.get());
-    parallel_for(int64_t(hb), int64_t(1) << 20, [&](int64_t lo, int64_t hi) {
-      std::memcpy(to + lo, from + lo, size_t(hi - lo));
-    });
+    parallel_for(int64_t(hb), int64_t(1) << 20,
+                 [&](int64_t lo, int64_t hi) { std::memcpy(to + lo, from + lo, size_t(hi - lo)); });
     check(cudaMemcpy(h_.get(), host_.get(), hb, cudaMemcpyHostToDevice), "upload");
     mark("embeddings up");
     hidden(0, h_.f());
@@ -1099,25 +1127,41 @@ class Pass {
 
   // linear_many's cuBLAS calls alone: the outputs as a kernel reads them before their rounding
   // (bias_round_many, or a fused decode kernel that rounds them where it reads them).
-  cuda::RoundSegments products(const void* x, int64_t rows,
-                               std::initializer_list<LinearSpec> specs) {
+  // concurrent (a decode step's fused path): product i > 0 on side stream i - 1, forked from
+  // and joined back into the current stream.
+  cuda::RoundSegments products(const void* x, int64_t rows, std::initializer_list<LinearSpec> specs,
+                               bool concurrent = false) {
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_type(dt_);
     cuda::RoundSegments segs;
     const size_t eb = size_t(cuda::dt_bytes(dt_));
-    size_t at = 0;  // bytes into cs_
+    SideStreams* side = concurrent ? &side_streams() : nullptr;
+    const cudaStream_t cur = graph_ ? stream_ : nullptr;
+    if (side != nullptr) {
+      check(cudaEventRecord(fork_, cur), "fork");
+      for (size_t i = 1; i < specs.size(); ++i)
+        check(cudaStreamWaitEvent(side->s[i - 1], fork_, 0), "fork");
+    }
+    size_t at = 0, i = 0;  // bytes into cs_, the product's index
     for (const LinearSpec& sp : specs) {
       const bool f32 = f32_out_ || !sp.bias.empty();  // as linear() calls it
       void* c = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
       at += size_t(rows * sp.w.rows) * eb;
       if (!f32 && at > cs_.bytes()) throw std::logic_error("linear_many: the products' scratch");
-      check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(sp.w.rows), int(rows),
-                         int(sp.w.cols), &one, sp.w.buf.get(), t, int(sp.w.cols), x, t,
-                         int(sp.w.cols), &zero, c, f32 ? CUDA_R_32F : t, int(sp.w.rows),
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      const cublasHandle_t h = side != nullptr && i > 0 ? side->h[i - 1] : blas();
+      check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(sp.w.rows), int(rows), int(sp.w.cols),
+                         &one, sp.w.buf.get(), t, int(sp.w.cols), x, t, int(sp.w.cols), &zero, c,
+                         f32 ? CUDA_R_32F : t, int(sp.w.rows), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
             "linear");
       segs.seg[segs.n++] = {c, f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
+      ++i;
     }
+    if (side != nullptr)
+      for (size_t k = 1; k < specs.size(); ++k) {
+        check(cudaEventRecord(join_[k - 1], side->s[k - 1]), "join");
+        check(cudaStreamWaitEvent(cur, join_[k - 1], 0), "join");
+      }
     return segs;
   }
 
@@ -1258,11 +1302,11 @@ class Pass {
       check(cudaMemcpy(pool_host_.get(), pool_out_.get(), rows + S * sizeof(unsigned),
                        cudaMemcpyDeviceToHost),
             "pooled state download");
-      const auto* hb = reinterpret_cast<const unsigned*>(static_cast<const char*>(pool_host_.get()) + rows);
+      const auto* hb =
+          reinterpret_cast<const unsigned*>(static_cast<const char*>(pool_host_.get()) + rows);
       for (size_t i = 0; i < S; ++i) finite[i] = hb[i] == 0 ? 1 : 0;
       obs_->hidden_state_pooled(index, pools[k],
-                                std::span<const float>(pool_host_.f(), S * size_t(H_)), finite,
-                                H_);
+                                std::span<const float>(pool_host_.f(), S * size_t(H_)), finite, H_);
     }
   }
 
@@ -1366,14 +1410,16 @@ class Pass {
   bool f32_out_;  // products write fp32 and round in bias_round (always for fp32 runs)
   std::shared_ptr<DevModel> dm_keep_;
   DevModel& dm_;
-  DevCache* cache_;   // null: no key/value cache
+  DevCache* cache_;                     // null: no key/value cache
   size_t dev_slot_ = 0, pin_slot_ = 0;  // the next of pass_pool's buffers (dev, pinned)
-  int64_t past_ = 0;  // with a cache: positions before this pass's tokens
+  int64_t past_ = 0;                    // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
   int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
   bool step_ = false;     // a 1-token pass with the cache: position on the GPU, decode_attention
   bool graph_ = false;    // a step replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
   bool fuse_ = false;     // a step through fused_layers (NANSCOPE_CUDA_FUSE=0: layer())
+  bool streams_ = false;  // fused_layers' independent products on side streams
+  cudaEvent_t fork_ = nullptr, join_[2] = {};  // (NANSCOPE_CUDA_STREAMS=1)
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
   int64_t graph_runs_ = 0;
@@ -1393,7 +1439,7 @@ class Pass {
   std::vector<Chunk> chunks_;
   std::map<std::tuple<size_t, int64_t, int64_t, int64_t>, DevBuf> chunk_ptrs_;  // chunk_scores
   std::map<int, Rope> ropes_;
-  PinnedBytes host_;  // one hidden state [T, H]
+  PinnedBytes host_;            // one hidden state [T, H]
   DevBuf pool_seg_, pool_out_;  // pooled(): the sequences' offsets and lengths; rows + flags
   PinnedBytes pool_host_;
 };
@@ -1423,8 +1469,9 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
   CudaPass res;
   const auto t0 = std::chrono::steady_clock::now();
   Pass p(ck, spec, lengths, opt, obs, sites);
-  Profile::get().host("pass set-up (host)",
-                      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  Profile::get().host(
+      "pass set-up (host)",
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   res.weight_bytes = p.weight_bytes();
   try {
     res.logits = p.run(h);

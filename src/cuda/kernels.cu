@@ -282,9 +282,8 @@ __global__ void residual_norm_k(float* h, RoundSegment p, int64_t n, const float
 __global__ void step_act_k(RoundSegment g, RoundSegment u, int64_t n, int act, Dt dt, float* out,
                            void* st) {
   FOR_EACH(i, n) {
-    const float y =
-        round_dt(round_dt(act_value(rounded_product(g, i, dt), act), dt) * rounded_product(u, i, dt),
-                 dt);
+    const float y = round_dt(
+        round_dt(act_value(rounded_product(g, i, dt), act), dt) * rounded_product(u, i, dt), dt);
     out[i] = y;
     if (st != nullptr) store_dt(st, dt, i, y);
   }

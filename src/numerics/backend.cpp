@@ -115,6 +115,7 @@ Backend backend_from_environment() {
   b.cuda_graph = !env_off("NANSCOPE_CUDA_GRAPH");
   b.cuda_step_times = env_on("NANSCOPE_CUDA_STEP_TIMES");
   b.cuda_profile = env_on("NANSCOPE_CUDA_PROFILE");
+  b.cuda_step_streams = env_on("NANSCOPE_CUDA_STREAMS");
   b.cuda_fuse = !env_off("NANSCOPE_CUDA_FUSE");
   b.amx = env_on("NANSCOPE_NO_AMX")        ? AmxUse::Off
           : env_on("NANSCOPE_AMX_EMULATE") ? AmxUse::Emulated

@@ -44,6 +44,9 @@
 // | NANSCOPE_CUDA_GRAPH=0          | cuda_graph=false  | decode steps launched one by one, not  |
 // |                                |                   | replayed as one CUDA graph (default)   |
 // | NANSCOPE_CUDA_STEP_TIMES=1     | cuda_step_times   | per-step queue / total time on stderr  |
+// | NANSCOPE_CUDA_STREAMS=1        | cuda_step_streams | a fused decode step's k/v and up       |
+// |                                |                   | products on two more streams (not yet  |
+// |                                |                   | run on a GPU: opt-in until it has)     |
 // | NANSCOPE_CUDA_PROFILE=1        | cuda_profile      | GPU and host time per phase of the     |
 // |                                |                   | passes, summed, on stderr at exit      |
 // | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps without the fused kernels |
@@ -131,10 +134,11 @@ struct Backend {
   // --device cuda: linear products write fp32 and are rounded after, instead of writing the run
   // dtype as torch's cuBLAS calls do (an experiment on the accumulation; NANSCOPE_CUDA_GEMM_F32).
   bool cuda_gemm_f32_out = false;
-  bool cuda_graph = true;        // the 1-token decode step replayed as a CUDA graph
-  bool cuda_step_times = false;  // each decode step's queueing and total time on stderr
-  bool cuda_profile = false;     // time per phase of the GPU passes, on stderr at exit
-  bool cuda_fuse = true;         // a decode step's fused kernels (qkv, residual + norm, act)
+  bool cuda_graph = true;          // the 1-token decode step replayed as a CUDA graph
+  bool cuda_step_times = false;    // each decode step's queueing and total time on stderr
+  bool cuda_profile = false;       // time per phase of the GPU passes, on stderr at exit
+  bool cuda_step_streams = false;  // fused step: k/v beside q, up beside gate (side streams)
+  bool cuda_fuse = true;           // a decode step's fused kernels (qkv, residual + norm, act)
   // Tests and experiments: every product this path can compute runs on it, whatever its number
   // of tokens (the bf16-only paths take bf16 runs only; other runs keep the usual choice).
   // choose_*_path throws std::logic_error if this machine cannot run it (path_runs_here).

@@ -567,6 +567,8 @@ TEST(Backend, EnvironmentTable) {
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_STEP_TIMES", "1"}}).cuda_step_times);
   EXPECT_TRUE(d.cuda_fuse);
   EXPECT_FALSE(d.cuda_profile);
+  EXPECT_FALSE(d.cuda_step_streams);
+  EXPECT_TRUE(with({{"NANSCOPE_CUDA_STREAMS", "1"}}).cuda_step_streams);
   EXPECT_TRUE(with({{"NANSCOPE_CUDA_PROFILE", "1"}}).cuda_profile);
   EXPECT_FALSE(with({{"NANSCOPE_CUDA_FUSE", "0"}}).cuda_fuse);
   const AmxTuning blk = with({{"NANSCOPE_AMX_BLOCK", "64,256,512"}}).amx_tuning;

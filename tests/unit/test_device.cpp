@@ -156,49 +156,53 @@ TEST(DeviceGpu, GreedyPickOnTheGpuIsTheHostsArgmaxOfTheRow) {
 // the numbers: every step's logits bit for bit as the separate kernels compute them, graph or
 // not. The families cover q/k norms (Qwen3), biases (Qwen2), windows (Mistral, Qwen2's), fused
 // projections and partial rotary (Phi-3/4) and Gemma's norms after attention (not fused: the same
-// path either way); fp32, bf16 and fp16; eager and fused attention.
+// path either way); fp32, bf16 and fp16; eager and fused attention; the fused step's products
+// on one stream and, with NANSCOPE_CUDA_STREAMS, on three.
 TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
   if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
   for (const char* model : {"qwen3-tiny", "qwen2-tiny", "qwen2-tiny-window", "llama-tiny",
                             "mistral-tiny", "phi3-tiny", "phi4-tiny-partial", "gemma2-tiny"})
     for (DType dt : {DType::F32, DType::BF16, DType::F16})
       for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused})
-        for (bool graph : {false, true}) {
-          const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
-          GenerateOptions o;
-          o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
-          o.max_new_tokens = 40;
-          o.eos = std::vector<int64_t>{};
-          o.dtype = dt;
-          o.attention = at;
-          o.device = Device::Cuda;
-          o.keep_logits = true;
-          Backend b = backend();
-          b.cuda_graph = graph;
-          b.cuda_fuse = false;
-          GenerateResult apart;
-          {
-            const ScopedBackend use(b);
-            apart = generate(ck, o);
+        for (bool graph : {false, true})
+          for (bool streams : {false, true}) {
+            const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
+            GenerateOptions o;
+            o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
+            o.max_new_tokens = 40;
+            o.eos = std::vector<int64_t>{};
+            o.dtype = dt;
+            o.attention = at;
+            o.device = Device::Cuda;
+            o.keep_logits = true;
+            Backend b = backend();
+            b.cuda_graph = graph;
+            b.cuda_fuse = false;
+            GenerateResult apart;
+            {
+              const ScopedBackend use(b);
+              apart = generate(ck, o);
+            }
+            b.cuda_fuse = true;
+            b.cuda_step_streams = streams;
+            GenerateResult fused;
+            {
+              const ScopedBackend use(b);
+              fused = generate(ck, o);
+            }
+            const std::string what = std::string(model) + " " + std::string(dtype_name(dt)) + " " +
+                                     std::string(attention_name(at)) + (graph ? " graph" : "") +
+                                     (streams ? " streams" : "");
+            ASSERT_EQ(fused.ids, apart.ids) << what;
+            ASSERT_EQ(fused.step_logits.size(), apart.step_logits.size()) << what;
+            for (size_t i = 0; i < fused.step_logits.size(); ++i) {
+              const std::vector<float>& x = fused.step_logits[i];
+              const std::vector<float>& y = apart.step_logits[i];
+              ASSERT_EQ(x.size(), y.size()) << what;
+              EXPECT_EQ(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)), 0)
+                  << what << " step " << i;
+            }
           }
-          b.cuda_fuse = true;
-          GenerateResult fused;
-          {
-            const ScopedBackend use(b);
-            fused = generate(ck, o);
-          }
-          const std::string what = std::string(model) + " " + std::string(dtype_name(dt)) + " " +
-                                   std::string(attention_name(at)) + (graph ? " graph" : "");
-          ASSERT_EQ(fused.ids, apart.ids) << what;
-          ASSERT_EQ(fused.step_logits.size(), apart.step_logits.size()) << what;
-          for (size_t i = 0; i < fused.step_logits.size(); ++i) {
-            const std::vector<float>& x = fused.step_logits[i];
-            const std::vector<float>& y = apart.step_logits[i];
-            ASSERT_EQ(x.size(), y.size()) << what;
-            EXPECT_EQ(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)), 0)
-                << what << " step " << i;
-          }
-        }
 }
 
 }  // namespace
