@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "numerics/dtype_simd.hpp"
 
@@ -26,6 +27,35 @@ bool all_finite(std::span<const float> x) {
   for (float f : x)
     if (!std::isfinite(f)) return false;
   return true;
+}
+
+bool all_finite_stored(std::span<const std::byte> bytes, DType t) {
+  // Branch-free per block so that the compiler vectorises the test.
+  const auto none_max_exponent = [&](auto word, auto mask) {
+    using W = decltype(word);
+    const size_t n = bytes.size() / sizeof(W);
+    for (size_t i = 0; i < n; i += 256) {
+      const size_t e = std::min(n, i + 256);
+      bool bad = false;
+      for (size_t j = i; j < e; ++j) {
+        W w;
+        std::memcpy(&w, bytes.data() + j * sizeof(W), sizeof(W));
+        bad |= (w & mask) == mask;
+      }
+      if (bad) return false;
+    }
+    return true;
+  };
+  switch (t) {
+    case DType::F32:
+      return none_max_exponent(uint32_t{}, uint32_t{0x7f800000u});
+    case DType::BF16:
+      return none_max_exponent(uint16_t{}, uint16_t{0x7f80u});
+    case DType::F16:
+      return none_max_exponent(uint16_t{}, uint16_t{0x7c00u});
+    default:
+      throw std::logic_error("all_finite_stored: not a float dtype");
+  }
 }
 
 namespace {

@@ -35,5 +35,7 @@ ValueStats value_stats_reference(const std::byte* p, size_t n, DType t);
 
 // Whether every value is finite (stops at the first that is not).
 bool all_finite(std::span<const float> x);
+// The same for values stored in a float dtype (F32, BF16, F16 bytes): an exponent of all ones.
+bool all_finite_stored(std::span<const std::byte> bytes, DType t);
 
 }  // namespace nanscope

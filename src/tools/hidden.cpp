@@ -16,6 +16,8 @@
 #include <cmath>
 #include <fstream>
 #include <functional>
+#include <future>
+#include <mutex>
 #include <set>
 #include <unordered_map>
 
@@ -26,6 +28,7 @@
 #include "formats/safetensors.hpp"
 #include "model/arch.hpp"
 #include "numerics/kernels.hpp"
+#include "numerics/parallel.hpp"
 #include "tools/trace.hpp"
 #include "numerics/stats.hpp"
 
@@ -297,7 +300,9 @@ struct Pending {
   int64_t input_index = 0;  // position in the input file
   int64_t tokens = 0;
   std::string kind;
-  std::vector<std::pair<int64_t, std::vector<float>>> tensors;  // (layer, values)
+  // (layer, values in the output dtype's bytes: converted as each state arrives, so that the
+  // writer only writes and a batch holds the written size, not fp32)
+  std::vector<std::pair<int64_t, std::vector<std::byte>>> tensors;
   std::vector<int64_t> shape;
   std::vector<int64_t> nonfinite;
 };
@@ -460,8 +465,13 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     todo_tokens += in->tokens();
   }
 
-  std::vector<Pending> pending;
-  auto flush = [&] {
+  // A batch's shard is written by a thread of its own while the next batch computes (on the
+  // GPU a batch of full states took less time to compute than to write). One write at a time,
+  // in order: the index names a shard's inputs only once it is in place, so a run stopped at
+  // any point resumes from the shards it finished. `mu` guards `sum` and `index` (the callbacks
+  // read them).
+  std::mutex mu;
+  auto write_shard = [&](std::vector<Pending> pending) {
     if (pending.empty()) return;
     const std::string name = shard_name(next_shard++);
     std::vector<TensorSpec> specs;
@@ -469,14 +479,10 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       for (const auto& [l, v] : p.tensors)
         specs.push_back({fmt::format("{}.layer{}", p.id, l), out_dt, p.shape});
     SafetensorsWriter w(out / name, specs, {{"format", kFormat}, {"settings", settings.dump()}});
-    std::vector<std::byte> buf;
     for (const auto& p : pending)
-      for (const auto& [l, v] : p.tensors) {
-        buf.resize(v.size() * size_t(dtype_bits(out_dt) / 8));
-        store_from_f32(v.data(), out_dt, buf.data(), v.size());
-        w.write(buf);
-      }
+      for (const auto& [l, v] : p.tensors) w.write(v);
     w.commit();
+    const std::lock_guard<std::mutex> lock(mu);
     // The shard is in place; only now does the index name its inputs.
     index["shards"].push_back(name);
     for (const auto& p : pending)
@@ -491,7 +497,10 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     write_file_atomic(sum.index, index.dump(1) + "\n");
     sum.shards.push_back(name);
     if (opt.on_shard) opt.on_shard(sum, int64_t(pending.size()));
-    pending.clear();
+  };
+  std::future<void> writing;  // the previous batch's shard
+  const auto wait_written = [&] {
+    if (writing.valid()) writing.get();  // rethrows the writer's error (a full disk)
   };
 
   // An empty first run still leaves an index behind, so that a directory is always readable.
@@ -508,6 +517,7 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     // One batch: run through the model together, written as one shard.
     ck.check_unchanged();  // weights rewritten by another process during a long run
     const std::span<const HiddenInput* const> batch(todo.data() + b0, b1 - b0);
+    std::vector<Pending> pending;
     for (size_t i = b0; i < b1; ++i) {
       const HiddenInput* in = todo[i];
       Pending p;
@@ -517,33 +527,41 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
       p.kind = std::string(in->kind());
       p.shape =
           opt.pool == Pool::None ? std::vector<int64_t>{p.tokens, H} : std::vector<int64_t>{H};
-      sum.tokens += p.tokens;
       pending.push_back(std::move(p));
     }
     // What is written must be finite too (fp32 -> fp16 can overflow), and so must the state it
-    // came from (last-token pooling would hide earlier positions).
+    // came from (last-token pooling would hide earlier positions). A whole state is finite
+    // exactly when its conversion is (NaN and inf stay what they are).
     const auto keep = [&](size_t b, int64_t layer, std::span<const float> v, bool state_finite) {
       Pending& p = pending[b];
-      std::vector<float> rounded(v.begin(), v.end());
-      round_inplace(rounded.data(), rounded.size(), out_dt);
-      if (!state_finite || !all_finite(rounded)) p.nonfinite.push_back(layer);
-      p.tensors.emplace_back(layer, std::vector<float>(v.begin(), v.end()));
+      const size_t eb = size_t(dtype_bits(out_dt) / 8);
+      std::vector<std::byte> bytes(v.size() * eb);
+      parallel_for(int64_t(v.size()), int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
+        store_from_f32(v.data() + lo, out_dt, bytes.data() + size_t(lo) * eb, size_t(hi - lo));
+      });
+      if (!state_finite || !all_finite_stored(bytes, out_dt)) p.nonfinite.push_back(layer);
+      p.tensors.emplace_back(layer, std::move(bytes));
     };
     if (opt.pool == Pool::None) {
-      hidden_states_batch(ck, batch, fwd, layers,
-                          [&](size_t b, int64_t layer, std::span<const float> st) {
-                            keep(b, layer, st, all_finite(st));
-                          });
+      hidden_states_batch(
+          ck, batch, fwd, layers,
+          [&](size_t b, int64_t layer, std::span<const float> st) { keep(b, layer, st, true); });
     } else {
       const Pool pools[] = {opt.pool};
       hidden_states_pooled(ck, batch, fwd, layers, pools,
                            [&](size_t b, int64_t layer, Pool, std::span<const float> v,
                                bool state_finite) { keep(b, layer, v, state_finite); });
     }
-    sum.written += int64_t(batch.size());
-    flush();
-    if (opt.progress) opt.progress(sum.written, int64_t(todo.size()), sum.tokens, todo_tokens);
+    wait_written();
+    {
+      const std::lock_guard<std::mutex> lock(mu);
+      for (const Pending& p : pending) sum.tokens += p.tokens;
+      sum.written += int64_t(batch.size());
+      if (opt.progress) opt.progress(sum.written, int64_t(todo.size()), sum.tokens, todo_tokens);
+    }
+    writing = std::async(std::launch::async, write_shard, std::move(pending));
   }
+  wait_written();
 
   for (const auto& [id, v] : index["inputs"].items())
     if (!v.value("finite", true))

@@ -6,6 +6,7 @@
 // positive, GCC bug 105651); it would stop a -Werror build for nothing.
 #pragma GCC diagnostic ignored "-Wrestrict"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -284,6 +285,64 @@ TEST(CliHidden, WritesShardsAndIndexAndResumes) {
   r = run_cli({"hidden", model, "--input", in.string(), "--out", out.string()});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("index.json: not a nanscope hidden index"), std::string::npos) << r.err;
+}
+
+// Shards are written while the next batch computes. A shard that cannot be written stops the
+// run with an error naming it, once the batch after it has computed; the index names only the
+// shards in place, no temporary is left, and a rerun computes the rest. The states of every
+// input, in the end, are those of a run that never failed.
+TEST(HiddenRun, AShardThatCannotBeWrittenStopsTheRunWhichResumes) {
+  TempDir d;
+  const fs::path in = d.path / "in.jsonl", out = d.path / "out", ref = d.path / "ref";
+  std::string lines;
+  for (int i = 0; i < 5; ++i)
+    lines += fmt::format("{{\"id\": \"p{}\", \"ids\": [{}, {}, {}]}}\n", i, i + 1, i + 2, i + 3);
+  write_text(in, lines);
+  HiddenRunOptions o;
+  o.model = fixture("models/qwen3-tiny");
+  o.input = in;
+  o.out = ref;
+  o.batch_tokens = 3;  // one input per batch, one shard each
+  const HiddenRunSummary whole = run_hidden(o);
+  ASSERT_EQ(whole.shards.size(), 5u);
+
+  o.out = out;
+  // After the first shard, the second's name is taken by a directory: its rename fails.
+  o.on_shard = [&](const HiddenRunSummary& s, int64_t) {
+    if (s.shards.size() == 1) fs::create_directories(out / "hidden-00002.safetensors" / "x");
+  };
+  try {
+    run_hidden(o);
+    ADD_FAILURE() << "the run went on past a shard it could not write";
+  } catch (const OutputError& e) {
+    EXPECT_NE(std::string(e.what()).find("hidden-00002.safetensors"), std::string::npos)
+        << e.what();
+  }
+  json idx = json::parse(std::ifstream(out / "index.json"));
+  EXPECT_EQ(idx["shards"], json::array({"hidden-00001.safetensors"}));
+  EXPECT_EQ(idx["inputs"].size(), 1u);
+  for (const auto& e : fs::directory_iterator(out)) {
+    const std::string n = e.path().filename().string();
+    EXPECT_TRUE(n == "index.json" || n.starts_with("hidden-0000")) << "left behind: " << n;
+    EXPECT_EQ(n.find(".tmp"), std::string::npos) << "left behind: " << n;
+  }
+
+  fs::remove_all(out / "hidden-00002.safetensors");
+  o.on_shard = nullptr;
+  const HiddenRunSummary rest = run_hidden(o);
+  EXPECT_EQ(rest.skipped, 1);
+  EXPECT_EQ(rest.written, 4);
+  idx = json::parse(std::ifstream(out / "index.json"));
+  const json ridx = json::parse(std::ifstream(ref / "index.json"));
+  ASSERT_EQ(idx["inputs"].size(), 5u);
+  for (const auto& [id, entry] : ridx["inputs"].items()) {
+    auto a = SafetensorsFile::open(ref / entry["file"].get<std::string>());
+    auto b = SafetensorsFile::open(out / idx["inputs"][id]["file"].get<std::string>());
+    for (int k = 0; k < 4; ++k) {
+      const std::string name = id + ".layer" + std::to_string(k);
+      EXPECT_TRUE(bit_equal(read_tensor(*a, name), read_tensor(*b, name))) << name;
+    }
+  }
 }
 
 // --shard K/N: the slices together are the unsharded run, bit for bit, in input order. Every

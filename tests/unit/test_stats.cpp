@@ -94,3 +94,31 @@ TEST(Stats, LargeInputCrossesBlocks) {
   expect_same(value_stats(bytes.data(), v.size(), DType::BF16),
               value_stats_reference(bytes.data(), v.size(), DType::BF16));
 }
+
+// hidden's check of what it writes: a stored value is finite exactly when its fp32 value is;
+// fp16's overflow (7e4) is not finite once stored. Each non-finite kind at each position of a
+// block boundary, in every float dtype.
+TEST(AllFiniteStored, AgreesWithTheDecodedValues) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> d(0.0f, 100.0f);
+  for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+    std::vector<float> v(700);
+    for (float& x : v) x = d(rng);
+    v[3] = dtype_max(t);
+    v[4] = -dtype_max(t);
+    EXPECT_TRUE(all_finite_stored(encode(v, t), t)) << dtype_name(t);
+    for (size_t at : {size_t(0), size_t(255), size_t(256), size_t(699)})
+      for (float bad : {inf, -inf, nan}) {
+        std::vector<float> w = v;
+        w[at] = bad;
+        EXPECT_FALSE(all_finite_stored(encode(w, t), t)) << dtype_name(t) << " at " << at;
+      }
+  }
+  std::vector<float> big(10, 1.0f);
+  big[9] = 7e4f;  // past fp16's 65504
+  EXPECT_FALSE(all_finite_stored(encode(big, DType::F16), DType::F16));
+  EXPECT_TRUE(all_finite_stored(encode(big, DType::BF16), DType::BF16));
+  EXPECT_TRUE(all_finite_stored({}, DType::F16));
+}
