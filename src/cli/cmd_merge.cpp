@@ -4,6 +4,7 @@
 #include "cli/commands.hpp"
 #include "cli/inputs.hpp"
 #include "common/error.hpp"
+#include "common/strings.hpp"
 #include "common/temp_files.hpp"
 #include "tools/merge.hpp"
 
@@ -13,25 +14,9 @@ namespace {
 
 uint64_t parse_size(const std::string& s) {
   if (s.empty()) return 0;
-  size_t pos = 0;
-  double v = 0;
-  try {
-    v = std::stod(s, &pos);
-  } catch (const std::exception&) {
-    fail_usage("--max-shard-size {}: expected a size like 5GB or 500MB", s);
-  }
-  std::string unit = s.substr(pos);
-  for (auto& c : unit) c = char(std::toupper(static_cast<unsigned char>(c)));
-  double mul = unit.empty() || unit == "B" ? 1
-               : unit == "KB"              ? 1e3
-               : unit == "MB"              ? 1e6
-               : unit == "GB"              ? 1e9
-               : unit == "KIB"             ? 1024.0
-               : unit == "MIB"             ? 1048576.0
-               : unit == "GIB"             ? 1073741824.0
-                                           : -1;
-  if (mul < 0 || v <= 0) fail_usage("--max-shard-size {}: expected a size like 5GB or 500MB", s);
-  return uint64_t(v * mul);
+  const std::optional<uint64_t> v = parse_byte_size(s);
+  if (!v) fail_usage("--max-shard-size {}: expected a size like 5GB or 500MB", s);
+  return *v;
 }
 }  // namespace
 
