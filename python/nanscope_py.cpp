@@ -29,10 +29,12 @@
 
 #include "common/error.hpp"
 #include "common/interrupt_check.hpp"
+#include "common/strings.hpp"
 #include "cuda/forward_cuda.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/hub.hpp"
 #include "model/adapter_overlay.hpp"
+#include "numerics/backend.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/check.hpp"
 #include "tools/compare.hpp"
@@ -179,11 +181,27 @@ class Model {
  public:
   // adapter: a PEFT adapter directory applied unmerged (as peft's PeftModel) in every pass.
   // device: where every pass of this model runs ("cpu" or "cuda").
+  // gpu_memory: with device "cuda", the GPU memory its weights may hold (bytes, or "4GiB");
+  // the layers beyond are streamed from host memory (--gpu-memory).
   explicit Model(const fs::path& path, std::optional<fs::path> adapter = std::nullopt,
-                 const std::string& device = "cpu")
+                 const std::string& device = "cpu", py::object gpu_memory = py::none())
       : ck_(std::make_shared<Checkpoint>(Checkpoint::open(resolve_model_path(path.string())))),
         dev_(parse_device_flag(device)) {
     if (adapter) ov_ = AdapterOverlay::open(resolve_model_path(adapter->string()), *ck_);
+    if (!gpu_memory.is_none()) {
+      std::optional<uint64_t> v;
+      if (py::isinstance<py::int_>(gpu_memory)) {
+        const auto n = gpu_memory.cast<long long>();
+        if (n > 0) v = uint64_t(n);
+      } else if (py::isinstance<py::str>(gpu_memory)) {
+        v = parse_byte_size(gpu_memory.cast<std::string>());
+      }
+      if (!v)
+        fail("gpu_memory {}: expected a size in bytes or like \"4GiB\" or \"500MB\"",
+             py::str(gpu_memory).cast<std::string>());
+      if (dev_ != Device::Cuda) fail("gpu_memory: it caps the GPU's memory; pass device=\"cuda\"");
+      cap_ = *v;
+    }
   }
 
   std::shared_ptr<const Checkpoint> checkpoint() const { return ck_; }
@@ -193,8 +211,8 @@ class Model {
   // Greedy (or sampled) decoding with the key/value cache: the --json dict of `generate`.
   py::object generate(std::optional<std::vector<int64_t>> ids, std::optional<std::string> text,
                       int64_t max_new_tokens, const std::string& dtype,
-                      const std::string& attention, double temperature, int64_t top_k,
-                      double top_p, uint64_t seed, std::optional<std::vector<int64_t>> eos) {
+                      const std::string& attention, double temperature, int64_t top_k, double top_p,
+                      uint64_t seed, std::optional<std::vector<int64_t>> eos) {
     if (ids && text) fail("generate: pass ids or text, not both");
     if (!ids && !text) fail("generate: pass ids (token ids) or text");
     GenerateOptions o;
@@ -213,6 +231,7 @@ class Model {
     GenerateResult r;
     {
       Released nogil;
+      const ScopedBackend use(with_cap());
       r = nanscope::generate(*ck_, o);
     }
     return to_py(generate_json(r));
@@ -350,6 +369,7 @@ class Model {
     HiddenStates s;
     {
       Released nogil;
+      const ScopedBackend use(with_cap());
       s = nanscope::hidden_states(*ck_, in, f, ls);
     }
     return states_to_list(std::move(s));
@@ -362,8 +382,16 @@ class Model {
     return f;
   }
 
+  // The kernels' options with this model's gpu_memory (its calls run under them).
+  Backend with_cap() const {
+    Backend b = backend();
+    if (cap_ > 0) b.cuda_weight_cap = cap_;
+    return b;
+  }
+
   std::shared_ptr<Checkpoint> ck_;
   Device dev_ = Device::Cpu;
+  uint64_t cap_ = 0;  // gpu_memory; 0: the process's (NANSCOPE_GPU_MEMORY, else none)
   std::shared_ptr<const AdapterOverlay> ov_;
   std::shared_ptr<Tokenizer> tk_;
 };
@@ -445,11 +473,14 @@ PYBIND11_MODULE(nanscope, m) {
   });
 
   py::class_<Model>(m, "Model")
-      .def(py::init<const fs::path&, std::optional<fs::path>, const std::string&>(),
+      .def(py::init<const fs::path&, std::optional<fs::path>, const std::string&, py::object>(),
            py::arg("path"), py::arg("adapter") = py::none(), py::arg("device") = "cpu",
+           py::arg("gpu_memory") = py::none(),
            "Opens a checkpoint directory (config.json + safetensors); a str or os.PathLike. "
            "adapter: a PEFT adapter directory applied unmerged, as peft's PeftModel computes it. "
-           "device: 'cpu' or 'cuda' (an NVIDIA GPU), where every pass of this model runs.")
+           "device: 'cpu' or 'cuda' (an NVIDIA GPU), where every pass of this model runs. "
+           "gpu_memory: with 'cuda', the GPU memory its weights may hold (bytes or '4GiB'); the "
+           "layers that do not fit are streamed from host memory, two at a time.")
       .def("generate", &Model::generate, py::arg("ids") = py::none(), py::arg("text") = py::none(),
            py::arg("max_new_tokens") = 32, py::arg("dtype") = "bf16",
            py::arg("attention") = "eager", py::arg("temperature") = 0.0, py::arg("top_k") = 0,
@@ -625,7 +656,8 @@ PYBIND11_MODULE(nanscope, m) {
         // A and B: paths (str / os.PathLike) or nanscope.Model objects (their adapter kept).
         auto model_of = [](py::object x, const std::optional<fs::path>& ad) {
           if (py::isinstance<Model>(x)) {
-            if (ad) fail("compare: pass the adapter to Model(...) or adapter_a/adapter_b, not both");
+            if (ad)
+              fail("compare: pass the adapter to Model(...) or adapter_a/adapter_b, not both");
             return x.cast<Model>();
           }
           return Model(x.cast<fs::path>(), ad);

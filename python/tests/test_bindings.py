@@ -345,3 +345,14 @@ def test_device_cuda_without_a_gpu_is_a_value_error():
         nanscope.Model(TINY, device="gpu")
     # cpu stays the default and is accepted by name.
     assert nanscope.Model(TINY, device="cpu").hidden_states(IDS)[0].shape == (len(IDS), 64)
+
+
+def test_gpu_memory_wants_a_size_and_the_gpu():
+    # gpu_memory= caps the GPU's memory: on a CPU model it would do nothing, so it is refused.
+    with pytest.raises(ValueError, match="pass device=\"cuda\""):
+        nanscope.Model(TINY, gpu_memory="4GiB")
+    with pytest.raises(ValueError, match="gpu_memory lots: expected a size"):
+        nanscope.Model(TINY, device="cpu", gpu_memory="lots")
+    with pytest.raises(ValueError, match="gpu_memory 0: expected a size"):
+        nanscope.Model(TINY, gpu_memory=0)
+

@@ -41,7 +41,7 @@ int finish(const CheckResult& r, const std::string& report, bool json) {
 void add_check(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, base, adapter, ids, text, tokenizer,
-        dtypes = "bf16,fp16", attention = "eager", report, device = "cpu";
+        dtypes = "bf16,fp16", attention = "eager", report, device = "cpu", gpu_memory;
     bool json = false;
     int threads = 0;
   };
@@ -71,6 +71,7 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
       ->type_name("DEVICE")
       ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  add_gpu_memory_option(app, a->gpu_memory);
   add_threads_option(app, a->threads, " for scanning and the forward passes");
   describe(app,
            "  nanscope check ./merged\n"
@@ -95,6 +96,7 @@ void add_check(CLI::App& root, std::vector<Command>& out) {
                    if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
                    opt.threads = apply_threads(a->threads);
                    opt.device = parse_device_flag(a->device);
+                   apply_gpu_memory(a->gpu_memory, opt.device == Device::Cuda);
                    if (a->ids.empty() && a->text.empty()) {
                      CheckInput in = default_check_input(model, a->tokenizer);
                      opt.ids = std::move(in.ids);

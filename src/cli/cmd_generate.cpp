@@ -9,8 +9,8 @@ namespace nanscope::cli {
 
 void add_generate(CLI::App& root, std::vector<Command>& out) {
   struct Args {
-    std::string model, adapter, ids, text, tokenizer, dtype = "bf16", attention = "eager", eos,
-                                                      weights = "resident", device = "cpu";
+    std::string model, adapter, ids, text, tokenizer,
+        dtype = "bf16", attention = "eager", eos, weights = "resident", device = "cpu", gpu_memory;
     int64_t max_new_tokens = 32, top_k = 0;
     double temperature = 0.0, top_p = 1.0;
     uint64_t seed = 0;
@@ -58,6 +58,7 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
       ->type_name("DEVICE")
       ->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  add_gpu_memory_option(app, a->gpu_memory);
   add_threads_option(app, a->threads, " of the forward pass");
   describe(
       app,
@@ -75,6 +76,7 @@ void add_generate(CLI::App& root, std::vector<Command>& out) {
                      fail_usage("--weights {}: expected resident or mapped", a->weights);
                    opt.resident = a->weights == "resident";
                    opt.device = parse_device_flag(a->device);
+                   apply_gpu_memory(a->gpu_memory, opt.device == Device::Cuda);
                    opt.temperature = a->temperature;
                    opt.top_k = a->top_k;
                    opt.top_p = a->top_p;

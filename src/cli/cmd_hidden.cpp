@@ -89,7 +89,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, input, out, tokenizer, layers = "all", pool = "none", dtype = "bf16",
                                               attention = "eager", out_dtype = "fp32", shard,
-                                              adapter, device = "cpu";
+                                              adapter, device = "cpu", gpu_memory;
     std::vector<std::string> merge_index;
     int64_t batch_tokens = 4096;
     bool allow_unnormalized = false, json = false;
@@ -111,10 +111,9 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                   "Output directory (hidden-NNNNN.safetensors, index.json; with --shard, its "
                   "slice-K-of-N subdirectory; with --merge-index, where the merged index goes)")
       ->type_name("DIR");
-  app->add_option(
-         "--shard", a->shard,
-         "K/N: only the K-th (0-based) of N slices of the input (inputs i with "
-         "i % N == K), into OUT/slice-K-of-N; for Slurm job arrays or one process per GPU")
+  app->add_option("--shard", a->shard,
+                  "K/N: only the K-th (0-based) of N slices of the input (inputs i with "
+                  "i % N == K), into OUT/slice-K-of-N; for Slurm job arrays or one process per GPU")
       ->type_name("K/N");
   app->add_option("--merge-index", a->merge_index,
                   "DIR...: read the slices under DIR (or these output directories) as one and "
@@ -154,6 +153,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
   app->add_flag("--allow-unnormalized", a->allow_unnormalized,
                 "Accept soft probabilities that do not sum to 1 (used as given)");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  add_gpu_memory_option(app, a->gpu_memory);
   add_threads_option(app, a->threads, " of the forward passes");
   describe(app,
            "  nanscope hidden Qwen/Qwen3-4B --input prompts.jsonl --out states/ --layers -1 "
@@ -183,6 +183,7 @@ void add_hidden(CLI::App& root, std::vector<Command>& out) {
                    opt.fwd.attention = at;
                    if (!a->adapter.empty()) opt.adapter = model_path(a->adapter);
                    opt.fwd.device = parse_device_flag(a->device);
+                   apply_gpu_memory(a->gpu_memory, opt.fwd.device == Device::Cuda);
                    opt.out_run_dtype = a->out_dtype == "run";
                    opt.batch_tokens = a->batch_tokens;
                    opt.rules.allow_unnormalized = a->allow_unnormalized;

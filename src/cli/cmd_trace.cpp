@@ -10,7 +10,7 @@ namespace nanscope::cli {
 void add_trace(CLI::App& root, std::vector<Command>& out) {
   struct Args {
     std::string model, ids, text, tokenizer, dtype = "bf16", attention = "eager", save, adapter,
-        device = "cpu";
+                                             device = "cpu", gpu_memory;
     bool json = false;
     int threads = 0;
   };
@@ -38,6 +38,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
   app->add_option("--save", a->save, "Write hidden.0..N, logits, input_ids to a safetensors file")
       ->type_name("FILE");
   app->add_flag("--json", a->json, "Print one JSON document on stdout");
+  add_gpu_memory_option(app, a->gpu_memory);
   add_threads_option(app, a->threads, " of the forward pass");
   describe(app,
            "  nanscope trace ./merged --text \"Hello, world!\" --dtype fp16\n"
@@ -50,6 +51,7 @@ void add_trace(CLI::App& root, std::vector<Command>& out) {
                    opt.dtype = parse_run_dtype_flag("--dtype", a->dtype, model);
                    opt.attention = parse_attention_flag(a->attention);
                    opt.device = parse_device_flag(a->device);
+                   apply_gpu_memory(a->gpu_memory, opt.device == Device::Cuda);
                    if (!a->save.empty()) {
                      check_writable(a->save, "--save");  // now, not after the forward pass
                      opt.save = a->save;

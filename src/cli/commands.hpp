@@ -51,4 +51,12 @@ void add_threads_option(CLI::App* app, int& threads, const std::string& what);
 // in force: N, else NANSCOPE_THREADS, else one per hardware thread.
 int apply_threads(int threads);
 
+// --gpu-memory SIZE on a subcommand with --device: the GPU memory the weights may hold
+// (Backend::cuda_weight_cap, also NANSCOPE_GPU_MEMORY); the layers beyond are streamed from
+// host memory (src/cuda/weight_plan.hpp).
+void add_gpu_memory_option(CLI::App* app, std::string& size);
+// Puts a --gpu-memory value (empty: not given) into the kernels' options. A size that does not
+// parse, or one given without --device cuda on any side (`cuda_used`), is a usage error.
+void apply_gpu_memory(const std::string& size, bool cuda_used);
+
 }  // namespace nanscope::cli

@@ -11,6 +11,7 @@
 #include "cli/commands.hpp"
 #include "common/error.hpp"
 #include "common/mapped_files.hpp"
+#include "common/strings.hpp"
 #include "common/temp_files.hpp"
 #include "numerics/backend.hpp"
 #include "numerics/parallel.hpp"
@@ -45,6 +46,24 @@ int apply_threads(int threads) {
     nanscope::set_backend(b);
   }
   return nanscope::default_threads();
+}
+
+void add_gpu_memory_option(CLI::App* app, std::string& size) {
+  app->add_option("--gpu-memory", size,
+                  "With --device cuda: GPU memory the weights may hold (4GiB, 500MB); the layers "
+                  "that do not fit are streamed from host memory, two at a time (default: "
+                  "NANSCOPE_GPU_MEMORY, else every weight on the GPU)")
+      ->type_name("SIZE");
+}
+
+void apply_gpu_memory(const std::string& size, bool cuda_used) {
+  if (size.empty()) return;
+  const std::optional<uint64_t> v = nanscope::parse_byte_size(size);
+  if (!v) fail_usage("--gpu-memory {}: expected a size like 4GiB or 500MB", size);
+  if (!cuda_used) fail_usage("--gpu-memory {}: it caps the GPU's memory; add --device cuda", size);
+  nanscope::Backend b = nanscope::backend();
+  b.cuda_weight_cap = *v;
+  nanscope::set_backend(b);
 }
 
 void add_model_arg(CLI::App* app, std::string& model) {

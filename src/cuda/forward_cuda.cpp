@@ -30,6 +30,7 @@
 #include "common/error.hpp"
 #include "common/interrupt_check.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/weight_plan.hpp"
 #include "model/forward.hpp"
 #include "model/rope.hpp"
 #include "model/weights.hpp"
@@ -170,6 +171,12 @@ class DevBuf {
   DevBuf view(size_t bytes) const {
     DevBuf v;
     v.p_ = p_, v.bytes_ = bytes, v.own_ = false;
+    return v;
+  }
+  // This view from byte `at` on.
+  DevBuf offset(size_t at) const {
+    DevBuf v;
+    v.p_ = static_cast<char*>(p_) + at, v.bytes_ = bytes_ - at, v.own_ = false;
     return v;
   }
   DevBuf(const DevBuf&) = delete;
@@ -317,15 +324,153 @@ struct DevLayer {
   DevVec q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias;
 };
 
+// A layer's matrices, in the order of a streamed layer's block (host and slot alike).
+constexpr DevMat DevLayer::*kLayerMats[] = {&DevLayer::q,   &DevLayer::k,    &DevLayer::v,
+                                            &DevLayer::o,   &DevLayer::gate, &DevLayer::up,
+                                            &DevLayer::down};
+
+// --gpu-memory (weight_plan.hpp): the streamed layers' matrices in page-locked host memory and
+// the two slots on the GPU they are copied into, on a stream of their own. A slot is filled only
+// after the compute stream has passed its `free` event (recorded once its layer's launches are
+// queued), and the compute stream waits for its `ready` event before the layer that reads it:
+// the copies of the next streamed layer run while the layers before it compute.
+class Streamer {
+ public:
+  struct HostLayer {
+    PinnedBytes bytes;                       // the matrices at kSlotAlign offsets
+    size_t off[std::size(kLayerMats)] = {};  // each matrix's offset in the block
+    int64_t rows[std::size(kLayerMats)] = {}, cols[std::size(kLayerMats)] = {};
+    size_t used = 0;
+  };
+  Streamer(const GpuWeightPlan& plan, size_t layers) : plan_(plan), host_(layers) {
+    check(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "stream");
+    for (Slot& s : slot_) {
+      s.buf = DevBuf(size_t(plan.slot_bytes));
+      check(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming), "event");
+      check(cudaEventCreateWithFlags(&s.free, cudaEventDisableTiming), "event");
+    }
+  }
+  ~Streamer() {
+    cudaStreamSynchronize(copy_);
+    for (Slot& s : slot_) {
+      cudaEventDestroy(s.ready);
+      cudaEventDestroy(s.free);
+    }
+    cudaStreamDestroy(copy_);
+  }
+  Streamer(const Streamer&) = delete;
+  Streamer& operator=(const Streamer&) = delete;
+
+  bool streamed(int64_t l) const { return plan_.streamed[size_t(l)]; }
+  const GpuWeightPlan& plan() const { return plan_; }
+  HostLayer& host(int64_t l) { return host_[size_t(l)]; }
+
+  // Layer l's weights for launches queued on the compute stream `cs` from now on: `resident` (its
+  // vectors, and its matrices where it is not streamed) or its slot's view. Releases the slot of
+  // the streamed layer acquired before (every launch of it is queued by now).
+  const DevLayer& acquire(int64_t l, const DevLayer& resident, cudaStream_t cs,
+                          const std::vector<DevLayer>& layers) {
+    release(cs, layers);
+    if (!streamed(l)) return resident;
+    int s = slot_[0].layer == l ? 0 : slot_[1].layer == l ? 1 : -1;
+    if (s < 0) {  // the first pass, or one after a pass that stopped early
+      s = 0;
+      fill(0, l, layers);
+    }
+    const int64_t n = next(l);
+    if (n != l && slot_[1 - s].layer != n) fill(1 - s, n, layers);
+    check(cudaStreamWaitEvent(cs, slot_[s].ready), "weights stream");
+    pending_ = s;
+    return slot_[s].view;
+  }
+  // The pass's launches are queued: the last streamed layer's slot may be refilled (with the
+  // layers the next pass needs first).
+  void release(cudaStream_t cs, const std::vector<DevLayer>& layers) {
+    if (pending_ < 0) return;
+    const int p = pending_;
+    pending_ = -1;
+    check(cudaEventRecord(slot_[p].free, cs), "weights stream");
+    const int64_t upcoming = slot_[1 - p].layer;
+    if (upcoming < 0) return;
+    const int64_t n = next(upcoming);
+    if (n != upcoming && slot_[p].layer != n) fill(p, n, layers);
+  }
+
+ private:
+  struct Slot {
+    DevBuf buf;
+    int64_t layer = -1;  // the layer whose matrices it holds, or is being filled with
+    DevLayer view;       // that layer's vectors (resident) and its matrices here
+    cudaEvent_t ready = nullptr, free = nullptr;
+  };
+
+  // The streamed layer after l, wrapping to the first (the next pass's).
+  int64_t next(int64_t l) const {
+    const int64_t n = int64_t(plan_.streamed.size());
+    for (int64_t i = 1; i <= n; ++i)
+      if (streamed((l + i) % n)) return (l + i) % n;
+    return l;
+  }
+
+  void fill(int s, int64_t l, const std::vector<DevLayer>& layers) {
+    Slot& slot = slot_[s];
+    const HostLayer& h = host_[size_t(l)];
+    check(cudaStreamWaitEvent(copy_, slot.free), "weights stream");
+    check(cudaMemcpyAsync(slot.buf.get(), h.bytes.get(), h.used, cudaMemcpyHostToDevice, copy_),
+          "weights stream");
+    check(cudaEventRecord(slot.ready, copy_), "weights stream");
+    slot.layer = l;
+    const DevLayer& r = layers[size_t(l)];
+    DevLayer& v = slot.view;
+    for (auto [to, from] : {std::pair{&v.input_norm, &r.input_norm},
+                            {&v.attn_out_norm, &r.attn_out_norm},
+                            {&v.mlp_in_norm, &r.mlp_in_norm},
+                            {&v.mlp_out_norm, &r.mlp_out_norm},
+                            {&v.q_norm, &r.q_norm},
+                            {&v.k_norm, &r.k_norm},
+                            {&v.q_bias, &r.q_bias},
+                            {&v.k_bias, &r.k_bias},
+                            {&v.v_bias, &r.v_bias},
+                            {&v.o_bias, &r.o_bias},
+                            {&v.gate_bias, &r.gate_bias},
+                            {&v.up_bias, &r.up_bias},
+                            {&v.down_bias, &r.down_bias}}) {
+      to->buf = from->buf.view(from->buf.bytes());
+      to->n = from->n;
+    }
+    for (size_t m = 0; m < std::size(kLayerMats); ++m) {
+      DevMat& d = v.*kLayerMats[m];
+      d.rows = h.rows[m], d.cols = h.cols[m];
+      d.buf = slot.buf.view(h.used).offset(h.off[m]);
+    }
+  }
+
+  GpuWeightPlan plan_;
+  std::vector<HostLayer> host_;  // empty blocks for the resident layers
+  Slot slot_[2];
+  int pending_ = -1;  // the slot whose layer's launches are being queued
+  cudaStream_t copy_ = nullptr;
+};
+
 // A checkpoint's weights on the GPU in one run dtype. Kept between passes (hidden runs one
 // pass per batch; trace's fp32 shadow pass replaces them).
 struct DevModel {
   std::string key;
-  std::vector<DevLayer> layers;
+  std::vector<DevLayer> layers;  // a streamed layer: its vectors only (Streamer has its matrices)
   DevVec final_norm;
   DevMat lm_head;
   DevMat embed;  // decoding of an untied model only (device_embed); tied: lm_head is the table
   uint64_t weight_bytes = 0;
+  std::unique_ptr<Streamer> stream;  // under --gpu-memory, when some layers do not fit
+
+  // Layer l's weights for the launches queued on `cs` from now on (Streamer::acquire).
+  const DevLayer& layer(int64_t l, cudaStream_t cs = nullptr) {
+    return stream ? stream->acquire(l, layers[size_t(l)], cs, layers) : layers[size_t(l)];
+  }
+  // After a pass's last layer: its slot may be refilled for the next pass.
+  void layers_done(cudaStream_t cs = nullptr) {
+    if (stream) stream->release(cs, layers);
+  }
 };
 
 // Staging for weights that need converting (storage dtype other than the run dtype).
@@ -367,16 +512,58 @@ std::shared_ptr<DevModel>& model_cache() {
   return cached;
 }
 
+// A streamed layer's matrices into its page-locked block, in the run dtype: the bytes as they
+// are, or cast on the GPU as upload() casts them and copied back (the same bits either way).
+void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
+  const size_t eb = size_t(cuda::dt_bytes(dt_of(run)));
+  const WeightView* views[] = {&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down};
+  size_t at = 0;
+  for (size_t m = 0; m < std::size(views); ++m) {
+    h.off[m] = at;
+    h.rows[m] = views[m]->rows, h.cols[m] = views[m]->cols;
+    at += (size_t(views[m]->rows * views[m]->cols) * eb + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
+  }
+  h.used = at;
+  h.bytes = PinnedBytes(at);
+  for (size_t m = 0; m < std::size(views); ++m) {
+    const WeightView& v = *views[m];
+    const size_t n = size_t(v.rows * v.cols) * eb;
+    char* to = static_cast<char*>(h.bytes.get()) + h.off[m];
+    if (v.storage == run) {
+      const char* from = reinterpret_cast<const char*>(v.data);
+      parallel_for(int64_t(n), int64_t(1) << 20, [&](int64_t lo, int64_t hi) {
+        std::memcpy(to + lo, from + lo, size_t(hi - lo));
+      });
+    } else {
+      const DevMat d = upload(v, run);
+      check(cudaMemcpy(to, d.buf.get(), n, cudaMemcpyDeviceToHost), "weights staging");
+    }
+  }
+}
+
+// decode: the passes of generate (an untied model's embedding table joins the weights).
 std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& spec,
-                                       const ForwardOptions& opt) {
-  const std::string key = fmt::format("{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
-                                      static_cast<const void*>(&ck));
+                                       const ForwardOptions& opt, bool decode) {
+  const uint64_t cap = backend().cuda_weight_cap;
+  const std::string key =
+      fmt::format("{}|{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
+                  static_cast<const void*>(&ck), cap, cap > 0 && decode && !spec.tied);
   std::shared_ptr<DevModel>& cached = model_cache();
   if (cached && cached->key == key) return cached;
   cached.reset();  // free the previous model's memory first
   auto m = std::make_shared<DevModel>();
   m->key = key;
   const int64_t H = spec.hidden;
+  const GpuWeightPlan plan = plan_gpu_weights(spec, opt.dtype, decode, cap);
+  if (plan.streamed_layers() > 0) {
+    m->stream = std::make_unique<Streamer>(plan, spec.layers.size());
+    std::fprintf(stderr,
+                 "nanscope: --gpu-memory %s: %lld of %zu layers streamed from host memory through "
+                 "two slots of %s; %s of weights stay on the GPU\n",
+                 format_bytes(cap).c_str(), static_cast<long long>(plan.streamed_layers()),
+                 spec.layers.size(), format_bytes(plan.slot_bytes).c_str(),
+                 format_bytes(plan.resident_bytes).c_str());
+  }
   WeightSource ws(ck, opt.dtype, opt.release_pages);
   for (const LayerSpec& s : spec.layers) {
     const LayerWeights w = ws.layer(s, H);
@@ -387,13 +574,17 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
     d.mlp_out_norm = upload(w.mlp_out_norm);
     d.q_norm = upload(w.q_norm);
     d.k_norm = upload(w.k_norm);
-    d.q = upload(w.q, opt.dtype);
-    d.k = upload(w.k, opt.dtype);
-    d.v = upload(w.v, opt.dtype);
-    d.o = upload(w.o, opt.dtype);
-    d.gate = upload(w.gate, opt.dtype);
-    d.up = upload(w.up, opt.dtype);
-    d.down = upload(w.down, opt.dtype);
+    if (plan.streamed[size_t(s.index)]) {
+      stage_streamed(w, opt.dtype, m->stream->host(s.index));
+    } else {
+      d.q = upload(w.q, opt.dtype);
+      d.k = upload(w.k, opt.dtype);
+      d.v = upload(w.v, opt.dtype);
+      d.o = upload(w.o, opt.dtype);
+      d.gate = upload(w.gate, opt.dtype);
+      d.up = upload(w.up, opt.dtype);
+      d.down = upload(w.down, opt.dtype);
+    }
     d.q_bias = upload(w.q_bias);
     d.k_bias = upload(w.k_bias);
     d.v_bias = upload(w.v_bias);
@@ -499,7 +690,7 @@ class Pass {
         obs_(obs),
         sites_(sites && obs != nullptr),
         f32_out_(backend().cuda_gemm_f32_out || opt.dtype == DType::F32),
-        dm_keep_(device_model(ck, spec, opt)),
+        dm_keep_(device_model(ck, spec, opt, cache != nullptr)),
         dm_(*dm_keep_),
         cache_(cache) {
     host_ = pinned(static_cast<size_t>(std::accumulate(lengths.begin(), lengths.end(), int64_t(0)) *
@@ -555,7 +746,8 @@ class Pass {
       // decode_attention, graph or not, so that NANSCOPE_CUDA_GRAPH=1 (the step replayed as one
       // CUDA graph) changes the launches only, never the numbers.
       step_ = T_ == 1 && !sites_;
-      graph_ = step_ && backend().cuda_graph;
+      // Streamed weights (--gpu-memory) alternate between two slots: launched one by one.
+      graph_ = step_ && backend().cuda_graph && !dm_.stream;
       // The fused kernels cover the layers without norms after attention or the MLP (Gemma's).
       fuse_ = step_ && backend().cuda_fuse;
       for (const LayerSpec& s : spec.layers)
@@ -686,7 +878,8 @@ class Pass {
       mark("step lm_head");
     } else {
       const int64_t N = int64_t(spec_.layers.size());
-      for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
+      for (int64_t l = 0; l < N; ++l) layer(spec_.layers[size_t(l)], dm_.layer(l, st));
+      dm_.layers_done(st);
       norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
       linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
              logits_.f());
@@ -719,7 +912,7 @@ class Pass {
     cuda::rmsnorm(h_.f(), 1, H_, first.data(), eps, off, dt_, x_.f(), staged_out());
     for (int64_t l = 0; l < N; ++l) {
       const LayerSpec& s = spec_.layers[size_t(l)];
-      const DevLayer& w = dm_.layers[size_t(l)];
+      const DevLayer& w = dm_.layer(l, graph_ ? stream_ : nullptr);
       const AttentionSpec& a = s.attn;
       const Rope& r = ropes_.at(a.rope);
       cuda::StepQkv q;
@@ -769,6 +962,7 @@ class Pass {
                           staged_out());
       mark("step residual + norm");
     }
+    dm_.layers_done(graph_ ? stream_ : nullptr);
   }
 
   // step_body captured once into a graph (the host buffers and the position scalar are read
@@ -808,10 +1002,11 @@ class Pass {
     const int64_t N = int64_t(spec_.layers.size());
     for (int64_t l = 0; l < N; ++l) {
       check_interrupt();
-      layer(spec_.layers[size_t(l)], dm_.layers[size_t(l)]);
+      layer(spec_.layers[size_t(l)], dm_.layer(l));
       if (l + 1 < N) hidden(l + 1, h_.f());
       mark("states out");
     }
+    dm_.layers_done();
     norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
     mark("norm");
     hidden(N, x_.f());

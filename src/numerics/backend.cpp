@@ -13,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "common/strings.hpp"
 #include "numerics/gemm_bf16.hpp"
 
 namespace nanscope {
@@ -117,6 +118,8 @@ Backend backend_from_environment() {
   b.cuda_profile = env_on("NANSCOPE_CUDA_PROFILE");
   b.cuda_step_streams = env_on("NANSCOPE_CUDA_STREAMS");
   b.cuda_fuse = !env_off("NANSCOPE_CUDA_FUSE");
+  if (const char* e = std::getenv("NANSCOPE_GPU_MEMORY"))
+    b.cuda_weight_cap = parse_byte_size(e).value_or(0);
   b.amx = env_on("NANSCOPE_NO_AMX")        ? AmxUse::Off
           : env_on("NANSCOPE_AMX_EMULATE") ? AmxUse::Emulated
                                            : AmxUse::Auto;

@@ -51,6 +51,10 @@
 // |                                |                   | passes, summed, on stderr at exit      |
 // | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps without the fused kernels |
 // |                                |                   | (same numbers: an A/B of the launches) |
+// | NANSCOPE_GPU_MEMORY=SIZE       | cuda_weight_cap   | --device cuda: the weights may hold at |
+// |                                |                   | most SIZE (4GiB, 500MB) of GPU memory; |
+// |                                |                   | the layers beyond are streamed from    |
+// |                                |                   | page-locked host memory (--gpu-memory) |
 // | ONEDNN_MAX_CPU_ISA (oneDNN's)  | onednn_amx=false  | when set, oneDNN's own cap decides;    |
 // |                                |                   | otherwise nanscope lets oneDNN 2.6 use |
 // |                                |                   | AMX (opt-in there)                     |
@@ -139,6 +143,10 @@ struct Backend {
   bool cuda_profile = false;       // time per phase of the GPU passes, on stderr at exit
   bool cuda_step_streams = false;  // fused step: k/v beside q, up beside gate (side streams)
   bool cuda_fuse = true;           // a decode step's fused kernels (qkv, residual + norm, act)
+  // --device cuda: bytes of GPU memory the weights may hold (`--gpu-memory`); 0: no cap, every
+  // weight stays on the GPU. Under a cap the layers that do not fit are copied in per pass from
+  // page-locked host memory (src/cuda/weight_plan.hpp). Activations and caches come on top.
+  uint64_t cuda_weight_cap = 0;
   // Tests and experiments: every product this path can compute runs on it, whatever its number
   // of tokens (the bf16-only paths take bf16 runs only; other runs keep the usual choice).
   // choose_*_path throws std::logic_error if this machine cannot run it (path_runs_here).

@@ -6,17 +6,22 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 
 #include "cli_util.hpp"
 #include "common/error.hpp"
+#include "common/strings.hpp"
 #include "cuda/forward_cuda.hpp"
+#include "cuda/weight_plan.hpp"
 #include "formats/checkpoint.hpp"
 #include "model/forward.hpp"
 #include "numerics/backend.hpp"
+#include "synthetic_model.hpp"
 #include "tools/generate.hpp"
+#include "tools/hidden.hpp"
 
 namespace nanscope {
 namespace {
@@ -124,6 +129,88 @@ TEST(Device, GenerateWithAnAdapterOnCudaIsAnInputError) {
 // (computed there); with the rows kept (keep_logits) the host picks. Both must give the same
 // tokens, and each token must be the first index of its row's largest value: tied and untied
 // tables, Gemma's embedding scale and soft-capping, fp32 and bf16, eager and fused.
+// --gpu-memory's sizes as users type them (also merge's --max-shard-size).
+TEST(GpuMemory, SizesParseAsUsersTypeThem) {
+  EXPECT_EQ(parse_byte_size("4GiB"), uint64_t(4) << 30);
+  EXPECT_EQ(parse_byte_size("4G"), uint64_t(4) << 30);
+  EXPECT_EQ(parse_byte_size("4gib"), uint64_t(4) << 30);
+  EXPECT_EQ(parse_byte_size("500MB"), uint64_t(500000000));
+  EXPECT_EQ(parse_byte_size("1.5GiB"), uint64_t(3) << 29);
+  EXPECT_EQ(parse_byte_size("2 TB"), uint64_t(2000000000000));
+  EXPECT_EQ(parse_byte_size("8192"), uint64_t(8192));
+  EXPECT_EQ(parse_byte_size("64KiB"), uint64_t(65536));
+  for (const char* bad :
+       {"", "0", "0GiB", "-1G", "GiB", "4XB", "4 GiBs", "1e3", ".", "99999999999T"})
+    EXPECT_FALSE(parse_byte_size(bad)) << bad;
+}
+
+// The plan: nothing streamed without a cap or when all fits; under a cap, as many layers resident
+// as fit beside the two slots, the streamed ones spread over the depth, the whole under the cap.
+TEST(GpuMemory, PlanKeepsWhatFitsAndSpreadsTheStreamedLayers) {
+  const uint64_t L = 200u << 20, fixed = 800u << 20;
+  const std::vector<uint64_t> layers(36, L);
+  EXPECT_EQ(plan_gpu_weights(layers, fixed, 0).streamed_layers(), 0);
+  EXPECT_EQ(plan_gpu_weights(layers, fixed, fixed + 36 * L).streamed_layers(), 0);
+  const uint64_t cap = uint64_t(4) << 30;
+  const GpuWeightPlan p = plan_gpu_weights(layers, fixed, cap);
+  const int64_t keep = int64_t((cap - fixed - 2 * L) / L);  // 14 of 36
+  EXPECT_EQ(p.streamed_layers(), 36 - keep);
+  EXPECT_EQ(p.slot_bytes, L);
+  EXPECT_EQ(p.resident_bytes, fixed + uint64_t(keep) * L);
+  EXPECT_LE(p.resident_bytes + 2 * p.slot_bytes, cap);
+  EXPECT_EQ(p.minimum, fixed + 2 * L);
+  EXPECT_TRUE(p.streamed.back());
+  // Spread: no more than ceil(36 / 14) streamed layers in a row, and both halves stream alike.
+  int run = 0, longest = 0, first_half = 0;
+  for (size_t i = 0; i < 36; ++i) {
+    run = p.streamed[i] ? run + 1 : 0;
+    longest = std::max(longest, run);
+    if (i < 18) first_half += p.streamed[i];
+  }
+  EXPECT_LE(longest, 3);
+  EXPECT_NEAR(first_half, p.streamed_layers() / 2.0, 1.0);
+  // At the minimum every layer streams through the two slots.
+  EXPECT_EQ(plan_gpu_weights(layers, fixed, p.minimum).streamed_layers(), 36);
+}
+
+TEST(GpuMemory, ACapBelowTheMinimumNamesTheMinimum) {
+  const std::vector<uint64_t> layers(36, 200u << 20);
+  try {
+    plan_gpu_weights(layers, 800u << 20, uint64_t(1) << 30);
+    ADD_FAILURE() << "a 1 GiB cap under a 1.17 GiB minimum was accepted";
+  } catch (const InputError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("--gpu-memory 1.00 GiB"));
+    EXPECT_THAT(e.what(), HasSubstr("at least 1.17 GiB"));
+  }
+  // A real model's plan: Qwen3-tiny's layers are the config's shapes in the run dtype.
+  const Checkpoint ck = Checkpoint::open(fixture("models/qwen3-tiny"));
+  const ModelSpec spec = model_spec(ck.config());
+  const GpuWeightPlan bf = plan_gpu_weights(spec, DType::BF16, false, 0);
+  const GpuWeightPlan f32 = plan_gpu_weights(spec, DType::F32, false, 0);
+  EXPECT_GT(bf.resident_bytes, 0u);
+  EXPECT_NEAR(double(f32.resident_bytes) / double(bf.resident_bytes), 2.0, 0.2);
+  EXPECT_EQ(plan_gpu_weights(spec, DType::BF16, false, bf.minimum).streamed_layers(),
+            int64_t(spec.layers.size()));
+}
+
+// The flag: a size users can type, and only where a GPU runs (else it would be ignored silently).
+TEST(GpuMemory, TheFlagWantsASizeAndTheGpu) {
+  const std::string m = fixture("models/qwen3-tiny");
+  const auto cpu = run_cli({"trace", m, "--ids", "1,2,3", "--gpu-memory", "4GiB"});
+  EXPECT_EQ(cpu.exit_code, 2) << cpu.err;
+  EXPECT_THAT(cpu.err, HasSubstr("--gpu-memory 4GiB: it caps the GPU's memory; add --device cuda"));
+  const auto bad = run_cli({"generate", m, "--ids", "1,2,3", "--gpu-memory", "lots"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.err;
+  EXPECT_THAT(bad.err, HasSubstr("--gpu-memory lots: expected a size like 4GiB"));
+  for (const char* cmd : {"check", "hidden", "compare"}) {
+    const auto h = run_cli({cmd, "--help"});
+    EXPECT_THAT(h.out, HasSubstr("--gpu-memory")) << cmd;
+  }
+  const auto cmp = run_cli({"compare", m, m, "--ids", "1,2", "--gpu-memory", "1G"});
+  EXPECT_EQ(cmp.exit_code, 2) << cmp.err;
+  EXPECT_THAT(cmp.err, HasSubstr("add --device cuda"));
+}
+
 TEST(DeviceGpu, GreedyPickOnTheGpuIsTheHostsArgmaxOfTheRow) {
   if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
   for (const char* model : {"qwen3-tiny", "llama-tiny", "gemma2-tiny", "mistral-tiny"})
@@ -203,6 +290,101 @@ TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
                   << what << " step " << i;
             }
           }
+}
+
+// --gpu-memory: layers streamed through two slots compute the numbers of the resident ones, bit
+// for bit: hidden states of passes of several lengths one after another (the slots carry over
+// between passes, and a pass that stops early leaves them mid-way), and generate's prompt pass
+// and steps (no graph then). Caps at the minimum (every layer streamed, three through two slots)
+// and, on a six-layer model, two layers above it; fp32, bf16 and fp16; eager and fused.
+TEST(DeviceGpu, StreamedWeightsGiveTheResidentNumbers) {
+  if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
+  // Six layers (written here: the fixtures have three) for a cap that keeps some resident.
+  TempDir deep;
+  nlohmann::json cfg = testing::tiny_qwen3_config();
+  cfg["num_hidden_layers"] = 6;
+  testing::write_model(deep.path, cfg, testing::expected_planted(cfg, DType::BF16));
+  std::vector<std::string> models = {deep.path.string()};
+  for (const char* m : {"qwen3-tiny", "qwen2-tiny", "phi3-tiny", "gemma2-tiny"})
+    models.push_back(fixture(std::string("models/") + m));
+  for (const std::string& model : models)
+    for (DType dt : {DType::F32, DType::BF16, DType::F16})
+      for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused}) {
+        const Checkpoint ck = Checkpoint::open(model);
+        const ModelSpec spec = model_spec(ck.config());
+        const int64_t n = int64_t(spec.layers.size());
+        const std::string what =
+            model + " " + std::string(dtype_name(dt)) + " " + std::string(attention_name(at));
+        ForwardOptions f;
+        f.dtype = dt;
+        f.attention = at;
+        f.device = Device::Cuda;
+        std::vector<HiddenInput> ins(3);
+        ins[0].ids = {7, 60, 113, 166, 219};
+        ins[1].ids = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2};
+        ins[2].ids = {42};
+        const std::vector<int64_t> upto1 = {0, 1};  // stops after layer 0: slots mid-way
+        GenerateOptions g;
+        g.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
+        g.max_new_tokens = 12;
+        g.eos = std::vector<int64_t>{};
+        g.dtype = dt;
+        g.attention = at;
+        g.device = Device::Cuda;
+        g.keep_logits = true;
+        for (HiddenInput& in : ins)
+          for (int64_t& id : in.ids) id %= spec.vocab;
+        for (int64_t& id : g.prompt) id %= spec.vocab;
+        const uint64_t layer = layer_matrix_bytes(spec.layers[0], spec.hidden, dt);
+        // caps[0]: the hidden passes', caps[1]: generate's (an untied table joins the weights).
+        const auto runs = [&](std::array<uint64_t, 2> caps) {
+          Backend b = backend();
+          std::vector<std::vector<float>> out;
+          b.cuda_weight_cap = caps[0];
+          {
+            const ScopedBackend use(b);
+            for (const HiddenInput& in : ins) {
+              hidden_states(ck, in, f, upto1);
+              for (auto& st : hidden_states(ck, in, f).states) out.push_back(std::move(st));
+            }
+          }
+          b.cuda_weight_cap = caps[1];
+          const ScopedBackend use(b);
+          const GenerateResult r = generate(ck, g);
+          for (const auto& l : r.step_logits) out.push_back(l);
+          out.push_back(std::vector<float>(r.ids.begin(), r.ids.end()));
+          return out;
+        };
+        const auto resident = runs({0, 0});
+        if (model == models[0]) {  // under the minimum: the message says what it needs, exit 2
+          const auto r = run_cli(
+              {"trace", model, "--ids", "1,2,3", "--device", "cuda", "--gpu-memory", "1KiB"});
+          EXPECT_EQ(r.exit_code, 2) << r.err;
+          EXPECT_THAT(r.err, HasSubstr("weights need at least")) << r.err;
+        }
+        // Every layer through the two slots; with six, two resident and four streamed.
+        std::vector<int64_t> extras = {0};
+        if (n >= 5) extras.push_back(2);
+        for (int64_t extra : extras) {
+          std::array<uint64_t, 2> caps{};
+          for (int decode = 0; decode < 2; ++decode) {
+            caps[decode] =
+                plan_gpu_weights(spec, dt, decode == 1, 0).minimum + uint64_t(extra) * layer;
+            ASSERT_EQ(plan_gpu_weights(spec, dt, decode == 1, caps[decode]).streamed_layers(),
+                      n - extra)
+                << what;
+          }
+          const auto streamed = runs(caps);
+          ASSERT_EQ(streamed.size(), resident.size()) << what;
+          for (size_t i = 0; i < resident.size(); ++i) {
+            ASSERT_EQ(streamed[i].size(), resident[i].size()) << what << " #" << i;
+            EXPECT_EQ(std::memcmp(streamed[i].data(), resident[i].data(),
+                                  resident[i].size() * sizeof(float)),
+                      0)
+                << what << " +" << extra << " layer #" << i;
+          }
+        }
+      }
 }
 
 }  // namespace
