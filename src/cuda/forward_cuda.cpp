@@ -738,6 +738,7 @@ class Pass {
       ids_ = DevBuf(size_t(T_) * sizeof(int64_t));
       ids_host_ = PinnedBytes(size_t(T_) * sizeof(int64_t));
       pick_ = DevBuf(2 * sizeof(int64_t));
+      pick_scratch_ = DevBuf(cuda::argmax_scratch_bytes());
       pick_host_ = PinnedBytes(2 * sizeof(int64_t));
       want_logits_ = opt.step_logits;
       embed_ = &device_embed(dm_, ck, spec, opt);
@@ -890,7 +891,8 @@ class Pass {
                             cudaMemcpyDeviceToHost, st),
             "logits download");
     } else {
-      cuda::argmax_finite(logits_.f(), V_, static_cast<int64_t*>(pick_.get()));
+      cuda::argmax_finite(logits_.f(), V_, static_cast<int64_t*>(pick_.get()),
+                          pick_scratch_.get());
       check(cudaMemcpyAsync(pick_host_.get(), pick_.get(), 2 * sizeof(int64_t),
                             cudaMemcpyDeviceToHost, st),
             "argmax download");
@@ -1622,6 +1624,7 @@ class Pass {
   PinnedBytes pos_host_;
   PinnedBytes ptrs_host_, logits_host_;
   DevBuf ids_, pick_;  // a cached pass's token ids; [argmax, any non-finite] of its logits
+  DevBuf pick_scratch_;  // argmax_finite's partials
   PinnedBytes ids_host_, pick_host_;
   bool want_logits_ = true;        // ForwardOptions::step_logits
   const DevMat* embed_ = nullptr;  // the embedding table (device_embed)

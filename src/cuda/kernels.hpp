@@ -79,8 +79,9 @@ void embed_rows(const void* table, Dt dt, const int64_t* ids, int64_t T, int64_t
                 float* out);
 // out[0] = the first index of the largest of v[0, n) (generate's argmax; meaningful where every
 // value is finite), out[1] = 1 if any value is not finite, else 0: the greedy choice without the
-// logits row leaving the GPU.
-void argmax_finite(const float* v, int64_t n, int64_t* out);
+// logits row leaving the GPU. scratch: argmax_scratch_bytes() of device memory (the partials).
+void argmax_finite(const float* v, int64_t n, int64_t* out, void* scratch);
+size_t argmax_scratch_bytes();
 
 // Eager attention's elementwise steps and softmax on nmat score matrices [Tq, T] (Tq queries,
 // T keys; query r sits at key column c0 + r: 0 without a cache, the cached keys before it with
