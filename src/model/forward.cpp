@@ -909,6 +909,14 @@ ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> em
   });
 }
 
+std::vector<float> embed_ids(const Checkpoint& ck, std::span<const int64_t> ids,
+                             const ForwardOptions& opt) {
+  const int64_t T = int64_t(ids.size());
+  Model m(ck, opt, nullptr, std::span<const int64_t>(&T, 1));
+  const Vec h = m.embed(ids);
+  return std::vector<float>(h.begin(), h.end());
+}
+
 ForwardResult forward_batch(const Checkpoint& ck, std::span<const float> embeddings,
                             std::span<const int64_t> lengths, const ForwardOptions& opt,
                             Observer* obs) {

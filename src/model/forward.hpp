@@ -93,6 +93,12 @@ ForwardResult forward_step(const Checkpoint& ck, std::span<const int64_t> ids, K
 ForwardResult forward_embeddings(const Checkpoint& ck, std::span<const float> embeddings, int64_t T,
                                  const ForwardOptions& opt, Observer* obs = nullptr);
 
+// The input embeddings [T, hidden_size] of ids exactly as forward() computes them: the table's
+// rows in the run dtype, with opt.adapter's trainable tokens, embedding LoRA and saved
+// embedding (modules_to_save), and Gemma's scale. forward_batch's input for token ids.
+std::vector<float> embed_ids(const Checkpoint& ck, std::span<const int64_t> ids,
+                             const ForwardOptions& opt);
+
 // Runs several independent sequences in one pass (hidden-state extraction): `embeddings` holds
 // their input embeddings one after another, [sum(lengths), H]. Each sequence is computed as
 // forward_embeddings computes it alone: positions restart at 0 and attention stays inside it;

@@ -29,8 +29,8 @@
 #include "model/arch.hpp"
 #include "numerics/kernels.hpp"
 #include "numerics/parallel.hpp"
-#include "tools/trace.hpp"
 #include "numerics/stats.hpp"
+#include "tools/trace.hpp"
 
 namespace nanscope {
 
@@ -159,6 +159,22 @@ HiddenStates collect(const Checkpoint& ck, int64_t T, std::span<const int64_t> l
 
 }  // namespace
 
+namespace {
+
+// A batch member's input embeddings: token ids as forward() embeds them (with an adapter, its
+// embedding LoRA, trainable tokens and saved table apply: PeftModel's embedding layer), soft
+// positions as input_embeddings mixes them (inputs_embeds: no embedding layer runs).
+std::vector<float> batch_embeddings(const Checkpoint& ck, const HiddenInput& in,
+                                    const ForwardOptions& fwd) {
+  if (fwd.adapter != nullptr && !in.has_soft()) {
+    validate_input(in, InputRules{ck.config().vocab_size, 0, true}, ck.dir().string());
+    return embed_ids(ck, in.ids, fwd);
+  }
+  return input_embeddings(ck, in, fwd.dtype);
+}
+
+}  // namespace
+
 HiddenStates hidden_states(const Checkpoint& ck, const HiddenInput& in, const ForwardOptions& fwd,
                            std::span<const int64_t> layers) {
   if (!in.has_soft()) {
@@ -183,7 +199,7 @@ void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* cons
   std::vector<int64_t> lengths;
   std::vector<float> embeddings;
   for (const HiddenInput* in : inputs) {
-    const std::vector<float> e = input_embeddings(ck, *in, fwd.dtype);
+    const std::vector<float> e = batch_embeddings(ck, *in, fwd);
     embeddings.insert(embeddings.end(), e.begin(), e.end());
     lengths.push_back(in->tokens());
   }
@@ -201,7 +217,7 @@ void hidden_states_pooled(const Checkpoint& ck, std::span<const HiddenInput* con
   std::vector<int64_t> lengths;
   std::vector<float> embeddings;
   for (const HiddenInput* in : inputs) {
-    const std::vector<float> e = input_embeddings(ck, *in, fwd.dtype);
+    const std::vector<float> e = batch_embeddings(ck, *in, fwd);
     embeddings.insert(embeddings.end(), e.begin(), e.end());
     lengths.push_back(in->tokens());
   }
@@ -438,7 +454,8 @@ HiddenRunSummary run_hidden(const HiddenRunOptions& opt) {
     }
     // A setting only the earlier run had (its adapter, its slice) differs too.
     for (const auto& [k, o] : old["settings"].items())
-      if (!settings.contains(k)) diffs.push_back(fmt::format("{} {} (this run: none)", k, o.dump()));
+      if (!settings.contains(k))
+        diffs.push_back(fmt::format("{} {} (this run: none)", k, o.dump()));
     if (!diffs.empty())
       fail("{}: written with other settings: {}; rerun with the same settings or another --out",
            sum.index.string(), fmt::join(diffs, ", "));

@@ -24,6 +24,7 @@
 #include "common/error.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/safetensors.hpp"
+#include "model/adapter_overlay.hpp"
 #include "numerics/dtype.hpp"
 #include "numerics/kernels.hpp"
 #include "tools/hidden.hpp"
@@ -153,16 +154,16 @@ TEST(Hidden, PooledBatchIsThePoolOfEachWholeState) {
   ASSERT_EQ(whole.size(), 4u);
   const Pool pools[] = {Pool::Last, Pool::Mean};
   int seen = 0;
-  hidden_states_pooled(ck, batch, f, layers, pools,
-                       [&](size_t i, int64_t k, Pool p, std::span<const float> v, bool finite) {
-                         const std::vector<float>& st = whole.at({i, k});
-                         const int64_t T = batch[i]->tokens(), H = ck.config().hidden_size;
-                         EXPECT_TRUE(bit_equal(std::vector<float>(v.begin(), v.end()),
-                                               pool_state(st, T, H, p)))
-                             << "input " << i << " state " << k;
-                         EXPECT_TRUE(finite);
-                         ++seen;
-                       });
+  hidden_states_pooled(
+      ck, batch, f, layers, pools,
+      [&](size_t i, int64_t k, Pool p, std::span<const float> v, bool finite) {
+        const std::vector<float>& st = whole.at({i, k});
+        const int64_t T = batch[i]->tokens(), H = ck.config().hidden_size;
+        EXPECT_TRUE(bit_equal(std::vector<float>(v.begin(), v.end()), pool_state(st, T, H, p)))
+            << "input " << i << " state " << k;
+        EXPECT_TRUE(finite);
+        ++seen;
+      });
   EXPECT_EQ(seen, 8);  // 2 inputs x 2 states x 2 pools
 }
 
@@ -818,6 +819,33 @@ INSTANTIATE_TEST_SUITE_P(Goldens, HiddenGoldenBatch,
                            std::replace(n.begin(), n.end(), '-', '_');
                            return n;
                          });
+
+// The batched path (the hidden command) embeds token ids as forward() does: with an adapter, its
+// embedding LoRA, trainable tokens and saved lm_head/embedding apply there too (they were left
+// out: the states of `hidden --adapter` differed from trace's from state 0 on).
+TEST(HiddenBatch, AnAdaptersEmbeddingChangesApplyAsInForward) {
+  for (const char* adapter : {"embed-lmhead-untied", "trainable-tokens", "embed-modules-to-save"}) {
+    const Checkpoint ck = Checkpoint::open(fixture("models/llama-tiny"));
+    const auto ov = AdapterOverlay::open(fixture(std::string("adapters/") + adapter), ck);
+    ForwardOptions f;
+    f.dtype = DType::BF16;
+    f.adapter = ov.get();
+    HiddenInput in;
+    in.ids = {1, 15, 300, 7, 42, 999, 3, 12};
+    const HiddenStates alone = hidden_states(ck, in, f);
+    ForwardOptions bare = f;
+    bare.adapter = nullptr;
+    const HiddenStates base = hidden_states(ck, in, bare);
+    const HiddenInput* batch[] = {&in};
+    std::vector<std::vector<float>> got(alone.states.size());
+    hidden_states_batch(ck, batch, f, {}, [&](size_t, int64_t k, std::span<const float> st) {
+      got[size_t(k)].assign(st.begin(), st.end());
+    });
+    for (size_t k = 0; k < got.size(); ++k)
+      EXPECT_EQ(got[k], alone.states[k]) << adapter << " state " << k;
+    EXPECT_NE(alone.states[0], base.states[0]) << adapter << ": the adapter left state 0 as it was";
+  }
+}
 
 }  // namespace
 }  // namespace nanscope
