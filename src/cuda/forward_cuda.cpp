@@ -31,6 +31,7 @@
 #include "common/interrupt_check.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/weight_plan.hpp"
+#include "model/adapter_overlay.hpp"
 #include "model/forward.hpp"
 #include "model/rope.hpp"
 #include "model/weights.hpp"
@@ -324,6 +325,19 @@ struct DevLayer {
   DevVec q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias;
 };
 
+// An adapter's LoRA branch on one product, applied unmerged as PeftModel computes it (fp32 weights,
+// autocast_adapter_dtype): out = round(out + ((x A^T) B^T) * scale), x the product's input in fp32.
+// B holds the rows of this product (a fused qkv_proj / gate_up_proj hands out row ranges).
+struct DevLora {
+  DevBuf A, B;  // [r, in], [rows, r], fp32
+  int64_t r = 0, in = 0, rows = 0;
+  float scale = 1.0f;
+  bool empty() const { return r == 0; }
+};
+struct LayerLora {
+  DevLora q, k, v, o, gate, up, down;
+};
+
 // A layer's matrices, in the order of a streamed layer's block (host and slot alike).
 constexpr DevMat DevLayer::*kLayerMats[] = {&DevLayer::q,   &DevLayer::k,    &DevLayer::v,
                                             &DevLayer::o,   &DevLayer::gate, &DevLayer::up,
@@ -462,6 +476,10 @@ struct DevModel {
   DevMat embed;  // decoding of an untied model only (device_embed); tied: lm_head is the table
   uint64_t weight_bytes = 0;
   std::unique_ptr<Streamer> stream;  // under --gpu-memory, when some layers do not fit
+  std::vector<LayerLora> lora;       // per layer with an adapter (ForwardOptions::adapter)
+  DevLora lm_head_lora;
+  int64_t lora_rank = 0, lora_rows = 0;  // the largest r and output rows (the passes' scratch)
+  bool own_head = false;  // a tied model whose adapter saved lm_head (modules_to_save)
 
   // Layer l's weights for the launches queued on `cs` from now on (Streamer::acquire).
   const DevLayer& layer(int64_t l, cudaStream_t cs = nullptr) {
@@ -545,9 +563,9 @@ void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
 std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& spec,
                                        const ForwardOptions& opt, bool decode) {
   const uint64_t cap = backend().cuda_weight_cap;
-  const std::string key =
-      fmt::format("{}|{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
-                  static_cast<const void*>(&ck), cap, cap > 0 && decode && !spec.tied);
+  const std::string key = fmt::format(
+      "{}|{}|{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype), static_cast<const void*>(&ck),
+      cap, cap > 0 && decode && !spec.tied, static_cast<const void*>(opt.adapter));
   std::shared_ptr<DevModel>& cached = model_cache();
   if (cached && cached->key == key) return cached;
   cached.reset();  // free the previous model's memory first
@@ -564,9 +582,56 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
                  spec.layers.size(), format_bytes(plan.slot_bytes).c_str(),
                  format_bytes(plan.resident_bytes).c_str());
   }
-  WeightSource ws(ck, opt.dtype, opt.release_pages);
+  WeightSource ws(ck, opt.dtype, opt.release_pages, opt.adapter);
+  const AdapterOverlay* ov = opt.adapter;
+  // count: a decoder layer's (the passes size their scratch for those; lm_head's is apart).
+  const auto lora = [&](const std::string& module, int64_t row0, int64_t rows, bool count = true) {
+    DevLora d;
+    const LoraBranch* b = ov != nullptr ? ov->lora(module) : nullptr;
+    if (b == nullptr) return d;
+    const std::string file = (ov->adapter().dir() / "adapter_model.safetensors").string();
+    if (!b->magnitude.empty())
+      fail(
+          "{}: {} is a DoRA module, which --device cuda does not apply unmerged yet; use --device "
+          "cpu, or merge it with `nanscope merge`",
+          file, module);
+    if (!b->bias.empty())
+      fail(
+          "{}: {} has a lora_B bias (lora_bias), which --device cuda does not apply unmerged yet; "
+          "use --device cpu",
+          file, module);
+    d.r = b->r, d.in = b->in, d.rows = rows, d.scale = b->scale;
+    d.A = DevBuf(b->A.size() * sizeof(float));
+    d.B = DevBuf(size_t(rows * b->r) * sizeof(float));
+    check(cudaMemcpy(d.A.get(), b->A.data(), d.A.bytes(), cudaMemcpyHostToDevice), "upload");
+    check(cudaMemcpy(d.B.get(), b->B.data() + row0 * b->r, d.B.bytes(), cudaMemcpyHostToDevice),
+          "upload");
+    if (count) {
+      m->lora_rank = std::max(m->lora_rank, d.r);
+      m->lora_rows = std::max(m->lora_rows, rows);
+    }
+    return d;
+  };
   for (const LayerSpec& s : spec.layers) {
     const LayerWeights w = ws.layer(s, H);
+    if (ov != nullptr) {
+      const LayerNames& n = s.names;
+      const std::string& p = n.prefix;
+      const int64_t qd = s.attn.heads * s.attn.head_dim, kvd = s.attn.kv_heads * s.attn.head_dim,
+                    I = s.mlp.intermediate;
+      const bool fq = s.attn.fused_qkv, fg = s.mlp.fused_gate_up;
+      LayerLora L;
+      L.q = lora(fq ? n.qkv_proj : p + "self_attn.q_proj", 0, qd);
+      L.k = lora(fq ? n.qkv_proj : p + "self_attn.k_proj", fq ? qd : 0, kvd);
+      L.v = lora(fq ? n.qkv_proj : p + "self_attn.v_proj", fq ? qd + kvd : 0, kvd);
+      L.o = lora(n.o_proj, 0, H);
+      L.gate = lora(fg ? n.gate_up_proj : (n.gate_proj.empty() ? p + "mlp.gate_proj" : n.gate_proj),
+                    0, I);
+      L.up = lora(fg ? n.gate_up_proj : (n.up_proj.empty() ? p + "mlp.up_proj" : n.up_proj),
+                  fg ? I : 0, I);
+      L.down = lora(n.down_proj.empty() ? p + "mlp.down_proj" : n.down_proj, 0, H);
+      m->lora.push_back(std::move(L));
+    }
     DevLayer d;
     d.input_norm = upload(w.input_norm);
     d.attn_out_norm = upload(w.attn_out_norm);
@@ -596,7 +661,12 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
     ws.release_all();
   }
   m->final_norm = upload(ws.vector(spec.final_norm, "weight", H));
-  m->lm_head = upload(ws.matrix(spec.tied ? spec.embed : spec.lm_head, spec.vocab, H), opt.dtype);
+  // A tied model's lm_head is the embedding, unless the adapter saved a trained copy of it
+  // (modules_to_save), which PeftModel then uses instead (as model/forward.cpp).
+  m->own_head = ov != nullptr && ov->replacement(spec.lm_head + ".weight").has_value();
+  m->lm_head = upload(
+      ws.matrix(spec.tied && !m->own_head ? spec.embed : spec.lm_head, spec.vocab, H), opt.dtype);
+  m->lm_head_lora = lora(spec.lm_head, 0, spec.vocab, false);
   ws.release_all();
   m->weight_bytes = ws.bytes_read();
   cached = std::move(m);
@@ -607,9 +677,9 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
 // rows there): lm_head's for a tied model, else uploaded once beside it.
 const DevMat& device_embed(DevModel& m, const Checkpoint& ck, const ModelSpec& spec,
                            const ForwardOptions& opt) {
-  if (spec.tied) return m.lm_head;
+  if (spec.tied && !m.own_head) return m.lm_head;
   if (m.embed.buf.get() == nullptr) {
-    WeightSource ws(ck, opt.dtype, opt.release_pages);
+    WeightSource ws(ck, opt.dtype, opt.release_pages, opt.adapter);
     m.embed = upload(ws.matrix(spec.embed, spec.vocab, spec.hidden), opt.dtype);
     ws.release_all();
   }
@@ -728,6 +798,13 @@ class Pass {
     ks_ = dev(size_t(T_ * kvd) * eb);
     vs_ = dev(size_t(T_ * kvd) * eb);
     stats_ = dev(sizeof(cuda::SiteStats));
+    if (dm_.lora_rank > 0 || !dm_.lm_head_lora.empty()) {
+      const int64_t r = std::max(dm_.lora_rank, dm_.lm_head_lora.r);
+      lora_mid_ = DevBuf(size_t(T_ * r) * f);
+      // Rows of every layer product; lm_head's [T, vocab] only where it is a step's one row.
+      const int64_t rows = std::max(dm_.lora_rows, cache_ ? dm_.lm_head_lora.rows : int64_t(0));
+      lora_out_ = DevBuf(size_t(T_ * rows) * f);
+    }
     if (cache_) {
       if (segs_.size() != 1) fail("forward: a key/value cache holds one sequence");
       // Allocated once: a decode step allocates nothing and waits for the GPU only at the end.
@@ -753,6 +830,8 @@ class Pass {
       fuse_ = step_ && backend().cuda_fuse;
       for (const LayerSpec& s : spec.layers)
         if (!s.names.attn_out_norm.empty() || !s.names.mlp_out_norm.empty()) fuse_ = false;
+      // A LoRA joins its product after the rounding that the fused kernels fold in.
+      if (dm_.lora_rank > 0 || !dm_.lm_head_lora.empty()) fuse_ = false;
       streams_ = fuse_ && backend().cuda_step_streams;
       if (streams_) {
         check(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "event");
@@ -883,7 +962,7 @@ class Pass {
       dm_.layers_done(st);
       norm(-1, spec_.final_norm, h_.f(), dm_.final_norm, H_, T_, x_.f());
       linear(-1, spec_.lm_head, stage(x_.f() + (T_ - 1) * H_, H_), 1, dm_.lm_head, DevVec{},
-             logits_.f());
+             logits_.f(), &dm_.lm_head_lora, x_.f() + (T_ - 1) * H_);
     }
     if (spec_.final_softcap) cuda::softcap(logits_.f(), V_, *spec_.final_softcap, dt_);
     if (want_logits_) {
@@ -891,8 +970,7 @@ class Pass {
                             cudaMemcpyDeviceToHost, st),
             "logits download");
     } else {
-      cuda::argmax_finite(logits_.f(), V_, static_cast<int64_t*>(pick_.get()),
-                          pick_scratch_.get());
+      cuda::argmax_finite(logits_.f(), V_, static_cast<int64_t*>(pick_.get()), pick_scratch_.get());
       check(cudaMemcpyAsync(pick_host_.get(), pick_.get(), 2 * sizeof(int64_t),
                             cudaMemcpyDeviceToHost, st),
             "argmax download");
@@ -1017,7 +1095,8 @@ class Pass {
     logits_ = dev(size_t(T_ * V_) * sizeof(float));
     const size_t lm_c = size_t(T_ * V_) * size_t(cuda::dt_bytes(dt_));
     if (!f32_out_ && cs_.bytes() < lm_c) cs_ = dev(lm_c);
-    linear(-1, spec_.lm_head, stage(x_.f(), T_ * H_), T_, dm_.lm_head, DevVec{}, logits_.f());
+    linear(-1, spec_.lm_head, stage(x_.f(), T_ * H_), T_, dm_.lm_head, DevVec{}, logits_.f(),
+           &dm_.lm_head_lora, x_.f());
     if (spec_.final_softcap) {
       cuda::softcap(logits_.f(), T_ * V_, *spec_.final_softcap, dt_);
       site(-1, "final_logit_softcapping", logits_.f(), {T_, V_});
@@ -1066,18 +1145,20 @@ class Pass {
   void mlp(const LayerSpec& s, const DevLayer& w, const void* xs, float* out) {
     const int64_t l = s.index, I = w.gate.rows;
     const LayerNames& n = s.names;
-    linear_many(
-        l, xs, T_,
-        {{n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, w.gate, w.gate_bias,
-          g_.f()},
-         {n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, w.up, w.up_bias, u_.f()}});
+    const LayerLora* L = lora_of(l);
+    linear_many(l, xs, T_,
+                {{n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, w.gate,
+                  w.gate_bias, g_.f(), L ? &L->gate : nullptr},
+                 {n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, w.up, w.up_bias, u_.f(),
+                  L ? &L->up : nullptr}},
+                x_.f());
     mark("gate/up products");
     cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f(),
                   staged_out());
     site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
     mark("act");
     linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj, product_input(act_),
-           T_, w.down, w.down_bias, out);
+           T_, w.down, w.down_bias, out, L ? &L->down : nullptr, act_.f());
     mark("down product");
   }
 
@@ -1088,10 +1169,12 @@ class Pass {
     const AttentionSpec& a = s.attn;
     const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
     const std::string& p = n.prefix;
+    const LayerLora* L = lora_of(l);
     linear_many(l, xs, T_,
-                {{p + "self_attn.q_proj", w.q, w.q_bias, q_.f()},
-                 {p + "self_attn.k_proj", w.k, w.k_bias, k_.f()},
-                 {p + "self_attn.v_proj", w.v, w.v_bias, v_.f()}});
+                {{p + "self_attn.q_proj", w.q, w.q_bias, q_.f(), L ? &L->q : nullptr},
+                 {p + "self_attn.k_proj", w.k, w.k_bias, k_.f(), L ? &L->k : nullptr},
+                 {p + "self_attn.v_proj", w.v, w.v_bias, v_.f(), L ? &L->v : nullptr}},
+                x_.f());
     mark("q/k/v products");
     if (a.qk_norm) {  // per head, in place (rmsnorm_k reads a row whole before it writes it)
       norm(l, n.q_norm, q_.f(), w.q_norm, D, T_ * a.heads, q_.f(), {T_, a.heads, D});
@@ -1111,7 +1194,8 @@ class Pass {
                              cache_->vf[size_t(l)].f(), dpos, a.heads, a.kv_heads, D, a.scaling,
                              a.softcap.value_or(0.0f), a.window, att_ == AttentionProfile::Fused,
                              dt_, S_.f(), max_keys_, ctx_.f(), staged_out());
-      linear(l, n.o_proj, product_input(ctx_), T_, w.o, w.o_bias, out);
+      linear(l, n.o_proj, product_input(ctx_), T_, w.o, w.o_bias, out, L ? &L->o : nullptr,
+             ctx_.f());
       return;
     }
     if (cache_) {  // this pass's keys and values join the cache at rows [P, P + T)
@@ -1138,7 +1222,8 @@ class Pass {
       eager(s);
     else
       fused(s);
-    linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out);
+    linear(l, n.o_proj, stage(ctx_.f(), T_ * qd), T_, w.o, w.o_bias, out, L ? &L->o : nullptr,
+           ctx_.f());
     mark("o product");
   }
 
@@ -1315,11 +1400,40 @@ class Pass {
     const DevMat& w;
     const DevVec& bias;
     float* out;
+    const DevLora* lora = nullptr;  // an adapter's branch on this product (x32 its input)
   };
-  void linear_many(int64_t l, const void* x, int64_t rows,
-                   std::initializer_list<LinearSpec> specs) {
+  void linear_many(int64_t l, const void* x, int64_t rows, std::initializer_list<LinearSpec> specs,
+                   const float* x32 = nullptr) {
     cuda::bias_round_many(products(x, rows, specs), rows, dt_);
+    for (const LinearSpec& sp : specs)
+      if (sp.lora != nullptr && !sp.lora->empty()) apply_lora(*sp.lora, x32, rows, sp.out);
     for (const LinearSpec& sp : specs) site(l, sp.module, sp.out, {rows, sp.w.rows});
+  }
+
+  // out [rows, b.rows] (the base product, rounded) += its LoRA branch, as PeftModel adds it: the
+  // two fp32 products as torch's F.linear computes them on fp32 (cuBLAS, no TF32), then
+  // lora_add's one rounding. x32: the product's input [rows, b.in] in fp32.
+  void apply_lora(const DevLora& b, const float* x32, int64_t rows, float* out) {
+    if (x32 == nullptr) throw std::logic_error("apply_lora: the product's fp32 input");
+    float* lo = lora_out_.f();
+    if (size_t(rows * b.rows) * sizeof(float) > lora_out_.bytes()) {
+      lora_big_ = dev(size_t(rows * b.rows) * sizeof(float));  // lm_head over every row
+      lo = lora_big_.f();
+    }
+    const float one = 1.0f, zero = 0.0f;
+    check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(b.r), int(rows), int(b.in), &one,
+                       b.A.get(), CUDA_R_32F, int(b.in), x32, CUDA_R_32F, int(b.in), &zero,
+                       lora_mid_.get(), CUDA_R_32F, int(b.r), CUBLAS_COMPUTE_32F,
+                       CUBLAS_GEMM_DEFAULT),
+          "lora_A");
+    check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(b.rows), int(rows), int(b.r), &one,
+                       b.B.get(), CUDA_R_32F, int(b.r), lora_mid_.get(), CUDA_R_32F, int(b.r),
+                       &zero, lo, CUDA_R_32F, int(b.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "lora_B");
+    cuda::lora_add(out, lo, rows * b.rows, b.scale, dt_);
+  }
+  const LayerLora* lora_of(int64_t l) const {
+    return dm_.lora.empty() ? nullptr : &dm_.lora[size_t(l)];
   }
 
   // linear_many's cuBLAS calls alone: the outputs as a kernel reads them before their rounding
@@ -1364,8 +1478,9 @@ class Pass {
 
   // out[rows, W.rows] = round(x @ W^T (+ bias)); x in storage (stage).
   void linear(int64_t l, const std::string& module, const void* x, int64_t rows, const DevMat& w,
-              const DevVec& bias, float* out) {
-    linear_many(l, x, rows, {{module, w, bias, out}});
+              const DevVec& bias, float* out, const DevLora* lora = nullptr,
+              const float* x32 = nullptr) {
+    linear_many(l, x, rows, {{module, w, bias, out, lora}}, x32);
   }
 
   // Where a kernel also writes its output in the run dtype's storage for the next product (xs_);
@@ -1623,8 +1738,9 @@ class Pass {
   DevBuf pos_;  // the step's position, on the GPU
   PinnedBytes pos_host_;
   PinnedBytes ptrs_host_, logits_host_;
-  DevBuf ids_, pick_;  // a cached pass's token ids; [argmax, any non-finite] of its logits
+  DevBuf ids_, pick_;    // a cached pass's token ids; [argmax, any non-finite] of its logits
   DevBuf pick_scratch_;  // argmax_finite's partials
+  DevBuf lora_mid_, lora_out_, lora_big_;  // apply_lora: x A^T [T, r]; its B product [T, rows]
   PinnedBytes ids_host_, pick_host_;
   bool want_logits_ = true;        // ForwardOptions::step_logits
   const DevMat* embed_ = nullptr;  // the embedding table (device_embed)
@@ -1698,9 +1814,9 @@ CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, K
                            const ForwardOptions& opt) {
   require_device();
   const int64_t T = int64_t(ids.size());
-  const std::string key =
-      fmt::format("{}|{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
-                  attention_name(opt.attention), static_cast<const void*>(&ck), opt.step_logits);
+  const std::string key = fmt::format("{}|{}|{}|{}|{}|{}", ck.dir().string(), dtype_name(opt.dtype),
+                                      attention_name(opt.attention), static_cast<const void*>(&ck),
+                                      opt.step_logits, static_cast<const void*>(opt.adapter));
   auto dec = std::static_pointer_cast<GpuDecoder>(cache.device);
   if (dec && dec->key != key)
     fail("forward: this key/value cache was made for another model, dtype or attention");
@@ -1708,6 +1824,16 @@ CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, K
     if (cache.past != 0) fail("forward: a --device cuda step after CPU steps on one cache");
     ModelSpec spec = model_spec(ck.config());
     check_supported(spec);
+    // A step gathers its embedding rows on the GPU from the table as stored (modules_to_save
+    // included); the adapter's changes to the looked-up rows are computed on the host only.
+    if (const AdapterOverlay* ov = opt.adapter) {
+      const std::string file = (ov->adapter().dir() / "adapter_model.safetensors").string();
+      if (ov->lora(spec.embed) != nullptr || ov->token_rows(spec.embed + ".weight") != nullptr)
+        fail(
+            "{}: generate --device cuda does not apply a LoRA or trainable tokens on the "
+            "embedding yet; use --device cpu, or merge the adapter with `nanscope merge`",
+            file);
+    }
     for (const LayerSpec& s : spec.layers)
       if (rope_depends_on_length(spec.ropes[size_t(s.attn.rope)]))
         fail(

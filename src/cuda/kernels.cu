@@ -707,6 +707,17 @@ void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out) {
   check_launch("add_round");
 }
 
+// PeftModel's LoRA add, as torch computes `result + lora * scaling` then `.to(dtype)`: the product
+// times scale in fp32, added in fp32, one rounding; no FMA (torch's two kernels round twice).
+__global__ void lora_add_k(float* y, const float* lo, int64_t n, float scale, Dt dt) {
+  FOR_EACH(i, n) y[i] = round_dt(__fadd_rn(y[i], __fmul_rn(lo[i], scale)), dt);
+}
+
+void lora_add(float* y, const float* lo, int64_t n, float scale, Dt dt) {
+  lora_add_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(y, lo, n, scale, dt);
+  check_launch("lora_add");
+}
+
 void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out, void* storage) {
   act_mul_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(g, u, n, act, dt, out, storage);
   check_launch("act_mul");

@@ -59,6 +59,9 @@ void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, 
           const float* sin, const int64_t* rowoff, Dt dt, int64_t shift = 0,
           const int64_t* dpos = nullptr);
 void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out);
+// y = round(y + lo * scale) in fp32 (no FMA), in place: an unmerged LoRA's branch joining the
+// base product's output y (already rounded), as PeftModel adds it.
+void lora_add(float* y, const float* lo, int64_t n, float scale, Dt dt);
 // act = round(round(f(g)) * u), f = silu (act 0) or gelu-tanh (act 1); storage as rmsnorm's.
 void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out,
              void* storage = nullptr);

@@ -827,10 +827,6 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
   } end_of_pass;
   Model m(ck, opt, obs, lengths, cache, cache != nullptr);
   uint64_t device_bytes = 0;
-  if (opt.device == Device::Cuda && opt.adapter)
-    fail(
-        "--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
-        "--device cuda)");
   try {
     if (opt.device == Device::Cuda) {  // the layers on the GPU (src/cuda), the embeddings here
       const Vec h = embed(m);
@@ -873,11 +869,8 @@ ForwardResult forward_step(const Checkpoint& ck, std::span<const int64_t> ids, K
   if (opt.device == Device::Cuda) {
     // The GPU holds the embedding table too: a step sets up no Model here (the spec, the
     // embedding row read from the mapping and its pages released cost host time at every step).
-    if (opt.adapter)
-      fail(
-          "--device cuda: an adapter applied unmerged runs on the CPU only in this version (drop "
-          "--device cuda)");
-    if (obs) fail("forward: a --device cuda step with a key/value cache reports no sites or states");
+    if (obs)
+      fail("forward: a --device cuda step with a key/value cache reports no sites or states");
     if (T <= 0) fail("forward: no input tokens");
     ForwardResult r;
     r.tokens = T;

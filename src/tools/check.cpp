@@ -13,8 +13,8 @@
 #include "formats/adapter.hpp"
 #include "formats/checkpoint.hpp"
 #include "formats/peft_names.hpp"
-#include "tools/compare.hpp"
 #include "tokenizer/bpe.hpp"
+#include "tools/compare.hpp"
 #include "tools/html_report.hpp"
 
 namespace nanscope {
@@ -195,11 +195,6 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   std::shared_ptr<const AdapterOverlay> overlay;
   if (opt.adapter) overlay = AdapterOverlay::open(*opt.adapter, base ? *base : ck);
   r.adapter_unmerged = overlay && !base;
-  if (r.adapter_unmerged && opt.device == Device::Cuda)
-    fail(
-        "check --device cuda: --adapter without --base applies the adapter unmerged, which runs "
-        "on the CPU only in this version (drop --device cuda, or check the merged model with "
-        "--base and --adapter)");
 
   // Structure.
   for (const auto& f : r.scan.findings)
@@ -351,9 +346,8 @@ CheckResult check(const std::filesystem::path& model, const CheckOptions& opt) {
   // Did the fine-tune diverge? Measured against the base on the same input, in fp32.
   if (runnable && weights_finite && (overlay || base)) {
     try {
-      std::vector<UpdateNorm> updates =
-          overlay ? adapter_update_norms(*overlay, base ? *base : ck)
-                  : weight_update_norms(ck, *base);
+      std::vector<UpdateNorm> updates = overlay ? adapter_update_norms(*overlay, base ? *base : ck)
+                                                : weight_update_norms(ck, *base);
       RunFigures tuned = fp32_figures(ck, r.adapter_unmerged ? overlay.get() : nullptr, opt.ids);
       RunFigures bare = fp32_figures(base ? *base : ck, nullptr, opt.ids);
       r.divergence = judge_divergence(updates, std::move(tuned), std::move(bare));
@@ -490,9 +484,9 @@ nlohmann::json check_json(const CheckResult& r) {
   j["adapter_unmerged"] = r.adapter_unmerged;
   j["unmerged_runs"] = nlohmann::json::array();
   for (const auto& cr : r.unmerged_runs) {
-    nlohmann::json e = cr.trace ? trace_json(*cr.trace)
-                                : nlohmann::json{{"dtype", run_dtype_name(cr.dtype)},
-                                                 {"error", cr.error}};
+    nlohmann::json e =
+        cr.trace ? trace_json(*cr.trace)
+                 : nlohmann::json{{"dtype", run_dtype_name(cr.dtype)}, {"error", cr.error}};
     if (cr.trace) e["finite"] = cr.trace->finite();
     j["unmerged_runs"].push_back(std::move(e));
   }
@@ -545,14 +539,13 @@ std::string check_text(const CheckResult& r) {
   for (const auto& cr : r.runs)
     s += "  " + std::string(r.adapter_unmerged ? "base + adapter unmerged " : "") +
          run_summary(cr) + "\n";
-  for (const auto& cr : r.unmerged_runs)
-    s += "  base + adapter unmerged " + run_summary(cr) + "\n";
+  for (const auto& cr : r.unmerged_runs) s += "  base + adapter unmerged " + run_summary(cr) + "\n";
   if (r.divergence)
-    s += fmt::format("  against the base: largest |h| {}x the base's, largest relative update {} "
-                     "({}), next-token NLL {} vs {} nats\n",
-                     g(r.divergence->growth), g(r.divergence->worst.rel),
-                     r.divergence->worst.tensor, g(r.divergence->tuned.nll),
-                     g(r.divergence->base.nll));
+    s += fmt::format(
+        "  against the base: largest |h| {}x the base's, largest relative update {} "
+        "({}), next-token NLL {} vs {} nats\n",
+        g(r.divergence->growth), g(r.divergence->worst.rel), r.divergence->worst.tensor,
+        g(r.divergence->tuned.nll), g(r.divergence->base.nll));
   for (const auto& cr : r.runs)
     if (cr.trace && !cr.trace->finite()) {
       s += fmt::format("\nQuick test, {}:\n", run_label(cr));
@@ -615,9 +608,8 @@ std::string check_html(const CheckResult& r) {
   }
 
   if (r.divergence) {  // the fine-tune against its base, state by state (fp32)
-    DivergenceSeries ds{r.adapter_unmerged ? "base + adapter (unmerged) vs base, fp32"
-                                           : "model vs base, fp32",
-                        {}};
+    DivergenceSeries ds{
+        r.adapter_unmerged ? "base + adapter (unmerged) vs base, fp32" : "model vs base, fp32", {}};
     const auto& a = r.divergence->tuned.states;
     const auto& b = r.divergence->base.states;
     for (size_t i = 0; i < a.size() && i < b.size(); ++i) {

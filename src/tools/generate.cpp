@@ -17,9 +17,9 @@
 #include "common/interrupt_check.hpp"
 #include "model/weights.hpp"
 #include "numerics/backend.hpp"
+#include "numerics/stats.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
-#include "numerics/stats.hpp"
 
 namespace nanscope {
 
@@ -151,10 +151,6 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
   fo.device = opt.device;
   KvCache cache;
   if (opt.device == Device::Cuda) {
-    if (opt.adapter)
-      fail(
-          "generate --device cuda: an adapter applied unmerged runs on the CPU only in this "
-          "version (drop --device cuda, or merge it first)");
     // The weights live on the GPU; the host reads only embedding rows, from the mapping.
     fo.resident = nullptr;
     fo.release_pages = true;
