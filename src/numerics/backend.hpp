@@ -45,8 +45,8 @@
 // |                                |                   | replayed as one CUDA graph (default)   |
 // | NANSCOPE_CUDA_STEP_TIMES=1     | cuda_step_times   | per-step queue / total time on stderr  |
 // | NANSCOPE_CUDA_STREAMS=1        | cuda_step_streams | a fused decode step's k/v and up       |
-// |                                |                   | products on two more streams (not yet  |
-// |                                |                   | run on a GPU: opt-in until it has)     |
+// |                                |                   | products on two more streams (the same |
+// |                                |                   | bits; within noise on the H200)        |
 // | NANSCOPE_CUDA_PROFILE=1        | cuda_profile      | GPU and host time per phase of the     |
 // |                                |                   | passes, summed, on stderr at exit      |
 // | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps without the fused kernels |
