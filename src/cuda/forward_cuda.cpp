@@ -23,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -330,9 +331,18 @@ struct DevLayer {
 // B holds the rows of this product (a fused qkv_proj / gate_up_proj hands out row ranges).
 struct DevLora {
   DevBuf A, B;  // [r, in], [rows, r], fp32
+  DevBuf bias;  // lora_B's bias [rows] (lora_bias), or none
+  DevBuf m;     // DoRA: magnitude / ||W + scale B A|| per row [rows], or none
   int64_t r = 0, in = 0, rows = 0;
   float scale = 1.0f;
   bool empty() const { return r == 0; }
+};
+// An embedding LoRA for the rows a decode step gathers on the GPU: A^T [vocab, r] (the rows
+// F.embedding picks), B [H, r], fp32.
+struct DevEmbedLora {
+  DevBuf At, B;
+  int64_t r = 0;
+  float scale = 1.0f;
 };
 struct LayerLora {
   DevLora q, k, v, o, gate, up, down;
@@ -478,8 +488,10 @@ struct DevModel {
   std::unique_ptr<Streamer> stream;  // under --gpu-memory, when some layers do not fit
   std::vector<LayerLora> lora;       // per layer with an adapter (ForwardOptions::adapter)
   DevLora lm_head_lora;
+  DevEmbedLora embed_lora;               // decoding (device_embed)
   int64_t lora_rank = 0, lora_rows = 0;  // the largest r and output rows (the passes' scratch)
-  bool own_head = false;  // a tied model whose adapter saved lm_head (modules_to_save)
+  bool own_head = false;               // a tied model whose adapter saved lm_head (modules_to_save)
+  std::set<std::string> lora_modules;  // the adapter's modules applied here
 
   // Layer l's weights for the launches queued on `cs` from now on (Streamer::acquire).
   const DevLayer& layer(int64_t l, cudaStream_t cs = nullptr) {
@@ -585,21 +597,20 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
   WeightSource ws(ck, opt.dtype, opt.release_pages, opt.adapter);
   const AdapterOverlay* ov = opt.adapter;
   // count: a decoder layer's (the passes size their scratch for those; lm_head's is apart).
-  const auto lora = [&](const std::string& module, int64_t row0, int64_t rows, bool count = true) {
+  // w_full: the module's whole base weight as the run dtype reads it (DoRA's norms).
+  const auto lora = [&](const std::string& module, const WeightView& w_full, int64_t row0,
+                        int64_t rows, bool count = true) {
     DevLora d;
     const LoraBranch* b = ov != nullptr ? ov->lora(module) : nullptr;
     if (b == nullptr) return d;
-    const std::string file = (ov->adapter().dir() / "adapter_model.safetensors").string();
-    if (!b->magnitude.empty())
-      fail(
-          "{}: {} is a DoRA module, which --device cuda does not apply unmerged yet; use --device "
-          "cpu, or merge it with `nanscope merge`",
-          file, module);
-    if (!b->bias.empty())
-      fail(
-          "{}: {} has a lora_B bias (lora_bias), which --device cuda does not apply unmerged yet; "
-          "use --device cpu",
-          file, module);
+    m->lora_modules.insert(module);
+    const auto rows_up = [&](const float* v) {
+      DevBuf x(size_t(rows) * sizeof(float));
+      check(cudaMemcpy(x.get(), v + row0, x.bytes(), cudaMemcpyHostToDevice), "upload");
+      return x;
+    };
+    if (!b->magnitude.empty()) d.m = rows_up(ov->dora_scale(*b, w_full, opt.dtype).data());
+    if (!b->bias.empty()) d.bias = rows_up(b->bias.data());
     d.r = b->r, d.in = b->in, d.rows = rows, d.scale = b->scale;
     d.A = DevBuf(b->A.size() * sizeof(float));
     d.B = DevBuf(size_t(rows * b->r) * sizeof(float));
@@ -621,15 +632,16 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
                     I = s.mlp.intermediate;
       const bool fq = s.attn.fused_qkv, fg = s.mlp.fused_gate_up;
       LayerLora L;
-      L.q = lora(fq ? n.qkv_proj : p + "self_attn.q_proj", 0, qd);
-      L.k = lora(fq ? n.qkv_proj : p + "self_attn.k_proj", fq ? qd : 0, kvd);
-      L.v = lora(fq ? n.qkv_proj : p + "self_attn.v_proj", fq ? qd + kvd : 0, kvd);
-      L.o = lora(n.o_proj, 0, H);
+      L.q = lora(fq ? n.qkv_proj : p + "self_attn.q_proj", fq ? w.qkv : w.q, 0, qd);
+      L.k = lora(fq ? n.qkv_proj : p + "self_attn.k_proj", fq ? w.qkv : w.k, fq ? qd : 0, kvd);
+      L.v =
+          lora(fq ? n.qkv_proj : p + "self_attn.v_proj", fq ? w.qkv : w.v, fq ? qd + kvd : 0, kvd);
+      L.o = lora(n.o_proj, w.o, 0, H);
       L.gate = lora(fg ? n.gate_up_proj : (n.gate_proj.empty() ? p + "mlp.gate_proj" : n.gate_proj),
-                    0, I);
+                    fg ? w.gate_up : w.gate, 0, I);
       L.up = lora(fg ? n.gate_up_proj : (n.up_proj.empty() ? p + "mlp.up_proj" : n.up_proj),
-                  fg ? I : 0, I);
-      L.down = lora(n.down_proj.empty() ? p + "mlp.down_proj" : n.down_proj, 0, H);
+                  fg ? w.gate_up : w.up, fg ? I : 0, I);
+      L.down = lora(n.down_proj.empty() ? p + "mlp.down_proj" : n.down_proj, w.down, 0, H);
       m->lora.push_back(std::move(L));
     }
     DevLayer d;
@@ -664,9 +676,19 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
   // A tied model's lm_head is the embedding, unless the adapter saved a trained copy of it
   // (modules_to_save), which PeftModel then uses instead (as model/forward.cpp).
   m->own_head = ov != nullptr && ov->replacement(spec.lm_head + ".weight").has_value();
-  m->lm_head = upload(
-      ws.matrix(spec.tied && !m->own_head ? spec.embed : spec.lm_head, spec.vocab, H), opt.dtype);
-  m->lm_head_lora = lora(spec.lm_head, 0, spec.vocab, false);
+  const WeightView lm =
+      ws.matrix(spec.tied && !m->own_head ? spec.embed : spec.lm_head, spec.vocab, H);
+  m->lm_head = upload(lm, opt.dtype);
+  m->lm_head_lora = lora(spec.lm_head, lm, 0, spec.vocab, false);
+  // Every LoRA of the adapter must be one this path applies (the embedding's: the host's, or
+  // device_embed's for decoding): another would give the bare model's numbers under its name.
+  if (ov != nullptr)
+    for (const auto& [module, unused] : ov->plan().lora)
+      if (ov->lora(module) != nullptr && module != spec.embed && !m->lora_modules.contains(module))
+        fail(
+            "{}: module {} has a LoRA that --device cuda does not apply unmerged; use --device "
+            "cpu, or merge it with `nanscope merge`",
+            (ov->adapter().dir() / "adapter_model.safetensors").string(), module);
   ws.release_all();
   m->weight_bytes = ws.bytes_read();
   cached = std::move(m);
@@ -677,11 +699,53 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
 // rows there): lm_head's for a tied model, else uploaded once beside it.
 const DevMat& device_embed(DevModel& m, const Checkpoint& ck, const ModelSpec& spec,
                            const ForwardOptions& opt) {
-  if (spec.tied && !m.own_head) return m.lm_head;
+  const AdapterOverlay* ov = opt.adapter;
+  if (ov != nullptr && m.embed_lora.r == 0)
+    if (const LoraBranch* b = ov->lora(spec.embed)) {
+      const std::string file = (ov->adapter().dir() / "adapter_model.safetensors").string();
+      if (!b->magnitude.empty() || spec.embed_scale)
+        fail(
+            "{}: generate --device cuda does not apply {} on the embedding unmerged; use --device "
+            "cpu, or merge the adapter with `nanscope merge`",
+            file, !b->magnitude.empty() ? "a DoRA" : "a LoRA (with Gemma's embedding scale)");
+      const int64_t V = b->in, r = b->r;
+      std::vector<float> at(size_t(V * r));  // A [r, V] -> A^T [V, r]
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t v = 0; v < V; ++v) at[size_t(v * r + k)] = b->A[size_t(k * V + v)];
+      DevEmbedLora& e = m.embed_lora;
+      e.At = DevBuf(at.size() * sizeof(float));
+      e.B = DevBuf(b->B.size() * sizeof(float));
+      check(cudaMemcpy(e.At.get(), at.data(), e.At.bytes(), cudaMemcpyHostToDevice), "upload");
+      check(cudaMemcpy(e.B.get(), b->B.data(), e.B.bytes(), cudaMemcpyHostToDevice), "upload");
+      e.r = r, e.scale = b->scale;
+    }
+  const TokenRows* tr = ov != nullptr ? ov->token_rows(spec.embed + ".weight") : nullptr;
+  if (spec.tied && !m.own_head) {
+    if (tr != nullptr)  // AdapterOverlay::open refuses these; the shared table must stay as it is
+      throw std::logic_error("device_embed: trainable tokens on a tied table");
+    return m.lm_head;
+  }
   if (m.embed.buf.get() == nullptr) {
     WeightSource ws(ck, opt.dtype, opt.release_pages, opt.adapter);
     m.embed = upload(ws.matrix(spec.embed, spec.vocab, spec.hidden), opt.dtype);
     ws.release_all();
+    if (tr != nullptr) {  // the trained rows replace theirs, in the run dtype (as on the host)
+      const TensorRef vals = *ov->token_values(spec.embed + ".weight");
+      const WeightView vw{vals.bytes().data(), vals.info->dtype, vals.info->shape[0],
+                          vals.info->shape[1]};
+      const int64_t H = spec.hidden;
+      const size_t eb = size_t(cuda::dt_bytes(dt_of(opt.dtype)));
+      std::vector<float> row(static_cast<size_t>(H));
+      DevBuf f(size_t(H) * sizeof(float));
+      for (size_t i = 0; i < tr->rows.size(); ++i) {
+        weight_rows(vw, int64_t(i), 1, opt.dtype, row.data());
+        check(cudaMemcpy(f.get(), row.data(), f.bytes(), cudaMemcpyHostToDevice), "upload");
+        cuda::to_storage(f.f(),
+                         static_cast<char*>(m.embed.buf.get()) + size_t(tr->rows[i] * H) * eb, H,
+                         dt_of(opt.dtype));
+      }
+      check(cudaDeviceSynchronize(), "upload");
+    }
   }
   return m.embed;
 }
@@ -819,6 +883,10 @@ class Pass {
       pick_host_ = PinnedBytes(2 * sizeof(int64_t));
       want_logits_ = opt.step_logits;
       embed_ = &device_embed(dm_, ck, spec, opt);
+      if (dm_.embed_lora.r > 0) {
+        emb_mid_ = DevBuf(size_t(T_ * dm_.embed_lora.r) * sizeof(float));
+        emb_out_ = DevBuf(size_t(T_ * H_) * sizeof(float));
+      }
       if (spec.embed_scale) embed_scale_ = round_to(float(std::sqrt(double(H_))), dtype_);
       // A 1-token step reads its position from a device scalar and attends with
       // decode_attention, graph or not, so that NANSCOPE_CUDA_GRAPH=1 (the step replayed as one
@@ -947,6 +1015,17 @@ class Pass {
           "upload");
     cuda::embed_rows(embed_->buf.get(), dt_, static_cast<const int64_t*>(ids_.get()), T_, H_,
                      embed_scale_, h_.f());
+    if (const DevEmbedLora& e = dm_.embed_lora; e.r > 0) {  // PeftModel's Embedding.forward
+      cuda::embed_rows(e.At.get(), Dt::F32, static_cast<const int64_t*>(ids_.get()), T_, e.r, 0.0f,
+                       emb_mid_.f());
+      const float one = 1.0f, zero = 0.0f;
+      check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(H_), int(T_), int(e.r), &one,
+                         e.B.get(), CUDA_R_32F, int(e.r), emb_mid_.get(), CUDA_R_32F, int(e.r),
+                         &zero, emb_out_.get(), CUDA_R_32F, int(H_), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
+            "lora_embedding_B");
+      cuda::lora_add(h_.f(), emb_out_.f(), T_ * H_, H_, e.scale, dt_);
+    }
     if (step_)
       check(
           cudaMemcpyAsync(pos_.get(), pos_host_.get(), sizeof(int64_t), cudaMemcpyHostToDevice, st),
@@ -1406,14 +1485,17 @@ class Pass {
                    const float* x32 = nullptr) {
     cuda::bias_round_many(products(x, rows, specs), rows, dt_);
     for (const LinearSpec& sp : specs)
-      if (sp.lora != nullptr && !sp.lora->empty()) apply_lora(*sp.lora, x32, rows, sp.out);
+      if (sp.lora != nullptr && !sp.lora->empty())
+        apply_lora(*sp.lora, x32, rows, sp.out, sp.bias.data());
     for (const LinearSpec& sp : specs) site(l, sp.module, sp.out, {rows, sp.w.rows});
   }
 
   // out [rows, b.rows] (the base product, rounded) += its LoRA branch, as PeftModel adds it: the
   // two fp32 products as torch's F.linear computes them on fp32 (cuBLAS, no TF32), then
   // lora_add's one rounding. x32: the product's input [rows, b.in] in fp32.
-  void apply_lora(const DevLora& b, const float* x32, int64_t rows, float* out) {
+  // base_bias: the base layer's bias (DoRA subtracts it), nullable.
+  void apply_lora(const DevLora& b, const float* x32, int64_t rows, float* out,
+                  const float* base_bias) {
     if (x32 == nullptr) throw std::logic_error("apply_lora: the product's fp32 input");
     float* lo = lora_out_.f();
     if (size_t(rows * b.rows) * sizeof(float) > lora_out_.bytes()) {
@@ -1426,11 +1508,16 @@ class Pass {
                        lora_mid_.get(), CUDA_R_32F, int(b.r), CUBLAS_COMPUTE_32F,
                        CUBLAS_GEMM_DEFAULT),
           "lora_A");
+    // lora_bias: the product adds to the bias rows (beta = 1), one rounding as torch's
+    // cuBLASLt bias epilogue of F.linear.
+    if (b.bias.get() != nullptr) cuda::fill_rows(b.bias.f(), b.rows, rows, lo);
+    const float* beta = b.bias.get() != nullptr ? &one : &zero;
     check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(b.rows), int(rows), int(b.r), &one,
-                       b.B.get(), CUDA_R_32F, int(b.r), lora_mid_.get(), CUDA_R_32F, int(b.r),
-                       &zero, lo, CUDA_R_32F, int(b.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                       b.B.get(), CUDA_R_32F, int(b.r), lora_mid_.get(), CUDA_R_32F, int(b.r), beta,
+                       lo, CUDA_R_32F, int(b.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
           "lora_B");
-    cuda::lora_add(out, lo, rows * b.rows, b.scale, dt_);
+    cuda::lora_add(out, lo, rows * b.rows, b.rows, b.scale, dt_,
+                   b.m.get() != nullptr ? b.m.f() : nullptr, base_bias);
   }
   const LayerLora* lora_of(int64_t l) const {
     return dm_.lora.empty() ? nullptr : &dm_.lora[size_t(l)];
@@ -1741,6 +1828,7 @@ class Pass {
   DevBuf ids_, pick_;    // a cached pass's token ids; [argmax, any non-finite] of its logits
   DevBuf pick_scratch_;  // argmax_finite's partials
   DevBuf lora_mid_, lora_out_, lora_big_;  // apply_lora: x A^T [T, r]; its B product [T, rows]
+  DevBuf emb_mid_, emb_out_;               // a step's embedding LoRA: A^T rows [T, r]; [T, H]
   PinnedBytes ids_host_, pick_host_;
   bool want_logits_ = true;        // ForwardOptions::step_logits
   const DevMat* embed_ = nullptr;  // the embedding table (device_embed)
@@ -1824,22 +1912,6 @@ CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, K
     if (cache.past != 0) fail("forward: a --device cuda step after CPU steps on one cache");
     ModelSpec spec = model_spec(ck.config());
     check_supported(spec);
-    // A step gathers its embedding rows on the GPU from the table as stored (modules_to_save
-    // included); the adapter's changes to the looked-up rows are computed on the host only.
-    if (const AdapterOverlay* ov = opt.adapter) {
-      const std::string file = (ov->adapter().dir() / "adapter_model.safetensors").string();
-      if (ov->lora(spec.embed) != nullptr || ov->token_rows(spec.embed + ".weight") != nullptr)
-        fail(
-            "{}: generate --device cuda does not apply a LoRA or trainable tokens on the "
-            "embedding yet; use --device cpu, or merge the adapter with `nanscope merge`",
-            file);
-    }
-    for (const LayerSpec& s : spec.layers)
-      if (rope_depends_on_length(spec.ropes[size_t(s.attn.rope)]))
-        fail(
-            "--device cuda: generate with a {} RoPE (its frequencies follow the length) runs on "
-            "the CPU only in this version; use --device cpu",
-            spec.ropes[size_t(s.attn.rope)].type);
     dec = std::make_shared<GpuDecoder>();
     dec->spec = std::move(spec);
     dec->key = key;

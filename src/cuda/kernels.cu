@@ -709,13 +709,36 @@ void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out) {
 
 // PeftModel's LoRA add, as torch computes `result + lora * scaling` then `.to(dtype)`: the product
 // times scale in fp32, added in fp32, one rounding; no FMA (torch's two kernels round twice).
-__global__ void lora_add_k(float* y, const float* lo, int64_t n, float scale, Dt dt) {
-  FOR_EACH(i, n) y[i] = round_dt(__fadd_rn(y[i], __fmul_rn(lo[i], scale)), dt);
+// DoRA (m per output row): e = (m - 1) * base + (m * lo) * scale, base = y less the base layer's
+// bias rounded to the run dtype (peft subtracts it in that dtype), y = round(y + e).
+__global__ void lora_add_k(float* y, const float* lo, int64_t n, int64_t rows, float scale, Dt dt,
+                           const float* m, const float* bias) {
+  FOR_EACH(i, n) {
+    if (m == nullptr) {
+      y[i] = round_dt(__fadd_rn(y[i], __fmul_rn(lo[i], scale)), dt);
+    } else {
+      const int64_t j = i % rows;
+      const float base = bias != nullptr ? round_dt(__fsub_rn(y[i], bias[j]), dt) : y[i];
+      const float e = __fadd_rn(__fmul_rn(__fsub_rn(m[j], 1.0f), base),
+                                __fmul_rn(__fmul_rn(m[j], lo[i]), scale));
+      y[i] = round_dt(__fadd_rn(y[i], e), dt);
+    }
+  }
 }
 
-void lora_add(float* y, const float* lo, int64_t n, float scale, Dt dt) {
-  lora_add_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(y, lo, n, scale, dt);
+void lora_add(float* y, const float* lo, int64_t n, int64_t rows, float scale, Dt dt,
+              const float* m, const float* bias) {
+  lora_add_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(y, lo, n, rows, scale, dt, m, bias);
   check_launch("lora_add");
+}
+
+__global__ void fill_rows_k(const float* v, int64_t rows, int64_t n, float* out) {
+  FOR_EACH(i, n) out[i] = v[i % rows];
+}
+
+void fill_rows(const float* v, int64_t rows, int64_t T, float* out) {
+  fill_rows_k<<<blocks_for(T * rows, 256), 256, 0, g_stream>>>(v, rows, T * rows, out);
+  check_launch("fill_rows");
 }
 
 void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out, void* storage) {

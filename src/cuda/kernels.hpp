@@ -60,8 +60,13 @@ void rope(float* x, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot, 
           const int64_t* dpos = nullptr);
 void add_round(const float* a, const float* b, int64_t n, Dt dt, float* out);
 // y = round(y + lo * scale) in fp32 (no FMA), in place: an unmerged LoRA's branch joining the
-// base product's output y (already rounded), as PeftModel adds it.
-void lora_add(float* y, const float* lo, int64_t n, float scale, Dt dt);
+// base product's output y ([n / rows, rows], already rounded), as PeftModel adds it. m (DoRA's
+// magnitude / weight norm per row, nullable): y = round(y + (m - 1) * base + m * lo * scale),
+// base = round(y - bias) where the base layer has a bias (nullable), else y.
+void lora_add(float* y, const float* lo, int64_t n, int64_t rows, float scale, Dt dt,
+              const float* m = nullptr, const float* bias = nullptr);
+// out [T, rows] = v [rows] in every row (a product's bias before a beta = 1 product adds to it).
+void fill_rows(const float* v, int64_t rows, int64_t T, float* out);
 // act = round(round(f(g)) * u), f = silu (act 0) or gelu-tanh (act 1); storage as rmsnorm's.
 void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* out,
              void* storage = nullptr);

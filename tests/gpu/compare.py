@@ -63,17 +63,22 @@ FLIP_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 5e-3}
 # which the fused kernel does not reproduce bit for bit, show in bf16 (measured 2026-12-02 on the
 # H200: 1.0e-3 at hidden.1, 4.8e-3 at the logits; fp16 and eager match). Bound: 1.25x that.
 KNOWN = {("qwen3-fp16-attn", "bfloat16", "sdpa"): (6e-3, "fused softmax of planted 7e4 scores")}
-# Adapters applied unmerged (peft/): under eager every bf16/fp16 trace is bit-identical to
-# PeftModel's (the LoRA branches are exact); under sdpa these bf16 runs part from FlashAttention-2
-# by less than a bf16 ulp of the states (measured 2026-12-03: 4.6e-4 .. 4.7e-3 relative, 81-99.9%
-# of the elements bit-identical), the fused kernel's known last bits of FA2's softmax on the
-# sharper scores these adapters (and the trained model) make. rslora's batched hidden run (78
-# rows in one product) takes another cuBLAS kernel than the golden's 8 rows: 5.7e-4.
-ADAPTER_SDPA = (6e-3, "fused softmax vs FlashAttention-2 on an adapter's sharper scores")
-for _m in ("qwen3-tiny@lora-bf16", "qwen3-tiny@patterns", "llama-tiny@modules-to-save",
-           "trained-base@trained-healthy-r8-lr2e-4"):
-    KNOWN[(_m, "bfloat16", "sdpa")] = ADAPTER_SDPA
+# FlashAttention-2's softmax on sharper scores: the fused kernel does not reproduce FA2's
+# exp2 / FFMA arrangement bit for bit, which shows where the scores are sharp (a trained model,
+# and the tiny models with these adapters); eager is bit-identical on all of them. Measured
+# 2026-12-03 on the H200: trained-base alone 2.2e-3 .. 6.3e-3 in bf16 (its logits), the
+# adapters 4.6e-4 .. 6.0e-3, 81-99.9% of the elements bit-identical.
+SHARP = (8e-3, "fused softmax vs FlashAttention-2 on sharp scores (eager: bit-identical)")
+for _m in ("trained-base", "trained-base@trained-healthy-r8-lr2e-4", "qwen3-tiny@lora-bf16",
+           "qwen3-tiny@patterns", "llama-tiny@modules-to-save", "llama-tiny@bias-lora-only"):
+    KNOWN[(_m, "bfloat16", "sdpa")] = SHARP
+KNOWN[("trained-base", "float16", "sdpa")] = (2e-3, SHARP[1])
+# rslora's batched hidden run (78 rows in one product) takes another cuBLAS kernel than the
+# golden's 8 rows: 5.7e-4. DoRA on the 70-token input: states part from layer 2 on (5.7e-4, then
+# 2.8e-3), the 8-token one is bit-identical; nanscope computes DoRA's weight norm on the host,
+# peft on the GPU, whose last bits may differ.
 KNOWN[("qwen3-tiny@rslora", "bfloat16", "eager")] = (1e-3, "batched rows: another cuBLAS kernel")
+KNOWN[("qwen3-tiny@dora", "bfloat16", "eager")] = (4e-3, "DoRA weight norm: host vs GPU bits")
 MANTISSA = {"float32": 23, "bfloat16": 7, "float16": 10}
 NS_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 NS_ATTN = {"eager": "eager", "sdpa": "fused"}
@@ -227,10 +232,8 @@ def check_unsupported_adapters(ns, mdir, failures, gen_rows):
     model's numbers."""
     ad = adapters_dir(mdir)
     for cmd, want in (
-            (["trace", os.path.join(mdir, "qwen3-tiny"), "--adapter", os.path.join(ad, "dora")],
-             "DoRA"),
-            (["generate", os.path.join(mdir, "qwen3-tiny"), "--adapter",
-              os.path.join(ad, "embed-tied")], "embedding")):
+            (["generate", os.path.join(mdir, "llama-tiny"), "--adapter",
+              os.path.join(ad, "dora-embed")], "DoRA"),):
         p = subprocess.run([ns] + cmd + ["--ids", "1,2,3", "--device", DEVICE],
                            capture_output=True, text=True)
         label = f"{cmd[0]} --adapter {os.path.basename(cmd[3])} --device cuda"

@@ -421,8 +421,8 @@ TEST(DeviceGpu, AnAdapterIsAppliedUnmergedOnTheGpu) {
   ASSERT_EQ(runs[0].ids.size(), 8u);
   for (size_t i = 0; i < runs[0].step_logits.size(); ++i)
     EXPECT_EQ(runs[0].step_logits[i], runs[1].step_logits[i]) << "step " << i;
-  const auto dora = run_cli({"trace", fixture("models/qwen3-tiny"), "--adapter",
-                             fixture("adapters/dora"), "--ids", "1,2,3", "--device", "cuda"});
+  const auto dora = run_cli({"generate", fixture("models/llama-tiny"), "--adapter",
+                             fixture("adapters/dora-embed"), "--ids", "1,2,3", "--device", "cuda"});
   EXPECT_EQ(dora.exit_code, 2) << dora.err;
   EXPECT_THAT(dora.err, HasSubstr("DoRA"));
 }
