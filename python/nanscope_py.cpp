@@ -282,6 +282,7 @@ class Model {
     for (auto& o : out) o.states.resize(size_t(S)), o.H = H;
     {
       Released nogil;
+      const ScopedBackend use(with_cap());
       std::vector<int64_t> lengths;
       for (const auto& in : inputs) lengths.push_back(in.tokens());
       for (const auto& [b0, b1] : batch_ranges(lengths, batch_tokens)) {
@@ -319,6 +320,7 @@ class Model {
       HiddenStates s;
       {
         Released nogil;
+        const ScopedBackend use(with_cap());
         s = hidden_states_embeddings(*ck_, e, T, f, ls);
       }
       return states_to_list(std::move(s));
