@@ -16,3 +16,10 @@ machine_info() {
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"; } > "$OUT/machine.txt" 2>&1
 }
+# A GPU job: the GPU visible again (hidden above for the CPU benchmarks) and the machine's
+# cuBLASLt found for the carried binaries (LT: where, for the job's log).
+gpu_job() {
+  export CUDA_VISIBLE_DEVICES=0
+  LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
+  export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+}

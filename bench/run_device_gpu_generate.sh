@@ -17,9 +17,7 @@
 # (nsys-*.txt) where the machine has nsys.
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
-export CUDA_VISIBLE_DEVICES=0  # device_job.sh hides the GPU for the CPU benchmarks
-LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
-export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gpu_job
 LOG=$OUT/job.log
 NS=$BIN/nanscope
 { date -u; nvidia-smi; nproc; free -g | head -2; echo "cublasLt: $LT"; ldd $NS | grep -E "not found|cublas"

@@ -13,9 +13,7 @@
 # Results: $OUT/hidden-gpu.jsonl and hidden-summary.txt.
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
-export CUDA_VISIBLE_DEVICES=0
-LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
-export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gpu_job
 R=$OUT/hidden-gpu.jsonl; : > "$R"
 LOG=$OUT/hidden-job.log
 [ -f $W/q4b/config.json ] || timeout 240 $BIN/make_synthetic --out $W/q4b --preset qwen3-4b > /dev/null

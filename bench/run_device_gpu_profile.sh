@@ -7,9 +7,7 @@
 # $OUT/gemm.jsonl, $OUT/tests.txt.
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
-export CUDA_VISIBLE_DEVICES=0
-LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
-export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gpu_job
 [ -f $W/q4b/config.json ] || (timeout 240 $BIN/make_synthetic --out $W/q4b --preset qwen3-4b > /dev/null; cat $W/q4b/*.safetensors > /dev/null) &
 SYN=$!
 $BIN/nanscope_tests --gtest_filter="${TESTS:-DeviceGpu*}" > "$OUT/tests.txt" 2>&1; echo "tests exit $?" >> "$OUT/tests.txt"

@@ -8,9 +8,7 @@
 # (and step.jsonl, step-times.txt, tests.txt, gputest*.txt).
 cd "$(dirname "$0")/.."
 . bench/device_job.sh
-export CUDA_VISIBLE_DEVICES=0
-LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
-export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gpu_job
 NS=$BIN/nanscope
 (timeout 200 $BIN/make_synthetic --out $W/q4b --preset qwen3-4b > /dev/null 2>&1; cat $W/q4b/*.safetensors > /dev/null) &
 SYN=$!

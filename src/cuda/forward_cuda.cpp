@@ -348,10 +348,26 @@ struct LayerLora {
   DevLora q, k, v, o, gate, up, down;
 };
 
-// A layer's matrices, in the order of a streamed layer's block (host and slot alike).
+// A layer's matrices, in the order of a streamed layer's block (host and slot alike), and the
+// host weights they come from; its vectors (norms, biases) likewise.
 constexpr DevMat DevLayer::*kLayerMats[] = {&DevLayer::q,   &DevLayer::k,    &DevLayer::v,
                                             &DevLayer::o,   &DevLayer::gate, &DevLayer::up,
                                             &DevLayer::down};
+constexpr WeightView LayerWeights::*kWeightMats[] = {
+    &LayerWeights::q,    &LayerWeights::k,  &LayerWeights::v,   &LayerWeights::o,
+    &LayerWeights::gate, &LayerWeights::up, &LayerWeights::down};
+constexpr DevVec DevLayer::*kLayerVecs[] = {
+    &DevLayer::input_norm,   &DevLayer::attn_out_norm, &DevLayer::mlp_in_norm,
+    &DevLayer::mlp_out_norm, &DevLayer::q_norm,        &DevLayer::k_norm,
+    &DevLayer::q_bias,       &DevLayer::k_bias,        &DevLayer::v_bias,
+    &DevLayer::o_bias,       &DevLayer::gate_bias,     &DevLayer::up_bias,
+    &DevLayer::down_bias};
+constexpr Activations LayerWeights::*kWeightVecs[] = {
+    &LayerWeights::input_norm,   &LayerWeights::attn_out_norm, &LayerWeights::mlp_in_norm,
+    &LayerWeights::mlp_out_norm, &LayerWeights::q_norm,        &LayerWeights::k_norm,
+    &LayerWeights::q_bias,       &LayerWeights::k_bias,        &LayerWeights::v_bias,
+    &LayerWeights::o_bias,       &LayerWeights::gate_bias,     &LayerWeights::up_bias,
+    &LayerWeights::down_bias};
 
 // --gpu-memory (weight_plan.hpp): the streamed layers' matrices in page-locked host memory and
 // the two slots on the GPU they are copied into, on a stream of their own. A slot is filled only
@@ -446,21 +462,9 @@ class Streamer {
     slot.layer = l;
     const DevLayer& r = layers[size_t(l)];
     DevLayer& v = slot.view;
-    for (auto [to, from] : {std::pair{&v.input_norm, &r.input_norm},
-                            {&v.attn_out_norm, &r.attn_out_norm},
-                            {&v.mlp_in_norm, &r.mlp_in_norm},
-                            {&v.mlp_out_norm, &r.mlp_out_norm},
-                            {&v.q_norm, &r.q_norm},
-                            {&v.k_norm, &r.k_norm},
-                            {&v.q_bias, &r.q_bias},
-                            {&v.k_bias, &r.k_bias},
-                            {&v.v_bias, &r.v_bias},
-                            {&v.o_bias, &r.o_bias},
-                            {&v.gate_bias, &r.gate_bias},
-                            {&v.up_bias, &r.up_bias},
-                            {&v.down_bias, &r.down_bias}}) {
-      to->buf = from->buf.view(from->buf.bytes());
-      to->n = from->n;
+    for (DevVec DevLayer::*vec : kLayerVecs) {
+      (v.*vec).buf = (r.*vec).buf.view((r.*vec).buf.bytes());
+      (v.*vec).n = (r.*vec).n;
     }
     for (size_t m = 0; m < std::size(kLayerMats); ++m) {
       DevMat& d = v.*kLayerMats[m];
@@ -546,17 +550,17 @@ std::shared_ptr<DevModel>& model_cache() {
 // are, or cast on the GPU as upload() casts them and copied back (the same bits either way).
 void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
   const size_t eb = size_t(cuda::dt_bytes(dt_of(run)));
-  const WeightView* views[] = {&w.q, &w.k, &w.v, &w.o, &w.gate, &w.up, &w.down};
   size_t at = 0;
-  for (size_t m = 0; m < std::size(views); ++m) {
+  for (size_t m = 0; m < std::size(kWeightMats); ++m) {
+    const WeightView& v = w.*kWeightMats[m];
     h.off[m] = at;
-    h.rows[m] = views[m]->rows, h.cols[m] = views[m]->cols;
-    at += (size_t(views[m]->rows * views[m]->cols) * eb + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
+    h.rows[m] = v.rows, h.cols[m] = v.cols;
+    at += (size_t(v.rows * v.cols) * eb + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
   }
   h.used = at;
   h.bytes = PinnedBytes(at);
-  for (size_t m = 0; m < std::size(views); ++m) {
-    const WeightView& v = *views[m];
+  for (size_t m = 0; m < std::size(kWeightMats); ++m) {
+    const WeightView& v = w.*kWeightMats[m];
     const size_t n = size_t(v.rows * v.cols) * eb;
     char* to = static_cast<char*>(h.bytes.get()) + h.off[m];
     if (v.storage == run) {
@@ -569,6 +573,11 @@ void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
       check(cudaMemcpy(to, d.buf.get(), n, cudaMemcpyDeviceToHost), "weights staging");
     }
   }
+}
+
+// The adapter's weights file, for messages.
+std::string adapter_file(const AdapterOverlay& ov) {
+  return (ov.adapter().dir() / "adapter_model.safetensors").string();
 }
 
 // decode: the passes of generate (an untied model's embedding table joins the weights).
@@ -637,38 +646,18 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
       L.v =
           lora(fq ? n.qkv_proj : p + "self_attn.v_proj", fq ? w.qkv : w.v, fq ? qd + kvd : 0, kvd);
       L.o = lora(n.o_proj, w.o, 0, H);
-      L.gate = lora(fg ? n.gate_up_proj : (n.gate_proj.empty() ? p + "mlp.gate_proj" : n.gate_proj),
-                    fg ? w.gate_up : w.gate, 0, I);
-      L.up = lora(fg ? n.gate_up_proj : (n.up_proj.empty() ? p + "mlp.up_proj" : n.up_proj),
-                  fg ? w.gate_up : w.up, fg ? I : 0, I);
-      L.down = lora(n.down_proj.empty() ? p + "mlp.down_proj" : n.down_proj, w.down, 0, H);
+      L.gate = lora(fg ? n.gate_up_proj : n.gate(), fg ? w.gate_up : w.gate, 0, I);
+      L.up = lora(fg ? n.gate_up_proj : n.up(), fg ? w.gate_up : w.up, fg ? I : 0, I);
+      L.down = lora(n.down(), w.down, 0, H);
       m->lora.push_back(std::move(L));
     }
     DevLayer d;
-    d.input_norm = upload(w.input_norm);
-    d.attn_out_norm = upload(w.attn_out_norm);
-    d.mlp_in_norm = upload(w.mlp_in_norm);
-    d.mlp_out_norm = upload(w.mlp_out_norm);
-    d.q_norm = upload(w.q_norm);
-    d.k_norm = upload(w.k_norm);
-    if (plan.streamed[size_t(s.index)]) {
+    for (size_t i = 0; i < std::size(kLayerVecs); ++i) d.*kLayerVecs[i] = upload(w.*kWeightVecs[i]);
+    if (plan.streamed[size_t(s.index)])
       stage_streamed(w, opt.dtype, m->stream->host(s.index));
-    } else {
-      d.q = upload(w.q, opt.dtype);
-      d.k = upload(w.k, opt.dtype);
-      d.v = upload(w.v, opt.dtype);
-      d.o = upload(w.o, opt.dtype);
-      d.gate = upload(w.gate, opt.dtype);
-      d.up = upload(w.up, opt.dtype);
-      d.down = upload(w.down, opt.dtype);
-    }
-    d.q_bias = upload(w.q_bias);
-    d.k_bias = upload(w.k_bias);
-    d.v_bias = upload(w.v_bias);
-    d.o_bias = upload(w.o_bias);
-    d.gate_bias = upload(w.gate_bias);
-    d.up_bias = upload(w.up_bias);
-    d.down_bias = upload(w.down_bias);
+    else
+      for (size_t i = 0; i < std::size(kLayerMats); ++i)
+        d.*kLayerMats[i] = upload(w.*kWeightMats[i], opt.dtype);
     m->layers.push_back(std::move(d));
     ws.release_all();
   }
@@ -688,7 +677,7 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
         fail(
             "{}: module {} has a LoRA that --device cuda does not apply unmerged; use --device "
             "cpu, or merge it with `nanscope merge`",
-            (ov->adapter().dir() / "adapter_model.safetensors").string(), module);
+            adapter_file(*ov), module);
   ws.release_all();
   m->weight_bytes = ws.bytes_read();
   cached = std::move(m);
@@ -702,12 +691,12 @@ const DevMat& device_embed(DevModel& m, const Checkpoint& ck, const ModelSpec& s
   const AdapterOverlay* ov = opt.adapter;
   if (ov != nullptr && m.embed_lora.r == 0)
     if (const LoraBranch* b = ov->lora(spec.embed)) {
-      const std::string file = (ov->adapter().dir() / "adapter_model.safetensors").string();
       if (!b->magnitude.empty() || spec.embed_scale)
         fail(
             "{}: generate --device cuda does not apply {} on the embedding unmerged; use --device "
             "cpu, or merge the adapter with `nanscope merge`",
-            file, !b->magnitude.empty() ? "a DoRA" : "a LoRA (with Gemma's embedding scale)");
+            adapter_file(*ov),
+            !b->magnitude.empty() ? "a DoRA" : "a LoRA (with Gemma's embedding scale)");
       const int64_t V = b->in, r = b->r;
       std::vector<float> at(size_t(V * r));  // A [r, V] -> A^T [V, r]
       for (int64_t k = 0; k < r; ++k)
@@ -1226,18 +1215,16 @@ class Pass {
     const LayerNames& n = s.names;
     const LayerLora* L = lora_of(l);
     linear_many(l, xs, T_,
-                {{n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj, w.gate,
-                  w.gate_bias, g_.f(), L ? &L->gate : nullptr},
-                 {n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj, w.up, w.up_bias, u_.f(),
-                  L ? &L->up : nullptr}},
+                {{n.gate(), w.gate, w.gate_bias, g_.f(), L ? &L->gate : nullptr},
+                 {n.up(), w.up, w.up_bias, u_.f(), L ? &L->up : nullptr}},
                 x_.f());
     mark("gate/up products");
     cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f(),
                   staged_out());
     site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
     mark("act");
-    linear(l, n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj, product_input(act_),
-           T_, w.down, w.down_bias, out, L ? &L->down : nullptr, act_.f());
+    linear(l, n.down(), product_input(act_), T_, w.down, w.down_bias, out, L ? &L->down : nullptr,
+           act_.f());
     mark("down product");
   }
 

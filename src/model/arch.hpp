@@ -93,6 +93,11 @@ struct LayerNames {
   std::string expert(int64_t e, const std::string& leaf) const {
     return expert_prefix + std::to_string(e) + "." + leaf;
   }
+  // The dense MLP's modules as sites and adapters name them (a fused gate_up_proj has no own
+  // gate/up: these are its halves' site names).
+  std::string gate() const { return gate_proj.empty() ? prefix + "mlp.gate_proj" : gate_proj; }
+  std::string up() const { return up_proj.empty() ? prefix + "mlp.up_proj" : up_proj; }
+  std::string down() const { return down_proj.empty() ? prefix + "mlp.down_proj" : down_proj; }
 };
 
 struct LayerSpec {

@@ -202,9 +202,9 @@ class Model {
     Vec act(size_t(rows * I));
     const float* bg = w.gate_bias.empty() ? nullptr : w.gate_bias.data();
     const float* bu = w.up_bias.empty() ? nullptr : w.up_bias.data();
-    const std::string gate_mod = m.fused_gate_up ? n.gate_up_proj : gate_name(n);
-    const std::string up_mod = m.fused_gate_up ? n.gate_up_proj : up_name(n);
-    const std::string down_mod = n.down_proj.empty() ? n.prefix + "mlp.down_proj" : n.down_proj;
+    const std::string gate_mod = m.fused_gate_up ? n.gate_up_proj : n.gate();
+    const std::string up_mod = m.fused_gate_up ? n.gate_up_proj : n.up();
+    const std::string down_mod = n.down();
     const LoraBranch* lg = report ? lora_for(gate_mod) : nullptr;
     const LoraBranch* lu = report ? lora_for(up_mod) : nullptr;
     const LoraBranch* ld = report ? lora_for(down_mod) : nullptr;
@@ -225,8 +225,8 @@ class Model {
         apply_lora_linear(*ov_, *lu, uw, x.data(), rows, m.fused_gate_up ? I : 0, I, bu, dt_,
                           u.data());
       if (report) {
-        site(l, gate_name(n), g, {T_, I});
-        site(l, up_name(n), u, {T_, I});
+        site(l, n.gate(), g, {T_, I});
+        site(l, n.up(), u, {T_, I});
       }
       const profile::Scope t("elementwise");
       if (m.act == Activation::Silu)
@@ -244,12 +244,6 @@ class Model {
     }
     if (report) site(l, down_mod, down, {T_, H_});
     return down;
-  }
-  static std::string gate_name(const LayerNames& n) {
-    return n.gate_proj.empty() ? n.prefix + "mlp.gate_proj" : n.gate_proj;
-  }
-  static std::string up_name(const LayerNames& n) {
-    return n.up_proj.empty() ? n.prefix + "mlp.up_proj" : n.up_proj;
   }
 
   // Mixture of experts as transformers 5 computes it (its default grouped experts kernel,

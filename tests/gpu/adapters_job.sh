@@ -7,9 +7,7 @@
 # the DeviceGpu tests. $OUT: peft-goldens.tgz, peft-goldens.log, gputest.txt, unit.txt, tests.txt.
 cd "$(dirname "$0")/../.."
 . bench/device_job.sh
-export CUDA_VISIBLE_DEVICES=0
-LT=$(find /usr/local /opt /usr/lib -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
-export LD_LIBRARY_PATH=$(dirname "${LT:-/x/y}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gpu_job
 G=tests/fixtures/goldens/cuda/peft
 if [ "${GOLDENS:-make}" = make ]; then
   rm -rf $G

@@ -39,6 +39,18 @@ bool gpu_visible() {
   return std::system("nvidia-smi -L > /dev/null 2>&1") == 0;
 }
 
+// Greedy decoding on the GPU of the DeviceGpu tests: an 8-token prompt, `n` new tokens, eos off.
+GenerateOptions gpu_greedy(int64_t n, DType dt, AttentionProfile at = AttentionProfile::Eager) {
+  GenerateOptions o;
+  o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
+  o.max_new_tokens = n;
+  o.eos = std::vector<int64_t>{};
+  o.dtype = dt;
+  o.attention = at;
+  o.device = Device::Cuda;
+  return o;
+}
+
 TEST(Device, ParsesCpuAndCudaOnly) {
   EXPECT_EQ(parse_device("cpu"), Device::Cpu);
   EXPECT_EQ(parse_device("cuda"), Device::Cuda);
@@ -200,13 +212,7 @@ TEST(DeviceGpu, GreedyPickOnTheGpuIsTheHostsArgmaxOfTheRow) {
     for (DType dt : {DType::F32, DType::BF16})
       for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused}) {
         const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
-        GenerateOptions o;
-        o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
-        o.max_new_tokens = 24;
-        o.eos = std::vector<int64_t>{};
-        o.dtype = dt;
-        o.attention = at;
-        o.device = Device::Cuda;
+        GenerateOptions o = gpu_greedy(24, dt, at);
         const GenerateResult picked = generate(ck, o);
         o.keep_logits = true;
         const GenerateResult rows = generate(ck, o);
@@ -237,13 +243,7 @@ TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
         for (bool graph : {false, true})
           for (bool streams : {false, true}) {
             const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
-            GenerateOptions o;
-            o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
-            o.max_new_tokens = 40;
-            o.eos = std::vector<int64_t>{};
-            o.dtype = dt;
-            o.attention = at;
-            o.device = Device::Cuda;
+            GenerateOptions o = gpu_greedy(40, dt, at);
             o.keep_logits = true;
             Backend b = backend();
             b.cuda_graph = graph;
@@ -307,13 +307,7 @@ TEST(DeviceGpu, StreamedWeightsGiveTheResidentNumbers) {
         ins[1].ids = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2};
         ins[2].ids = {42};
         const std::vector<int64_t> upto1 = {0, 1};  // stops after layer 0: slots mid-way
-        GenerateOptions g;
-        g.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
-        g.max_new_tokens = 12;
-        g.eos = std::vector<int64_t>{};
-        g.dtype = dt;
-        g.attention = at;
-        g.device = Device::Cuda;
+        GenerateOptions g = gpu_greedy(12, dt, at);
         g.keep_logits = true;
         for (HiddenInput& in : ins)
           for (int64_t& id : in.ids) id %= spec.vocab;
@@ -407,12 +401,7 @@ TEST(DeviceGpu, AnAdapterIsAppliedUnmergedOnTheGpu) {
     Backend be = backend();
     be.cuda_graph = graph;
     const ScopedBackend use(be);
-    GenerateOptions o;
-    o.prompt = {7, 60, 113, 166, 219, 272, 325, 378};
-    o.max_new_tokens = 8;
-    o.eos = std::vector<int64_t>{};
-    o.dtype = DType::BF16;
-    o.device = Device::Cuda;
+    GenerateOptions o = gpu_greedy(8, DType::BF16);
     o.adapter = ov;
     o.keep_logits = true;
     runs.push_back(generate(ck, o));
