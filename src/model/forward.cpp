@@ -211,13 +211,13 @@ class Model {
     const WeightView gw = m.fused_gate_up ? w.gate_up : w.gate;
     const WeightView uw = m.fused_gate_up ? w.gate_up : w.up;
     if ((!sites_ || !report) && m.act == Activation::Silu && !lg && !lu) {
-      const profile::Scope t("linear");
+      const profile::Scope t("linear.gate_up");
       linear_silu_mul(x.data(), rows, {w.gate, bg, nullptr}, {w.up, bu, nullptr}, dt_, act.data());
     } else {
       Vec g(size_t(rows * I)), u(g.size());
       const LinearOutput outs[2] = {{w.gate, bg, g.data()}, {w.up, bu, u.data()}};
       {
-        const profile::Scope t("linear");
+        const profile::Scope t("linear.gate_up");
         linear_shared_input(x.data(), rows, outs, dt_);
       }
       if (lg) apply_lora_linear(*ov_, *lg, gw, x.data(), rows, 0, I, bg, dt_, g.data());
@@ -237,7 +237,7 @@ class Model {
     if (report) site(l, n.prefix + "mlp.act", act, {T_, I});
     Vec down(size_t(rows * H_));
     {
-      const profile::Scope t("linear");
+      const profile::Scope t("linear.down");
       const float* bd = w.down_bias.empty() ? nullptr : w.down_bias.data();
       linear(act.data(), rows, w.down, bd, dt_, down.data());
       if (ld) apply_lora_linear(*ov_, *ld, w.down, act.data(), rows, 0, H_, bd, dt_, down.data());
@@ -662,7 +662,7 @@ class Model {
       jobs.push_back({sp.w, sp.bias.empty() ? nullptr : sp.bias.data(), outs.back().data()});
     }
     {
-      const profile::Scope t("linear");
+      const profile::Scope t(profile::enabled() ? linear_kind(specs[0].module) : "linear");
       linear_shared_input(x.data(), rows, jobs, dt_);
     }
     if (ov_)
@@ -678,6 +678,14 @@ class Model {
       for (size_t i = 0; i < specs.size(); ++i)
         site(l, specs[i].module, outs[i], {rows, jobs[i].w.rows});
     return outs;
+  }
+
+  // The profile's name for a product (NANSCOPE_PROFILE=1): generate's step, kind by kind.
+  static const char* linear_kind(const std::string& module) {
+    if (module.ends_with("q_proj") || module.ends_with("qkv_proj")) return "linear.qkv";
+    if (module.ends_with("o_proj")) return "linear.o";
+    if (module.ends_with("lm_head")) return "linear.lm_head";
+    return "linear";
   }
 
   const LoraBranch* lora_for(const std::string& module) const {

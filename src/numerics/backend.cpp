@@ -126,10 +126,10 @@ Backend backend_from_environment() {
   b.onednn = !env_on("NANSCOPE_NO_ONEDNN");
   b.avx512 = !env_on("NANSCOPE_NO_AVX512");
   if (const char* e = std::getenv("NANSCOPE_DECODE")) {
-    long rows = 0, prefetch = 0;
-    if (std::sscanf(e, "%ld,%ld", &rows, &prefetch) == 2 && (rows == 2 || rows == 4 || rows == 8) &&
-        prefetch >= 0 && prefetch <= 4096)
-      b.decode = {rows, prefetch};
+    long rows = 0, prefetch = 0, x16 = 0;
+    if (std::sscanf(e, "%ld,%ld,%ld", &rows, &prefetch, &x16) >= 2 &&
+        (rows == 1 || rows == 2 || rows == 4 || rows == 8) && prefetch >= 0 && prefetch <= 4096)
+      b.decode = {rows, prefetch, x16 != 0};
   }
   // oneDNN reads ONEDNN_MAX_CPU_ISA itself; where it is set, it alone caps the ISA.
   b.onednn_amx = std::getenv("ONEDNN_MAX_CPU_ISA") == nullptr;

@@ -29,7 +29,7 @@
 // | NANSCOPE_NO_AVX512=1           | avx512 = false    | few-token products on the AVX2 kernel  |
 // |                                |                   | even where the processor has AVX-512   |
 // | NANSCOPE_DECODE=ROWS,PREFETCH  | decode.rows/      | the AVX-512 streaming kernel's rows    |
-// |                                |   .prefetch       | per block and prefetch distance        |
+// |   [,X16]                       |   .prefetch/.x16  | per block, prefetch distance, bf16 x   |
 // | NANSCOPE_AMX_BLOCK=M,N,K       | amx_tuning.m/n/k  | the AMX kernel's C block and K step,   |
 // |                                |                   | multiples of 32 (K 0: the whole K)     |
 // | NANSCOPE_AMX_PREFETCH=ab|a|b|0 | amx_tuning.       | which operand's next tiles are         |
@@ -110,12 +110,15 @@ struct AmxTuning {
 };
 bool valid(const AmxTuning& t);
 
-// The AVX-512 streaming kernel's blocking (kernels.cpp): weight rows per block (2, 4 or 8: the
-// rows streamed side by side) and a software prefetch distance in bytes ahead of each row (0:
-// none, the hardware prefetchers alone).
+// The AVX-512 streaming kernel's blocking (kernels.cpp): weight rows per block (1, 2, 4 or 8:
+// the rows streamed side by side), a software prefetch distance in bytes ahead of each row (0:
+// none, the hardware prefetchers alone), and whether a bf16 run's input is read as bf16 (its
+// values are bf16 already: half the bytes in L1 beside the weights, the same products).
+// NANSCOPE_DECODE=rows,prefetch[,x16].
 struct DecodeTuning {
   int64_t rows = 4;
   int64_t prefetch = 1024;
+  bool x16 = false;
 };
 
 // Where the AMX paths may run.

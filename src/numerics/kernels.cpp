@@ -354,8 +354,26 @@ NS_AVX512 inline __m512 load16_stored_tail(const std::byte* p, int n) {
     return _mm512_maskz_loadu_ps(m, p);
 }
 
-template <DType S, int RB, int TB>
-NS_AVX512 inline void micro512(const std::byte* w, size_t row_bytes, const float* x, int64_t K,
+// The input x: fp32, or (XH) the same values held as bf16 (a bf16 run's inputs are bf16 already).
+template <bool XH>
+NS_AVX512 inline __m512 load16_x(const void* x, int64_t i) {
+  if constexpr (XH)
+    return bf16x16_to_f32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i)));
+  else
+    return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+template <bool XH>
+NS_AVX512 inline __m512 load16_x_tail(const void* x, int64_t i, __mmask16 m) {
+  if constexpr (XH)
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i));
+  else
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
+}
+
+template <DType S, int RB, int TB, bool XH>
+NS_AVX512 inline void micro512(const std::byte* w, size_t row_bytes, const void* x, int64_t K,
                                int64_t prefetch, float (&out)[RB][TB]) {
   constexpr size_t es = S == DType::F32 ? 4 : 2;
   __m512 acc[RB][TB];
@@ -370,7 +388,7 @@ NS_AVX512 inline void micro512(const std::byte* w, size_t row_bytes, const float
       wv[r] = load16_stored<S>(p);
     }
     for (int t = 0; t < TB; ++t) {
-      const __m512 xv = _mm512_loadu_ps(x + t * K + k);
+      const __m512 xv = load16_x<XH>(x, t * K + k);
       for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
     }
   }
@@ -380,7 +398,7 @@ NS_AVX512 inline void micro512(const std::byte* w, size_t row_bytes, const float
     for (int r = 0; r < RB; ++r) {
       const __m512 wv = load16_stored_tail<S>(w + r * row_bytes + size_t(K16) * es, n);
       for (int t = 0; t < TB; ++t)
-        acc[r][t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * K + K16), acc[r][t]);
+        acc[r][t] = _mm512_fmadd_ps(wv, load16_x_tail<XH>(x, t * K + K16, m), acc[r][t]);
     }
   }
   for (int r = 0; r < RB; ++r)
@@ -388,10 +406,12 @@ NS_AVX512 inline void micro512(const std::byte* w, size_t row_bytes, const float
 }
 
 // Rows [r0, r1) of one product for every token: blocks of RB rows, tokens in groups of 4, 2, 1.
-template <DType S, int RB>
-NS_AVX512 void rows512(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
+template <DType S, int RB, bool XH>
+NS_AVX512 void rows512(const void* x, int64_t T, const WeightView& w, const float* bias, DType dt,
                        float* out, int64_t r0, int64_t r1, int64_t prefetch) {
   const size_t row_bytes = size_t(w.cols) * (S == DType::F32 ? 4 : 2);
+  const size_t xes = XH ? 2 : 4;
+  const auto* xb = static_cast<const std::byte*>(x);
   auto block = [&](auto rb, int64_t r) {
     constexpr int R = decltype(rb)::value;
     const std::byte* wr = w.data + size_t(r) * row_bytes;
@@ -403,21 +423,22 @@ NS_AVX512 void rows512(const float* x, int64_t T, const WeightView& w, const flo
           out[(t0 + j) * w.rows + r + i] = round_to(v, dt);
         }
     };
+    auto xt = [&](int64_t t) { return xb + size_t(t * w.cols) * xes; };
     int64_t t = 0;
     for (; t + 4 <= T; t += 4) {
       float res[R][4];
-      micro512<S, R, 4>(wr, row_bytes, x + t * w.cols, w.cols, prefetch, res);
+      micro512<S, R, 4, XH>(wr, row_bytes, xt(t), w.cols, prefetch, res);
       emit(res, t, 4);
     }
     if (t + 2 <= T) {
       float res[R][2];
-      micro512<S, R, 2>(wr, row_bytes, x + t * w.cols, w.cols, prefetch, res);
+      micro512<S, R, 2, XH>(wr, row_bytes, xt(t), w.cols, prefetch, res);
       emit(res, t, 2);
       t += 2;
     }
     if (t < T) {
       float res[R][1];
-      micro512<S, R, 1>(wr, row_bytes, x + t * w.cols, w.cols, prefetch, res);
+      micro512<S, R, 1, XH>(wr, row_bytes, xt(t), w.cols, prefetch, res);
       emit(res, t, 1);
     }
   };
@@ -430,25 +451,44 @@ bool stream512_computes(const WeightView& w, DType dt) {
   return w.storage == dt || dt == DType::F32;
 }
 
-// Rows [r0, r1) of w on the AVX-512 kernel with the rows per block of the tuning.
-void stream512_rows(const float* x, int64_t T, const WeightView& w, const float* bias, DType dt,
-                    float* out, int64_t r0, int64_t r1) {
+// Rows [r0, r1) of w on the AVX-512 kernel with the rows per block of the tuning; x16 (nullable):
+// the input's values as bf16.
+void stream512_rows(const float* x, const uint16_t* x16, int64_t T, const WeightView& w,
+                    const float* bias, DType dt, float* out, int64_t r0, int64_t r1) {
   const DecodeTuning& d = backend().decode;
   const int64_t pf = d.prefetch;
-  auto go = [&](auto s) {
+  auto go = [&](auto s, auto xh) {
     constexpr DType S = decltype(s)::value;
-    if (d.rows >= 8) return rows512<S, 8>(x, T, w, bias, dt, out, r0, r1, pf);
-    if (d.rows >= 4) return rows512<S, 4>(x, T, w, bias, dt, out, r0, r1, pf);
-    return rows512<S, 2>(x, T, w, bias, dt, out, r0, r1, pf);
+    constexpr bool XH = decltype(xh)::value;
+    const void* xp = XH ? static_cast<const void*>(x16) : static_cast<const void*>(x);
+    if (d.rows >= 8) return rows512<S, 8, XH>(xp, T, w, bias, dt, out, r0, r1, pf);
+    if (d.rows >= 4) return rows512<S, 4, XH>(xp, T, w, bias, dt, out, r0, r1, pf);
+    if (d.rows >= 2) return rows512<S, 2, XH>(xp, T, w, bias, dt, out, r0, r1, pf);
+    return rows512<S, 1, XH>(xp, T, w, bias, dt, out, r0, r1, pf);
+  };
+  auto on = [&](auto s) {
+    if (x16) return go(s, std::true_type{});
+    return go(s, std::false_type{});
   };
   switch (w.storage) {
     case DType::BF16:
-      return go(std::integral_constant<DType, DType::BF16>{});
+      return on(std::integral_constant<DType, DType::BF16>{});
     case DType::F16:
-      return go(std::integral_constant<DType, DType::F16>{});
+      return on(std::integral_constant<DType, DType::F16>{});
     default:
-      return go(std::integral_constant<DType, DType::F32>{});
+      return on(std::integral_constant<DType, DType::F32>{});
   }
+}
+
+// x [n] as bf16 when every value is one (a bf16 run's inputs), else empty.
+std::vector<uint16_t> exact_bf16(const float* x, int64_t n) {
+  std::vector<uint16_t> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = std::bit_cast<uint32_t>(x[i]);
+    if ((b & 0xFFFFu) != 0) return {};
+    v[size_t(i)] = uint16_t(b >> 16);
+  }
+  return v;
 }
 
 // Several products of one input on one parallel loop over all their rows (q/k/v, gate/up of a
@@ -459,6 +499,10 @@ void stream512_rows(const float* x, int64_t T, const WeightView& w, const float*
 constexpr int64_t kStreamBlock = 16;  // rows: 80 KB of a 2560-wide bf16 weight
 
 void stream512_many(const float* x, int64_t T, std::span<const LinearOutput> outs, DType dt) {
+  std::vector<uint16_t> x16;
+  if (backend().decode.x16 && dt == DType::BF16 && !outs.empty())
+    x16 = exact_bf16(x, T * outs[0].w.cols);
+  const uint16_t* xh = x16.empty() ? nullptr : x16.data();
   std::vector<int64_t> first{0};  // the first block of each output
   for (const LinearOutput& o : outs)
     first.push_back(first.back() + (o.w.rows + kStreamBlock - 1) / kStreamBlock);
@@ -466,7 +510,7 @@ void stream512_many(const float* x, int64_t T, std::span<const LinearOutput> out
     const size_t i = size_t(std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1);
     const LinearOutput& o = outs[i];
     const int64_t r0 = (item - first[i]) * kStreamBlock;
-    stream512_rows(x, T, o.w, o.bias, dt, o.out, r0, std::min(o.w.rows, r0 + kStreamBlock));
+    stream512_rows(x, xh, T, o.w, o.bias, dt, o.out, r0, std::min(o.w.rows, r0 + kStreamBlock));
   });
 }
 

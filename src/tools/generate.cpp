@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <numeric>
@@ -17,6 +18,7 @@
 #include "common/interrupt_check.hpp"
 #include "model/weights.hpp"
 #include "numerics/backend.hpp"
+#include "numerics/profile.hpp"
 #include "numerics/stats.hpp"
 #include "tokenizer/bpe.hpp"
 #include "tools/trace.hpp"
@@ -168,6 +170,9 @@ GenerateResult generate(const Checkpoint& ck, const GenerateOptions& opt) {
     ForwardResult fr = forward_step(ck, input, cache, fo);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     (step == 0 ? r.prefill_s : r.decode_s) += dt;
+    if (profile::enabled())  // beside the pass's own line: what the step cost beyond its parts
+      std::fprintf(stderr, "nanscope profile (step %lld): %.4fs\n", static_cast<long long>(step),
+                   dt);
     if (fr.logits.empty() ? !fr.logits_finite : !all_finite(fr.logits)) {
       // Name the first non-finite site: the whole sequence so far traced with sites.
       TraceOptions to;

@@ -477,6 +477,42 @@ TEST(Backend, ChoiceFollowsDtypeTokensAndOptions) {
             has_amx_hardware() ? MatmulPath::AmxTiles : MatmulPath::Blas);
 }
 
+// The AVX-512 streaming kernel's tunings (rows side by side, prefetch, a bf16 run's input read as
+// bf16) change only how the weights stream in: each row's sum is the same, so the bits are.
+TEST(Backend, Stream512TuningsGiveTheSameBits) {
+  if (!path_runs_here(MatmulPath::Stream512)) GTEST_SKIP() << "no AVX-512 here";
+  std::mt19937 rng(21);
+  for (DType dt : kRun)
+    for (int64_t T : {1, 2, 5})
+      for (int64_t cols : {37, 64, 300}) {
+        const int64_t rows = 45;  // blocks of 16, groups of 8/4/2 rows and a remainder
+        const DType storage = dt == DType::F32 ? DType::BF16 : dt;
+        Stored s =
+            make_weight(random_vec(size_t(rows * cols), rng, 0.5f, storage), rows, cols, storage);
+        auto x = random_vec(size_t(T * cols), rng, 1.0f, dt);
+        auto bias = random_vec(size_t(rows), rng, 0.1f, dt);
+        std::vector<float> want(size_t(T * rows), kNaN);
+        Backend b = backend();
+        b.force = MatmulPath::Stream512;
+        {
+          const ScopedBackend on(b);
+          linear(x.data(), T, s.view, bias.data(), dt, want.data());
+        }
+        for (int64_t r : {1, 2, 4, 8})
+          for (int64_t pf : {0, 1024})
+            for (bool x16 : {false, true}) {
+              b.decode = {r, pf, x16};
+              const ScopedBackend on(b);
+              std::vector<float> got(want.size(), kNaN);
+              linear(x.data(), T, s.view, bias.data(), dt, got.data());
+              for (size_t i = 0; i < got.size(); ++i)
+                ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+                    << dtype_name(dt) << " T=" << T << " cols=" << cols << " rows " << r
+                    << " prefetch " << pf << " x16 " << x16 << " at " << i;
+            }
+      }
+}
+
 TEST(Backend, ForcingAPathThisMachineLacksIsAnError) {
   for (MatmulPath p : kAllMatmulPaths) {
     if (path_runs_here(p)) continue;
@@ -557,8 +593,11 @@ TEST(Backend, EnvironmentTable) {
   const DecodeTuning dec = with({{"NANSCOPE_DECODE", "8,0"}}).decode;
   EXPECT_EQ(dec.rows, 8);
   EXPECT_EQ(dec.prefetch, 0);
-  EXPECT_EQ(with({{"NANSCOPE_DECODE", "3,64"}}).decode.rows, 4);  // 2, 4 or 8 rows only
+  EXPECT_FALSE(dec.x16);
+  EXPECT_EQ(with({{"NANSCOPE_DECODE", "3,64"}}).decode.rows, 4);  // 1, 2, 4 or 8 rows only
   EXPECT_EQ(with({{"NANSCOPE_DECODE", "8"}}).decode.rows, 4);     // both numbers or neither
+  EXPECT_EQ(with({{"NANSCOPE_DECODE", "1,512"}}).decode.rows, 1);
+  EXPECT_TRUE(with({{"NANSCOPE_DECODE", "4,1024,1"}}).decode.x16);
   EXPECT_FALSE(d.cuda_gemm_f32_out || d.cuda_step_times);
   EXPECT_TRUE(d.cuda_graph);
   EXPECT_FALSE(with({{"NANSCOPE_CUDA_GRAPH", "0"}}).cuda_graph);
