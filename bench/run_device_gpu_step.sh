@@ -22,21 +22,22 @@ done
 wait $SYN
 R=$OUT/step.jsonl; : > "$R"
 PROMPT=$(python3 -c "print(','.join(str((i * 37 + 11) % 1000 + 1) for i in range(32)))")
-# fuse / streams: the fused step, its products on side streams (NANSCOPE_CUDA_STREAMS), neither.
-for fs in 1/0 1/0 1/1 1/1 0/0; do
-  f=${fs%/*} s=${fs#*/}
-  NANSCOPE_CUDA_FUSE=$f NANSCOPE_CUDA_STREAMS=$s $M nanscope_generate_cuda_fused_fuse${f}_streams$s \
+# gemv / fuse / streams: the one-row products by warps (NANSCOPE_CUDA_GEMV) or by cuBLAS, the
+# fused step, its cuBLAS products on side streams (NANSCOPE_CUDA_STREAMS).
+for gfs in ${VARIANTS:-1/1/0 1/1/0 0/1/0 0/1/0 0/1/1 1/0/0 0/0/0}; do
+  g=${gfs%%/*} fs=${gfs#*/}; f=${fs%/*} s=${fs#*/}
+  NANSCOPE_CUDA_GEMV=$g NANSCOPE_CUDA_FUSE=$f NANSCOPE_CUDA_STREAMS=$s $M nanscope_generate_cuda_gemv${g}_fuse${f}_streams$s \
     $NS generate $W/q4b --ids $PROMPT --max-new-tokens 128 --eos none --attention fused --device cuda \
     --json >> "$R"
 done
-for fs in 1/0 1/1 0/0; do
-  f=${fs%/*} s=${fs#*/}
-  echo "fuse=$f streams=$s" >> "$OUT/step-times.txt"
-  NANSCOPE_CUDA_FUSE=$f NANSCOPE_CUDA_STREAMS=$s NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b \
+for gfs in ${TIME_VARIANTS:-1/1/0 0/1/0 1/0/0}; do
+  g=${gfs%%/*} fs=${gfs#*/}; f=${fs%/*} s=${fs#*/}
+  echo "gemv=$g fuse=$f streams=$s" >> "$OUT/step-times.txt"
+  NANSCOPE_CUDA_GEMV=$g NANSCOPE_CUDA_FUSE=$f NANSCOPE_CUDA_STREAMS=$s NANSCOPE_CUDA_STEP_TIMES=1 $NS generate $W/q4b \
     --ids $PROMPT --max-new-tokens 128 --eos none --attention fused --device cuda > /dev/null \
     2>> "$OUT/step-times.txt"
 done
-$M ref_generate_cuda_sdpa timeout 100 python3 bench/reference/ref_generate.py $W/q4b bf16 32 128 sdpa cuda >> "$R"
+[ "${REF:-1}" = 1 ] && $M ref_generate_cuda_sdpa timeout 100 python3 bench/reference/ref_generate.py $W/q4b bf16 32 128 sdpa cuda >> "$R"
 python3 - "$R" <<'PY' | tee "$OUT/step-summary.txt"
 import json, sys
 for l in open(sys.argv[1]):
@@ -45,5 +46,5 @@ for l in open(sys.argv[1]):
     r = json.loads(l); f = dict(r, **r.get("inner", {}))
     dec = f.get("decode_tokens_per_s") or f.get("tokens_per_s") or 0
     step = f["decode_s"] / 127 * 1e3 if "decode_s" in f else 1e3 / dec if dec else 0
-    print(f"{f['label']:<34} rc {f.get('rc')} decode {dec:.1f} tok/s ({step:.2f} ms/step) ids {str(f.get('ids'))[:50]}")
+    print(f"{f['label']:<42} rc {f.get('rc')} decode {dec:.1f} tok/s ({step:.2f} ms/step) ids {str(f.get('ids'))[:50]}")
 PY

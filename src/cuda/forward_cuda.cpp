@@ -890,6 +890,11 @@ class Pass {
       // A LoRA joins its product after the rounding that the fused kernels fold in.
       if (dm_.lora_rank > 0 || !dm_.lm_head_lora.empty()) fuse_ = false;
       streams_ = fuse_ && backend().cuda_step_streams;
+      // One-row products by warps (cuda::gemv) in every launch of a step, fused or not, so that
+      // NANSCOPE_CUDA_FUSE=0 still gives the same bits.
+      gemv_ = step_ && backend().cuda_gemv;
+      // gemv_act reads its input from xs_ while it writes: its output's storage goes apart.
+      if (gemv_) as_ = dev(size_t(I) * size_t(cuda::dt_bytes(dt_)));
       if (streams_) {
         check(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "event");
         for (cudaEvent_t& e : join_)
@@ -1095,15 +1100,22 @@ class Pass {
       cuda::residual_norm(h_.f(), o.seg[0], 1, H_, w.mlp_in_norm.data(), eps, off, dt_, x_.f(),
                           staged_out());
       mark("step residual + norm");
-      const cuda::RoundSegments gu =
-          products(product_input(x_), 1,
-                   {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}}, streams_);
-      mark("step gate/up products");
-      cuda::step_act(gu.seg[0], gu.seg[1], w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1, dt_,
-                     act_.f(), staged_out());
-      mark("step act");
-      const cuda::RoundSegments d =
-          products(product_input(act_), 1, {{{}, w.down, w.down_bias, y_.f()}});
+      const int act = s.mlp.act == Activation::Silu ? 0 : 1;
+      const void* down_in = product_input(act_);
+      if (gemv_ && w.gate_bias.empty() && w.up_bias.empty() && !f32_out_) {
+        cuda::gemv_act(product_input(x_), H_, w.gate.buf.get(), w.up.buf.get(), w.gate.rows, act,
+                       dt_, act_.f(), dt_ == Dt::F32 ? nullptr : as_.get());
+        if (dt_ != Dt::F32) down_in = as_.get();
+        mark("step gate/up products + act");
+      } else {
+        const cuda::RoundSegments gu =
+            products(product_input(x_), 1,
+                     {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}}, streams_);
+        mark("step gate/up products");
+        cuda::step_act(gu.seg[0], gu.seg[1], w.gate.rows, act, dt_, act_.f(), staged_out());
+        mark("step act");
+      }
+      const cuda::RoundSegments d = products(down_in, 1, {{{}, w.down, w.down_bias, y_.f()}});
       mark("step down product");
       const DevVec& next = l + 1 < N ? dm_.layers[size_t(l + 1)].input_norm : dm_.final_norm;
       cuda::residual_norm(h_.f(), d.seg[0], 1, H_, next.data(), eps, off, dt_, x_.f(),
@@ -1510,7 +1522,8 @@ class Pass {
     return dm_.lora.empty() ? nullptr : &dm_.lora[size_t(l)];
   }
 
-  // linear_many's cuBLAS calls alone: the outputs as a kernel reads them before their rounding
+  // linear_many's products alone (cuBLAS, or cuda::gemv for a step's one row): the outputs as a
+  // kernel reads them before their rounding
   // (bias_round_many, or a fused decode kernel that rounds them where it reads them).
   // concurrent (a decode step's fused path): product i > 0 on side stream i - 1, forked from
   // and joined back into the current stream.
@@ -1520,6 +1533,22 @@ class Pass {
     const cudaDataType_t t = cuda_type(dt_);
     cuda::RoundSegments segs;
     const size_t eb = size_t(cuda::dt_bytes(dt_));
+    size_t at = 0;                                  // bytes into cs_
+    if (gemv_ && rows == 1 && specs.size() <= 3) {  // one launch for all of them
+      cuda::GemvJobs jobs;
+      for (const LinearSpec& sp : specs) {
+        if (sp.w.cols != specs.begin()->w.cols)
+          throw std::logic_error("products: one input, one width");
+        const bool f32 = f32_out_ || !sp.bias.empty();
+        void* c = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
+        at += size_t(sp.w.rows) * eb;
+        if (!f32 && at > cs_.bytes()) throw std::logic_error("linear_many: the products' scratch");
+        jobs.job[jobs.n++] = {sp.w.buf.get(), sp.w.rows, c, f32 ? Dt::F32 : dt_};
+        segs.seg[segs.n++] = {c, f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
+      }
+      cuda::gemv(x, specs.begin()->w.cols, jobs, dt_);
+      return segs;
+    }
     SideStreams* side = concurrent ? &side_streams() : nullptr;
     const cudaStream_t cur = graph_ ? stream_ : nullptr;
     if (side != nullptr) {
@@ -1527,7 +1556,7 @@ class Pass {
       for (size_t i = 1; i < specs.size(); ++i)
         check(cudaStreamWaitEvent(side->s[i - 1], fork_, 0), "fork");
     }
-    size_t at = 0, i = 0;  // bytes into cs_, the product's index
+    size_t i = 0;  // the product's index
     for (const LinearSpec& sp : specs) {
       const bool f32 = f32_out_ || !sp.bias.empty();  // as linear() calls it
       void* c = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
@@ -1805,6 +1834,7 @@ class Pass {
   bool graph_ = false;    // a step replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
   bool fuse_ = false;     // a step through fused_layers (NANSCOPE_CUDA_FUSE=0: layer())
   bool streams_ = false;  // fused_layers' independent products on side streams
+  bool gemv_ = false;     // a step's one-row products by cuda::gemv instead of cuBLAS
   cudaEvent_t fork_ = nullptr, join_[2] = {};  // (NANSCOPE_CUDA_STREAMS=1)
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
@@ -1824,6 +1854,7 @@ class Pass {
   int64_t T_ = 0, maxT_ = 0, H_ = 0, V_ = 0, maxH_ = 0;
   DevBuf h_, x_, y_, q_, k_, v_, ctx_, g_, u_, act_, logits_;  // fp32 activations
   DevBuf xs_, cs_, qs_, ks_, vs_;                              // run-dtype storage
+  DevBuf as_;  // a step's activation in storage from gemv_act (its input is in xs_)
   DevBuf S_, P_, Ps_, ptrs_, stats_;
   std::vector<Chunk> chunks_;
   std::map<std::tuple<size_t, int64_t, int64_t, int64_t>, DevBuf> chunk_ptrs_;  // chunk_scores
@@ -1884,6 +1915,38 @@ struct GpuDecoder {
 };
 
 }  // namespace
+
+std::vector<float> cuda_matvec(std::span<const float> w, std::span<const float> x, int64_t rows,
+                               int64_t cols, DType dtype, bool gemv) {
+  require_device();
+  if (int64_t(w.size()) != rows * cols || int64_t(x.size()) != cols)
+    throw std::invalid_argument("cuda_matvec: w is [rows, cols], x [cols]");
+  const Dt dt = dt_of(dtype);
+  const size_t eb = size_t(cuda::dt_bytes(dt));
+  DevBuf wf(w.size() * sizeof(float)), xf(x.size() * sizeof(float)), ws(w.size() * eb),
+      xs(x.size() * eb), out(size_t(rows) * eb), of(size_t(rows) * sizeof(float));
+  check(cudaMemcpy(wf.get(), w.data(), wf.bytes(), cudaMemcpyHostToDevice), "upload");
+  check(cudaMemcpy(xf.get(), x.data(), xf.bytes(), cudaMemcpyHostToDevice), "upload");
+  cuda::set_stream(nullptr);
+  cuda::to_storage(wf.f(), ws.get(), int64_t(w.size()), dt);
+  cuda::to_storage(xf.f(), xs.get(), int64_t(x.size()), dt);
+  if (gemv) {
+    cuda::GemvJobs jobs;
+    jobs.job[jobs.n++] = {ws.get(), rows, out.get(), dt};
+    cuda::gemv(xs.get(), cols, jobs, dt);
+  } else {
+    const float one = 1.0f, zero = 0.0f;
+    const cudaDataType_t t = cuda_type(dt);
+    check(cublasGemmEx(blas(), CUBLAS_OP_T, CUBLAS_OP_N, int(rows), 1, int(cols), &one, ws.get(), t,
+                       int(cols), xs.get(), t, int(cols), &zero, out.get(), t, int(rows),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "linear");
+  }
+  cuda::convert(out.get(), dt, of.get(), Dt::F32, rows);
+  std::vector<float> r(static_cast<size_t>(rows));
+  check(cudaMemcpy(r.data(), of.get(), of.bytes(), cudaMemcpyDeviceToHost), "download");
+  return r;
+}
 
 CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
                            const ForwardOptions& opt) {

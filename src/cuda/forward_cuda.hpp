@@ -61,6 +61,12 @@ struct CudaStep {
 CudaStep forward_cuda_step(const Checkpoint& ck, std::span<const int64_t> ids, KvCache& cache,
                            const ForwardOptions& opt);
 
+// For the tests: x [cols] . w [rows, cols]^T with the values rounded to `dt` and in its storage,
+// as a decode step's product: through cuda::gemv (the step's kernel) or through cuBLAS (as torch
+// calls it), the output in the run dtype.
+std::vector<float> cuda_matvec(std::span<const float> w, std::span<const float> x, int64_t rows,
+                               int64_t cols, DType dt, bool gemv);
+
 // Whether this build has the CUDA backend (NANSCOPE_CUDA).
 bool cuda_built();
 

@@ -23,4 +23,9 @@ CudaStep forward_cuda_step(const Checkpoint&, std::span<const int64_t>, KvCache&
       "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");
 }
 
+std::vector<float> cuda_matvec(std::span<const float>, std::span<const float>, int64_t, int64_t,
+                               DType, bool) {
+  fail("cuda_matvec: this nanscope was built without the CUDA backend");
+}
+
 }  // namespace nanscope

@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/kernels.hpp"
 
@@ -639,6 +641,92 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
   }
 }
 
+// ---- a product of one row (a decode step's) -----------------------------------------------------
+// One warp per output row: lane l sums the 16-byte chunks l, l + 32, ... of w[r] . x in fp32 in
+// chunk order (each chunk's elements in order), then the lanes' sums are added as a butterfly.
+// The order is fixed by K alone (not by the grid), so every run gives the same bits. Written by
+// hand because cuBLAS's kernels for one row left most of the bandwidth unused on the step's
+// smaller products (docs/cuda.md); the weights stream through once, the input stays in L1.
+template <typename E>
+__device__ __forceinline__ float elem_f(E v) {
+  if constexpr (std::is_same_v<E, __nv_bfloat16>)
+    return __bfloat162float(v);
+  else if constexpr (std::is_same_v<E, __half>)
+    return __half2float(v);
+  else
+    return v;
+}
+
+template <typename E>
+__device__ __forceinline__ float dot16(const uint4& a, const uint4& b, float acc) {
+  constexpr int V = 16 / sizeof(E);
+  const E* pa = reinterpret_cast<const E*>(&a);
+  const E* pb = reinterpret_cast<const E*>(&b);
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc = fmaf(elem_f(pa[i]), elem_f(pb[i]), acc);
+  return acc;
+}
+
+// The lane's share of w[r] . x, reduced over the warp: every lane returns the row's sum.
+// vec: every row and x start on 16 bytes (K a multiple of the chunk, aligned buffers), else one
+// element at a time.
+template <typename E>
+__device__ __forceinline__ float warp_row_dot(const E* __restrict__ w, const E* __restrict__ x,
+                                              int64_t K, int lane, bool vec) {
+  constexpr int V = 16 / sizeof(E);
+  float acc = 0.0f;
+  if (vec) {
+    const int64_t nv = K / V;
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    int64_t i = lane;
+    // Four loads in flight per lane before their sums (the same order as one at a time).
+    for (; i + 96 < nv; i += 128) {
+      uint4 a[4], b[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) a[u] = __ldcs(wv + i + 32 * u), b[u] = __ldg(xv + i + 32 * u);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc = dot16<E>(a[u], b[u], acc);
+    }
+    for (; i < nv; i += 32) acc = dot16<E>(__ldcs(wv + i), __ldg(xv + i), acc);
+  } else {
+    for (int64_t k = lane; k < K; k += 32) acc = fmaf(elem_f(w[k]), elem_f(x[k]), acc);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  return acc;
+}
+
+template <typename E>
+__global__ void gemv_k(const E* __restrict__ x, int64_t K, GemvJobs jobs, int64_t total, bool vec) {
+  const int lane = int(threadIdx.x % 32);
+  int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (r >= total) return;
+  // The job by comparisons, not an index: an indexed kernel parameter goes to local memory.
+  const int64_t end0 = jobs.job[0].rows, end1 = end0 + jobs.job[1].rows;
+  const GemvJob g = r < end0 ? jobs.job[0] : r < end1 ? jobs.job[1] : jobs.job[2];
+  r -= r < end0 ? 0 : r < end1 ? end0 : end1;
+  const float s = warp_row_dot(static_cast<const E*>(g.w) + r * K, x, K, lane, vec);
+  if (lane == 0) store_dt(g.out, g.otype, r, s);
+}
+
+// gate and up rows r of one input and their activation (step_act's formula on the rounded
+// products), one warp per r.
+template <typename E>
+__global__ void gemv_act_k(const E* __restrict__ x, int64_t K, const E* __restrict__ wg,
+                           const E* __restrict__ wu, int64_t n, int act, Dt dt, float* out,
+                           void* st, bool vec) {
+  const int lane = int(threadIdx.x % 32);
+  const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (r >= n) return;
+  const float g = round_dt(warp_row_dot(wg + r * K, x, K, lane, vec), dt);
+  const float u = round_dt(warp_row_dot(wu + r * K, x, K, lane, vec), dt);
+  if (lane != 0) return;
+  const float y = round_dt(round_dt(act_value(g, act), dt) * u, dt);
+  out[r] = y;
+  if (st != nullptr) store_dt(st, dt, r, y);
+}
+
 }  // namespace
 
 void to_storage(const float* x, void* out, int64_t n, Dt dt) {
@@ -687,6 +775,54 @@ void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t 
   residual_norm_k<<<unsigned(rows), norm_threads(n), 0, g_stream>>>(h, product, n, w, eps, offset,
                                                                     dt, out, storage);
   check_launch("residual_norm");
+}
+
+namespace {
+// Whether rows of K elements of dt, starting at these pointers, all start on 16 bytes.
+bool chunked(int64_t K, Dt dt, std::initializer_list<const void*> ps) {
+  if ((K * dt_bytes(dt)) % 16 != 0) return false;
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+}  // namespace
+
+void gemv(const void* x, int64_t K, const GemvJobs& jobs, Dt dt) {
+  int64_t total = 0;
+  for (int j = 0; j < jobs.n; ++j) total += jobs.job[j].rows;
+  if (total == 0) return;
+  bool vec = chunked(K, dt, {x});
+  for (int j = 0; j < jobs.n; ++j) vec = vec && chunked(K, dt, {jobs.job[j].w});
+  constexpr int kThreads = 256;  // 8 rows per block
+  const unsigned blocks = blocks_for(total * 32, kThreads);
+  if (dt == Dt::BF16)
+    gemv_k<<<blocks, kThreads, 0, g_stream>>>(static_cast<const __nv_bfloat16*>(x), K, jobs, total,
+                                              vec);
+  else if (dt == Dt::F16)
+    gemv_k<<<blocks, kThreads, 0, g_stream>>>(static_cast<const __half*>(x), K, jobs, total, vec);
+  else
+    gemv_k<<<blocks, kThreads, 0, g_stream>>>(static_cast<const float*>(x), K, jobs, total, vec);
+  check_launch("gemv");
+}
+
+void gemv_act(const void* x, int64_t K, const void* wg, const void* wu, int64_t n, int act, Dt dt,
+              float* out, void* storage) {
+  constexpr int kThreads = 256;
+  const unsigned blocks = blocks_for(n * 32, kThreads);
+  const bool vec = chunked(K, dt, {x, wg, wu});
+  if (dt == Dt::BF16)
+    gemv_act_k<<<blocks, kThreads, 0, g_stream>>>(
+        static_cast<const __nv_bfloat16*>(x), K, static_cast<const __nv_bfloat16*>(wg),
+        static_cast<const __nv_bfloat16*>(wu), n, act, dt, out, storage, vec);
+  else if (dt == Dt::F16)
+    gemv_act_k<<<blocks, kThreads, 0, g_stream>>>(
+        static_cast<const __half*>(x), K, static_cast<const __half*>(wg),
+        static_cast<const __half*>(wu), n, act, dt, out, storage, vec);
+  else
+    gemv_act_k<<<blocks, kThreads, 0, g_stream>>>(
+        static_cast<const float*>(x), K, static_cast<const float*>(wg),
+        static_cast<const float*>(wu), n, act, dt, out, storage, vec);
+  check_launch("gemv_act");
 }
 
 void step_act(const RoundSegment& gate, const RoundSegment& up, int64_t n, int act, Dt dt,

@@ -152,6 +152,26 @@ void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t 
 void step_act(const RoundSegment& gate, const RoundSegment& up, int64_t n, int act, Dt dt,
               float* out, void* storage);
 
+// A product of one row (a decode step's, or any pass of one token), by warps instead of cuBLAS:
+// out_j [rows_j] = x [K] . w_j^T for up to three matrices w_j [rows_j, K] of one input, all in
+// the run dtype's storage, fp32 sums in a fixed order (kernels.cu), each output stored as otype
+// (the run dtype, rounded once, or fp32 for a bias to be added: products()' convention).
+struct GemvJob {
+  const void* w = nullptr;
+  int64_t rows = 0;
+  void* out = nullptr;
+  Dt otype = Dt::F32;
+};
+struct GemvJobs {
+  GemvJob job[3];
+  int n = 0;
+};
+void gemv(const void* x, int64_t K, const GemvJobs& jobs, Dt dt);
+// gate and up of one row and step_act's activation of their rounded products, in one launch
+// (no biases): out [n] and its storage copy (nullable).
+void gemv_act(const void* x, int64_t K, const void* wg, const void* wu, int64_t n, int act, Dt dt,
+              float* out, void* storage);
+
 // Its attention: q [heads * D] (fp32, rounded) against the cache rows [lo, *pos] (lo: the last
 // window - 1 before it for a sliding-window layer, else 0), eager or fused as the kernels above
 // compute them (kernels.cu says where the order of sums differs). S: scratch [heads, sstride],

@@ -51,6 +51,9 @@
 // |                                |                   | passes, summed, on stderr at exit      |
 // | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps without the fused kernels |
 // |                                |                   | (same numbers: an A/B of the launches) |
+// | NANSCOPE_CUDA_GEMV=0           | cuda_gemv=false   | a decode step's products of one row by |
+// |                                |                   | cuBLAS instead of the warp-per-row     |
+// |                                |                   | kernel (kernels.cu: gemv)              |
 // | NANSCOPE_GPU_MEMORY=SIZE       | cuda_weight_cap   | --device cuda: the weights may hold at |
 // |                                |                   | most SIZE (4GiB, 500MB) of GPU memory; |
 // |                                |                   | the layers beyond are streamed from    |
@@ -146,6 +149,7 @@ struct Backend {
   bool cuda_profile = false;       // time per phase of the GPU passes, on stderr at exit
   bool cuda_step_streams = false;  // fused step: k/v beside q, up beside gate (side streams)
   bool cuda_fuse = true;           // a decode step's fused kernels (qkv, residual + norm, act)
+  bool cuda_gemv = true;           // a decode step's products by the warp-per-row kernel
   // --device cuda: bytes of GPU memory the weights may hold (`--gpu-memory`); 0: no cap, every
   // weight stays on the GPU. Under a cap the layers that do not fit are copied in per pass from
   // page-locked host memory (src/cuda/weight_plan.hpp). Activations and caches come on top.

@@ -8,9 +8,14 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
+#include <random>
+#include <string>
+#include <utility>
 
 #include "cli_util.hpp"
 #include "common/error.hpp"
@@ -21,6 +26,7 @@
 #include "model/adapter_overlay.hpp"
 #include "model/forward.hpp"
 #include "numerics/backend.hpp"
+#include "numerics/dtype.hpp"
 #include "synthetic_model.hpp"
 #include "tools/generate.hpp"
 #include "tools/hidden.hpp"
@@ -241,12 +247,13 @@ TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
     for (DType dt : {DType::F32, DType::BF16, DType::F16})
       for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused})
         for (bool graph : {false, true})
-          for (bool streams : {false, true}) {
+          for (auto [gemv, streams] : {std::pair{true, false}, {false, false}, {false, true}}) {
             const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + model));
             GenerateOptions o = gpu_greedy(40, dt, at);
             o.keep_logits = true;
             Backend b = backend();
             b.cuda_graph = graph;
+            b.cuda_gemv = gemv;
             b.cuda_fuse = false;
             GenerateResult apart;
             {
@@ -262,7 +269,7 @@ TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
             }
             const std::string what = std::string(model) + " " + std::string(dtype_name(dt)) + " " +
                                      std::string(attention_name(at)) + (graph ? " graph" : "") +
-                                     (streams ? " streams" : "");
+                                     (gemv ? " gemv" : " cublas") + (streams ? " streams" : "");
             ASSERT_EQ(fused.ids, apart.ids) << what;
             ASSERT_EQ(fused.step_logits.size(), apart.step_logits.size()) << what;
             for (size_t i = 0; i < fused.step_logits.size(); ++i) {
@@ -273,6 +280,92 @@ TEST(DeviceGpu, FusedDecodeKernelsGiveTheLogitsOfTheSeparateOnes) {
                   << what << " step " << i;
             }
           }
+}
+
+// A decode step's one-row products by warps (cuda::gemv): within one rounding of the exact
+// product, as cuBLAS's are (the fp32 sums' order differs, so the two may part by the last bit);
+// a NaN weight poisons its row. Widths with and without whole 16-byte chunks, rows past a block.
+TEST(DeviceGpu, OneRowProductsAreTheExactProductRoundedOnce) {
+  if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (DType dt : {DType::F32, DType::BF16, DType::F16})
+    for (auto [rows, cols] :
+         {std::pair<int64_t, int64_t>{5, 37}, {64, 64}, {300, 2560}, {17, 9728}, {1001, 136}}) {
+      std::vector<float> w(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(cols));
+      for (float& v : w) v = round_to(0.5f * u(rng), dt);
+      for (float& v : x) v = round_to(u(rng), dt);
+      w[size_t(3 * cols + cols / 2)] = std::numeric_limits<float>::quiet_NaN();
+      const std::vector<float> got = cuda_matvec(w, x, rows, cols, dt, true);
+      const std::vector<float> cub = cuda_matvec(w, x, rows, cols, dt, false);
+      const double rel = dt == DType::F32 ? 0x1p-23 : dt == DType::BF16 ? 0x1p-7 : 0x1p-10;
+      int64_t apart = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const std::string what = std::string(dtype_name(dt)) + " " + std::to_string(rows) + "x" +
+                                 std::to_string(cols) + " row " + std::to_string(r);
+        if (r == 3) {
+          EXPECT_TRUE(std::isnan(got[size_t(r)]) && std::isnan(cub[size_t(r)])) << what;
+          continue;
+        }
+        double exact = 0, mass = 0;
+        for (int64_t k = 0; k < cols; ++k) {
+          const double p = double(w[size_t(r * cols + k)]) * double(x[size_t(k)]);
+          exact += p, mass += std::fabs(p);
+        }
+        // One rounding to the run dtype (an ulp at most) plus the fp32 sums' own error.
+        const double tol = rel * std::fabs(exact) + double(cols) * 0x1p-24 * mass + 0x1p-24;
+        EXPECT_LE(std::fabs(got[size_t(r)] - exact), tol) << what << " gemv";
+        EXPECT_LE(std::fabs(cub[size_t(r)] - exact), tol) << what << " cuBLAS";
+        EXPECT_EQ(round_to(got[size_t(r)], dt), got[size_t(r)]) << what;
+        apart += got[size_t(r)] != cub[size_t(r)];
+      }
+      std::printf("%s %lldx%lld: %lld of %lld rows part from cuBLAS by rounding\n",
+                  std::string(dtype_name(dt)).c_str(), static_cast<long long>(rows),
+                  static_cast<long long>(cols), static_cast<long long>(apart),
+                  static_cast<long long>(rows - 1));
+    }
+}
+
+// A step whose MLP is wide (8,192 rows, many blocks in flight): the fused gate/up + activation
+// launch reads the norm's output while it writes the activation, so the two must not share a
+// buffer (they did: tokens changed from run to run on Qwen3-4B while the tiny models passed).
+// Logits bit for bit against the unfused launches, and the same from one run to the next.
+TEST(DeviceGpu, AWideMlpStepReadsItsInputWhole) {
+  if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
+  TempDir dir;
+  nlohmann::json cfg = testing::tiny_qwen3_config();
+  cfg["hidden_size"] = 256, cfg["intermediate_size"] = 8192, cfg["num_attention_heads"] = 4;
+  cfg["num_key_value_heads"] = 2, cfg["head_dim"] = 64, cfg["vocab_size"] = 512;
+  std::vector<testing::PlantedTensor> ts = testing::expected_planted(cfg, DType::BF16);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  for (testing::PlantedTensor& t : ts) {
+    size_t n = 1;
+    for (int64_t d : t.shape) n *= size_t(d);
+    const bool norm = t.name.ends_with("norm.weight");
+    for (size_t i = 0; i < n; ++i) t.values.push_back(norm ? 1.0f : nd(rng));
+  }
+  testing::write_model(dir.path, cfg, ts);
+  const Checkpoint ck = Checkpoint::open(dir.path);
+  for (DType dt : {DType::BF16, DType::F16}) {
+    GenerateOptions o = gpu_greedy(24, dt, AttentionProfile::Fused);
+    o.keep_logits = true;
+    std::vector<GenerateResult> runs;
+    for (bool fuse : {true, true, false}) {
+      Backend b = backend();
+      b.cuda_fuse = fuse;
+      const ScopedBackend use(b);
+      runs.push_back(generate(ck, o));
+    }
+    for (size_t k = 1; k < runs.size(); ++k) {
+      ASSERT_EQ(runs[k].ids, runs[0].ids) << dtype_name(dt) << " run " << k;
+      for (size_t i = 0; i < runs[0].step_logits.size(); ++i)
+        ASSERT_EQ(std::memcmp(runs[k].step_logits[i].data(), runs[0].step_logits[i].data(),
+                              runs[0].step_logits[i].size() * sizeof(float)),
+                  0)
+            << dtype_name(dt) << " run " << k << " step " << i;
+    }
+  }
 }
 
 // --gpu-memory: layers streamed through two slots compute the numbers of the resident ones, bit
