@@ -6,6 +6,7 @@
 #include <thread>
 #include <vector>
 
+#include "numerics/backend.hpp"
 #include "numerics/parallel.hpp"
 
 namespace nanscope {
@@ -19,6 +20,22 @@ TEST(Parallel, ForCoversEveryIndexOnce) {
     });
     for (int64_t i = 0; i < n; ++i) EXPECT_EQ(seen[size_t(i)].load(), 1) << "n " << n << " i " << i;
   }
+}
+
+// A loop of fewer chunks than workers still runs on the whole pool (the others idle): a team of
+// another size between two products made the next one slow to start (docs/forward.md).
+TEST(Parallel, FewChunksStillRunOnTheWholePool) {
+  Backend b = backend();
+  b.threads = 4;
+  const ScopedBackend four(b);
+  std::vector<std::atomic<int>> seen(3);
+  std::atomic<int> team{0};
+  parallel_for(3, 1, [&](int64_t lo, int64_t hi) {
+    team.store(omp_get_num_threads());
+    for (int64_t i = lo; i < hi; ++i) seen[size_t(i)].fetch_add(1);
+  });
+  EXPECT_EQ(team.load(), 4);
+  for (const auto& s : seen) EXPECT_EQ(s.load(), 1);
 }
 
 TEST(Parallel, StealingProcessesEveryItemOnceAndMovesSlowItems) {
