@@ -42,10 +42,9 @@ void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
   int64_t chunk = (n + workers - 1) / workers;
   chunk = (chunk + grain - 1) / grain * grain;
   std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
-  // Always the whole team, the threads past `workers` idle: a region of fewer threads (a norm's
-  // 3 chunks) left the next product's region slow to start (libgomp regrows its team), and a
-  // decode step's down_proj after the activation's 3-thread region took 61 ms of the step's 116
-  // instead of 16 (Xeon, 16 cores; BENCHMARKS.md, session 12).
+  // Always the whole team, the threads past `workers` idle: after a region of fewer threads
+  // libgomp regrows its team at the next one, which made every product that followed a small
+  // loop slow (a decode step's down_proj after the activation: BENCHMARKS.md, session 12).
   const int team_size = int(std::max<int64_t>(workers, default_threads()));
 #pragma omp parallel num_threads(team_size)
   {
