@@ -493,6 +493,7 @@ struct DevModel {
   std::vector<LayerLora> lora;       // per layer with an adapter (ForwardOptions::adapter)
   DevLora lm_head_lora;
   DevEmbedLora embed_lora;               // decoding (device_embed)
+  bool embed_adapted = false;            // embed holds a DoRA-adapted table (device_embed)
   int64_t lora_rank = 0, lora_rows = 0;  // the largest r and output rows (the passes' scratch)
   bool own_head = false;               // a tied model whose adapter saved lm_head (modules_to_save)
   std::set<std::string> lora_modules;  // the adapter's modules applied here
@@ -689,14 +690,42 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
 const DevMat& device_embed(DevModel& m, const Checkpoint& ck, const ModelSpec& spec,
                            const ForwardOptions& opt) {
   const AdapterOverlay* ov = opt.adapter;
+  if (m.embed_adapted) return m.embed;
   if (ov != nullptr && m.embed_lora.r == 0)
     if (const LoraBranch* b = ov->lora(spec.embed)) {
-      if (!b->magnitude.empty() || spec.embed_scale)
+      if (spec.embed_scale)  // the host refuses it too (Model::check_adapter_modules)
         fail(
-            "{}: generate --device cuda does not apply {} on the embedding unmerged; use --device "
-            "cpu, or merge the adapter with `nanscope merge`",
-            adapter_file(*ov),
-            !b->magnitude.empty() ? "a DoRA" : "a LoRA (with Gemma's embedding scale)");
+            "{}: generate --device cuda does not apply a LoRA on Gemma's scaled embedding "
+            "unmerged; merge the adapter with `nanscope merge`",
+            adapter_file(*ov));
+      if (!b->magnitude.empty()) {
+        // DoRA: a row is a function of its id alone, through norms over the whole table, so the
+        // table PeftModel reads rows from is made once, by the host pass's own embedding
+        // (trainable tokens, then the DoRA), and uploaded in the run dtype (tied or not).
+        const int64_t V = spec.vocab, H = spec.hidden, kChunk = 4096;
+        const Dt dt = dt_of(opt.dtype);
+        const size_t eb = size_t(cuda::dt_bytes(dt));
+        m.embed.buf = DevBuf(size_t(V * H) * eb);
+        m.embed.rows = V, m.embed.cols = H;
+        ForwardOptions host = opt;
+        host.device = Device::Cpu;
+        DevBuf f(size_t(std::min(V, kChunk) * H) * sizeof(float));
+        std::vector<int64_t> ids;
+        for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
+          const int64_t n = std::min(kChunk, V - v0);
+          ids.resize(size_t(n));
+          std::iota(ids.begin(), ids.end(), v0);
+          const std::vector<float> rows = embed_ids(ck, ids, host);
+          check(
+              cudaMemcpy(f.get(), rows.data(), rows.size() * sizeof(float), cudaMemcpyHostToDevice),
+              "upload");
+          cuda::to_storage(f.f(), static_cast<char*>(m.embed.buf.get()) + size_t(v0 * H) * eb,
+                           n * H, dt);
+        }
+        check(cudaDeviceSynchronize(), "upload");
+        m.embed_adapted = true;
+        return m.embed;
+      }
       const int64_t V = b->in, r = b->r;
       std::vector<float> at(size_t(V * r));  // A [r, V] -> A^T [V, r]
       for (int64_t k = 0; k < r; ++k)

@@ -232,8 +232,8 @@ def check_unsupported_adapters(ns, mdir, failures, gen_rows):
     model's numbers."""
     ad = adapters_dir(mdir)
     for cmd, want in (
-            (["generate", os.path.join(mdir, "llama-tiny"), "--adapter",
-              os.path.join(ad, "dora-embed")], "DoRA"),):
+            (["trace", os.path.join(mdir, "qwen3-moe-tiny"), "--adapter",
+              os.path.join(ad, "family-qwen3-moe")], "mixture-of-experts"),):
         p = subprocess.run([ns] + cmd + ["--ids", "1,2,3", "--device", DEVICE],
                            capture_output=True, text=True)
         label = f"{cmd[0]} --adapter {os.path.basename(cmd[3])} --device cuda"

@@ -503,10 +503,19 @@ TEST(DeviceGpu, AnAdapterIsAppliedUnmergedOnTheGpu) {
   ASSERT_EQ(runs[0].ids.size(), 8u);
   for (size_t i = 0; i < runs[0].step_logits.size(); ++i)
     EXPECT_EQ(runs[0].step_logits[i], runs[1].step_logits[i]) << "step " << i;
+  // A DoRA on the embedding decodes too, from a table made once by the host's embedding
+  // (tests/gpu/compare.py checks its tokens against PeftModel's on the GPU).
   const auto dora = run_cli({"generate", fixture("models/llama-tiny"), "--adapter",
-                             fixture("adapters/dora-embed"), "--ids", "1,2,3", "--device", "cuda"});
-  EXPECT_EQ(dora.exit_code, 2) << dora.err;
-  EXPECT_THAT(dora.err, HasSubstr("DoRA"));
+                             fixture("adapters/dora-embed"), "--ids", "1,2,3", "--device", "cuda",
+                             "--max-new-tokens", "4", "--eos", "none"});
+  EXPECT_EQ(dora.exit_code, 0) << dora.err;
+  EXPECT_THAT(dora.out, HasSubstr("[4 new tokens"));
+  // What the GPU does not compute is still exit 2, never the bare model's numbers.
+  const auto moe =
+      run_cli({"trace", fixture("models/qwen3-moe-tiny"), "--adapter",
+               fixture("adapters/family-qwen3-moe"), "--ids", "1,2,3", "--device", "cuda"});
+  EXPECT_EQ(moe.exit_code, 2) << moe.err;
+  EXPECT_THAT(moe.err, HasSubstr("mixture-of-experts"));
 }
 
 }  // namespace
