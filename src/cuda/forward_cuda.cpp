@@ -348,26 +348,34 @@ struct LayerLora {
   DevLora q, k, v, o, gate, up, down;
 };
 
-// A layer's matrices, in the order of a streamed layer's block (host and slot alike), and the
-// host weights they come from; its vectors (norms, biases) likewise.
-constexpr DevMat DevLayer::*kLayerMats[] = {&DevLayer::q,   &DevLayer::k,    &DevLayer::v,
-                                            &DevLayer::o,   &DevLayer::gate, &DevLayer::up,
-                                            &DevLayer::down};
-constexpr WeightView LayerWeights::*kWeightMats[] = {
-    &LayerWeights::q,    &LayerWeights::k,  &LayerWeights::v,   &LayerWeights::o,
-    &LayerWeights::gate, &LayerWeights::up, &LayerWeights::down};
-constexpr DevVec DevLayer::*kLayerVecs[] = {
-    &DevLayer::input_norm,   &DevLayer::attn_out_norm, &DevLayer::mlp_in_norm,
-    &DevLayer::mlp_out_norm, &DevLayer::q_norm,        &DevLayer::k_norm,
-    &DevLayer::q_bias,       &DevLayer::k_bias,        &DevLayer::v_bias,
-    &DevLayer::o_bias,       &DevLayer::gate_bias,     &DevLayer::up_bias,
-    &DevLayer::down_bias};
-constexpr Activations LayerWeights::*kWeightVecs[] = {
-    &LayerWeights::input_norm,   &LayerWeights::attn_out_norm, &LayerWeights::mlp_in_norm,
-    &LayerWeights::mlp_out_norm, &LayerWeights::q_norm,        &LayerWeights::k_norm,
-    &LayerWeights::q_bias,       &LayerWeights::k_bias,        &LayerWeights::v_bias,
-    &LayerWeights::o_bias,       &LayerWeights::gate_bias,     &LayerWeights::up_bias,
-    &LayerWeights::down_bias};
+// A layer's matrices on the GPU beside the host weights they come from, in the order of a
+// streamed layer's block (host and slot alike); its vectors (norms, biases) likewise.
+struct MatPair {
+  DevMat DevLayer::*dev;
+  WeightView LayerWeights::*host;
+};
+constexpr MatPair kMats[] = {
+    {&DevLayer::q, &LayerWeights::q},       {&DevLayer::k, &LayerWeights::k},
+    {&DevLayer::v, &LayerWeights::v},       {&DevLayer::o, &LayerWeights::o},
+    {&DevLayer::gate, &LayerWeights::gate}, {&DevLayer::up, &LayerWeights::up},
+    {&DevLayer::down, &LayerWeights::down}};
+struct VecPair {
+  DevVec DevLayer::*dev;
+  Activations LayerWeights::*host;
+};
+constexpr VecPair kVecs[] = {{&DevLayer::input_norm, &LayerWeights::input_norm},
+                             {&DevLayer::attn_out_norm, &LayerWeights::attn_out_norm},
+                             {&DevLayer::mlp_in_norm, &LayerWeights::mlp_in_norm},
+                             {&DevLayer::mlp_out_norm, &LayerWeights::mlp_out_norm},
+                             {&DevLayer::q_norm, &LayerWeights::q_norm},
+                             {&DevLayer::k_norm, &LayerWeights::k_norm},
+                             {&DevLayer::q_bias, &LayerWeights::q_bias},
+                             {&DevLayer::k_bias, &LayerWeights::k_bias},
+                             {&DevLayer::v_bias, &LayerWeights::v_bias},
+                             {&DevLayer::o_bias, &LayerWeights::o_bias},
+                             {&DevLayer::gate_bias, &LayerWeights::gate_bias},
+                             {&DevLayer::up_bias, &LayerWeights::up_bias},
+                             {&DevLayer::down_bias, &LayerWeights::down_bias}};
 
 // --gpu-memory (weight_plan.hpp): the streamed layers' matrices in page-locked host memory and
 // the two slots on the GPU they are copied into, on a stream of their own. A slot is filled only
@@ -377,9 +385,9 @@ constexpr Activations LayerWeights::*kWeightVecs[] = {
 class Streamer {
  public:
   struct HostLayer {
-    PinnedBytes bytes;                       // the matrices at kSlotAlign offsets
-    size_t off[std::size(kLayerMats)] = {};  // each matrix's offset in the block
-    int64_t rows[std::size(kLayerMats)] = {}, cols[std::size(kLayerMats)] = {};
+    PinnedBytes bytes;                  // the matrices at kSlotAlign offsets
+    size_t off[std::size(kMats)] = {};  // each matrix's offset in the block
+    int64_t rows[std::size(kMats)] = {}, cols[std::size(kMats)] = {};
     size_t used = 0;
   };
   Streamer(const GpuWeightPlan& plan, size_t layers) : plan_(plan), host_(layers) {
@@ -462,12 +470,12 @@ class Streamer {
     slot.layer = l;
     const DevLayer& r = layers[size_t(l)];
     DevLayer& v = slot.view;
-    for (DevVec DevLayer::*vec : kLayerVecs) {
-      (v.*vec).buf = (r.*vec).buf.view((r.*vec).buf.bytes());
-      (v.*vec).n = (r.*vec).n;
+    for (const VecPair& p : kVecs) {
+      (v.*p.dev).buf = (r.*p.dev).buf.view((r.*p.dev).buf.bytes());
+      (v.*p.dev).n = (r.*p.dev).n;
     }
-    for (size_t m = 0; m < std::size(kLayerMats); ++m) {
-      DevMat& d = v.*kLayerMats[m];
+    for (size_t m = 0; m < std::size(kMats); ++m) {
+      DevMat& d = v.*kMats[m].dev;
       d.rows = h.rows[m], d.cols = h.cols[m];
       d.buf = slot.buf.view(h.used).offset(h.off[m]);
     }
@@ -552,16 +560,16 @@ std::shared_ptr<DevModel>& model_cache() {
 void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
   const size_t eb = size_t(cuda::dt_bytes(dt_of(run)));
   size_t at = 0;
-  for (size_t m = 0; m < std::size(kWeightMats); ++m) {
-    const WeightView& v = w.*kWeightMats[m];
+  for (size_t m = 0; m < std::size(kMats); ++m) {
+    const WeightView& v = w.*kMats[m].host;
     h.off[m] = at;
     h.rows[m] = v.rows, h.cols[m] = v.cols;
     at += (size_t(v.rows * v.cols) * eb + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
   }
   h.used = at;
   h.bytes = PinnedBytes(at);
-  for (size_t m = 0; m < std::size(kWeightMats); ++m) {
-    const WeightView& v = w.*kWeightMats[m];
+  for (size_t m = 0; m < std::size(kMats); ++m) {
+    const WeightView& v = w.*kMats[m].host;
     const size_t n = size_t(v.rows * v.cols) * eb;
     char* to = static_cast<char*>(h.bytes.get()) + h.off[m];
     if (v.storage == run) {
@@ -653,12 +661,11 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
       m->lora.push_back(std::move(L));
     }
     DevLayer d;
-    for (size_t i = 0; i < std::size(kLayerVecs); ++i) d.*kLayerVecs[i] = upload(w.*kWeightVecs[i]);
+    for (const VecPair& p : kVecs) d.*p.dev = upload(w.*p.host);
     if (plan.streamed[size_t(s.index)])
       stage_streamed(w, opt.dtype, m->stream->host(s.index));
     else
-      for (size_t i = 0; i < std::size(kLayerMats); ++i)
-        d.*kLayerMats[i] = upload(w.*kWeightMats[i], opt.dtype);
+      for (const MatPair& p : kMats) d.*p.dev = upload(w.*p.host, opt.dtype);
     m->layers.push_back(std::move(d));
     ws.release_all();
   }
@@ -1131,10 +1138,10 @@ class Pass {
       mark("step residual + norm");
       const int act = s.mlp.act == Activation::Silu ? 0 : 1;
       const void* down_in = product_input(act_);
-      if (gemv_ && w.gate_bias.empty() && w.up_bias.empty() && !f32_out_) {
+      if (gemv_ && w.gate_bias.empty() && w.up_bias.empty() && !f32_out_) {  // bf16/fp16 only
         cuda::gemv_act(product_input(x_), H_, w.gate.buf.get(), w.up.buf.get(), w.gate.rows, act,
-                       dt_, act_.f(), dt_ == Dt::F32 ? nullptr : as_.get());
-        if (dt_ != Dt::F32) down_in = as_.get();
+                       dt_, act_.f(), as_.get());
+        down_in = as_.get();
         mark("step gate/up products + act");
       } else {
         const cuda::RoundSegments gu =
@@ -1561,19 +1568,25 @@ class Pass {
     const float one = 1.0f, zero = 0.0f;
     const cudaDataType_t t = cuda_type(dt_);
     cuda::RoundSegments segs;
+    if (specs.size() > std::size(segs.seg)) throw std::logic_error("products: three at most");
+    void* c[std::size(segs.seg)] = {};  // where each product goes, as linear() calls it
     const size_t eb = size_t(cuda::dt_bytes(dt_));
-    size_t at = 0;                                  // bytes into cs_
-    if (gemv_ && rows == 1 && specs.size() <= 3) {  // one launch for all of them
+    size_t at = 0;  // bytes into cs_
+    for (const LinearSpec& sp : specs) {
+      const bool f32 = f32_out_ || !sp.bias.empty();
+      c[segs.n] = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
+      at += size_t(rows * sp.w.rows) * eb;
+      if (!f32 && at > cs_.bytes()) throw std::logic_error("linear_many: the products' scratch");
+      segs.seg[segs.n] = {c[segs.n], f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
+      ++segs.n;
+    }
+    if (gemv_ && rows == 1) {  // one launch for all of them
       cuda::GemvJobs jobs;
       for (const LinearSpec& sp : specs) {
         if (sp.w.cols != specs.begin()->w.cols)
           throw std::logic_error("products: one input, one width");
-        const bool f32 = f32_out_ || !sp.bias.empty();
-        void* c = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
-        at += size_t(sp.w.rows) * eb;
-        if (!f32 && at > cs_.bytes()) throw std::logic_error("linear_many: the products' scratch");
-        jobs.job[jobs.n++] = {sp.w.buf.get(), sp.w.rows, c, f32 ? Dt::F32 : dt_};
-        segs.seg[segs.n++] = {c, f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
+        jobs.job[jobs.n] = {sp.w.buf.get(), sp.w.rows, c[jobs.n], segs.seg[jobs.n].ctype};
+        ++jobs.n;
       }
       cuda::gemv(x, specs.begin()->w.cols, jobs, dt_);
       return segs;
@@ -1587,17 +1600,13 @@ class Pass {
     }
     size_t i = 0;  // the product's index
     for (const LinearSpec& sp : specs) {
-      const bool f32 = f32_out_ || !sp.bias.empty();  // as linear() calls it
-      void* c = f32 ? static_cast<void*>(sp.out) : static_cast<char*>(cs_.get()) + at;
-      at += size_t(rows * sp.w.rows) * eb;
-      if (!f32 && at > cs_.bytes()) throw std::logic_error("linear_many: the products' scratch");
       const cublasHandle_t h = side != nullptr && i > 0 ? side->h[i - 1] : blas();
+      const bool f32 = segs.seg[i].ctype == Dt::F32;
       check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(sp.w.rows), int(rows), int(sp.w.cols),
-                         &one, sp.w.buf.get(), t, int(sp.w.cols), x, t, int(sp.w.cols), &zero, c,
+                         &one, sp.w.buf.get(), t, int(sp.w.cols), x, t, int(sp.w.cols), &zero, c[i],
                          f32 ? CUDA_R_32F : t, int(sp.w.rows), CUBLAS_COMPUTE_32F,
                          CUBLAS_GEMM_DEFAULT),
             "linear");
-      segs.seg[segs.n++] = {c, f32 ? Dt::F32 : dt_, sp.bias.data(), sp.out, sp.w.rows};
       ++i;
     }
     if (side != nullptr)

@@ -785,43 +785,44 @@ bool chunked(int64_t K, Dt dt, std::initializer_list<const void*> ps) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
 }
+
+// fn(E{}) with E the element type of dt's storage: the gemv launchers' one dispatch.
+template <typename Fn>
+void with_elem(Dt dt, Fn&& fn) {
+  if (dt == Dt::BF16)
+    fn(__nv_bfloat16{});
+  else if (dt == Dt::F16)
+    fn(__half{});
+  else
+    fn(float{});
+}
 }  // namespace
 
 void gemv(const void* x, int64_t K, const GemvJobs& jobs, Dt dt) {
   int64_t total = 0;
-  for (int j = 0; j < jobs.n; ++j) total += jobs.job[j].rows;
-  if (total == 0) return;
   bool vec = chunked(K, dt, {x});
-  for (int j = 0; j < jobs.n; ++j) vec = vec && chunked(K, dt, {jobs.job[j].w});
+  for (int j = 0; j < jobs.n; ++j)
+    total += jobs.job[j].rows, vec = vec && chunked(K, dt, {jobs.job[j].w});
+  if (total == 0) return;
   constexpr int kThreads = 256;  // 8 rows per block
-  const unsigned blocks = blocks_for(total * 32, kThreads);
-  if (dt == Dt::BF16)
-    gemv_k<<<blocks, kThreads, 0, g_stream>>>(static_cast<const __nv_bfloat16*>(x), K, jobs, total,
-                                              vec);
-  else if (dt == Dt::F16)
-    gemv_k<<<blocks, kThreads, 0, g_stream>>>(static_cast<const __half*>(x), K, jobs, total, vec);
-  else
-    gemv_k<<<blocks, kThreads, 0, g_stream>>>(static_cast<const float*>(x), K, jobs, total, vec);
+  with_elem(dt, [&](auto e) {
+    using E = decltype(e);
+    gemv_k<<<blocks_for(total * 32, kThreads), kThreads, 0, g_stream>>>(static_cast<const E*>(x), K,
+                                                                        jobs, total, vec);
+  });
   check_launch("gemv");
 }
 
 void gemv_act(const void* x, int64_t K, const void* wg, const void* wu, int64_t n, int act, Dt dt,
               float* out, void* storage) {
   constexpr int kThreads = 256;
-  const unsigned blocks = blocks_for(n * 32, kThreads);
   const bool vec = chunked(K, dt, {x, wg, wu});
-  if (dt == Dt::BF16)
-    gemv_act_k<<<blocks, kThreads, 0, g_stream>>>(
-        static_cast<const __nv_bfloat16*>(x), K, static_cast<const __nv_bfloat16*>(wg),
-        static_cast<const __nv_bfloat16*>(wu), n, act, dt, out, storage, vec);
-  else if (dt == Dt::F16)
-    gemv_act_k<<<blocks, kThreads, 0, g_stream>>>(
-        static_cast<const __half*>(x), K, static_cast<const __half*>(wg),
-        static_cast<const __half*>(wu), n, act, dt, out, storage, vec);
-  else
-    gemv_act_k<<<blocks, kThreads, 0, g_stream>>>(
-        static_cast<const float*>(x), K, static_cast<const float*>(wg),
-        static_cast<const float*>(wu), n, act, dt, out, storage, vec);
+  with_elem(dt, [&](auto e) {
+    using E = decltype(e);
+    gemv_act_k<<<blocks_for(n * 32, kThreads), kThreads, 0, g_stream>>>(
+        static_cast<const E*>(x), K, static_cast<const E*>(wg), static_cast<const E*>(wu), n, act,
+        dt, out, storage, vec);
+  });
   check_launch("gemv_act");
 }
 

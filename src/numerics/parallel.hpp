@@ -45,8 +45,7 @@ void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
   // Always the whole team, the threads past `workers` idle: after a region of fewer threads
   // libgomp regrows its team at the next one, which made every product that followed a small
   // loop slow (a decode step's down_proj after the activation: BENCHMARKS.md, session 12).
-  const int team_size = int(std::max<int64_t>(workers, default_threads()));
-#pragma omp parallel num_threads(team_size)
+#pragma omp parallel num_threads(default_threads())
   {
     // The team may be smaller than asked (nested regions): chunks are dealt round-robin.
     const int64_t team = omp_get_num_threads();
