@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -1182,16 +1183,35 @@ class Pass {
   }
 
  public:
+  // The pass's token ids, [T]: run() then gathers its embedding rows on the GPU from the table
+  // the weights hold (forward_cuda_step's gather), instead of copying the host's up.
+  void gather_from(const Checkpoint& ck, const ModelSpec& spec, const ForwardOptions& opt,
+                   std::span<const int64_t> ids) {
+    if (int64_t(ids.size()) != T_) throw std::logic_error("gather_from: one id per row");
+    embed_ = &device_embed(dm_, ck, spec, opt);
+    if (spec.embed_scale) embed_scale_ = round_to(float(std::sqrt(double(H_))), dtype_);
+    ids_ = dev(ids.size() * sizeof(int64_t));
+    check(cudaMemcpy(ids_.get(), ids.data(), ids.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
+          "upload");
+  }
+
   std::vector<float> run(std::span<const float> h0) {
     Profile::get().begin();
-    // Through the page-locked state buffer (the same size): a pageable copy moved ~8 GB/s.
-    const size_t hb = h0.size() * sizeof(float);
-    if (hb > host_.size()) throw std::logic_error("forward_cuda: embeddings larger than [T, H]");
-    const char* from = reinterpret_cast<const char*>(h0.data());
-    char* to = static_cast<char*>(host_.get());
-    parallel_for(int64_t(hb), int64_t(1) << 20,
-                 [&](int64_t lo, int64_t hi) { std::memcpy(to + lo, from + lo, size_t(hi - lo)); });
-    check(cudaMemcpy(h_.get(), host_.get(), hb, cudaMemcpyHostToDevice), "upload");
+    if (h0.empty()) {
+      if (embed_ == nullptr) throw std::logic_error("forward_cuda: no embeddings, no ids");
+      cuda::embed_rows(embed_->buf.get(), dt_, static_cast<const int64_t*>(ids_.get()), T_, H_,
+                       embed_scale_, h_.f());
+    } else {
+      // Through the page-locked state buffer (the same size): a pageable copy moved ~8 GB/s.
+      const size_t hb = h0.size() * sizeof(float);
+      if (hb > host_.size()) throw std::logic_error("forward_cuda: embeddings larger than [T, H]");
+      const char* from = reinterpret_cast<const char*>(h0.data());
+      char* to = static_cast<char*>(host_.get());
+      parallel_for(int64_t(hb), int64_t(1) << 20, [&](int64_t lo, int64_t hi) {
+        std::memcpy(to + lo, from + lo, size_t(hi - lo));
+      });
+      check(cudaMemcpy(h_.get(), host_.get(), hb, cudaMemcpyHostToDevice), "upload");
+    }
     mark("embeddings up");
     hidden(0, h_.f());
     mark("states out");
@@ -1444,6 +1464,10 @@ class Pass {
     const AttentionSpec& a = s.attn;
     const int64_t D = a.head_dim, qd = a.heads * D, kvd = a.kv_heads * D;
     qkv_storage(a);
+    if (flash_) {
+      flash(a, true);
+      return;
+    }
     const float mask = dtype_lowest(dtype_);
     cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
     for (const Chunk& c : chunks_) {
@@ -1473,6 +1497,10 @@ class Pass {
     const AttentionSpec& a = s.attn;
     const int64_t qd = a.heads * a.head_dim;
     qkv_storage(a);
+    if (flash_) {
+      flash(a, false);
+      return;
+    }
     cuda::SiteStats* st = sites_ ? reset_stats() : nullptr;
     for (const Chunk& c : chunks_) {
       const int64_t nmat = int64_t(c.segs.size()) * a.heads;
@@ -1487,6 +1515,14 @@ class Pass {
       mark("attention softmax+p.v");
     }
     report_attention(s, qd);
+  }
+
+  void flash(const AttentionSpec& a, bool eager) {
+    cuda::flash_attention(
+        qs_.get(), ks_.get(), vs_.get(), static_cast<const int32_t*>(flash_tiles_.get()),
+        flash_ntiles_, a.heads, a.kv_heads, a.head_dim, eager, a.scaling,
+        eager ? a.softcap.value_or(0.0f) : 0.0f, dtype_lowest(dtype_), a.window, dt_, ctx_.f());
+    mark(eager ? "attention flash (eager)" : "attention flash");
   }
 
   void report_attention(const LayerSpec& s, int64_t qd) {
@@ -1732,35 +1768,52 @@ class Pass {
     if (obs_->done()) throw Stop{};
   }
 
+  // A state's pooled rows (GPU, pool_states) go down to page-locked memory on the compute stream
+  // without waiting for them: the observer gets every pooled state of the pass at once, after
+  // the last one it wants (a synchronous copy per state and pool stalled the launches 74 times
+  // per Qwen3-4B pass).
   void pooled(int64_t index, const float* d, std::span<const Pool> pools) {
-    const size_t S = segs_.size(), rows = S * size_t(H_) * sizeof(float);
-    if (pool_seg_.get() == nullptr) {  // the sequences' rows, once per pass
+    const size_t S = segs_.size(), H = size_t(H_);
+    const size_t slot = S * H * sizeof(float) + S * sizeof(unsigned);  // rows, then flags
+    if (pool_seg_.get() == nullptr) {  // the sequences' rows, and a slot per state and pool
       std::vector<int64_t> ol(2 * S);
       for (size_t i = 0; i < S; ++i) ol[i] = segs_[i].off, ol[S + i] = segs_[i].len;
       pool_seg_ = dev(ol.size() * sizeof(int64_t));
       check(cudaMemcpy(pool_seg_.get(), ol.data(), ol.size() * sizeof(int64_t),
                        cudaMemcpyHostToDevice),
             "upload");
-      pool_out_ = dev(rows + S * sizeof(unsigned));
-      pool_host_ = pinned(rows + S * sizeof(unsigned));
+      size_t states = 0;
+      for (int64_t i = 0; i <= int64_t(spec_.layers.size()); ++i)
+        if (obs_->wants_state(i)) ++states, last_pooled_ = i;
+      pool_out_ = dev(states * pools.size() * slot);
+      pool_host_ = pinned(states * pools.size() * slot);
     }
     const auto* seg = static_cast<const int64_t*>(pool_seg_.get());
-    auto* bad = reinterpret_cast<unsigned*>(static_cast<char*>(pool_out_.get()) + rows);
-    std::vector<uint8_t> finite(S);
     for (size_t k = 0; k < pools.size(); ++k) {
       if (pools[k] == Pool::None) throw std::logic_error("forward_cuda: Pool::None");
+      const size_t at = pool_pending_.size() * slot;
+      char* out = static_cast<char*>(pool_out_.get()) + at;
+      auto* bad = reinterpret_cast<unsigned*>(out + S * H * sizeof(float));
       check(cudaMemsetAsync(bad, 0, S * sizeof(unsigned), nullptr), "memset");
-      cuda::pool_states(d, seg, seg + S, int64_t(S), H_, pools[k] == Pool::Mean, pool_out_.f(),
-                        bad);
-      check(cudaMemcpy(pool_host_.get(), pool_out_.get(), rows + S * sizeof(unsigned),
-                       cudaMemcpyDeviceToHost),
+      cuda::pool_states(d, seg, seg + S, int64_t(S), H_, pools[k] == Pool::Mean,
+                        reinterpret_cast<float*>(out), bad);
+      check(cudaMemcpyAsync(static_cast<char*>(pool_host_.get()) + at, out, slot,
+                            cudaMemcpyDeviceToHost, nullptr),
             "pooled state download");
-      const auto* hb =
-          reinterpret_cast<const unsigned*>(static_cast<const char*>(pool_host_.get()) + rows);
-      for (size_t i = 0; i < S; ++i) finite[i] = hb[i] == 0 ? 1 : 0;
-      obs_->hidden_state_pooled(index, pools[k],
-                                std::span<const float>(pool_host_.f(), S * size_t(H_)), finite, H_);
+      pool_pending_.push_back({index, pools[k]});
     }
+    if (index < last_pooled_) return;
+    check(cudaStreamSynchronize(nullptr), "pooled state download");
+    std::vector<uint8_t> finite(S);
+    for (size_t p = 0; p < pool_pending_.size(); ++p) {
+      const char* h = static_cast<const char*>(pool_host_.get()) + p * slot;
+      const auto* hb = reinterpret_cast<const unsigned*>(h + S * H * sizeof(float));
+      for (size_t i = 0; i < S; ++i) finite[i] = hb[i] == 0 ? 1 : 0;
+      obs_->hidden_state_pooled(pool_pending_[p].first, pool_pending_[p].second,
+                                std::span<const float>(reinterpret_cast<const float*>(h), S * H),
+                                finite, H_);
+    }
+    pool_pending_.clear();
   }
 
   // ---- set-up ----
@@ -1819,6 +1872,26 @@ class Pass {
   // Eager attention computes sequences of one length together, in chunks whose score matrices
   // fit a budget; trace's single sequence is one chunk (its sites are the whole [nH, T, T]).
   void plan_attention() {
+    // Attention without sites or a cache in one launch per layer (flash_attention): a list of
+    // 64-query tiles of every sequence, those with the most keys first so that the short ones
+    // fill the GPU at the end. No score buffers then.
+    flash_ = !sites_ && cache_ == nullptr && backend().cuda_flash && T_ < (int64_t(1) << 31);
+    for (const LayerSpec& s : spec_.layers)
+      if (!cuda::flash_attention_supports(s.attn.head_dim, dt_)) flash_ = false;
+    if (flash_) {
+      std::vector<std::array<int32_t, 4>> tiles;
+      for (const Seg& g : segs_)
+        for (int64_t q0 = 0; q0 < g.len; q0 += 64)
+          tiles.push_back({int32_t(g.off), int32_t(g.len), int32_t(q0), 0});
+      std::stable_sort(tiles.begin(), tiles.end(),
+                       [](const auto& a, const auto& b) { return a[2] > b[2]; });
+      flash_tiles_ = dev(tiles.size() * sizeof(tiles[0]));
+      check(cudaMemcpy(flash_tiles_.get(), tiles.data(), tiles.size() * sizeof(tiles[0]),
+                       cudaMemcpyHostToDevice),
+            "upload");
+      flash_ntiles_ = int64_t(tiles.size());
+      return;
+    }
     const int64_t budget = int64_t(1) << 27;  // score elements per chunk (512 MB of fp32)
     std::map<int64_t, std::vector<int64_t>> by_len;
     for (size_t i = 0; i < segs_.size(); ++i) by_len[segs_[i].len].push_back(int64_t(i));
@@ -1873,6 +1946,9 @@ class Pass {
   bool fuse_ = false;     // a step through fused_layers (NANSCOPE_CUDA_FUSE=0: layer())
   bool streams_ = false;  // fused_layers' independent products on side streams
   bool gemv_ = false;     // a step's one-row products by cuda::gemv instead of cuBLAS
+  bool flash_ = false;    // attention by flash_attention (plan_attention)
+  DevBuf flash_tiles_;    // its query tiles
+  int64_t flash_ntiles_ = 0;
   cudaEvent_t fork_ = nullptr, join_[2] = {};  // (NANSCOPE_CUDA_STREAMS=1)
   cudaStream_t stream_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
@@ -1899,7 +1975,9 @@ class Pass {
   std::map<int, Rope> ropes_;
   PinnedBytes host_;            // one hidden state [T, H]
   DevBuf pool_seg_, pool_out_;  // pooled(): the sequences' offsets and lengths; rows + flags
-  PinnedBytes pool_host_;
+  PinnedBytes pool_host_;       // their copies, a slot per state and pool
+  std::vector<std::pair<int64_t, Pool>> pool_pending_;  // the slots not yet handed over
+  int64_t last_pooled_ = -1;                            // the last state the observer wants
 };
 
 void check_supported(const ModelSpec& spec) {
@@ -1919,14 +1997,21 @@ void check_supported(const ModelSpec& spec) {
 
 }  // namespace
 
+bool cuda_gathers_embeddings(const ModelSpec& spec, const ForwardOptions& opt) {
+  return opt.adapter == nullptr && (spec.tied || backend().cuda_weight_cap == 0);
+}
+
 CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
                       std::span<const float> h, const ForwardOptions& opt, Observer* obs,
-                      bool sites) {
+                      bool sites, std::span<const int64_t> ids) {
   require_device();
   check_supported(spec);
+  if (h.empty() && !cuda_gathers_embeddings(spec, opt))
+    throw std::logic_error("forward_cuda: ids where the GPU does not hold the embedding table");
   CudaPass res;
   const auto t0 = std::chrono::steady_clock::now();
   Pass p(ck, spec, lengths, opt, obs, sites);
+  if (h.empty()) p.gather_from(ck, spec, opt, ids);
   Profile::get().host(
       "pass set-up (host)",
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());

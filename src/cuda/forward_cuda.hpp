@@ -4,7 +4,8 @@
 // eager attention (scores materialised and rounded like transformers' eager) or fused attention
 // (flash-style, fp32 softmax), activations and residuals, each rounded where transformers rounds.
 //
-// The host computes the embeddings (a row gather) and hands them over; weights come per layer
+// The host computes the embeddings (a row gather) and hands them over, or the GPU gathers them
+// from token ids where it holds the table (hidden's batches); weights come per layer
 // from the same WeightSource as the CPU pass. The observer's statistics (finite, peak) are
 // computed on the GPU; values come back to the host only where the observer wants them (sites
 // for trace, hidden states).
@@ -40,9 +41,17 @@ struct CudaPass {
 // rest, and, when `sites` is set (one sequence, an observer that wants them), every site.
 // Throws InputError for a family or option the GPU path does not compute yet (mixtures of
 // experts), or when no GPU is usable.
+// With `ids` (h empty), the embedding rows are gathered on the GPU instead, from the table the
+// weights hold there: only where cuda_gathers_embeddings says the GPU has it.
 CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<const int64_t> lengths,
                       std::span<const float> h, const ForwardOptions& opt, Observer* obs,
-                      bool sites);
+                      bool sites, std::span<const int64_t> ids = {});
+
+// Whether forward_cuda can gather a pass's embedding rows on the GPU: no adapter (its embedding
+// LoRA, DoRA or trainable tokens are the host's to apply there), and the table already resident:
+// a tied model's lm_head, or an untied one's table uploaded beside the weights when no
+// --gpu-memory cap counts it.
+bool cuda_gathers_embeddings(const ModelSpec& spec, const ForwardOptions& opt);
 
 // One step of incremental decoding on GPU 0 (model/forward.hpp's forward_step with --device
 // cuda): the tokens `ids` at positions [cache.past, cache.past + T) attend to the keys and values

@@ -9,8 +9,13 @@ bool cuda_built() {
   return false;
 }
 
+bool cuda_gathers_embeddings(const ModelSpec&, const ForwardOptions&) {
+  return false;
+}
+
 CudaPass forward_cuda(const Checkpoint&, const ModelSpec&, std::span<const int64_t>,
-                      std::span<const float>, const ForwardOptions&, Observer*, bool) {
+                      std::span<const float>, const ForwardOptions&, Observer*, bool,
+                      std::span<const int64_t>) {
   fail(
       "--device cuda: this nanscope was built without the CUDA backend; rebuild it on a machine "
       "with the CUDA toolkit (nvcc, cuBLAS): cmake -DNANSCOPE_CUDA=ON (docs/cuda.md)");

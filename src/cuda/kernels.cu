@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "cuda/kernels.hpp"
@@ -489,6 +490,333 @@ __global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64
       prow[j] = vis ? ex2_approx(sj * scale_log2 - ms) * inv : 0.0f;
       if (vis && !isfinite(srow[j])) note_nonfinite(st);
     }
+  }
+}
+
+// The attention of passes without a cache or sites (hidden's batches) in one launch per layer,
+// FlashAttention-2's scheme on the tensor cores (mma.sync m16n8k16, fp32 accumulation) over
+// every sequence of the pass. A block takes 64 queries of one sequence and one head (a warp 16 of
+// them) and walks the sequence's keys a tile at a time, the next tile copied to shared memory
+// (cp.async) while this one computes. Written here: no library computes variable-length causal
+// attention with these roundings.
+// - fused: FlashAttention-2's arithmetic (raw s = q.k, running max m, p = 2^(s * scale_log2 - m *
+//   scale_log2), l summed unrounded, p rounded to the run dtype for p.v, out = acc * (1 / l)),
+//   with its tiles: 128 keys up to head_dim 64, else 64, walked from the diagonal down, as
+//   torch's FA2 kernels do on this GPU (the running max, hence the rescaling, follows them).
+// - eager: eager_softmax's: x = eager_score(q.k) (rounded, scaled, capped as transformers'
+//   eager), in three walks over the keys (the row's max; its sum of expf(x - m) in torch's
+//   softmax order: lane j % W sums its keys in turn, then a butterfly over the W lanes; then
+//   p = round(expf(x - m) / sum) and p.v), out = round(acc). Masked keys are left out, where
+//   eager adds the dtype's lowest and sums exp() = 0 for them.
+constexpr int kFlashRows = 64;  // queries per block (16 per warp)
+template <int D>
+constexpr int kFlashKeys = D <= 64 ? 128 : 64;  // keys per tile
+constexpr int kFlashPad = 8;  // elements after each shared row: conflict-free fragment loads
+
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (BF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two fp32 values rounded to the run dtype, packed as an mma operand (the first in the low half).
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack_round(float lo, float hi) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
+
+// transformers' max (torch's softmax: a NaN is passed over as the comparison is written).
+__device__ __forceinline__ float torch_max(float m, float x) {
+  return m > x ? m : x;
+}
+
+// The butterfly of torch's softmax sum over W lanes (torch_softmax_stats) on lane sums held as
+// an mma accumulator holds a row: lane 8a + 2 tq + e in v[a][e] of the quad's thread tq. Each
+// step adds lane r ^ o to lane r; a + b == b + a bit for bit, so both of a pair hold one value.
+// Returns lane 0's result on every thread of the quad.
+__device__ __forceinline__ float torch_lane_sum(float (&v)[4][2], int W, int lane) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {  // W / 2 down to 1 (unrolled: v stays in registers)
+    if (o >= W) continue;
+    float n[4][2];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float other;
+        if (o >= 8)
+          other = v[a ^ (o / 8)][e];
+        else if (o >= 2)
+          other = __shfl_xor_sync(0xffffffffu, v[a][e], o / 2);
+        else
+          other = v[a][e ^ 1];
+        n[a][e] = v[a][e] + other;
+      }
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) v[a][e] = n[a][e];
+  }
+  return __shfl_sync(0xffffffffu, v[0][0], lane & ~3);
+}
+
+// tiles[4 * blockIdx.x ..]: the sequence's first row, its length, the block's first query.
+template <int D, bool BF16, bool EAGER>
+__global__ void __launch_bounds__(128)
+    flash_attention_k(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tiles,
+                      int heads, int kv_heads, float scaling, float cap, float mask, int window,
+                      Dt dt, float* ctx) {
+  constexpr int RS = D + kFlashPad;  // shared row stride, elements
+  constexpr int BN = kFlashKeys<D>;
+  extern __shared__ __align__(16) uint16_t flash_smem[];
+  uint16_t* ks = flash_smem;                // [2][BN][RS]
+  uint16_t* vs = flash_smem + 2 * BN * RS;  // [2][BN][RS]
+  const int off = tiles[4 * blockIdx.x], len = tiles[4 * blockIdx.x + 1],
+            q0 = tiles[4 * blockIdx.x + 2];
+  const int h = int(blockIdx.y), kvh = h / (heads / kv_heads);
+  const int64_t qd = int64_t(heads) * D, kvd = int64_t(kv_heads) * D;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, tq = lane % 4;
+  const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows
+  const float scale_log2 = scaling * float(1.44269504088896340736);
+
+  uint32_t qa[D / 16][4];
+  {
+    const auto ld = [&](int r, int col) -> uint32_t {
+      return r < len ? *reinterpret_cast<const uint32_t*>(q + (off + r) * qd + h * D + col) : 0u;
+    };
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int col = kk * 16 + tq * 2;
+      qa[kk][0] = ld(r0, col);
+      qa[kk][1] = ld(r1, col);
+      qa[kk][2] = ld(r0, col + 8);
+      qa[kk][3] = ld(r1, col + 8);
+    }
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m0 = -kInf, m1 = -kInf, l0 = 0.0f, l1 = 0.0f;
+
+  const int qlast = min(q0 + kFlashRows, len) - 1;
+  const int klo = window > 0 ? max(0, q0 - window + 1) / BN : 0;
+  const int khi = qlast / BN, ntile = khi - klo + 1;
+  // The walks: eager's max over every key of the sequence (a masked key whose score is +inf or
+  // NaN stays so under eager's additive mask and makes the row NaN), then its sum and its p.v
+  // over the keys the queries see, each up the keys (torch's lanes sum in that order); the
+  // fused profile's one walk down from the diagonal (FA2's). walk_of: {walk, tile, last of it}.
+  const int n0 = EAGER ? (len - 1) / BN + 1 : 0;
+  const auto walk_of = [&](int it) -> int3 {
+    if (!EAGER) return make_int3(2, khi - it, it == ntile - 1);
+    if (it < n0) return make_int3(0, it, it == n0 - 1);
+    const int r = it - n0;
+    return make_int3(1 + r / ntile, klo + r % ntile, r % ntile == ntile - 1);
+  };
+  bool poison0 = false, poison1 = false;  // eager: a masked +inf / NaN score in the row
+  int W = 1;                              // torch's softmax lanes for a row of len keys
+  while (W < len && W < 32) W *= 2;
+  float ps0[4][2] = {}, ps1[4][2] = {};  // eager: torch's lane sums, lane 8a + 2 tq + e
+  const auto load = [&](int stage, int it) {
+    const int kt = walk_of(it).y;
+    const bool with_v = walk_of(it).x == 2;
+    uint16_t* kd = ks + stage * BN * RS;
+    uint16_t* vd = vs + stage * BN * RS;
+    for (int c = int(threadIdx.x); c < BN * (D / 8); c += 128) {
+      const int row = c / (D / 8), ch = c % (D / 8), key = kt * BN + row;
+      if (key < len) {
+        const int64_t at = (off + key) * kvd + int64_t(kvh) * D + ch * 8;
+        cp_async16(kd + row * RS + ch * 8, k + at);
+        if (with_v) cp_async16(vd + row * RS + ch * 8, v + at);
+      } else {
+        *reinterpret_cast<uint4*>(kd + row * RS + ch * 8) = make_uint4(0, 0, 0, 0);
+        if (with_v) *reinterpret_cast<uint4*>(vd + row * RS + ch * 8) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+  const int iters = EAGER ? n0 + 2 * ntile : ntile;
+  load(0, 0);
+  for (int it = 0; it < iters; ++it) {
+    const int3 wk = walk_of(it);
+    const int stage = it & 1, walk = wk.x, kt = wk.y;
+    const bool last = wk.z != 0;
+    if (it + 1 < iters) {
+      load(stage ^ 1, it + 1);
+      asm volatile("cp.async.wait_group 1;");
+    } else {
+      asm volatile("cp.async.wait_group 0;");
+    }
+    __syncthreads();
+    const uint16_t* kt_s = ks + stage * BN * RS;
+    const uint16_t* vt_s = vs + stage * BN * RS;
+    float s[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const uint16_t* kr = kt_s + (j * 8 + g) * RS + kk * 16 + tq * 2;
+        mma16816<BF16>(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
+                       *reinterpret_cast<const uint32_t*>(kr + 8));
+      }
+// The scores as each profile has them, -inf where the causal or sliding-window mask hides
+// the key.
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = kt * BN + j * 8 + tq * 2 + e;
+        const bool see0 = key <= r0 && (window <= 0 || key > r0 - window),
+                   see1 = key <= r1 && (window <= 0 || key > r1 - window);
+        if constexpr (EAGER) {
+          s[j][e] = eager_score(s[j][e], scaling, cap, dt);
+          s[j][2 + e] = eager_score(s[j][2 + e], scaling, cap, dt);
+          if (walk == 0 && key < len) {
+            const float x0 = round_dt(s[j][e] + mask, dt), x1 = round_dt(s[j][2 + e] + mask, dt);
+            poison0 |= !see0 && (isnan(x0) || x0 == kInf);
+            poison1 |= !see1 && (isnan(x1) || x1 == kInf);
+          }
+        }
+        if (!see0) s[j][e] = -kInf;
+        if (!see1) s[j][2 + e] = -kInf;
+      }
+    uint32_t pa[BN / 16][4];
+    if constexpr (EAGER) {
+      if (walk == 0) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            m0 = torch_max(m0, s[j][e]);
+            m1 = torch_max(m1, s[j][2 + e]);
+          }
+        if (last)
+#pragma unroll
+          for (int x = 1; x < 4; x *= 2) {
+            m0 = torch_max(m0, __shfl_xor_sync(0xffffffffu, m0, x));
+            m1 = torch_max(m1, __shfl_xor_sync(0xffffffffu, m1, x));
+            poison0 |= __shfl_xor_sync(0xffffffffu, int(poison0), x) != 0;
+            poison1 |= __shfl_xor_sync(0xffffffffu, int(poison1), x) != 0;
+          }
+      } else if (walk == 1) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (s[j][e] != -kInf) ps0[j % 4][e] += expf(s[j][e] - m0);
+            if (s[j][2 + e] != -kInf) ps1[j % 4][e] += expf(s[j][2 + e] - m1);
+          }
+        if (last) {
+          l0 = torch_lane_sum(ps0, W, lane);
+          l1 = torch_lane_sum(ps1, W, lane);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          float p[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float mm = e < 2 ? m0 : m1, ll = e < 2 ? l0 : l1;
+            p[e] = s[j][e] == -kInf ? 0.0f : expf(s[j][e] - mm) / ll;
+          }
+          pa[j / 2][(j % 2) * 2] = pack_round<BF16>(p[0], p[1]);
+          pa[j / 2][(j % 2) * 2 + 1] = pack_round<BF16>(p[2], p[3]);
+        }
+      }
+    } else {
+      float t0 = -kInf, t1 = -kInf;  // the tile's row maxima
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          t0 = fmaxf(t0, s[j][e]);
+          t1 = fmaxf(t1, s[j][2 + e]);
+        }
+#pragma unroll
+      for (int x = 1; x < 4; x *= 2) {
+        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, x));
+        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, x));
+      }
+      const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);
+      const float ms0 = n0 == -kInf ? 0.0f : n0 * scale_log2,
+                  ms1 = n1 == -kInf ? 0.0f : n1 * scale_log2;
+      const float f0 = m0 == -kInf ? 0.0f : ex2_approx(m0 * scale_log2 - ms0),
+                  f1 = m1 == -kInf ? 0.0f : ex2_approx(m1 * scale_log2 - ms1);
+      m0 = n0, m1 = n1;
+      l0 *= f0, l1 *= f1;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) o[n][0] *= f0, o[n][1] *= f0, o[n][2] *= f1, o[n][3] *= f1;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const float p00 = ex2_approx(s[j][0] * scale_log2 - ms0),
+                    p01 = ex2_approx(s[j][1] * scale_log2 - ms0),
+                    p10 = ex2_approx(s[j][2] * scale_log2 - ms1),
+                    p11 = ex2_approx(s[j][3] * scale_log2 - ms1);
+        l0 += p00;  // one at a time, as FA2's thread sums run
+        l0 += p01;
+        l1 += p10;
+        l1 += p11;
+        // The accumulator of keys [8j, 8j + 8) is half of the A operand of keys [16(j/2), +16).
+        pa[j / 2][(j % 2) * 2] = pack_round<BF16>(p00, p01);
+        pa[j / 2][(j % 2) * 2 + 1] = pack_round<BF16>(p10, p11);
+      }
+    }
+    if (walk == 2)
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          const uint16_t* vr = vt_s + (kk * 16 + tq * 2) * RS + n * 8 + g;
+          const uint32_t b0 = uint32_t(vr[0]) | (uint32_t(vr[RS]) << 16);
+          const uint32_t b1 = uint32_t(vr[8 * RS]) | (uint32_t(vr[9 * RS]) << 16);
+          mma16816<BF16>(o[n], pa[kk], b0, b1);
+        }
+    __syncthreads();  // the next iteration's copy overwrites this stage
+  }
+  float i0 = 1.0f, i1 = 1.0f;
+  if constexpr (!EAGER) {
+#pragma unroll
+    for (int x = 1; x < 4; x *= 2) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    i0 = 1.0f / l0, i1 = 1.0f / l1;
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int col = h * D + n * 8 + tq * 2;
+    const auto out = [&](float x, float inv, bool poison) {
+      return poison ? __int_as_float(0x7fc00000) : round_dt(EAGER ? x : x * inv, dt);
+    };
+    if (r0 < len)
+      *reinterpret_cast<float2*>(ctx + (off + r0) * qd + col) =
+          make_float2(out(o[n][0], i0, poison0), out(o[n][1], i0, poison0));
+    if (r1 < len)
+      *reinterpret_cast<float2*>(ctx + (off + r1) * qd + col) =
+          make_float2(out(o[n][2], i1, poison1), out(o[n][3], i1, poison1));
   }
 }
 
@@ -1039,6 +1367,74 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_
   fused_softmax_pv_k<<<blocks_for(nmat * Tq * 32, 128), 128, 0, g_stream>>>(
       S, v, nmat, Tq, T, c0, heads, kv_heads, D, seg_off, scaling, window, dt, ctx, P, st);
   check_launch("fused_softmax_pv");
+}
+
+bool flash_attention_supports(int64_t D, Dt dt) {
+  // Up to 128: beyond, the accumulators and q's fragments no longer fit the registers.
+  return (dt == Dt::BF16 || dt == Dt::F16) &&
+         (D == 16 || D == 32 || D == 64 || D == 80 || D == 96 || D == 128);
+}
+
+namespace {
+template <int D, bool BF16, bool EAGER>
+void flash_launch(const void* q, const void* k, const void* v, const int32_t* tiles, int64_t ntiles,
+                  int64_t heads, int64_t kv_heads, float scaling, float cap, float mask,
+                  int64_t window, Dt dt, float* ctx) {
+  constexpr size_t smem = size_t(4 * kFlashKeys<D> * (D + kFlashPad)) * sizeof(uint16_t);
+  static const bool attr = [] {
+    return cudaFuncSetAttribute(flash_attention_k<D, BF16, EAGER>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                int(smem)) == cudaSuccess;
+  }();
+  if (!attr) throw std::runtime_error("flash attention: shared memory attribute");
+  flash_attention_k<D, BF16, EAGER>
+      <<<dim3(unsigned(ntiles), unsigned(heads)), 128, smem, g_stream>>>(
+          static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
+          static_cast<const uint16_t*>(v), tiles, int(heads), int(kv_heads), scaling, cap, mask,
+          int(window), dt, ctx);
+}
+}  // namespace
+
+void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
+                     int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
+                     float scaling, float cap, float mask, int64_t window, Dt dt, float* ctx) {
+  if (!flash_attention_supports(D, dt))
+    throw std::logic_error("flash_attention: head_dim or dtype not supported");
+  if (ntiles <= 0) return;
+  if (ntiles > (int64_t(1) << 31) - 1 || heads > 65535)
+    throw std::runtime_error("flash attention: too many query tiles or heads");
+  const auto go = [&](auto d) {
+    constexpr int Dc = decltype(d)::value;
+    const auto a = std::make_tuple(q, k, v, tiles, ntiles, heads, kv_heads, scaling, cap, mask,
+                                   window, dt, ctx);
+    if (dt == Dt::BF16)
+      eager ? std::apply(flash_launch<Dc, true, true>, a)
+            : std::apply(flash_launch<Dc, true, false>, a);
+    else
+      eager ? std::apply(flash_launch<Dc, false, true>, a)
+            : std::apply(flash_launch<Dc, false, false>, a);
+  };
+  switch (D) {
+    case 16:
+      go(std::integral_constant<int, 16>{});
+      break;
+    case 32:
+      go(std::integral_constant<int, 32>{});
+      break;
+    case 64:
+      go(std::integral_constant<int, 64>{});
+      break;
+    case 80:
+      go(std::integral_constant<int, 80>{});
+      break;
+    case 96:
+      go(std::integral_constant<int, 96>{});
+      break;
+    default:
+      go(std::integral_constant<int, 128>{});
+      break;
+  }
+  check_launch("flash_attention");
 }
 
 void set_stream(void* stream) {

@@ -808,7 +808,7 @@ class Model {
 template <typename Embed>
 ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
                         const ForwardOptions& opt, Observer* obs, Embed&& embed,
-                        KvCache* cache = nullptr) {
+                        KvCache* cache = nullptr, std::span<const int64_t> gpu_ids = {}) {
   int64_t T = 0;
   for (int64_t len : lengths) {
     if (len <= 0) fail("forward: a sequence without tokens");
@@ -831,8 +831,9 @@ ForwardResult run_model(const Checkpoint& ck, std::span<const int64_t> lengths,
   uint64_t device_bytes = 0;
   try {
     if (opt.device == Device::Cuda) {  // the layers on the GPU (src/cuda), the embeddings here
-      const Vec h = embed(m);
-      CudaPass p = forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites());
+      // (or there, gathered from gpu_ids)
+      const Vec h = gpu_ids.empty() ? embed(m) : Vec{};
+      CudaPass p = forward_cuda(ck, m.spec(), lengths, h, opt, obs, m.reports_sites(), gpu_ids);
       res.logits = std::move(p.logits);
       res.stopped_early = p.stopped_early;
       device_bytes = p.weight_bytes;
@@ -920,6 +921,24 @@ ForwardResult forward_batch(const Checkpoint& ck, std::span<const float> embeddi
   return run_model(ck, lengths, opt, obs, [&](Model&) {
     return rounded_embeddings(embeddings, T, ck.config().hidden_size, opt.dtype);
   });
+}
+
+ForwardResult forward_batch_ids(const Checkpoint& ck, std::span<const int64_t> ids,
+                                std::span<const int64_t> lengths, const ForwardOptions& opt,
+                                Observer* obs) {
+  int64_t T = 0;
+  for (int64_t len : lengths) T += len;
+  if (int64_t(ids.size()) != T)
+    fail("forward: {} token ids for sequences of {} tokens in all", ids.size(), T);
+  const int64_t V = ck.config().vocab_size;
+  for (size_t t = 0; t < ids.size(); ++t)
+    if (ids[t] < 0 || ids[t] >= V)
+      fail("forward: token id {} (position {}) is out of range: vocab_size is {}", ids[t], t, V);
+  const bool gpu =
+      opt.device == Device::Cuda && cuda_gathers_embeddings(model_spec(ck.config()), opt);
+  return run_model(
+      ck, lengths, opt, obs, [&](Model& m) { return m.embed(ids); }, nullptr,
+      gpu ? ids : std::span<const int64_t>{});
 }
 
 }  // namespace nanscope

@@ -112,4 +112,12 @@ ForwardResult forward_batch(const Checkpoint& ck, std::span<const float> embeddi
                             std::span<const int64_t> lengths, const ForwardOptions& opt,
                             Observer* obs = nullptr);
 
+// forward_batch of token ids [sum(lengths)], for --device cuda where the GPU gathers the
+// embedding rows itself (cuda_gathers_embeddings in cuda/forward_cuda.hpp): the host then
+// builds no [T, H] input and copies nothing up but the ids. Elsewhere the rows come from
+// embed_ids, as forward_batch's input.
+ForwardResult forward_batch_ids(const Checkpoint& ck, std::span<const int64_t> ids,
+                                std::span<const int64_t> lengths, const ForwardOptions& opt,
+                                Observer* obs = nullptr);
+
 }  // namespace nanscope

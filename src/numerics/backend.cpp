@@ -119,6 +119,7 @@ Backend backend_from_environment() {
   b.cuda_step_streams = env_on("NANSCOPE_CUDA_STREAMS");
   b.cuda_fuse = !env_off("NANSCOPE_CUDA_FUSE");
   b.cuda_gemv = !env_off("NANSCOPE_CUDA_GEMV");
+  b.cuda_flash = !env_off("NANSCOPE_CUDA_FLASH");
   if (const char* e = std::getenv("NANSCOPE_GPU_MEMORY"))
     b.cuda_weight_cap = parse_byte_size(e).value_or(0);
   b.amx = env_on("NANSCOPE_NO_AMX")        ? AmxUse::Off

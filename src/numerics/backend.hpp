@@ -54,6 +54,10 @@
 // | NANSCOPE_CUDA_GEMV=0           | cuda_gemv=false   | a decode step's products of one row by |
 // |                                |                   | cuBLAS instead of the warp-per-row     |
 // |                                |                   | kernel (kernels.cu: gemv)              |
+// | NANSCOPE_CUDA_FLASH=0          | cuda_flash=false  | attention of passes without a cache or |
+// |                                |                   | sites (hidden) by the q.k^T product    |
+// |                                |                   | and the softmax kernels instead of one |
+// |                                |                   | tensor-core kernel (flash_attention)   |
 // | NANSCOPE_GPU_MEMORY=SIZE       | cuda_weight_cap   | --device cuda: the weights may hold at |
 // |                                |                   | most SIZE (4GiB, 500MB) of GPU memory; |
 // |                                |                   | the layers beyond are streamed from    |
@@ -150,6 +154,7 @@ struct Backend {
   bool cuda_step_streams = false;  // fused step: k/v beside q, up beside gate (side streams)
   bool cuda_fuse = true;           // a decode step's fused kernels (qkv, residual + norm, act)
   bool cuda_gemv = true;           // a decode step's products by the warp-per-row kernel
+  bool cuda_flash = true;          // attention of hidden's passes in one tensor-core kernel
   // --device cuda: bytes of GPU memory the weights may hold (`--gpu-memory`); 0: no cap, every
   // weight stays on the GPU. Under a cap the layers that do not fit are copied in per pass from
   // page-locked host memory (src/cuda/weight_plan.hpp). Activations and caches come on top.

@@ -25,6 +25,7 @@
 #include "common/error.hpp"
 #include "common/json_depth.hpp"
 #include "common/temp_files.hpp"
+#include "cuda/forward_cuda.hpp"
 #include "formats/safetensors.hpp"
 #include "model/arch.hpp"
 #include "numerics/kernels.hpp"
@@ -173,6 +174,30 @@ std::vector<float> batch_embeddings(const Checkpoint& ck, const HiddenInput& in,
   return input_embeddings(ck, in, fwd.dtype);
 }
 
+// One batch's pass: on a GPU that holds the embedding table, with ids alone (no soft token)
+// it gathers the rows itself; otherwise the host's embeddings of each input, stacked.
+void run_batch(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
+               std::span<const int64_t> lengths, const ForwardOptions& fwd, Observer* obs) {
+  const bool soft = std::any_of(inputs.begin(), inputs.end(),
+                                [](const HiddenInput* in) { return in->has_soft(); });
+  if (fwd.device == Device::Cuda && !soft &&
+      cuda_gathers_embeddings(model_spec(ck.config()), fwd)) {
+    std::vector<int64_t> ids;
+    for (const HiddenInput* in : inputs) {
+      validate_input(*in, InputRules{ck.config().vocab_size, 0, true}, ck.dir().string());
+      ids.insert(ids.end(), in->ids.begin(), in->ids.end());
+    }
+    forward_batch_ids(ck, ids, lengths, fwd, obs);
+    return;
+  }
+  std::vector<float> embeddings;
+  for (const HiddenInput* in : inputs) {
+    const std::vector<float> e = batch_embeddings(ck, *in, fwd);
+    embeddings.insert(embeddings.end(), e.begin(), e.end());
+  }
+  forward_batch(ck, embeddings, lengths, fwd, obs);
+}
+
 }  // namespace
 
 HiddenStates hidden_states(const Checkpoint& ck, const HiddenInput& in, const ForwardOptions& fwd,
@@ -197,14 +222,9 @@ void hidden_states_batch(const Checkpoint& ck, std::span<const HiddenInput* cons
   if (inputs.empty()) return;
   const std::vector<int64_t> wanted = wanted_states(layers, ck.config().num_hidden_layers + 1);
   std::vector<int64_t> lengths;
-  std::vector<float> embeddings;
-  for (const HiddenInput* in : inputs) {
-    const std::vector<float> e = batch_embeddings(ck, *in, fwd);
-    embeddings.insert(embeddings.end(), e.begin(), e.end());
-    lengths.push_back(in->tokens());
-  }
+  for (const HiddenInput* in : inputs) lengths.push_back(in->tokens());
   BatchObserver obs(wanted, lengths, sink);
-  forward_batch(ck, embeddings, lengths, fwd, &obs);
+  run_batch(ck, inputs, lengths, fwd, &obs);
 }
 
 void hidden_states_pooled(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
@@ -215,14 +235,9 @@ void hidden_states_pooled(const Checkpoint& ck, std::span<const HiddenInput* con
     if (p == Pool::None) throw std::logic_error("hidden_states_pooled: Pool::None");
   const std::vector<int64_t> wanted = wanted_states(layers, ck.config().num_hidden_layers + 1);
   std::vector<int64_t> lengths;
-  std::vector<float> embeddings;
-  for (const HiddenInput* in : inputs) {
-    const std::vector<float> e = batch_embeddings(ck, *in, fwd);
-    embeddings.insert(embeddings.end(), e.begin(), e.end());
-    lengths.push_back(in->tokens());
-  }
+  for (const HiddenInput* in : inputs) lengths.push_back(in->tokens());
   BatchObserver obs(wanted, lengths, pools, sink);
-  forward_batch(ck, embeddings, lengths, fwd, &obs);
+  run_batch(ck, inputs, lengths, fwd, &obs);
 }
 
 std::vector<std::pair<size_t, size_t>> batch_ranges(std::span<const int64_t> tokens,
