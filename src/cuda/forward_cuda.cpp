@@ -88,6 +88,7 @@ class Profile {
   }
   // The GPU's time between the marks, once the pass's work is done.
   void end() {
+    if (on_) ended_ = std::chrono::steady_clock::now();
     if (!on_ || n_ == 0) return;
     check(cudaEventSynchronize(ev_[n_ - 1]), "profile");
     for (size_t i = 1; i < n_; ++i) {
@@ -99,6 +100,14 @@ class Profile {
       ++s.count;
     }
     n_ = 0;
+  }
+  // At a pass's start: the host's time since the previous pass ended (the caller's work
+  // between passes: inputs, embeddings, the observer's), while the GPU has nothing queued.
+  void between() {
+    if (on_ && ended_ != std::chrono::steady_clock::time_point{})
+      host("between passes (host)",
+           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - ended_)
+               .count());
   }
   // A pass that ended by an error leaves its marks open: a graph capture must not record them.
   void reset() { n_ = 0; }
@@ -147,6 +156,7 @@ class Profile {
   std::vector<std::string> names_;
   size_t n_ = 0;
   std::map<std::string, Sum> sums_;
+  std::chrono::steady_clock::time_point ended_{};
 };
 
 void mark(const char* phase) {
@@ -256,8 +266,11 @@ Buf pooled_buffer(std::vector<Buf>& pool, size_t slot, size_t bytes) {
   if (pool.size() <= slot) pool.resize(slot + 1);
   Buf& b = pool[slot];
   if (b.get() == nullptr || view_size(b) < bytes) {
+    // A quarter more than the last: hidden's batches differ by a few tokens each, and a
+    // growing buffer was a new cudaMalloc / cudaMallocHost at every slightly larger batch.
+    const size_t grown = b.get() == nullptr ? bytes : std::max(bytes, view_size(b) / 4 * 5);
     b = Buf();  // the old memory first
-    b = Buf(bytes);
+    b = Buf(grown);
   }
   return b.view(bytes);
 }
@@ -1282,13 +1295,27 @@ class Pass {
     const int64_t l = s.index, I = w.gate.rows;
     const LayerNames& n = s.names;
     const LayerLora* L = lora_of(l);
+    const int act = s.mlp.act == Activation::Silu ? 0 : 1;
+    if (!sites_ && (L == nullptr || (L->gate.empty() && L->up.empty()))) {
+      // Nothing reads gate and up but the activation: it rounds the products where it reads
+      // them (step_act, the same numbers), so their fp32 copies are never written.
+      const cuda::RoundSegments segs = products(
+          xs, T_,
+          {{n.gate(), w.gate, w.gate_bias, g_.f(), nullptr}, {n.up(), w.up, w.up_bias, u_.f()}});
+      mark("gate/up products");
+      cuda::step_act(segs.seg[0], segs.seg[1], T_ * I, act, dt_, act_.f(), staged_out());
+      mark("act");
+      linear(l, n.down(), product_input(act_), T_, w.down, w.down_bias, out, L ? &L->down : nullptr,
+             act_.f());
+      mark("down product");
+      return;
+    }
     linear_many(l, xs, T_,
                 {{n.gate(), w.gate, w.gate_bias, g_.f(), L ? &L->gate : nullptr},
                  {n.up(), w.up, w.up_bias, u_.f(), L ? &L->up : nullptr}},
                 x_.f());
     mark("gate/up products");
-    cuda::act_mul(g_.f(), u_.f(), T_ * I, s.mlp.act == Activation::Silu ? 0 : 1, dt_, act_.f(),
-                  staged_out());
+    cuda::act_mul(g_.f(), u_.f(), T_ * I, act, dt_, act_.f(), staged_out());
     site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
     mark("act");
     linear(l, n.down(), product_input(act_), T_, w.down, w.down_bias, out, L ? &L->down : nullptr,
@@ -1518,10 +1545,18 @@ class Pass {
   }
 
   void flash(const AttentionSpec& a, bool eager) {
-    cuda::flash_attention(
-        qs_.get(), ks_.get(), vs_.get(), static_cast<const int32_t*>(flash_tiles_.get()),
-        flash_ntiles_, a.heads, a.kv_heads, a.head_dim, eager, a.scaling,
-        eager ? a.softcap.value_or(0.0f) : 0.0f, dtype_lowest(dtype_), a.window, dt_, ctx_.f());
+    unsigned* bound = nullptr;
+    if (eager) {  // max |q|, max |k|: whether eager's scores can overflow (flash_attention)
+      bound = static_cast<unsigned*>(bound_.get());
+      check(cudaMemsetAsync(bound, 0, 2 * sizeof(unsigned), nullptr), "memset");
+      cuda::absmax(qs_.get(), T_ * a.heads * a.head_dim, dt_, bound);
+      cuda::absmax(ks_.get(), T_ * a.kv_heads * a.head_dim, dt_, bound + 1);
+    }
+    cuda::flash_attention(qs_.get(), ks_.get(), vs_.get(),
+                          static_cast<const int32_t*>(flash_tiles_.get()), flash_ntiles_, a.heads,
+                          a.kv_heads, a.head_dim, eager, a.scaling,
+                          eager ? a.softcap.value_or(0.0f) : 0.0f, dtype_lowest(dtype_), a.window,
+                          dt_, bound, ctx_.f());
     mark(eager ? "attention flash (eager)" : "attention flash");
   }
 
@@ -1890,6 +1925,7 @@ class Pass {
                        cudaMemcpyHostToDevice),
             "upload");
       flash_ntiles_ = int64_t(tiles.size());
+      bound_ = dev(2 * sizeof(unsigned));
       return;
     }
     const int64_t budget = int64_t(1) << 27;  // score elements per chunk (512 MB of fp32)
@@ -1948,6 +1984,7 @@ class Pass {
   bool gemv_ = false;     // a step's one-row products by cuda::gemv instead of cuBLAS
   bool flash_ = false;    // attention by flash_attention (plan_attention)
   DevBuf flash_tiles_;    // its query tiles
+  DevBuf bound_;          // eager's max |q|, max |k| (flash)
   int64_t flash_ntiles_ = 0;
   cudaEvent_t fork_ = nullptr, join_[2] = {};  // (NANSCOPE_CUDA_STREAMS=1)
   cudaStream_t stream_ = nullptr;
@@ -2009,6 +2046,7 @@ CudaPass forward_cuda(const Checkpoint& ck, const ModelSpec& spec, std::span<con
   if (h.empty() && !cuda_gathers_embeddings(spec, opt))
     throw std::logic_error("forward_cuda: ids where the GPU does not hold the embedding table");
   CudaPass res;
+  Profile::get().between();
   const auto t0 = std::chrono::steady_clock::now();
   Pass p(ck, spec, lengths, opt, obs, sites);
   if (h.empty()) p.gather_from(ck, spec, opt, ids);

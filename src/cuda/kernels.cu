@@ -547,6 +547,18 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
 }
 
+// out[0] = max |x| over n values (a NaN counts as +inf), as float bits (atomicMax on the bits of
+// non-negative floats orders them as the floats).
+__global__ void absmax_k(const void* x, int64_t n, Dt dt, unsigned* out) {
+  float m = 0.0f;
+  FOR_EACH(i, n) {
+    const float v = fabsf(load_dt(x, dt, i));
+    m = fmaxf(m, isnan(v) ? kInf : v);
+  }
+  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (threadIdx.x % 32 == 0) atomicMax(out, __float_as_uint(m));
+}
+
 // transformers' max (torch's softmax: a NaN is passed over as the comparison is written).
 __device__ __forceinline__ float torch_max(float m, float x) {
   return m > x ? m : x;
@@ -587,7 +599,7 @@ template <int D, bool BF16, bool EAGER>
 __global__ void __launch_bounds__(128)
     flash_attention_k(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tiles,
                       int heads, int kv_heads, float scaling, float cap, float mask, int window,
-                      Dt dt, float* ctx) {
+                      Dt dt, const unsigned* bound, float* ctx) {
   constexpr int RS = D + kFlashPad;  // shared row stride, elements
   constexpr int BN = kFlashKeys<D>;
   extern __shared__ __align__(16) uint16_t flash_smem[];
@@ -627,10 +639,19 @@ __global__ void __launch_bounds__(128)
   // NaN stays so under eager's additive mask and makes the row NaN), then its sum and its p.v
   // over the keys the queries see, each up the keys (torch's lanes sum in that order); the
   // fused profile's one walk down from the diagonal (FA2's). walk_of: {walk, tile, last of it}.
-  const int n0 = EAGER ? (len - 1) / BN + 1 : 0;
+  // bound (eager): max |q| and max |k| of the pass (NaN as inf). Where D * |q| * |k| * scaling
+  // stays below half the dtype's largest value, no score can reach +inf or NaN: the max walk
+  // then reads only the keys the queries see.
+  bool bounded = false;
+  if (EAGER && bound != nullptr) {
+    const double b = double(D) * double(__uint_as_float(bound[0])) *
+                     double(__uint_as_float(bound[1])) * fmax(1.0, double(scaling));
+    bounded = b < 0.5 * (dt == Dt::F16 ? 65504.0 : 3.3895313892515355e38);
+  }
+  const int z0 = bounded ? klo : 0, n0 = EAGER ? (bounded ? ntile : (len - 1) / BN + 1) : 0;
   const auto walk_of = [&](int it) -> int3 {
     if (!EAGER) return make_int3(2, khi - it, it == ntile - 1);
-    if (it < n0) return make_int3(0, it, it == n0 - 1);
+    if (it < n0) return make_int3(0, z0 + it, it == n0 - 1);
     const int r = it - n0;
     return make_int3(1 + r / ntile, klo + r % ntile, r % ntile == ntile - 1);
   };
@@ -1369,6 +1390,11 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_
   check_launch("fused_softmax_pv");
 }
 
+void absmax(const void* x, int64_t n, Dt dt, unsigned* out) {
+  absmax_k<<<std::min(blocks_for(n, 256), 4 * sm_count()), 256, 0, g_stream>>>(x, n, dt, out);
+  check_launch("absmax");
+}
+
 bool flash_attention_supports(int64_t D, Dt dt) {
   // Up to 128: beyond, the accumulators and q's fragments no longer fit the registers.
   return (dt == Dt::BF16 || dt == Dt::F16) &&
@@ -1379,7 +1405,7 @@ namespace {
 template <int D, bool BF16, bool EAGER>
 void flash_launch(const void* q, const void* k, const void* v, const int32_t* tiles, int64_t ntiles,
                   int64_t heads, int64_t kv_heads, float scaling, float cap, float mask,
-                  int64_t window, Dt dt, float* ctx) {
+                  int64_t window, Dt dt, const unsigned* bound, float* ctx) {
   constexpr size_t smem = size_t(4 * kFlashKeys<D> * (D + kFlashPad)) * sizeof(uint16_t);
   static const bool attr = [] {
     return cudaFuncSetAttribute(flash_attention_k<D, BF16, EAGER>,
@@ -1391,13 +1417,14 @@ void flash_launch(const void* q, const void* k, const void* v, const int32_t* ti
       <<<dim3(unsigned(ntiles), unsigned(heads)), 128, smem, g_stream>>>(
           static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
           static_cast<const uint16_t*>(v), tiles, int(heads), int(kv_heads), scaling, cap, mask,
-          int(window), dt, ctx);
+          int(window), dt, bound, ctx);
 }
 }  // namespace
 
 void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
                      int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
-                     float scaling, float cap, float mask, int64_t window, Dt dt, float* ctx) {
+                     float scaling, float cap, float mask, int64_t window, Dt dt,
+                     const unsigned* bound, float* ctx) {
   if (!flash_attention_supports(D, dt))
     throw std::logic_error("flash_attention: head_dim or dtype not supported");
   if (ntiles <= 0) return;
@@ -1406,7 +1433,7 @@ void flash_attention(const void* q, const void* k, const void* v, const int32_t*
   const auto go = [&](auto d) {
     constexpr int Dc = decltype(d)::value;
     const auto a = std::make_tuple(q, k, v, tiles, ntiles, heads, kv_heads, scaling, cap, mask,
-                                   window, dt, ctx);
+                                   window, dt, bound, ctx);
     if (dt == Dt::BF16)
       eager ? std::apply(flash_launch<Dc, true, true>, a)
             : std::apply(flash_launch<Dc, true, false>, a);

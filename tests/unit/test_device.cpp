@@ -460,62 +460,71 @@ TEST(DeviceGpu, StreamedWeightsGiveTheResidentNumbers) {
 // hidden's batches under the fused profile take one tensor-core kernel per layer
 // (flash_attention) in place of the score product and fused_softmax_pv: the same arithmetic but
 // the order of its fp32 sums, so the states agree within a rounding or two of the run dtype, over
-// sequences shorter than, equal to and longer than its 64-query and 64-key tiles, beside each
-// other in one batch, with and without a sliding window. Their numbers against transformers'
-// sdpa: tests/gpu/compare.py's hidden goldens.
+// sequences shorter than, equal to and longer than its 64-query and 128-key tiles, beside each
+// other in one batch, with and without a sliding window, eager and fused; where fp16 eager
+// overflows (qwen3-fp16-attn) the NaN/inf pattern is the same. Their numbers against
+// transformers: tests/gpu/compare.py's hidden goldens.
 TEST(DeviceGpu, FlashAttentionGivesTheFusedKernelsStates) {
   if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
-  for (const char* m : {"qwen3-tiny", "mistral-tiny", "qwen2-tiny-window", "phi3-tiny"})
-    for (DType dt : {DType::BF16, DType::F16}) {
-      const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + m));
-      const std::string what = std::string(m) + " " + std::string(dtype_name(dt));
-      ForwardOptions f;
-      f.dtype = dt;
-      f.attention = AttentionProfile::Fused;
-      f.device = Device::Cuda;
-      std::vector<HiddenInput> ins;
-      std::mt19937 rng(7);
-      for (int64_t len : {1, 17, 64, 65, 130, 200}) {
-        HiddenInput in;
-        for (int64_t t = 0; t < len; ++t) in.ids.push_back(int64_t(rng() % 1000));
-        ins.push_back(std::move(in));
-      }
-      std::vector<const HiddenInput*> batch;
-      for (const HiddenInput& in : ins) batch.push_back(&in);
-      const auto states = [&](bool flash) {
-        Backend b = backend();
-        b.cuda_flash = flash;
-        const ScopedBackend use(b);
-        std::vector<std::vector<float>> out;
-        hidden_states_batch(ck, batch, f, {}, [&](size_t, int64_t, std::span<const float> st) {
-          out.emplace_back(st.begin(), st.end());
-        });
-        return out;
-      };
-      const auto flash = states(true), kernels = states(false);
-      ASSERT_EQ(flash.size(), kernels.size()) << what;
-      ASSERT_GT(flash.size(), 0u) << what;
-      for (size_t i = 0; i < flash.size(); ++i) {
-        ASSERT_EQ(flash[i].size(), kernels[i].size()) << what;
-        double peak = 0, worst = 0, sum = 0;
-        size_t same = 0;
-        for (size_t e = 0; e < flash[i].size(); ++e) {
-          ASSERT_TRUE(std::isfinite(flash[i][e])) << what << " state " << i;
-          const double d = std::fabs(double(flash[i][e]) - double(kernels[i][e]));
-          peak = std::max(peak, std::fabs(double(kernels[i][e])));
-          worst = std::max(worst, d);
-          sum += d;
-          same += d == 0 ? 1 : 0;
+  for (const char* m :
+       {"qwen3-tiny", "mistral-tiny", "qwen2-tiny-window", "phi3-tiny", "qwen3-fp16-attn"})
+    for (DType dt : {DType::BF16, DType::F16})
+      for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused}) {
+        const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + m));
+        const std::string what = std::string(m) + " " + std::string(dtype_name(dt)) + " " +
+                                 std::string(attention_name(at));
+        ForwardOptions f;
+        f.dtype = dt;
+        f.attention = at;
+        f.device = Device::Cuda;
+        std::vector<HiddenInput> ins;
+        std::mt19937 rng(7);
+        for (int64_t len : {1, 17, 64, 65, 130, 200}) {
+          HiddenInput in;
+          for (int64_t t = 0; t < len; ++t) in.ids.push_back(int64_t(rng() % 1000));
+          ins.push_back(std::move(in));
         }
-        EXPECT_LE(worst, 0.05 * std::max(1.0, peak)) << what << " state " << i;
-        EXPECT_LE(sum / double(flash[i].size()), 0.005 * std::max(1.0, peak))
-            << what << " state " << i;
-        // State 0 (the embeddings, handed over first for each sequence) comes before attention.
-        if (i < ins.size()) {
-          EXPECT_EQ(same, flash[i].size()) << what;
+        std::vector<const HiddenInput*> batch;
+        for (const HiddenInput& in : ins) batch.push_back(&in);
+        const auto states = [&](bool flash) {
+          Backend b = backend();
+          b.cuda_flash = flash;
+          const ScopedBackend use(b);
+          std::vector<std::vector<float>> out;
+          hidden_states_batch(ck, batch, f, {}, [&](size_t, int64_t, std::span<const float> st) {
+            out.emplace_back(st.begin(), st.end());
+          });
+          return out;
+        };
+        const auto flash = states(true), kernels = states(false);
+        ASSERT_EQ(flash.size(), kernels.size()) << what;
+        ASSERT_GT(flash.size(), 0u) << what;
+        for (size_t i = 0; i < flash.size(); ++i) {
+          ASSERT_EQ(flash[i].size(), kernels[i].size()) << what;
+          double peak = 0, worst = 0, sum = 0;
+          size_t same = 0;
+          for (size_t e = 0; e < flash[i].size(); ++e) {
+            ASSERT_EQ(std::isnan(flash[i][e]), std::isnan(kernels[i][e])) << what << " state " << i;
+            ASSERT_EQ(std::isinf(flash[i][e]), std::isinf(kernels[i][e])) << what << " state " << i;
+            if (!std::isfinite(kernels[i][e])) {
+              ++same;
+              continue;
+            }
+            const double d = std::fabs(double(flash[i][e]) - double(kernels[i][e]));
+            peak = std::max(peak, std::fabs(double(kernels[i][e])));
+            worst = std::max(worst, d);
+            sum += d;
+            same += d == 0 ? 1 : 0;
+          }
+          EXPECT_LE(worst, 0.05 * std::max(1.0, peak)) << what << " state " << i;
+          EXPECT_LE(sum / double(flash[i].size()), 0.005 * std::max(1.0, peak))
+              << what << " state " << i;
+          // State 0 (the embeddings, handed over first for each sequence) comes before attention.
+          if (i < ins.size()) {
+            EXPECT_EQ(same, flash[i].size()) << what;
+          }
         }
       }
-    }
 }
 
 // An adapter applied unmerged on the GPU (its numbers against peft's PeftModel on cuda:
