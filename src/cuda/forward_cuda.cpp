@@ -1908,7 +1908,7 @@ class Pass {
   // fit a budget; trace's single sequence is one chunk (its sites are the whole [nH, T, T]).
   void plan_attention() {
     // Attention without sites or a cache in one launch per layer (flash_attention): a list of
-    // 64-query tiles of every sequence, those with the most keys first so that the short ones
+    // the query tiles of every sequence, those with the most keys first so that the short ones
     // fill the GPU at the end. No score buffers then.
     flash_ = !sites_ && cache_ == nullptr && backend().cuda_flash && T_ < (int64_t(1) << 31);
     for (const LayerSpec& s : spec_.layers)
@@ -1916,7 +1916,7 @@ class Pass {
     if (flash_) {
       std::vector<std::array<int32_t, 4>> tiles;
       for (const Seg& g : segs_)
-        for (int64_t q0 = 0; q0 < g.len; q0 += 64)
+        for (int64_t q0 = 0; q0 < g.len; q0 += cuda::kFlashQueries)
           tiles.push_back({int32_t(g.off), int32_t(g.len), int32_t(q0), 0});
       std::stable_sort(tiles.begin(), tiles.end(),
                        [](const auto& a, const auto& b) { return a[2] > b[2]; });

@@ -508,7 +508,6 @@ __global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64
 //   softmax order: lane j % W sums its keys in turn, then a butterfly over the W lanes; then
 //   p = round(expf(x - m) / sum) and p.v), out = round(acc). Masked keys are left out, where
 //   eager adds the dtype's lowest and sums exp() = 0 for them.
-constexpr int kFlashRows = 64;  // queries per block (16 per warp)
 template <int D>
 constexpr int kFlashKeys = D <= 64 ? 128 : 64;  // keys per tile
 constexpr int kFlashPad = 8;  // elements after each shared row: conflict-free fragment loads
@@ -632,7 +631,7 @@ __global__ void __launch_bounds__(128)
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float m0 = -kInf, m1 = -kInf, l0 = 0.0f, l1 = 0.0f;
 
-  const int qlast = min(q0 + kFlashRows, len) - 1;
+  const int qlast = min(q0 + int(kFlashQueries), len) - 1;
   const int klo = window > 0 ? max(0, q0 - window + 1) / BN : 0;
   const int khi = qlast / BN, ntile = khi - klo + 1;
   // The walks: eager's max over every key of the sequence (a masked key whose score is +inf or

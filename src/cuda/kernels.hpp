@@ -113,13 +113,15 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_
                       float scaling, int64_t window, Dt dt, float* ctx, float* P, SiteStats* st);
 
 // Attention in one launch per layer for passes without a cache or sites (hidden's batches),
-// tensor-core q.k^T and p.v (FlashAttention-2's scheme): the numbers of fused_softmax_pv, or with
-// `eager` those of eager_softmax and its p.v product (cap: soft-capping, 0 for none; mask: the
-// dtype's lowest, eager's additive mask), but the order of p.v's fp32 sums. q [rows, heads*D], k
-// and v [rows, kv_heads*D] in the run dtype's storage; tiles: ntiles x {first row of the sequence,
-// its length, first query (a multiple of 64)}, on the GPU; ctx [rows, heads*D] fp32, rounded.
-// Causal, optionally a sliding window. flash_attention_supports: the head sizes and dtypes it has
-// (bf16/fp16; D 16, 32, 64, 80, 96, 128).
+// tensor-core q.k^T and p.v: fused as FlashAttention-2 computes it (its tiles and order; the
+// arithmetic of fused_softmax_pv), or with `eager` the numbers of eager_softmax and its p.v
+// product (cap: soft-capping, 0 for none; mask: the dtype's lowest, eager's additive mask) but
+// the order of p.v's fp32 sums. q [rows, heads*D], k and v [rows, kv_heads*D] in the run dtype's
+// storage; tiles: ntiles x {first row of the sequence, its length, first query (a multiple of
+// kFlashQueries)}, on the GPU; ctx [rows, heads*D] fp32, rounded. Causal, optionally a sliding
+// window. flash_attention_supports: the head sizes and dtypes it has (bf16/fp16; D 16, 32, 64,
+// 80, 96, 128).
+constexpr int64_t kFlashQueries = 64;  // queries per tile (a block: 16 per warp)
 bool flash_attention_supports(int64_t D, Dt dt);
 void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
                      int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
