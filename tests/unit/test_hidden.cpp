@@ -25,6 +25,7 @@
 #include "formats/checkpoint.hpp"
 #include "formats/safetensors.hpp"
 #include "model/adapter_overlay.hpp"
+#include "model/forward.hpp"
 #include "numerics/dtype.hpp"
 #include "numerics/kernels.hpp"
 #include "tools/hidden.hpp"
@@ -844,6 +845,40 @@ TEST(HiddenBatch, AnAdaptersEmbeddingChangesApplyAsInForward) {
     for (size_t k = 0; k < got.size(); ++k)
       EXPECT_EQ(got[k], alone.states[k]) << adapter << " state " << k;
     EXPECT_NE(alone.states[0], base.states[0]) << adapter << ": the adapter left state 0 as it was";
+  }
+}
+
+// forward_batch_ids (hidden's batches of ids on a GPU that gathers the rows) elsewhere embeds the
+// ids as forward() does: the pass of forward_batch over embed_ids' rows, bit for bit, with an
+// adapter's embedding changes too; an id outside the vocabulary or a count that does not match
+// the lengths is an input error naming it.
+TEST(HiddenBatch, IdsGiveTheEmbeddingsPass) {
+  const Checkpoint ck = Checkpoint::open(fixture("models/llama-tiny"));
+  const auto ov = AdapterOverlay::open(fixture("adapters/embed-lmhead-untied"), ck);
+  for (const AdapterOverlay* a : {static_cast<const AdapterOverlay*>(nullptr), ov.get()}) {
+    ForwardOptions f;
+    f.dtype = DType::BF16;
+    f.adapter = a;
+    const std::vector<int64_t> ids = {1, 15, 300, 7, 42, 999, 3, 12, 5, 600, 2};
+    const std::vector<int64_t> lengths = {8, 3};
+    const ForwardResult by_ids = forward_batch_ids(ck, ids, lengths, f);
+    const ForwardResult by_rows = forward_batch(ck, embed_ids(ck, ids, f), lengths, f);
+    ASSERT_FALSE(by_ids.logits.empty());
+    EXPECT_EQ(by_ids.logits, by_rows.logits) << (a ? "adapter" : "bare");
+  }
+  ForwardOptions f;
+  const std::vector<int64_t> bad = {1, 2, 1024}, lengths = {3}, two = {2};
+  try {
+    forward_batch_ids(ck, bad, lengths, f);
+    ADD_FAILURE() << "an id past the vocabulary ran";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 1024"), std::string::npos) << e.what();
+  }
+  try {
+    forward_batch_ids(ck, bad, two, f);
+    ADD_FAILURE() << "3 ids for 2 tokens ran";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("3 token ids"), std::string::npos) << e.what();
   }
 }
 
