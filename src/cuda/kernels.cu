@@ -506,8 +506,10 @@ __global__ void fused_softmax_pv_k(float* S, const float* v, int64_t nmat, int64
 // - eager: eager_softmax's: x = eager_score(q.k) (rounded, scaled, capped as transformers'
 //   eager), in three walks over the keys (the row's max; its sum of expf(x - m) in torch's
 //   softmax order: lane j % W sums its keys in turn, then a butterfly over the W lanes; then
-//   p = round(expf(x - m) / sum) and p.v), out = round(acc). Masked keys are left out, where
-//   eager adds the dtype's lowest and sums exp() = 0 for them.
+//   p = round(expf(x - m) / sum) and p.v), out = round(acc). Masked keys add nothing to the
+//   sum (eager adds the dtype's lowest: exp() = 0), but a masked +inf or NaN score stays so
+//   under that mask and makes the row NaN: the max walk scores every key of the sequence unless
+//   `bound` shows that no score can overflow.
 template <int D>
 constexpr int kFlashKeys = D <= 64 ? 128 : 64;  // keys per tile
 constexpr int kFlashPad = 8;  // elements after each shared row: conflict-free fragment loads
