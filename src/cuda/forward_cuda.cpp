@@ -921,12 +921,11 @@ class Pass {
       pick_scratch_ = DevBuf(cuda::argmax_scratch_bytes());
       pick_host_ = PinnedBytes(2 * sizeof(int64_t));
       want_logits_ = opt.step_logits;
-      embed_ = &device_embed(dm_, ck, spec, opt);
+      use_embedding_table(ck, spec, opt);
       if (dm_.embed_lora.r > 0) {
         emb_mid_ = DevBuf(size_t(T_ * dm_.embed_lora.r) * sizeof(float));
         emb_out_ = DevBuf(size_t(T_ * H_) * sizeof(float));
       }
-      if (spec.embed_scale) embed_scale_ = round_to(float(std::sqrt(double(H_))), dtype_);
       // A 1-token step reads its position from a device scalar and attends with
       // decode_attention, graph or not, so that NANSCOPE_CUDA_GRAPH=1 (the step replayed as one
       // CUDA graph) changes the launches only, never the numbers.
@@ -1201,11 +1200,16 @@ class Pass {
   void gather_from(const Checkpoint& ck, const ModelSpec& spec, const ForwardOptions& opt,
                    std::span<const int64_t> ids) {
     if (int64_t(ids.size()) != T_) throw std::logic_error("gather_from: one id per row");
-    embed_ = &device_embed(dm_, ck, spec, opt);
-    if (spec.embed_scale) embed_scale_ = round_to(float(std::sqrt(double(H_))), dtype_);
+    use_embedding_table(ck, spec, opt);
     ids_ = dev(ids.size() * sizeof(int64_t));
     check(cudaMemcpy(ids_.get(), ids.data(), ids.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
           "upload");
+  }
+
+  // The table embed_rows gathers from, and Gemma's sqrt(H) in the run dtype (else 0).
+  void use_embedding_table(const Checkpoint& ck, const ModelSpec& spec, const ForwardOptions& opt) {
+    embed_ = &device_embed(dm_, ck, spec, opt);
+    if (spec.embed_scale) embed_scale_ = round_to(float(std::sqrt(double(H_))), dtype_);
   }
 
   std::vector<float> run(std::span<const float> h0) {
@@ -1304,19 +1308,15 @@ class Pass {
           {{n.gate(), w.gate, w.gate_bias, g_.f(), nullptr}, {n.up(), w.up, w.up_bias, u_.f()}});
       mark("gate/up products");
       cuda::step_act(segs.seg[0], segs.seg[1], T_ * I, act, dt_, act_.f(), staged_out());
-      mark("act");
-      linear(l, n.down(), product_input(act_), T_, w.down, w.down_bias, out, L ? &L->down : nullptr,
-             act_.f());
-      mark("down product");
-      return;
+    } else {
+      linear_many(l, xs, T_,
+                  {{n.gate(), w.gate, w.gate_bias, g_.f(), L ? &L->gate : nullptr},
+                   {n.up(), w.up, w.up_bias, u_.f(), L ? &L->up : nullptr}},
+                  x_.f());
+      mark("gate/up products");
+      cuda::act_mul(g_.f(), u_.f(), T_ * I, act, dt_, act_.f(), staged_out());
+      site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
     }
-    linear_many(l, xs, T_,
-                {{n.gate(), w.gate, w.gate_bias, g_.f(), L ? &L->gate : nullptr},
-                 {n.up(), w.up, w.up_bias, u_.f(), L ? &L->up : nullptr}},
-                x_.f());
-    mark("gate/up products");
-    cuda::act_mul(g_.f(), u_.f(), T_ * I, act, dt_, act_.f(), staged_out());
-    site(l, n.prefix + "mlp.act", act_.f(), {T_, I});
     mark("act");
     linear(l, n.down(), product_input(act_), T_, w.down, w.down_bias, out, L ? &L->down : nullptr,
            act_.f());
@@ -1545,12 +1545,12 @@ class Pass {
   }
 
   void flash(const AttentionSpec& a, bool eager) {
-    unsigned* bound = nullptr;
-    if (eager) {  // max |q|, max |k|: whether eager's scores can overflow (flash_attention)
-      bound = static_cast<unsigned*>(bound_.get());
-      check(cudaMemsetAsync(bound, 0, 2 * sizeof(unsigned), nullptr), "memset");
-      cuda::absmax(qs_.get(), T_ * a.heads * a.head_dim, dt_, bound);
-      cuda::absmax(ks_.get(), T_ * a.kv_heads * a.head_dim, dt_, bound + 1);
+    cuda::SiteStats* bound = nullptr;
+    if (eager) {  // q's and k's statistics: whether eager's scores can overflow (flash_attention)
+      bound = static_cast<cuda::SiteStats*>(bound_.get());
+      check(cudaMemsetAsync(bound, 0, 2 * sizeof(cuda::SiteStats), nullptr), "memset");
+      cuda::site_stats(q_.f(), T_ * a.heads * a.head_dim, bound);
+      cuda::site_stats(k_.f(), T_ * a.kv_heads * a.head_dim, bound + 1);
     }
     cuda::flash_attention(qs_.get(), ks_.get(), vs_.get(),
                           static_cast<const int32_t*>(flash_tiles_.get()), flash_ntiles_, a.heads,
@@ -1925,7 +1925,7 @@ class Pass {
                        cudaMemcpyHostToDevice),
             "upload");
       flash_ntiles_ = int64_t(tiles.size());
-      bound_ = dev(2 * sizeof(unsigned));
+      bound_ = dev(2 * sizeof(cuda::SiteStats));
       return;
     }
     const int64_t budget = int64_t(1) << 27;  // score elements per chunk (512 MB of fp32)
@@ -1984,7 +1984,7 @@ class Pass {
   bool gemv_ = false;     // a step's one-row products by cuda::gemv instead of cuBLAS
   bool flash_ = false;    // attention by flash_attention (plan_attention)
   DevBuf flash_tiles_;    // its query tiles
-  DevBuf bound_;          // eager's max |q|, max |k| (flash)
+  DevBuf bound_;          // eager's site_stats of q and k (flash)
   int64_t flash_ntiles_ = 0;
   cudaEvent_t fork_ = nullptr, join_[2] = {};  // (NANSCOPE_CUDA_STREAMS=1)
   cudaStream_t stream_ = nullptr;

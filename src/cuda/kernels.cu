@@ -12,8 +12,8 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/kernels.hpp"
 
@@ -548,18 +548,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
 }
 
-// out[0] = max |x| over n values (a NaN counts as +inf), as float bits (atomicMax on the bits of
-// non-negative floats orders them as the floats).
-__global__ void absmax_k(const void* x, int64_t n, Dt dt, unsigned* out) {
-  float m = 0.0f;
-  FOR_EACH(i, n) {
-    const float v = fabsf(load_dt(x, dt, i));
-    m = fmaxf(m, isnan(v) ? kInf : v);
-  }
-  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (threadIdx.x % 32 == 0) atomicMax(out, __float_as_uint(m));
-}
-
 // transformers' max (torch's softmax: a NaN is passed over as the comparison is written).
 __device__ __forceinline__ float torch_max(float m, float x) {
   return m > x ? m : x;
@@ -600,7 +588,7 @@ template <int D, bool BF16, bool EAGER>
 __global__ void __launch_bounds__(128)
     flash_attention_k(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tiles,
                       int heads, int kv_heads, float scaling, float cap, float mask, int window,
-                      Dt dt, const unsigned* bound, float* ctx) {
+                      Dt dt, const SiteStats* bound, float* ctx) {
   constexpr int RS = D + kFlashPad;  // shared row stride, elements
   constexpr int BN = kFlashKeys<D>;
   extern __shared__ __align__(16) uint16_t flash_smem[];
@@ -640,13 +628,13 @@ __global__ void __launch_bounds__(128)
   // NaN stays so under eager's additive mask and makes the row NaN), then its sum and its p.v
   // over the keys the queries see, each up the keys (torch's lanes sum in that order); the
   // fused profile's one walk down from the diagonal (FA2's). walk_of: {walk, tile, last of it}.
-  // bound (eager): max |q| and max |k| of the pass (NaN as inf). Where D * |q| * |k| * scaling
-  // stays below half the dtype's largest value, no score can reach +inf or NaN: the max walk
-  // then reads only the keys the queries see.
+  // bound (eager): site_stats of the pass's q and k. Where both are finite and D * max |q| *
+  // max |k| * scaling stays below half the dtype's largest value, no score can reach +inf or
+  // NaN: the max walk then reads only the keys the queries see.
   bool bounded = false;
-  if (EAGER && bound != nullptr) {
-    const double b = double(D) * double(__uint_as_float(bound[0])) *
-                     double(__uint_as_float(bound[1])) * fmax(1.0, double(scaling));
+  if (EAGER && bound != nullptr && bound[0].nonfinite == 0 && bound[1].nonfinite == 0) {
+    const double b = double(D) * double(__uint_as_float(bound[0].peak_bits)) *
+                     double(__uint_as_float(bound[1].peak_bits)) * fmax(1.0, double(scaling));
     bounded = b < 0.5 * (dt == Dt::F16 ? 65504.0 : 3.3895313892515355e38);
   }
   const int z0 = bounded ? klo : 0, n0 = EAGER ? (bounded ? ntile : (len - 1) / BN + 1) : 0;
@@ -661,8 +649,9 @@ __global__ void __launch_bounds__(128)
   while (W < len && W < 32) W *= 2;
   float ps0[4][2] = {}, ps1[4][2] = {};  // eager: torch's lane sums, lane 8a + 2 tq + e
   const auto load = [&](int stage, int it) {
-    const int kt = walk_of(it).y;
-    const bool with_v = walk_of(it).x == 2;
+    const int3 wk = walk_of(it);
+    const int kt = wk.y;
+    const bool with_v = wk.x == 2;
     uint16_t* kd = ks + stage * BN * RS;
     uint16_t* vd = vs + stage * BN * RS;
     for (int c = int(threadIdx.x); c < BN * (D / 8); c += 128) {
@@ -1391,22 +1380,23 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_
   check_launch("fused_softmax_pv");
 }
 
-void absmax(const void* x, int64_t n, Dt dt, unsigned* out) {
-  absmax_k<<<std::min(blocks_for(n, 256), 4 * sm_count()), 256, 0, g_stream>>>(x, n, dt, out);
-  check_launch("absmax");
-}
-
-bool flash_attention_supports(int64_t D, Dt dt) {
-  // Up to 128: beyond, the accumulators and q's fragments no longer fit the registers.
-  return (dt == Dt::BF16 || dt == Dt::F16) &&
-         (D == 16 || D == 32 || D == 64 || D == 80 || D == 96 || D == 128);
-}
-
 namespace {
+// The head sizes flash_attention is built for: up to 128 (beyond, the accumulators and q's
+// fragments no longer fit the registers). fn(std::integral_constant<int, D>) for the one that
+// is D; false where none is.
+template <class Fn, int... Ds>
+bool with_head_dim_of(int64_t D, Fn& fn, std::integer_sequence<int, Ds...>) {
+  return ((D == Ds ? (fn(std::integral_constant<int, Ds>{}), true) : false) || ...);
+}
+template <class Fn>
+bool with_flash_head_dim(int64_t D, Fn&& fn) {
+  return with_head_dim_of(D, fn, std::integer_sequence<int, 16, 32, 64, 80, 96, 128>{});
+}
+
 template <int D, bool BF16, bool EAGER>
 void flash_launch(const void* q, const void* k, const void* v, const int32_t* tiles, int64_t ntiles,
                   int64_t heads, int64_t kv_heads, float scaling, float cap, float mask,
-                  int64_t window, Dt dt, const unsigned* bound, float* ctx) {
+                  int64_t window, Dt dt, const SiteStats* bound, float* ctx) {
   constexpr size_t smem = size_t(4 * kFlashKeys<D> * (D + kFlashPad)) * sizeof(uint16_t);
   static const bool attr = [] {
     return cudaFuncSetAttribute(flash_attention_k<D, BF16, EAGER>,
@@ -1422,46 +1412,31 @@ void flash_launch(const void* q, const void* k, const void* v, const int32_t* ti
 }
 }  // namespace
 
+bool flash_attention_supports(int64_t D, Dt dt) {
+  return (dt == Dt::BF16 || dt == Dt::F16) && with_flash_head_dim(D, [](auto) {});
+}
+
 void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
                      int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
                      float scaling, float cap, float mask, int64_t window, Dt dt,
-                     const unsigned* bound, float* ctx) {
+                     const SiteStats* bound, float* ctx) {
   if (!flash_attention_supports(D, dt))
     throw std::logic_error("flash_attention: head_dim or dtype not supported");
   if (ntiles <= 0) return;
   if (ntiles > (int64_t(1) << 31) - 1 || heads > 65535)
     throw std::runtime_error("flash attention: too many query tiles or heads");
-  const auto go = [&](auto d) {
+  with_flash_head_dim(D, [&](auto d) {
     constexpr int Dc = decltype(d)::value;
-    const auto a = std::make_tuple(q, k, v, tiles, ntiles, heads, kv_heads, scaling, cap, mask,
-                                   window, dt, bound, ctx);
-    if (dt == Dt::BF16)
-      eager ? std::apply(flash_launch<Dc, true, true>, a)
-            : std::apply(flash_launch<Dc, true, false>, a);
-    else
-      eager ? std::apply(flash_launch<Dc, false, true>, a)
-            : std::apply(flash_launch<Dc, false, false>, a);
-  };
-  switch (D) {
-    case 16:
-      go(std::integral_constant<int, 16>{});
-      break;
-    case 32:
-      go(std::integral_constant<int, 32>{});
-      break;
-    case 64:
-      go(std::integral_constant<int, 64>{});
-      break;
-    case 80:
-      go(std::integral_constant<int, 80>{});
-      break;
-    case 96:
-      go(std::integral_constant<int, 96>{});
-      break;
-    default:
-      go(std::integral_constant<int, 128>{});
-      break;
-  }
+    const auto go = [&](auto bf, auto eg) {
+      flash_launch<Dc, decltype(bf)::value, decltype(eg)::value>(
+          q, k, v, tiles, ntiles, heads, kv_heads, scaling, cap, mask, window, dt, bound, ctx);
+    };
+    const bool bf = dt == Dt::BF16;
+    if (bf && eager) go(std::true_type{}, std::true_type{});
+    if (bf && !eager) go(std::true_type{}, std::false_type{});
+    if (!bf && eager) go(std::false_type{}, std::true_type{});
+    if (!bf && !eager) go(std::false_type{}, std::false_type{});
+  });
   check_launch("flash_attention");
 }
 

@@ -119,18 +119,15 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_
 // the order of p.v's fp32 sums. q [rows, heads*D], k and v [rows, kv_heads*D] in the run dtype's
 // storage; tiles: ntiles x {first row of the sequence, its length, first query (a multiple of
 // kFlashQueries)}, on the GPU; ctx [rows, heads*D] fp32, rounded. Causal, optionally a sliding
-// window. flash_attention_supports: the head sizes and dtypes it has (bf16/fp16; D 16, 32, 64,
-// 80, 96, 128).
+// window. bound (eager; nullable): site_stats of q and of k, [2]; without it every key of a
+// sequence is scored for eager's NaN rule. flash_attention_supports: the head sizes and dtypes it
+// has (bf16/fp16; D 16, 32, 64, 80, 96, 128).
 constexpr int64_t kFlashQueries = 64;  // queries per tile (a block: 16 per warp)
 bool flash_attention_supports(int64_t D, Dt dt);
 void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
                      int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
                      float scaling, float cap, float mask, int64_t window, Dt dt,
-                     const unsigned* bound, float* ctx);
-// out[0] = max |x| over n values of dtype dt, NaN as +inf, as float bits; atomic, so out[0] must
-// hold 0 (or a smaller bound) before. flash_attention's `bound` (eager: max |q|, max |k|; null:
-// every key of a sequence is scored for eager's NaN rule).
-void absmax(const void* x, int64_t n, Dt dt, unsigned* out);
+                     const SiteStats* bound, float* ctx);
 
 // Every launch of this file goes to `stream` (a cudaStream_t; null: the legacy default stream).
 void set_stream(void* stream);

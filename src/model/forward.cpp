@@ -53,6 +53,15 @@ using Vec = Activations;
 
 struct StopForward {};
 
+// Every id within the vocabulary (the host's embedding checks it as it reads the row; a GPU
+// gather is handed checked ids).
+void check_token_ids(std::span<const int64_t> ids, int64_t vocab) {
+  for (size_t t = 0; t < ids.size(); ++t)
+    if (ids[t] < 0 || ids[t] >= vocab)
+      fail("forward: token id {} (position {}) is out of range: vocab_size is {}", ids[t], t,
+           vocab);
+}
+
 double finite_abs_max(std::span<const float> v) {
   double m = 0;
   for (float f : v)
@@ -117,13 +126,8 @@ class Model {
   Vec embed(std::span<const int64_t> ids) {
     const WeightView w = weights_.matrix(spec_.embed, spec_.vocab, H_);
     Vec h(size_t(T_ * H_));
-    for (int64_t t = 0; t < T_; ++t) {
-      const int64_t id = ids[size_t(t)];
-      if (id < 0 || id >= spec_.vocab)
-        fail("forward: token id {} (position {}) is out of range: vocab_size is {}", id, t,
-             spec_.vocab);
-      weight_rows(w, id, 1, dt_, h.data() + t * H_);
-    }
+    check_token_ids(ids.first(size_t(T_)), spec_.vocab);
+    for (int64_t t = 0; t < T_; ++t) weight_rows(w, ids[size_t(t)], 1, dt_, h.data() + t * H_);
     if (ov_) adapt_embeddings(w, ids, h);
     scale_embeddings(spec_, h.data(), h.size(), dt_);  // Gemma
     site(-1, spec_.embed, h, {T_, H_});
@@ -879,10 +883,7 @@ ForwardResult forward_step(const Checkpoint& ck, std::span<const int64_t> ids, K
     r.tokens = T;
     r.hidden = ck.config().hidden_size;
     r.vocab = ck.config().vocab_size;
-    for (int64_t t = 0; t < T; ++t)
-      if (ids[size_t(t)] < 0 || ids[size_t(t)] >= r.vocab)
-        fail("forward: token id {} (position {}) is out of range: vocab_size is {}", ids[size_t(t)],
-             t, r.vocab);
+    check_token_ids(ids, r.vocab);
     CudaStep s = forward_cuda_step(ck, ids, cache, opt);
     r.logits = std::move(s.logits);
     r.argmax = s.argmax;
@@ -930,12 +931,9 @@ ForwardResult forward_batch_ids(const Checkpoint& ck, std::span<const int64_t> i
   for (int64_t len : lengths) T += len;
   if (int64_t(ids.size()) != T)
     fail("forward: {} token ids for sequences of {} tokens in all", ids.size(), T);
-  const int64_t V = ck.config().vocab_size;
-  for (size_t t = 0; t < ids.size(); ++t)
-    if (ids[t] < 0 || ids[t] >= V)
-      fail("forward: token id {} (position {}) is out of range: vocab_size is {}", ids[t], t, V);
   const bool gpu =
       opt.device == Device::Cuda && cuda_gathers_embeddings(model_spec(ck.config()), opt);
+  if (gpu) check_token_ids(ids, ck.config().vocab_size);  // else Model::embed checks them
   return run_model(
       ck, lengths, opt, obs, [&](Model& m) { return m.embed(ids); }, nullptr,
       gpu ? ids : std::span<const int64_t>{});

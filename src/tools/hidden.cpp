@@ -25,7 +25,6 @@
 #include "common/error.hpp"
 #include "common/json_depth.hpp"
 #include "common/temp_files.hpp"
-#include "cuda/forward_cuda.hpp"
 #include "formats/safetensors.hpp"
 #include "model/arch.hpp"
 #include "numerics/kernels.hpp"
@@ -174,14 +173,14 @@ std::vector<float> batch_embeddings(const Checkpoint& ck, const HiddenInput& in,
   return input_embeddings(ck, in, fwd.dtype);
 }
 
-// One batch's pass: on a GPU that holds the embedding table, with ids alone (no soft token)
-// it gathers the rows itself; otherwise the host's embeddings of each input, stacked.
+// One batch's pass: on the GPU, inputs of ids alone (no soft token) go as ids
+// (forward_batch_ids: gathered there where the GPU holds the table, else embedded as forward()
+// does); otherwise the host's embeddings of each input, stacked.
 void run_batch(const Checkpoint& ck, std::span<const HiddenInput* const> inputs,
                std::span<const int64_t> lengths, const ForwardOptions& fwd, Observer* obs) {
   const bool soft = std::any_of(inputs.begin(), inputs.end(),
                                 [](const HiddenInput* in) { return in->has_soft(); });
-  if (fwd.device == Device::Cuda && !soft &&
-      cuda_gathers_embeddings(model_spec(ck.config()), fwd)) {
+  if (fwd.device == Device::Cuda && !soft) {
     std::vector<int64_t> ids;
     for (const HiddenInput* in : inputs) {
       validate_input(*in, InputRules{ck.config().vocab_size, 0, true}, ck.dir().string());
