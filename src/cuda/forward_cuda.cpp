@@ -1214,6 +1214,7 @@ class Pass {
 
   std::vector<float> run(std::span<const float> h0) {
     Profile::get().begin();
+    input_normed_ = false;
     if (h0.empty()) {
       if (embed_ == nullptr) throw std::logic_error("forward_cuda: no embeddings, no ids");
       cuda::embed_rows(embed_->buf.get(), dt_, static_cast<const int64_t*>(ids_.get()), T_, H_,
@@ -1271,6 +1272,10 @@ class Pass {
 
   // ---- one decoder layer: the recipe of forward.cpp ----
   void layer(const LayerSpec& s, const DevLayer& w) {
+    if (pass_fusable(s)) {
+      pass_layer(s, w);
+      return;
+    }
     const int64_t l = s.index;
     const LayerNames& n = s.names;
     attention(s, w, norm_staged(l, n.input_norm, h_.f(), w.input_norm, x_.f()), y_.f());
@@ -1291,6 +1296,74 @@ class Pass {
     }
     cuda::add_round(h_.f(), m, T_ * H_, dt_, h_.f());
     site(l, n.prefix + "residual_mlp", h_.f(), {T_, H_});
+    mark("norm");
+  }
+
+  // Whether layer s of this pass runs as pass_layer: hidden's passes (flash attention, so no
+  // sites and no cache; bf16/fp16), no adapter on the layer, the norms around the blocks only
+  // before them (Gemma's after-norms read the products whole).
+  bool pass_fusable(const LayerSpec& s) const {
+    return fuse_pass_ && !step_ && dt_ != Dt::F32 && lora_of(s.index) == nullptr &&
+           s.names.attn_out_norm.empty() && s.names.mlp_out_norm.empty() && s.attn.head_dim <= 256;
+  }
+
+  // layer()'s recipe where nothing but the next kernel reads a product, as a decode step has it
+  // (fused_layers): each product's rounding (and bias) done by the kernel that reads it, q/k
+  // norm, RoPE and the copies in storage in one launch (pass_qkv), the context written in
+  // storage by the attention, each residual joined with the norm after it. The same numbers;
+  // the fp32 round trips between them were a third of a Qwen3-4B pass's GPU time.
+  void pass_layer(const LayerSpec& s, const DevLayer& w) {
+    const int64_t l = s.index, N = int64_t(spec_.layers.size());
+    const LayerNames& n = s.names;
+    const AttentionSpec& a = s.attn;
+    const float eps = float(spec_.eps);
+    const bool off = spec_.norm == NormKind::RmsOffset, eager = att_ == AttentionProfile::Eager;
+    if (!input_normed_) norm_staged(l, n.input_norm, h_.f(), w.input_norm, x_.f());
+    input_normed_ = false;
+    cuda::PassQkv q;
+    q.proj = products(
+        xs_.get(), T_,
+        {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()}, {{}, w.v, w.v_bias, v_.f()}});
+    mark("q/k/v products");
+    const Rope& r = ropes_.at(a.rope);
+    if (a.qk_norm) q.q_norm = w.q_norm.data(), q.k_norm = w.k_norm.data();
+    q.eps = eps;
+    q.offset = off;
+    q.cos = r.cos.f();
+    q.sin = r.sin.f();
+    q.rowoff = static_cast<const int64_t*>(r.rowoff.get());
+    q.rot = r.dim;
+    q.tokens = T_, q.heads = a.heads, q.kv_heads = a.kv_heads, q.head_dim = a.head_dim;
+    q.q = qs_.get(), q.k = ks_.get(), q.v = vs_.get();
+    q.dt = dt_;
+    if (eager) {
+      q.stats = static_cast<cuda::SiteStats*>(bound_.get());
+      check(cudaMemsetAsync(q.stats, 0, 2 * sizeof(cuda::SiteStats), nullptr), "memset");
+    }
+    cuda::pass_qkv(q);
+    mark("q/k norm, rope");
+    flash(a, eager, true, xs_.get());
+    const cuda::RoundSegments o = products(xs_.get(), T_, {{{}, w.o, w.o_bias, y_.f()}});
+    mark("o product");
+    cuda::residual_norm(h_.f(), o.seg[0], T_, H_, w.mlp_in_norm.data(), eps, off, dt_, x_.f(),
+                        xs_.get());
+    mark("norm");
+    const cuda::RoundSegments gu =
+        products(xs_.get(), T_, {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}});
+    mark("gate/up products");
+    cuda::step_act(gu.seg[0], gu.seg[1], T_ * w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1,
+                   dt_, nullptr, xs_.get());
+    mark("act");
+    const cuda::RoundSegments d = products(xs_.get(), T_, {{{}, w.down, w.down_bias, y_.f()}});
+    mark("down product");
+    if (l + 1 < N && pass_fusable(spec_.layers[size_t(l + 1)])) {
+      cuda::residual_norm(h_.f(), d.seg[0], T_, H_, dm_.layers[size_t(l + 1)].input_norm.data(),
+                          eps, off, dt_, x_.f(), xs_.get());
+      input_normed_ = true;
+    } else {
+      cuda::bias_round_many(d, T_, dt_);
+      cuda::add_round(h_.f(), y_.f(), T_ * H_, dt_, h_.f());
+    }
     mark("norm");
   }
 
@@ -1544,19 +1617,24 @@ class Pass {
     report_attention(s, qd);
   }
 
-  void flash(const AttentionSpec& a, bool eager) {
+  // stats_ready: pass_qkv has written q's and k's statistics (bound_); ctx_storage: the context
+  // in storage there instead of ctx_ (pass_layer).
+  void flash(const AttentionSpec& a, bool eager, bool stats_ready = false,
+             void* ctx_storage = nullptr) {
     cuda::SiteStats* bound = nullptr;
     if (eager) {  // q's and k's statistics: whether eager's scores can overflow (flash_attention)
       bound = static_cast<cuda::SiteStats*>(bound_.get());
-      check(cudaMemsetAsync(bound, 0, 2 * sizeof(cuda::SiteStats), nullptr), "memset");
-      cuda::site_stats(q_.f(), T_ * a.heads * a.head_dim, bound);
-      cuda::site_stats(k_.f(), T_ * a.kv_heads * a.head_dim, bound + 1);
+      if (!stats_ready) {
+        check(cudaMemsetAsync(bound, 0, 2 * sizeof(cuda::SiteStats), nullptr), "memset");
+        cuda::site_stats(q_.f(), T_ * a.heads * a.head_dim, bound);
+        cuda::site_stats(k_.f(), T_ * a.kv_heads * a.head_dim, bound + 1);
+      }
     }
     cuda::flash_attention(qs_.get(), ks_.get(), vs_.get(),
                           static_cast<const int32_t*>(flash_tiles_.get()), flash_ntiles_, a.heads,
                           a.kv_heads, a.head_dim, eager, a.scaling,
                           eager ? a.softcap.value_or(0.0f) : 0.0f, dtype_lowest(dtype_), a.window,
-                          dt_, bound, ctx_.f());
+                          dt_, bound, ctx_.f(), ctx_storage);
     mark(eager ? "attention flash (eager)" : "attention flash");
   }
 
@@ -1913,6 +1991,7 @@ class Pass {
     flash_ = !sites_ && cache_ == nullptr && backend().cuda_flash && T_ < (int64_t(1) << 31);
     for (const LayerSpec& s : spec_.layers)
       if (!cuda::flash_attention_supports(s.attn.head_dim, dt_)) flash_ = false;
+    fuse_pass_ = flash_ && backend().cuda_fuse;  // NANSCOPE_CUDA_FUSE=0: layer() (same numbers)
     if (flash_) {
       std::vector<std::array<int32_t, 4>> tiles;
       for (const Seg& g : segs_)
@@ -1983,8 +2062,10 @@ class Pass {
   bool streams_ = false;  // fused_layers' independent products on side streams
   bool gemv_ = false;     // a step's one-row products by cuda::gemv instead of cuBLAS
   bool flash_ = false;    // attention by flash_attention (plan_attention)
-  DevBuf flash_tiles_;    // its query tiles
-  DevBuf bound_;          // eager's site_stats of q and k (flash)
+  bool fuse_pass_ = false;     // layers through pass_layer where they allow it
+  bool input_normed_ = false;  // x_ and xs_ hold the next layer's input norm (pass_layer)
+  DevBuf flash_tiles_;         // its query tiles
+  DevBuf bound_;               // eager's site_stats of q and k (flash)
   int64_t flash_ntiles_ = 0;
   cudaEvent_t fork_ = nullptr, join_[2] = {};  // (NANSCOPE_CUDA_STREAMS=1)
   cudaStream_t stream_ = nullptr;

@@ -281,13 +281,70 @@ __global__ void residual_norm_k(float* h, RoundSegment p, int64_t n, const float
   row_norm_out(hr, n, w, r, offset, dt, out + r0, st, r0);
 }
 
+// A block per (token, head of q, k or v): step_qkv_k's steps with the token's RoPE row and no
+// cache, into storage; q's and k's site_stats when asked (a block only touches the shared maximum
+// when it exceeds it: every block's atomic on one word cost more than the kernel).
+__global__ void pass_qkv_k(PassQkv a) {
+  __shared__ float row[256];
+  const int64_t slots = a.heads + 2 * a.kv_heads, D = a.head_dim;
+  const int64_t t = int64_t(blockIdx.x) / slots, b = int64_t(blockIdx.x) % slots;
+  const int which = b < a.heads ? 0 : b < a.heads + a.kv_heads ? 1 : 2;
+  const int64_t h = which == 0 ? b : which == 1 ? b - a.heads : b - a.heads - a.kv_heads;
+  const RoundSegment& seg = a.proj.seg[which];
+  const int64_t at = t * seg.cols + h * D;
+  void* dst = which == 0 ? a.q : which == 1 ? a.k : a.v;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) row[j] = rounded_product(seg, at + j, a.dt);
+  __syncthreads();
+  if (which == 2) {
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) store_dt(dst, a.dt, at + j, row[j]);
+    return;
+  }
+  const float* nw = which == 0 ? a.q_norm : a.k_norm;
+  if (nw != nullptr) {
+    const float r = row_rms_inv(row, D, a.eps);
+    row_norm_out(row, D, nw, r, a.offset, a.dt, row, nullptr, 0);
+    __syncthreads();
+  }
+  const int64_t half = a.rot / 2;
+  const float* c = a.cos + a.rowoff[t];
+  const float* sn = a.sin + a.rowoff[t];
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    float lo = row[j], hi = row[j + half];
+    rope_pair(lo, hi, c[j], sn[j], c[j + half], sn[j + half], a.dt);
+    row[j] = lo;
+    row[j + half] = hi;
+  }
+  __syncthreads();
+  float peak = 0.0f;
+  bool bad = false;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const float x = row[j];
+    store_dt(dst, a.dt, at + j, x);
+    if (isfinite(x))
+      peak = fmaxf(peak, fabsf(x));
+    else
+      bad = true;
+  }
+  if (a.stats == nullptr) return;
+  for (int o = 16; o > 0; o /= 2) {
+    peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
+    bad = __any_sync(0xffffffffu, bad);
+  }
+  if (threadIdx.x % 32 == 0) {
+    SiteStats* st = a.stats + which;
+    if (__float_as_uint(peak) > *static_cast<volatile unsigned*>(&st->peak_bits))
+      atomicMax(&st->peak_bits, __float_as_uint(peak));
+    if (bad) atomicOr(&st->nonfinite, 1u);
+  }
+}
+
 // act = round(round(f(bias_round(gate))) * bias_round(up)), and in storage.
 __global__ void step_act_k(RoundSegment g, RoundSegment u, int64_t n, int act, Dt dt, float* out,
                            void* st) {
   FOR_EACH(i, n) {
     const float y = round_dt(
         round_dt(act_value(rounded_product(g, i, dt), act), dt) * rounded_product(u, i, dt), dt);
-    out[i] = y;
+    if (out != nullptr) out[i] = y;
     if (st != nullptr) store_dt(st, dt, i, y);
   }
 }
@@ -543,6 +600,22 @@ __device__ __forceinline__ uint32_t pack_round(float lo, float hi) {
   }
 }
 
+// Four 8x8 b16 matrices from shared memory, lane 8i + r giving row r's address of matrix i; TRANS
+// hands each thread column-pairs instead of row-pairs (the B operand of p.v, V stored key-major).
+// One instruction where 32-bit loads took four (K) or eight 16-bit ones (V).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* smem) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(smem));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = unsigned(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
@@ -588,8 +661,11 @@ template <int D, bool BF16, bool EAGER>
 __global__ void __launch_bounds__(128)
     flash_attention_k(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int32_t* tiles,
                       int heads, int kv_heads, float scaling, float cap, float mask, int window,
-                      Dt dt, const SiteStats* bound, float* ctx) {
+                      const SiteStats* bound, float* ctx, uint16_t* cst) {
+  static_assert(D % 16 == 0, "ldmatrix pairs of 8-column tiles");
   constexpr int RS = D + kFlashPad;  // shared row stride, elements
+  // The run dtype as a constant: round_dt and eager_score lose their per-element branch.
+  constexpr Dt kdt = BF16 ? Dt::BF16 : Dt::F16;
   constexpr int BN = kFlashKeys<D>;
   extern __shared__ __align__(16) uint16_t flash_smem[];
   uint16_t* ks = flash_smem;                // [2][BN][RS]
@@ -603,17 +679,19 @@ __global__ void __launch_bounds__(128)
   const float scale_log2 = scaling * float(1.44269504088896340736);
 
   uint32_t qa[D / 16][4];
+  const bool in0 = r0 < len, in1 = r1 < len;  // rows of the sequence (else padding of the tile)
   {
-    const auto ld = [&](int r, int col) -> uint32_t {
-      return r < len ? *reinterpret_cast<const uint32_t*>(q + (off + r) * qd + h * D + col) : 0u;
+    const uint16_t* q0p = q + int64_t(off + r0) * qd + h * D + tq * 2;
+    const uint16_t* q1p = q0p + 8 * qd;
+    const auto ld = [](bool in, const uint16_t* p) -> uint32_t {
+      return in ? *reinterpret_cast<const uint32_t*>(p) : 0u;
     };
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const int col = kk * 16 + tq * 2;
-      qa[kk][0] = ld(r0, col);
-      qa[kk][1] = ld(r1, col);
-      qa[kk][2] = ld(r0, col + 8);
-      qa[kk][3] = ld(r1, col + 8);
+      qa[kk][0] = ld(in0, q0p + kk * 16);
+      qa[kk][1] = ld(in1, q1p + kk * 16);
+      qa[kk][2] = ld(in0, q0p + kk * 16 + 8);
+      qa[kk][3] = ld(in1, q1p + kk * 16 + 8);
     }
   }
   float o[D / 8][4];
@@ -635,7 +713,7 @@ __global__ void __launch_bounds__(128)
   if (EAGER && bound != nullptr && bound[0].nonfinite == 0 && bound[1].nonfinite == 0) {
     const double b = double(D) * double(__uint_as_float(bound[0].peak_bits)) *
                      double(__uint_as_float(bound[1].peak_bits)) * fmax(1.0, double(scaling));
-    bounded = b < 0.5 * (dt == Dt::F16 ? 65504.0 : 3.3895313892515355e38);
+    bounded = b < 0.5 * (kdt == Dt::F16 ? 65504.0 : 3.3895313892515355e38);
   }
   const int z0 = bounded ? klo : 0, n0 = EAGER ? (bounded ? ntile : (len - 1) / BN + 1) : 0;
   const auto walk_of = [&](int it) -> int3 {
@@ -648,23 +726,34 @@ __global__ void __launch_bounds__(128)
   int W = 1;                              // torch's softmax lanes for a row of len keys
   while (W < len && W < 32) W *= 2;
   float ps0[4][2] = {}, ps1[4][2] = {};  // eager: torch's lane sums, lane 8a + 2 tq + e
+  // The copy of a key tile: thread t moves 16 bytes of rows t / CH + i * RSTEP at column t % CH,
+  // its addresses set up once (per-chunk index arithmetic was a quarter of eager's instructions).
+  constexpr int CH = D / 8, RSTEP = 128 / CH, NLOAD = (BN + RSTEP - 1) / RSTEP;
+  const int lrow = int(threadIdx.x) / CH, lcol = int(threadIdx.x) % CH;
+  const int64_t lat = (int64_t(off) + lrow) * kvd + int64_t(kvh) * D + lcol * 8;
+  const uint16_t* kg = k + lat;
+  const uint16_t* vg = v + lat;
+  const int lsm = lrow * RS + lcol * 8;
   const auto load = [&](int stage, int it) {
     const int3 wk = walk_of(it);
-    const int kt = wk.y;
     const bool with_v = wk.x == 2;
-    uint16_t* kd = ks + stage * BN * RS;
-    uint16_t* vd = vs + stage * BN * RS;
-    for (int c = int(threadIdx.x); c < BN * (D / 8); c += 128) {
-      const int row = c / (D / 8), ch = c % (D / 8), key = kt * BN + row;
-      if (key < len) {
-        const int64_t at = (off + key) * kvd + int64_t(kvh) * D + ch * 8;
-        cp_async16(kd + row * RS + ch * 8, k + at);
-        if (with_v) cp_async16(vd + row * RS + ch * 8, v + at);
-      } else {
-        *reinterpret_cast<uint4*>(kd + row * RS + ch * 8) = make_uint4(0, 0, 0, 0);
-        if (with_v) *reinterpret_cast<uint4*>(vd + row * RS + ch * 8) = make_uint4(0, 0, 0, 0);
+    const int64_t t0 = int64_t(wk.y) * BN * kvd;
+    const int lim = len - wk.y * BN - lrow;  // rows r < lim of the tile are keys of the sequence
+    uint16_t* kd = ks + stage * BN * RS + lsm;
+    uint16_t* vd = vs + stage * BN * RS + lsm;
+    if (lrow < RSTEP)
+#pragma unroll
+      for (int i = 0; i < NLOAD; ++i) {
+        const int r = i * RSTEP;
+        if (BN % RSTEP != 0 && lrow + r >= BN) break;
+        if (r < lim) {
+          cp_async16(kd + r * RS, kg + t0 + r * kvd);
+          if (with_v) cp_async16(vd + r * RS, vg + t0 + r * kvd);
+        } else {
+          *reinterpret_cast<uint4*>(kd + r * RS) = make_uint4(0, 0, 0, 0);
+          if (with_v) *reinterpret_cast<uint4*>(vd + r * RS) = make_uint4(0, 0, 0, 0);
+        }
       }
-    }
     asm volatile("cp.async.commit_group;");
   };
   const int iters = EAGER ? n0 + 2 * ntile : ntile;
@@ -685,35 +774,46 @@ __global__ void __launch_bounds__(128)
     float s[BN / 8][4];
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    // ldmatrix: lane 8i + r addresses row r of matrix i (keys +8 for i >= 2, dims +8 for odd i).
+    const int mi = lane / 8, mr = lane % 8;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const uint16_t* kr = kt_s + (j * 8 + g) * RS + kk * 16 + tq * 2;
-        mma16816<BF16>(s[j], qa[kk], *reinterpret_cast<const uint32_t*>(kr),
-                       *reinterpret_cast<const uint32_t*>(kr + 8));
+      for (int j = 0; j < BN / 8; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, kt_s + ((j + mi / 2) * 8 + mr) * RS + kk * 16 + (mi % 2) * 8);
+        mma16816<BF16>(s[j], qa[kk], b[0], b[1]);
+        mma16816<BF16>(s[j + 1], qa[kk], b[2], b[3]);
       }
-// The scores as each profile has them, -inf where the causal or sliding-window mask hides
-// the key.
+    // The scores as each profile has them, -inf where the causal or sliding-window mask hides
+    // the key. Eager's bounded max walk takes the raw maximum (eager_score is monotonic: the
+    // maximum's score is the scores' maximum); tiles whose keys this warp's rows all see skip
+    // the mask.
+    if constexpr (EAGER) {
+      if (walk != 0 || !bounded)
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
+        for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = kt * BN + j * 8 + tq * 2 + e;
-        const bool see0 = key <= r0 && (window <= 0 || key > r0 - window),
-                   see1 = key <= r1 && (window <= 0 || key > r1 - window);
-        if constexpr (EAGER) {
-          s[j][e] = eager_score(s[j][e], scaling, cap, dt);
-          s[j][2 + e] = eager_score(s[j][2 + e], scaling, cap, dt);
-          if (walk == 0 && key < len) {
-            const float x0 = round_dt(s[j][e] + mask, dt), x1 = round_dt(s[j][2 + e] + mask, dt);
+          for (int e = 0; e < 4; ++e) s[j][e] = eager_score(s[j][e], scaling, cap, kdt);
+    }
+    const int wr = q0 + warp * 16;  // the warp's first row
+    const bool all_see = kt * BN + BN - 1 <= wr && (window <= 0 || kt * BN > wr + 15 - window);
+    if (!all_see)
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = kt * BN + j * 8 + tq * 2 + e;
+          const bool see0 = key <= r0 && (window <= 0 || key > r0 - window),
+                     see1 = key <= r1 && (window <= 0 || key > r1 - window);
+          if (EAGER && walk == 0 && !bounded && key < len) {
+            const float x0 = round_dt(s[j][e] + mask, kdt), x1 = round_dt(s[j][2 + e] + mask, kdt);
             poison0 |= !see0 && (isnan(x0) || x0 == kInf);
             poison1 |= !see1 && (isnan(x1) || x1 == kInf);
           }
+          if (!see0) s[j][e] = -kInf;
+          if (!see1) s[j][2 + e] = -kInf;
         }
-        if (!see0) s[j][e] = -kInf;
-        if (!see1) s[j][2 + e] = -kInf;
-      }
     uint32_t pa[BN / 16][4];
     if constexpr (EAGER) {
       if (walk == 0) {
@@ -732,13 +832,18 @@ __global__ void __launch_bounds__(128)
             poison0 |= __shfl_xor_sync(0xffffffffu, int(poison0), x) != 0;
             poison1 |= __shfl_xor_sync(0xffffffffu, int(poison1), x) != 0;
           }
+        if (last && bounded) {
+          m0 = eager_score(m0, scaling, cap, kdt);
+          m1 = eager_score(m1, scaling, cap, kdt);
+        }
       } else if (walk == 1) {
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            if (s[j][e] != -kInf) ps0[j % 4][e] += expf(s[j][e] - m0);
-            if (s[j][2 + e] != -kInf) ps1[j % 4][e] += expf(s[j][2 + e] - m1);
+            // A masked key (-inf) adds expf(-inf) = +0: the sum stays bit for bit, branch-free.
+            ps0[j % 4][e] += expf(s[j][e] - m0);
+            ps1[j % 4][e] += expf(s[j][2 + e] - m1);
           }
         if (last) {
           l0 = torch_lane_sum(ps0, W, lane);
@@ -751,7 +856,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float mm = e < 2 ? m0 : m1, ll = e < 2 ? l0 : l1;
-            p[e] = s[j][e] == -kInf ? 0.0f : expf(s[j][e] - mm) / ll;
+            p[e] = expf(s[j][e] - mm) / ll;  // masked: +0, as above
           }
           pa[j / 2][(j % 2) * 2] = pack_round<BF16>(p[0], p[1]);
           pa[j / 2][(j % 2) * 2 + 1] = pack_round<BF16>(p[2], p[3]);
@@ -799,11 +904,11 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          const uint16_t* vr = vt_s + (kk * 16 + tq * 2) * RS + n * 8 + g;
-          const uint32_t b0 = uint32_t(vr[0]) | (uint32_t(vr[RS]) << 16);
-          const uint32_t b1 = uint32_t(vr[8 * RS]) | (uint32_t(vr[9 * RS]) << 16);
-          mma16816<BF16>(o[n], pa[kk], b0, b1);
+        for (int n = 0; n < D / 8; n += 2) {  // matrices: keys +8 for odd i, dims +8 for i >= 2
+          uint32_t b[4];
+          ldmatrix_x4<true>(b, vt_s + (kk * 16 + (mi % 2) * 8 + mr) * RS + (n + mi / 2) * 8);
+          mma16816<BF16>(o[n], pa[kk], b[0], b[1]);
+          mma16816<BF16>(o[n + 1], pa[kk], b[2], b[3]);
         }
     __syncthreads();  // the next iteration's copy overwrites this stage
   }
@@ -816,17 +921,29 @@ __global__ void __launch_bounds__(128)
     }
     i0 = 1.0f / l0, i1 = 1.0f / l1;
   }
+  const int64_t c0 = int64_t(off + r0) * qd + h * D + tq * 2, c1 = c0 + 8 * qd;
+  const auto out = [&](float x, float inv, bool poison) {
+    return poison ? __int_as_float(0x7fc00000) : round_dt(EAGER ? x : x * inv, kdt);
+  };
+  if (cst != nullptr) {  // in storage (the values are rounded already: packing is exact)
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      if (in0)
+        *reinterpret_cast<uint32_t*>(cst + c0 + n * 8) =
+            pack_round<BF16>(out(o[n][0], i0, poison0), out(o[n][1], i0, poison0));
+      if (in1)
+        *reinterpret_cast<uint32_t*>(cst + c1 + n * 8) =
+            pack_round<BF16>(out(o[n][2], i1, poison1), out(o[n][3], i1, poison1));
+    }
+    return;
+  }
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
-    const int col = h * D + n * 8 + tq * 2;
-    const auto out = [&](float x, float inv, bool poison) {
-      return poison ? __int_as_float(0x7fc00000) : round_dt(EAGER ? x : x * inv, dt);
-    };
-    if (r0 < len)
-      *reinterpret_cast<float2*>(ctx + (off + r0) * qd + col) =
+    if (in0)
+      *reinterpret_cast<float2*>(ctx + c0 + n * 8) =
           make_float2(out(o[n][0], i0, poison0), out(o[n][1], i0, poison0));
-    if (r1 < len)
-      *reinterpret_cast<float2*>(ctx + (off + r1) * qd + col) =
+    if (in1)
+      *reinterpret_cast<float2*>(ctx + c1 + n * 8) =
           make_float2(out(o[n][2], i1, poison1), out(o[n][3], i1, poison1));
   }
 }
@@ -1107,6 +1224,15 @@ void step_qkv(const StepQkv& a) {
   if (a.head_dim > 256) throw std::runtime_error("step_qkv: head_dim above 256");
   step_qkv_k<<<unsigned(a.heads + 2 * a.kv_heads), norm_threads(a.head_dim), 0, g_stream>>>(a);
   check_launch("step_qkv");
+}
+
+void pass_qkv(const PassQkv& a) {
+  if (a.head_dim > 256) throw std::runtime_error("pass_qkv: head_dim above 256");
+  const int64_t blocks = a.tokens * (a.heads + 2 * a.kv_heads);
+  if (blocks <= 0) return;
+  if (blocks > (int64_t(1) << 31) - 1) throw std::runtime_error("pass_qkv: too many rows");
+  pass_qkv_k<<<unsigned(blocks), norm_threads(a.head_dim), 0, g_stream>>>(a);
+  check_launch("pass_qkv");
 }
 
 void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t n, const float* w,
@@ -1396,7 +1522,7 @@ bool with_flash_head_dim(int64_t D, Fn&& fn) {
 template <int D, bool BF16, bool EAGER>
 void flash_launch(const void* q, const void* k, const void* v, const int32_t* tiles, int64_t ntiles,
                   int64_t heads, int64_t kv_heads, float scaling, float cap, float mask,
-                  int64_t window, Dt dt, const SiteStats* bound, float* ctx) {
+                  int64_t window, const SiteStats* bound, float* ctx, void* cst) {
   constexpr size_t smem = size_t(4 * kFlashKeys<D> * (D + kFlashPad)) * sizeof(uint16_t);
   static const bool attr = [] {
     return cudaFuncSetAttribute(flash_attention_k<D, BF16, EAGER>,
@@ -1408,7 +1534,7 @@ void flash_launch(const void* q, const void* k, const void* v, const int32_t* ti
       <<<dim3(unsigned(ntiles), unsigned(heads)), 128, smem, g_stream>>>(
           static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
           static_cast<const uint16_t*>(v), tiles, int(heads), int(kv_heads), scaling, cap, mask,
-          int(window), dt, bound, ctx);
+          int(window), bound, ctx, static_cast<uint16_t*>(cst));
 }
 }  // namespace
 
@@ -1419,7 +1545,7 @@ bool flash_attention_supports(int64_t D, Dt dt) {
 void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
                      int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
                      float scaling, float cap, float mask, int64_t window, Dt dt,
-                     const SiteStats* bound, float* ctx) {
+                     const SiteStats* bound, float* ctx, void* ctx_storage) {
   if (!flash_attention_supports(D, dt))
     throw std::logic_error("flash_attention: head_dim or dtype not supported");
   if (ntiles <= 0) return;
@@ -1428,8 +1554,9 @@ void flash_attention(const void* q, const void* k, const void* v, const int32_t*
   with_flash_head_dim(D, [&](auto d) {
     constexpr int Dc = decltype(d)::value;
     const auto go = [&](auto bf, auto eg) {
-      flash_launch<Dc, decltype(bf)::value, decltype(eg)::value>(
-          q, k, v, tiles, ntiles, heads, kv_heads, scaling, cap, mask, window, dt, bound, ctx);
+      flash_launch<Dc, decltype(bf)::value, decltype(eg)::value>(q, k, v, tiles, ntiles, heads,
+                                                                 kv_heads, scaling, cap, mask,
+                                                                 window, bound, ctx, ctx_storage);
     };
     const bool bf = dt == Dt::BF16;
     if (bf && eager) go(std::true_type{}, std::true_type{});

@@ -118,8 +118,9 @@ void fused_softmax_pv(float* S, const float* v, int64_t nmat, int64_t Tq, int64_
 // product (cap: soft-capping, 0 for none; mask: the dtype's lowest, eager's additive mask) but
 // the order of p.v's fp32 sums. q [rows, heads*D], k and v [rows, kv_heads*D] in the run dtype's
 // storage; tiles: ntiles x {first row of the sequence, its length, first query (a multiple of
-// kFlashQueries)}, on the GPU; ctx [rows, heads*D] fp32, rounded. Causal, optionally a sliding
-// window. bound (eager; nullable): site_stats of q and of k, [2]; without it every key of a
+// kFlashQueries)}, on the GPU; ctx [rows, heads*D] fp32, rounded, or with ctx_storage in the run
+// dtype's storage there instead (o_proj's input, when nothing else reads ctx). Causal, optionally a
+// sliding window. bound (eager; nullable): site_stats of q and of k, [2]; without it every key of a
 // sequence is scored for eager's NaN rule. flash_attention_supports: the head sizes and dtypes it
 // has (bf16/fp16; D 16, 32, 64, 80, 96, 128).
 constexpr int64_t kFlashQueries = 64;  // queries per tile (a block: 16 per warp)
@@ -127,7 +128,7 @@ bool flash_attention_supports(int64_t D, Dt dt);
 void flash_attention(const void* q, const void* k, const void* v, const int32_t* tiles,
                      int64_t ntiles, int64_t heads, int64_t kv_heads, int64_t D, bool eager,
                      float scaling, float cap, float mask, int64_t window, Dt dt,
-                     const SiteStats* bound, float* ctx);
+                     const SiteStats* bound, float* ctx, void* ctx_storage = nullptr);
 
 // Every launch of this file goes to `stream` (a cudaStream_t; null: the legacy default stream).
 void set_stream(void* stream);
@@ -161,11 +162,35 @@ struct StepQkv {
   Dt dt = Dt::F32;
 };
 void step_qkv(const StepQkv& a);
+// step_qkv's work for a pass without a cache: for each of `tokens` rows of the q, k and v
+// products, bias_round, q/k norm and RoPE (table row rowoff[t]), the results in storage at q, k,
+// v ([tokens, heads or kv_heads, head_dim]); with stats, site_stats of the q and k written
+// (stats[0], stats[1], zeroed by the caller). The same per-element steps and reductions as
+// bias_round_many, rmsnorm, rope and to_storage one after the other.
+struct PassQkv {
+  RoundSegments proj;
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  float eps = 0.0f;
+  bool offset = false;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  const int64_t* rowoff = nullptr;
+  int64_t rot = 0;
+  int64_t tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  void* q = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
+  SiteStats* stats = nullptr;
+  Dt dt = Dt::BF16;
+};
+void pass_qkv(const PassQkv& a);
 // h = round(h + bias_round(product)) over rows x n, then out = rmsnorm(h) with w (and in storage,
 // nullable): add_round followed by rmsnorm in one launch.
 void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t n, const float* w,
                    float eps, bool offset, Dt dt, float* out, void* storage);
-// act_mul of bias_round(gate) and bias_round(up) (n elements), in one launch.
+// act_mul of bias_round(gate) and bias_round(up) (n elements), in one launch; out (fp32) and
+// storage each nullable.
 void step_act(const RoundSegment& gate, const RoundSegment& up, int64_t n, int act, Dt dt,
               float* out, void* storage);
 

@@ -49,8 +49,9 @@
 // |                                |                   | bits; within noise on the H200)        |
 // | NANSCOPE_CUDA_PROFILE=1        | cuda_profile      | GPU and host time per phase of the     |
 // |                                |                   | passes, summed, on stderr at exit      |
-// | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps without the fused kernels |
-// |                                |                   | (same numbers: an A/B of the launches) |
+// | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps and hidden's passes       |
+// |                                |                   | without the fused kernels (same        |
+// |                                |                   | numbers: an A/B of the launches)       |
 // | NANSCOPE_CUDA_GEMV=0           | cuda_gemv=false   | a decode step's products of one row by |
 // |                                |                   | cuBLAS instead of the warp-per-row     |
 // |                                |                   | kernel (kernels.cu: gemv)              |
@@ -152,7 +153,7 @@ struct Backend {
   bool cuda_step_times = false;    // each decode step's queueing and total time on stderr
   bool cuda_profile = false;       // time per phase of the GPU passes, on stderr at exit
   bool cuda_step_streams = false;  // fused step: k/v beside q, up beside gate (side streams)
-  bool cuda_fuse = true;           // a decode step's fused kernels (qkv, residual + norm, act)
+  bool cuda_fuse = true;  // fused kernels of decode steps and hidden's passes (qkv, residual + norm)
   bool cuda_gemv = true;           // a decode step's products by the warp-per-row kernel
   bool cuda_flash = true;          // attention of hidden's passes in one tensor-core kernel
   // --device cuda: bytes of GPU memory the weights may hold (`--gpu-memory`); 0: no cap, every

@@ -527,6 +527,58 @@ TEST(DeviceGpu, FlashAttentionGivesTheFusedKernelsStates) {
       }
 }
 
+// hidden's passes through pass_layer (fused kernels: q/k/v rounding + q/k norm + RoPE + storage
+// in one launch, the context in storage, residual + next norm) against layer()'s separate
+// launches, both with flash attention: the same bits in every state, NaN where there is NaN.
+// Families with and without q/k norm, biases, a sliding window, fused projections; eager
+// (whose overflow bound then comes from pass_qkv) and fused.
+TEST(DeviceGpu, PassLayerGivesTheLayerRecipesBits) {
+  if (!gpu_visible() || !cuda_built()) GTEST_SKIP() << "no GPU: the GPU machine runs this";
+  for (const char* m :
+       {"qwen3-tiny", "qwen2-tiny-window", "mistral-tiny", "phi3-tiny", "qwen3-fp16-attn"})
+    for (DType dt : {DType::BF16, DType::F16})
+      for (AttentionProfile at : {AttentionProfile::Eager, AttentionProfile::Fused}) {
+        const Checkpoint ck = Checkpoint::open(fixture(std::string("models/") + m));
+        const std::string what = std::string(m) + " " + std::string(dtype_name(dt)) + " " +
+                                 std::string(attention_name(at));
+        ForwardOptions f;
+        f.dtype = dt;
+        f.attention = at;
+        f.device = Device::Cuda;
+        std::vector<HiddenInput> ins;
+        std::mt19937 rng(11);
+        for (int64_t len : {1, 17, 64, 65, 130, 200}) {
+          HiddenInput in;
+          for (int64_t t = 0; t < len; ++t) in.ids.push_back(int64_t(rng() % 1000));
+          ins.push_back(std::move(in));
+        }
+        std::vector<const HiddenInput*> batch;
+        for (const HiddenInput& in : ins) batch.push_back(&in);
+        const auto states = [&](bool fuse) {
+          Backend b = backend();
+          b.cuda_fuse = fuse;
+          const ScopedBackend use(b);
+          std::vector<std::vector<float>> out;
+          hidden_states_batch(ck, batch, f, {}, [&](size_t, int64_t, std::span<const float> st) {
+            out.emplace_back(st.begin(), st.end());
+          });
+          return out;
+        };
+        const auto fused = states(true), apart = states(false);
+        ASSERT_EQ(fused.size(), apart.size()) << what;
+        ASSERT_GT(fused.size(), ins.size()) << what;
+        for (size_t i = 0; i < fused.size(); ++i) {
+          ASSERT_EQ(fused[i].size(), apart[i].size()) << what;
+          size_t differ = 0;
+          for (size_t e = 0; e < fused[i].size(); ++e) {
+            const float x = fused[i][e], y = apart[i][e];
+            if (!(x == y || (std::isnan(x) && std::isnan(y)))) ++differ;
+          }
+          EXPECT_EQ(differ, 0u) << what << " state " << i;
+        }
+      }
+}
+
 // An adapter applied unmerged on the GPU (its numbers against peft's PeftModel on cuda:
 // tests/gpu/compare.py): the LoRA changes the states (it is not dropped), stays within the run
 // dtype's tolerance of the CPU's PeftModel computation, and decodes the same graph or not; what
