@@ -1345,7 +1345,7 @@ class Pass {
     flash(a, eager, true, xs_.get());
     const cuda::RoundSegments o = products(xs_.get(), T_, {{{}, w.o, w.o_bias, y_.f()}});
     mark("o product");
-    cuda::residual_norm(h_.f(), o.seg[0], T_, H_, w.mlp_in_norm.data(), eps, off, dt_, x_.f(),
+    cuda::residual_norm(h_.f(), o.seg[0], T_, H_, w.mlp_in_norm.data(), eps, off, dt_, nullptr,
                         xs_.get());
     mark("norm");
     const cuda::RoundSegments gu =
@@ -1358,7 +1358,7 @@ class Pass {
     mark("down product");
     if (l + 1 < N && pass_fusable(spec_.layers[size_t(l + 1)])) {
       cuda::residual_norm(h_.f(), d.seg[0], T_, H_, dm_.layers[size_t(l + 1)].input_norm.data(),
-                          eps, off, dt_, x_.f(), xs_.get());
+                          eps, off, dt_, nullptr, xs_.get());
       input_normed_ = true;
     } else {
       cuda::bias_round_many(d, T_, dt_);
@@ -2055,15 +2055,15 @@ class Pass {
   size_t dev_slot_ = 0, pin_slot_ = 0;  // the next of pass_pool's buffers (dev, pinned)
   int64_t past_ = 0;                    // with a cache: positions before this pass's tokens
   size_t ptr_region_ = 0;
-  int64_t max_keys_ = 0;  // with a cache: the keys the score buffers hold
-  bool step_ = false;     // a 1-token pass with the cache: position on the GPU, decode_attention
-  bool graph_ = false;    // a step replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
-  bool fuse_ = false;     // a step through fused_layers (NANSCOPE_CUDA_FUSE=0: layer())
-  bool streams_ = false;  // fused_layers' independent products on side streams
-  bool gemv_ = false;     // a step's one-row products by cuda::gemv instead of cuBLAS
-  bool flash_ = false;    // attention by flash_attention (plan_attention)
-  bool fuse_pass_ = false;     // layers through pass_layer where they allow it
-  bool input_normed_ = false;  // x_ and xs_ hold the next layer's input norm (pass_layer)
+  int64_t max_keys_ = 0;    // with a cache: the keys the score buffers hold
+  bool step_ = false;       // a 1-token pass with the cache: position on the GPU, decode_attention
+  bool graph_ = false;      // a step replayed as a CUDA graph (NANSCOPE_CUDA_GRAPH=1)
+  bool fuse_ = false;       // a step through fused_layers (NANSCOPE_CUDA_FUSE=0: layer())
+  bool streams_ = false;    // fused_layers' independent products on side streams
+  bool gemv_ = false;       // a step's one-row products by cuda::gemv instead of cuBLAS
+  bool flash_ = false;      // attention by flash_attention (plan_attention)
+  bool fuse_pass_ = false;  // layers through pass_layer where they allow it
+  bool input_normed_ = false;  // xs_ holds the next layer's input norm (pass_layer)
   DevBuf flash_tiles_;         // its query tiles
   DevBuf bound_;               // eager's site_stats of q and k (flash)
   int64_t flash_ntiles_ = 0;

@@ -185,8 +185,8 @@ struct PassQkv {
   Dt dt = Dt::BF16;
 };
 void pass_qkv(const PassQkv& a);
-// h = round(h + bias_round(product)) over rows x n, then out = rmsnorm(h) with w (and in storage,
-// nullable): add_round followed by rmsnorm in one launch.
+// h = round(h + bias_round(product)) over rows x n, then out = rmsnorm(h) with w (and in storage;
+// each nullable): add_round followed by rmsnorm in one launch.
 void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t n, const float* w,
                    float eps, bool offset, Dt dt, float* out, void* storage);
 // act_mul of bias_round(gate) and bias_round(up) (n elements), in one launch; out (fp32) and
