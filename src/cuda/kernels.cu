@@ -378,6 +378,84 @@ __global__ void pass_qkv_k(PassQkv a) {
   }
 }
 
+// pass_qkv_k<true> with the row in registers: lane l holds elements l + 32 i, the strided order
+// of warp_rms_inv's sum, and with the whole head rotated (rot == D, D 64 or 128) each RoPE pair
+// (j, j + D / 2) sits in one lane. No shared memory, no barriers, 32-bit indices.
+template <int D, bool BF16>
+__global__ void __launch_bounds__(256) pass_qkv_reg_k(PassQkv a) {
+  constexpr int NV = D / 32;
+  constexpr Dt dt = BF16 ? Dt::BF16 : Dt::F16;
+  const int slots = int(a.heads + 2 * a.kv_heads), lane = int(threadIdx.x % 32);
+  const int id = int(blockIdx.x) * 8 + int(threadIdx.x / 32);
+  if (id >= int(a.tokens) * slots) return;
+  const int t = id / slots, b = id % slots;
+  const int which = b < a.heads ? 0 : b < a.heads + a.kv_heads ? 1 : 2;
+  const int h = which == 0 ? b : which == 1 ? b - int(a.heads) : b - int(a.heads + a.kv_heads);
+  const RoundSegment& seg = a.proj.seg[which];
+  const int64_t at = int64_t(t) * seg.cols + int64_t(h) * D + lane;
+  uint16_t* dst = static_cast<uint16_t*>(which == 0 ? a.q : which == 1 ? a.k : a.v) + at;
+  float x[NV];
+  if (seg.ctype == dt && seg.bias == nullptr) {  // the product in storage: exact
+    const uint16_t* src = static_cast<const uint16_t*>(seg.c_in) + at;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const uint16_t v = src[32 * i];
+      x[i] = BF16 ? __uint_as_float(uint32_t(v) << 16) : __half2float(__ushort_as_half(v));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) x[i] = rounded_product(seg, at + 32 * i, dt);
+  }
+  const auto store = [&](int i, float v) {
+    if constexpr (BF16)
+      dst[32 * i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    else
+      dst[32 * i] = __half_as_ushort(__float2half_rn(v));
+  };
+  if (which == 2) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) store(i, x[i]);
+    return;
+  }
+  const float* nw = which == 0 ? a.q_norm : a.k_norm;
+  if (nw != nullptr) {
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) sq = __fadd_rn(sq, __fmul_rn(x[i], x[i]));
+    for (int o = 16; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    const float r = rms_inv_of(sq, D, a.eps);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) x[i] = norm_value(x[i], r, nw[lane + 32 * i], a.offset, dt);
+  }
+  const float* c = a.cos + a.rowoff[t] + lane;
+  const float* sn = a.sin + a.rowoff[t] + lane;
+#pragma unroll
+  for (int i = 0; i < NV / 2; ++i)
+    rope_pair(x[i], x[i + NV / 2], c[32 * i], sn[32 * i], c[32 * i + D / 2], sn[32 * i + D / 2],
+              dt);
+  float peak = 0.0f;
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    store(i, x[i]);
+    if (isfinite(x[i]))
+      peak = fmaxf(peak, fabsf(x[i]));
+    else
+      bad = true;
+  }
+  if (a.stats == nullptr) return;
+  for (int o = 16; o > 0; o /= 2) {
+    peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
+    bad = __any_sync(0xffffffffu, bad);
+  }
+  if (lane == 0) {
+    SiteStats* st = a.stats + which;
+    if (__float_as_uint(peak) > *static_cast<volatile unsigned*>(&st->peak_bits))
+      atomicMax(&st->peak_bits, __float_as_uint(peak));
+    if (bad) atomicOr(&st->nonfinite, 1u);
+  }
+}
+
 // act = round(round(f(bias_round(gate))) * bias_round(up)), and in storage.
 __global__ void step_act_k(RoundSegment g, RoundSegment u, int64_t n, int act, Dt dt, float* out,
                            void* st) {
@@ -1294,7 +1372,19 @@ void pass_qkv(const PassQkv& a) {
   const int64_t blocks = a.tokens * (a.heads + 2 * a.kv_heads);
   if (blocks <= 0) return;
   if (blocks > (int64_t(1) << 31) - 1) throw std::runtime_error("pass_qkv: too many rows");
-  if (norm_threads(a.head_dim) == 32)
+  const bool reg = (a.head_dim == 64 || a.head_dim == 128) && a.rot == a.head_dim &&
+                   a.dt != Dt::F32 && blocks <= (int64_t(1) << 31) - 8;
+  if (reg) {
+    const auto go = [&](auto d, auto bf) {
+      pass_qkv_reg_k<decltype(d)::value, decltype(bf)::value>
+          <<<unsigned((blocks + 7) / 8), 256, 0, g_stream>>>(a);
+    };
+    const bool bf = a.dt == Dt::BF16;
+    if (a.head_dim == 64 && bf) go(std::integral_constant<int, 64>{}, std::true_type{});
+    if (a.head_dim == 64 && !bf) go(std::integral_constant<int, 64>{}, std::false_type{});
+    if (a.head_dim == 128 && bf) go(std::integral_constant<int, 128>{}, std::true_type{});
+    if (a.head_dim == 128 && !bf) go(std::integral_constant<int, 128>{}, std::false_type{});
+  } else if (norm_threads(a.head_dim) == 32)
     pass_qkv_k<true>
         <<<unsigned((blocks + kPassRows - 1) / kPassRows), 32 * kPassRows, 0, g_stream>>>(a);
   else
