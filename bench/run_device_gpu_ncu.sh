@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Nsight Compute on flash_attention (eager and fused) in the pooled workload's passes, for two
+# Nsight Compute on flash_attention (KREGEX: other kernels; eager and fused) in the pooled
+# workload's passes, for two
 # builds: .carry/bin/bench_hidden (this tree) and .carry/bin/bench_hidden_old (the one before the
 # change under study, if carried). Qwen3-4B's shapes with 4 layers (the kernel sees the same
 # passes). BUILDS, ATTN: which; SOURCE=eager|fused: SASS with stall samples; KERNELS=N: N
@@ -20,7 +21,7 @@ for b in ${BUILDS:-bench_hidden_old bench_hidden}; do
     for rep in 1 2; do
       echo "$b $a $(NANSCOPE_CUDA_PROFILE=1 $BIN/$b $W/q4 0 @$W/lengths.txt bf16 $a 8192 cuda last,mean 2>&1 | grep -E 'attention|tokens_per_s' | tr '\n' ' ' | sed 's/cuda profile://g')" >> $OUT/times.txt
     done
-    timeout 120 $NCU --clock-control none -k regex:flash_attention_k --launch-skip 8 --launch-count 1 \
+    timeout 180 $NCU --clock-control none -k regex:${KREGEX:-flash_attention_k} --launch-skip 8 --launch-count ${KCOUNT:-1} \
       --set full --import-source no $BIN/$b $W/q4 0 @$W/lengths.txt bf16 $a 8192 cuda last,mean \
       > $OUT/ncu-$b-$a.txt 2>&1
   done
@@ -31,6 +32,6 @@ done
   && (cd $W && tar czf $OUT/src.tgz src-$SOURCE.csv)
 # Every kernel of about one pass (4 layers) with its duration, for where the rest of the time goes.
 [ -n "${KERNELS:-}" ] && timeout 120 $NCU --clock-control none --metrics gpu__time_duration.sum --csv \
-  --launch-skip 400 --launch-count ${KERNELS} $BIN/bench_hidden $W/q4 0 @$W/lengths.txt bf16 eager 8192 cuda last,mean \
-  > $OUT/kernels-eager.csv 2>&1
+  --launch-skip 400 --launch-count ${KERNELS} $BIN/bench_hidden $W/q4 0 @$W/lengths.txt bf16 ${KATTN:-eager} 8192 cuda last,mean \
+  > $OUT/kernels-${KATTN:-eager}.csv 2>&1
 cat $OUT/times.txt

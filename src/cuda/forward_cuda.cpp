@@ -338,7 +338,31 @@ struct DevLayer {
   DevVec input_norm, attn_out_norm, mlp_in_norm, mlp_out_norm, q_norm, k_norm;
   DevMat q, k, v, o, gate, up, down;
   DevVec q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias;
+  // q, k, v and gate, up as one matrix each where they lie end to end (joined; else empty): one
+  // product of their input instead of three or two (pass_layer).
+  DevMat qkv, gate_up;
+  DevBuf block;  // a resident layer's matrices (views of it), one allocation (upload_layer)
 };
+
+// The matrices ms as one [sum of rows, cols] view where each starts where the one before ends
+// (a layer's block puts them so when their sizes are multiples of its alignment); else empty.
+DevMat joined(std::initializer_list<const DevMat*> ms, size_t eb) {
+  DevMat j;
+  const DevMat& first = **ms.begin();
+  const char* at = static_cast<const char*>(first.buf.get());
+  for (const DevMat* m : ms) {
+    if (m->buf.get() != at || m->cols != first.cols || m->rows == 0) return DevMat{};
+    at += size_t(m->rows * m->cols) * eb;
+    j.rows += m->rows;
+  }
+  j.cols = first.cols;
+  j.buf = first.buf.view(size_t(j.rows * j.cols) * eb);
+  return j;
+}
+void join_layer(DevLayer& d, size_t eb) {
+  d.qkv = joined({&d.q, &d.k, &d.v}, eb);
+  d.gate_up = joined({&d.gate, &d.up}, eb);
+}
 
 // An adapter's LoRA branch on one product, applied unmerged as PeftModel computes it (fp32 weights,
 // autocast_adapter_dtype): out = round(out + ((x A^T) B^T) * scale), x the product's input in fp32.
@@ -403,6 +427,7 @@ class Streamer {
     size_t off[std::size(kMats)] = {};  // each matrix's offset in the block
     int64_t rows[std::size(kMats)] = {}, cols[std::size(kMats)] = {};
     size_t used = 0;
+    size_t eb = 2;  // the run dtype's bytes per element
   };
   Streamer(const GpuWeightPlan& plan, size_t layers) : plan_(plan), host_(layers) {
     check(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "stream");
@@ -493,6 +518,7 @@ class Streamer {
       d.rows = h.rows[m], d.cols = h.cols[m];
       d.buf = slot.buf.view(h.used).offset(h.off[m]);
     }
+    join_layer(v, h.eb);
   }
 
   GpuWeightPlan plan_;
@@ -530,13 +556,14 @@ struct DevModel {
   }
 };
 
-// Staging for weights that need converting (storage dtype other than the run dtype).
-DevMat upload(const WeightView& w, DType run) {
+// Staging for weights that need converting (storage dtype other than the run dtype). into: the
+// memory it goes to (a view, at least its bytes), else its own allocation.
+DevMat upload(const WeightView& w, DType run, const DevBuf* into = nullptr) {
   const Dt dt = dt_of(run);
   DevMat m;
   m.rows = w.rows, m.cols = w.cols;
   const size_t n = size_t(w.rows * w.cols), eb = size_t(cuda::dt_bytes(dt));
-  m.buf = DevBuf(n * eb);
+  m.buf = into != nullptr ? into->view(n * eb) : DevBuf(n * eb);
   if (n == 0) return m;
   if (w.storage == run) {  // already in the run dtype: the bytes as they are
     uploader().copy(m.buf.get(), w.data, n * eb);
@@ -581,6 +608,7 @@ void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
     at += (size_t(v.rows * v.cols) * eb + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
   }
   h.used = at;
+  h.eb = eb;
   h.bytes = PinnedBytes(at);
   for (size_t m = 0; m < std::size(kMats); ++m) {
     const WeightView& v = w.*kMats[m].host;
@@ -596,6 +624,24 @@ void stage_streamed(const LayerWeights& w, DType run, Streamer::HostLayer& h) {
       check(cudaMemcpy(to, d.buf.get(), n, cudaMemcpyDeviceToHost), "weights staging");
     }
   }
+}
+
+// A resident layer's matrices into one allocation at kSlotAlign offsets, as a streamed layer's
+// slot has them (joined finds q/k/v and gate/up end to end there too).
+void upload_layer(const LayerWeights& w, DType run, DevLayer& d) {
+  const size_t eb = size_t(cuda::dt_bytes(dt_of(run)));
+  size_t off[std::size(kMats)], at = 0;
+  for (size_t m = 0; m < std::size(kMats); ++m) {
+    const WeightView& v = w.*kMats[m].host;
+    off[m] = at;
+    at += (size_t(v.rows * v.cols) * eb + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
+  }
+  d.block = DevBuf(at);
+  for (size_t m = 0; m < std::size(kMats); ++m) {
+    const DevBuf to = d.block.offset(off[m]);
+    d.*kMats[m].dev = upload(w.*kMats[m].host, run, &to);
+  }
+  join_layer(d, eb);
 }
 
 // The adapter's weights file, for messages.
@@ -679,7 +725,7 @@ std::shared_ptr<DevModel> device_model(const Checkpoint& ck, const ModelSpec& sp
     if (plan.streamed[size_t(s.index)])
       stage_streamed(w, opt.dtype, m->stream->host(s.index));
     else
-      for (const MatPair& p : kMats) d.*p.dev = upload(w.*p.host, opt.dtype);
+      upload_layer(w, opt.dtype, d);
     m->layers.push_back(std::move(d));
     ws.release_all();
   }
@@ -1321,9 +1367,14 @@ class Pass {
     if (!input_normed_) norm_staged(l, n.input_norm, h_.f(), w.input_norm, x_.f());
     input_normed_ = false;
     cuda::PassQkv q;
-    q.proj = products(
-        xs_.get(), T_,
-        {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()}, {{}, w.v, w.v_bias, v_.f()}});
+    const int64_t qd = a.heads * a.head_dim, kvd = a.kv_heads * a.head_dim;
+    const DevVec none;
+    if (joinable(w.qkv, {&w.q_bias, &w.k_bias, &w.v_bias}))
+      q.proj = columns(products(xs_.get(), T_, {{{}, w.qkv, none, q_.f()}}).seg[0], {qd, kvd, kvd});
+    else
+      q.proj = products(
+          xs_.get(), T_,
+          {{{}, w.q, w.q_bias, q_.f()}, {{}, w.k, w.k_bias, k_.f()}, {{}, w.v, w.v_bias, v_.f()}});
     mark("q/k/v products");
     const Rope& r = ropes_.at(a.rope);
     if (a.qk_norm) q.q_norm = w.q_norm.data(), q.k_norm = w.k_norm.data();
@@ -1348,8 +1399,12 @@ class Pass {
     cuda::residual_norm(h_.f(), o.seg[0], T_, H_, w.mlp_in_norm.data(), eps, off, dt_, nullptr,
                         xs_.get());
     mark("norm");
+    const int64_t I = w.gate.rows;
     const cuda::RoundSegments gu =
-        products(xs_.get(), T_, {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}});
+        joinable(w.gate_up, {&w.gate_bias, &w.up_bias})
+            ? columns(products(xs_.get(), T_, {{{}, w.gate_up, none, g_.f()}}).seg[0], {I, I})
+            : products(xs_.get(), T_,
+                       {{{}, w.gate, w.gate_bias, g_.f()}, {{}, w.up, w.up_bias, u_.f()}});
     mark("gate/up products");
     cuda::step_act(gu.seg[0], gu.seg[1], T_ * w.gate.rows, s.mlp.act == Activation::Silu ? 0 : 1,
                    dt_, nullptr, xs_.get());
@@ -1365,6 +1420,29 @@ class Pass {
       cuda::add_round(h_.f(), y_.f(), T_ * H_, dt_, h_.f());
     }
     mark("norm");
+  }
+
+  // Whether pass_layer runs the joined matrix m as one product: there is one (DevLayer::qkv,
+  // gate_up), no bias, and its output stays in storage (columns splits it there).
+  bool joinable(const DevMat& m, std::initializer_list<const DevVec*> biases) const {
+    if (m.rows == 0 || f32_out_ || !join_products_) return false;
+    for (const DevVec* b : biases)
+      if (!b->empty()) return false;
+    return true;
+  }
+  // The column ranges of one product's output rows (widths from column 0 on), each a segment as
+  // products() gives a matrix of its own, through the row stride (RoundSegment::ld).
+  cuda::RoundSegments columns(const cuda::RoundSegment& s, std::initializer_list<int64_t> widths) {
+    cuda::RoundSegments out;
+    const size_t eb = size_t(cuda::dt_bytes(s.ctype));
+    int64_t c0 = 0;
+    for (const int64_t w : widths) {
+      out.seg[out.n++] = {
+          static_cast<const char*>(s.c_in) + size_t(c0) * eb, s.ctype, nullptr, nullptr, w, s.cols};
+      c0 += w;
+    }
+    if (c0 != s.cols) throw std::logic_error("columns: widths of the product");
+    return out;
   }
 
   // xs: the input [T, H] in the run dtype's storage (norm_staged).
@@ -1886,9 +1964,17 @@ class Pass {
   // the last one it wants (a synchronous copy per state and pool stalled the launches 74 times
   // per Qwen3-4B pass).
   void pooled(int64_t index, const float* d, std::span<const Pool> pools) {
-    const size_t S = segs_.size(), H = size_t(H_);
-    const size_t slot = S * H * sizeof(float) + S * sizeof(unsigned);  // rows, then flags
-    if (pool_seg_.get() == nullptr) {  // the sequences' rows, and a slot per state and pool
+    const size_t S = segs_.size(), H = size_t(H_), rb = S * H * sizeof(float);
+    // A slot per state: the last rows, the mean rows (those asked for), then the finite flags.
+    bool want[2] = {false, false};  // Last, Mean
+    for (const Pool p : pools) {
+      if (p == Pool::None) throw std::logic_error("forward_cuda: Pool::None");
+      want[p == Pool::Mean ? 1 : 0] = true;
+    }
+    const size_t region[2] = {0, want[0] ? rb : 0};
+    const size_t flags = (size_t(want[0]) + size_t(want[1])) * rb,
+                 slot = flags + S * sizeof(unsigned);
+    if (pool_seg_.get() == nullptr) {  // the sequences' rows, and the slots
       std::vector<int64_t> ol(2 * S);
       for (size_t i = 0; i < S; ++i) ol[i] = segs_[i].off, ol[S + i] = segs_[i].len;
       pool_seg_ = dev(ol.size() * sizeof(int64_t));
@@ -1898,33 +1984,33 @@ class Pass {
       size_t states = 0;
       for (int64_t i = 0; i <= int64_t(spec_.layers.size()); ++i)
         if (obs_->wants_state(i)) ++states, last_pooled_ = i;
-      pool_out_ = dev(states * pools.size() * slot);
-      pool_host_ = pinned(states * pools.size() * slot);
+      pool_out_ = dev(states * slot);
+      pool_host_ = pinned(states * slot);
     }
     const auto* seg = static_cast<const int64_t*>(pool_seg_.get());
-    for (size_t k = 0; k < pools.size(); ++k) {
-      if (pools[k] == Pool::None) throw std::logic_error("forward_cuda: Pool::None");
-      const size_t at = pool_pending_.size() * slot;
-      char* out = static_cast<char*>(pool_out_.get()) + at;
-      auto* bad = reinterpret_cast<unsigned*>(out + S * H * sizeof(float));
-      check(cudaMemsetAsync(bad, 0, S * sizeof(unsigned), nullptr), "memset");
-      cuda::pool_states(d, seg, seg + S, int64_t(S), H_, pools[k] == Pool::Mean,
-                        reinterpret_cast<float*>(out), bad);
-      check(cudaMemcpyAsync(static_cast<char*>(pool_host_.get()) + at, out, slot,
-                            cudaMemcpyDeviceToHost, nullptr),
-            "pooled state download");
-      pool_pending_.push_back({index, pools[k]});
-    }
+    const size_t at = pool_pending_.size() * slot;
+    char* out = static_cast<char*>(pool_out_.get()) + at;
+    auto* bad = reinterpret_cast<unsigned*>(out + flags);
+    check(cudaMemsetAsync(bad, 0, S * sizeof(unsigned), nullptr), "memset");
+    cuda::pool_states(d, seg, seg + S, int64_t(S), H_,
+                      want[0] ? reinterpret_cast<float*>(out + region[0]) : nullptr,
+                      want[1] ? reinterpret_cast<float*>(out + region[1]) : nullptr, bad);
+    check(cudaMemcpyAsync(static_cast<char*>(pool_host_.get()) + at, out, slot,
+                          cudaMemcpyDeviceToHost, nullptr),
+          "pooled state download");
+    pool_pending_.push_back(index);
     if (index < last_pooled_) return;
     check(cudaStreamSynchronize(nullptr), "pooled state download");
     std::vector<uint8_t> finite(S);
     for (size_t p = 0; p < pool_pending_.size(); ++p) {
       const char* h = static_cast<const char*>(pool_host_.get()) + p * slot;
-      const auto* hb = reinterpret_cast<const unsigned*>(h + S * H * sizeof(float));
+      const auto* hb = reinterpret_cast<const unsigned*>(h + flags);
       for (size_t i = 0; i < S; ++i) finite[i] = hb[i] == 0 ? 1 : 0;
-      obs_->hidden_state_pooled(pool_pending_[p].first, pool_pending_[p].second,
-                                std::span<const float>(reinterpret_cast<const float*>(h), S * H),
-                                finite, H_);
+      for (const Pool k : pools) {
+        const float* rows = reinterpret_cast<const float*>(h + region[k == Pool::Mean ? 1 : 0]);
+        obs_->hidden_state_pooled(pool_pending_[p], k, std::span<const float>(rows, S * H), finite,
+                                  H_);
+      }
     }
     pool_pending_.clear();
   }
@@ -1992,6 +2078,7 @@ class Pass {
     for (const LayerSpec& s : spec_.layers)
       if (!cuda::flash_attention_supports(s.attn.head_dim, dt_)) flash_ = false;
     fuse_pass_ = flash_ && backend().cuda_fuse;  // NANSCOPE_CUDA_FUSE=0: layer() (same numbers)
+    join_products_ = backend().cuda_join;
     if (flash_) {
       std::vector<std::array<int32_t, 4>> tiles;
       for (const Seg& g : segs_)
@@ -2063,6 +2150,7 @@ class Pass {
   bool gemv_ = false;       // a step's one-row products by cuda::gemv instead of cuBLAS
   bool flash_ = false;      // attention by flash_attention (plan_attention)
   bool fuse_pass_ = false;  // layers through pass_layer where they allow it
+  bool join_products_ = true;  // pass_layer: one product of q/k/v and of gate/up (DevLayer::qkv)
   bool input_normed_ = false;  // xs_ holds the next layer's input norm (pass_layer)
   DevBuf flash_tiles_;         // its query tiles
   DevBuf bound_;               // eager's site_stats of q and k (flash)
@@ -2091,11 +2179,11 @@ class Pass {
   std::vector<Chunk> chunks_;
   std::map<std::tuple<size_t, int64_t, int64_t, int64_t>, DevBuf> chunk_ptrs_;  // chunk_scores
   std::map<int, Rope> ropes_;
-  PinnedBytes host_;            // one hidden state [T, H]
-  DevBuf pool_seg_, pool_out_;  // pooled(): the sequences' offsets and lengths; rows + flags
-  PinnedBytes pool_host_;       // their copies, a slot per state and pool
-  std::vector<std::pair<int64_t, Pool>> pool_pending_;  // the slots not yet handed over
-  int64_t last_pooled_ = -1;                            // the last state the observer wants
+  PinnedBytes host_;                   // one hidden state [T, H]
+  DevBuf pool_seg_, pool_out_;         // pooled(): the sequences' offsets and lengths; rows + flags
+  PinnedBytes pool_host_;              // their copies, a slot per state
+  std::vector<int64_t> pool_pending_;  // the states of the slots not yet handed over
+  int64_t last_pooled_ = -1;           // the last state the observer wants
 };
 
 void check_supported(const ModelSpec& spec) {

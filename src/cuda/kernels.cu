@@ -245,6 +245,12 @@ __device__ __forceinline__ float rounded_product(const RoundSegment& s, int64_t 
   if (s.bias != nullptr) x = x + s.bias[i % s.cols];
   return round_dt(x, dt);
 }
+// rounded_product of element col of row r, through the segment's row stride (RoundSegment::ld).
+__device__ __forceinline__ float rounded_at(const RoundSegment& s, int64_t r, int64_t col, Dt dt) {
+  float x = load_dt(s.c_in, s.ctype, r * (s.ld != 0 ? s.ld : s.cols) + col);
+  if (s.bias != nullptr) x = x + s.bias[col];
+  return round_dt(x, dt);
+}
 
 // ---- a decode step's fused kernels (one token; each does in one launch what the launches they
 // replace did, in the same order per element and with the same reductions) ----
@@ -304,6 +310,52 @@ __global__ void residual_norm_k(float* h, RoundSegment p, int64_t n, const float
   row_norm_out(hr, n, w, r, offset, dt, out != nullptr ? out + r0 : nullptr, st, r0);
 }
 
+// residual_norm_k with each thread's elements (j = threadIdx.x + k blockDim.x, k < kResidualRegs)
+// in registers, every load issued before the first add: the loop above waits on one load at a
+// time, since its store to h may alias the next load. The same sums in the same order.
+constexpr int kResidualRegs = 16;
+__global__ void residual_norm_reg_k(float* h, RoundSegment p, int n, const float* w, float eps,
+                                    bool offset, Dt dt, float* out, void* st) {
+  const int64_t r0 = int64_t(blockIdx.x) * n;
+  float* hr = h + r0;
+  const int tid = int(threadIdx.x), step = int(blockDim.x);
+  float x[kResidualRegs], y[kResidualRegs];
+#pragma unroll
+  for (int k = 0; k < kResidualRegs; ++k) {
+    const int j = tid + k * step;
+    if (j < n) x[k] = hr[j], y[k] = load_dt(p.c_in, p.ctype, r0 + j);
+  }
+  float s = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kResidualRegs; ++k) {
+    const int j = tid + k * step;
+    if (j >= n) break;
+    if (p.bias != nullptr) y[k] = y[k] + p.bias[j];
+    x[k] = round_dt(x[k] + round_dt(y[k], dt), dt);
+    hr[j] = x[k];
+    s = __fadd_rn(s, __fmul_rn(x[k], x[k]));
+  }
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (tid % 32 == 0) part[tid / 32] = s;
+  __syncthreads();
+  if (tid < 32) {
+    float t = tid < step / 32 ? part[tid] : 0.0f;
+    for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (tid == 0) part[0] = t;
+  }
+  __syncthreads();
+  const float r = rms_inv_of(part[0], n, eps);
+#pragma unroll
+  for (int k = 0; k < kResidualRegs; ++k) {
+    const int j = tid + k * step;
+    if (j >= n) break;
+    const float o = norm_value(x[k], r, w[j], offset, dt);
+    if (out != nullptr) out[r0 + j] = o;
+    if (st != nullptr) store_dt(st, dt, r0 + j, o);
+  }
+}
+
 // A row per (token, head of q, k or v): step_qkv_k's steps with the token's RoPE row and no
 // cache, into storage; q's and k's site_stats when asked (a row only touches the shared maximum
 // when it exceeds it: every row's atomic on one word cost more than the kernel). WARP: a warp
@@ -332,7 +384,7 @@ __global__ void pass_qkv_k(PassQkv a) {
   const RoundSegment& seg = a.proj.seg[which];
   const int64_t at = t * seg.cols + h * D;
   void* dst = which == 0 ? a.q : which == 1 ? a.k : a.v;
-  for (int64_t j = me; j < D; j += step) row[j] = rounded_product(seg, at + j, a.dt);
+  for (int64_t j = me; j < D; j += step) row[j] = rounded_at(seg, t, h * D + j, a.dt);
   sync();
   if (which == 2) {
     for (int64_t j = me; j < D; j += step) store_dt(dst, a.dt, at + j, row[j]);
@@ -392,11 +444,12 @@ __global__ void __launch_bounds__(256) pass_qkv_reg_k(PassQkv a) {
   const int which = b < a.heads ? 0 : b < a.heads + a.kv_heads ? 1 : 2;
   const int h = which == 0 ? b : which == 1 ? b - int(a.heads) : b - int(a.heads + a.kv_heads);
   const RoundSegment& seg = a.proj.seg[which];
-  const int64_t at = int64_t(t) * seg.cols + int64_t(h) * D + lane;
+  const int64_t col = int64_t(h) * D + lane, at = int64_t(t) * seg.cols + col;
   uint16_t* dst = static_cast<uint16_t*>(which == 0 ? a.q : which == 1 ? a.k : a.v) + at;
   float x[NV];
   if (seg.ctype == dt && seg.bias == nullptr) {  // the product in storage: exact
-    const uint16_t* src = static_cast<const uint16_t*>(seg.c_in) + at;
+    const uint16_t* src = static_cast<const uint16_t*>(seg.c_in) +
+                          int64_t(t) * (seg.ld != 0 ? seg.ld : seg.cols) + col;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const uint16_t v = src[32 * i];
@@ -404,7 +457,7 @@ __global__ void __launch_bounds__(256) pass_qkv_reg_k(PassQkv a) {
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < NV; ++i) x[i] = rounded_product(seg, at + 32 * i, dt);
+    for (int i = 0; i < NV; ++i) x[i] = rounded_at(seg, t, col + 32 * i, dt);
   }
   const auto store = [&](int i, float v) {
     if constexpr (BF16)
@@ -460,8 +513,9 @@ __global__ void __launch_bounds__(256) pass_qkv_reg_k(PassQkv a) {
 __global__ void step_act_k(RoundSegment g, RoundSegment u, int64_t n, int act, Dt dt, float* out,
                            void* st) {
   FOR_EACH(i, n) {
+    const int64_t r = i / g.cols, c = i % g.cols;
     const float y = round_dt(
-        round_dt(act_value(rounded_product(g, i, dt), act), dt) * rounded_product(u, i, dt), dt);
+        round_dt(act_value(rounded_at(g, r, c, dt), act), dt) * rounded_at(u, r, c, dt), dt);
     if (out != nullptr) out[i] = y;
     if (st != nullptr) store_dt(st, dt, i, y);
   }
@@ -469,12 +523,14 @@ __global__ void step_act_k(RoundSegment g, RoundSegment u, int64_t n, int act, D
 
 // step_act_k where gate and up are products in the run dtype (bf16/fp16) without biases: 8
 // elements a thread in 16-byte loads and stores (the scalar loop moved 1 TB/s).
+// cols8, ld8: a row's vectors and the products' row stride in vectors (equal: one flat array).
 template <bool BF16>
-__global__ void step_act_vec_k(const uint4* g, const uint4* u, int64_t n8, int act, float* out,
-                               uint4* st) {
+__global__ void step_act_vec_k(const uint4* g, const uint4* u, int64_t n8, int cols8, int ld8,
+                               int act, float* out, uint4* st) {
   constexpr Dt dt = BF16 ? Dt::BF16 : Dt::F16;
   FOR_EACH(i, n8) {
-    const uint4 gv = g[i], uv = u[i];
+    const int64_t src = cols8 == ld8 ? i : (i / cols8) * ld8 + i % cols8;
+    const uint4 gv = g[src], uv = u[src];
     const uint32_t* gw = reinterpret_cast<const uint32_t*>(&gv);
     const uint32_t* uw = reinterpret_cast<const uint32_t*>(&uv);
     float y[8];
@@ -1394,8 +1450,13 @@ void pass_qkv(const PassQkv& a) {
 
 void residual_norm(float* h, const RoundSegment& product, int64_t rows, int64_t n, const float* w,
                    float eps, bool offset, Dt dt, float* out, void* storage) {
-  residual_norm_k<<<unsigned(rows), norm_threads(n), 0, g_stream>>>(h, product, n, w, eps, offset,
-                                                                    dt, out, storage);
+  const unsigned threads = norm_threads(n);
+  if (product.ld == 0 && product.cols == n && n <= int64_t(threads) * kResidualRegs)
+    residual_norm_reg_k<<<unsigned(rows), threads, 0, g_stream>>>(h, product, int(n), w, eps,
+                                                                  offset, dt, out, storage);
+  else
+    residual_norm_k<<<unsigned(rows), threads, 0, g_stream>>>(h, product, n, w, eps, offset, dt,
+                                                              out, storage);
   check_launch("residual_norm");
 }
 
@@ -1451,17 +1512,22 @@ void gemv_act(const void* x, int64_t K, const void* wg, const void* wu, int64_t 
 void step_act(const RoundSegment& gate, const RoundSegment& up, int64_t n, int act, Dt dt,
               float* out, void* storage) {
   const auto al16 = [](const void* p) { return p == nullptr || uintptr_t(p) % 16 == 0; };
+  const int64_t ld = gate.ld != 0 ? gate.ld : gate.cols;
+  if ((up.ld != 0 ? up.ld : up.cols) != ld || up.cols != gate.cols || n % gate.cols != 0)
+    throw std::logic_error("step_act: gate and up of one shape");
   if (dt != Dt::F32 && gate.ctype == dt && up.ctype == dt && gate.bias == nullptr &&
-      up.bias == nullptr && n % 8 == 0 && al16(gate.c_in) && al16(up.c_in) && al16(out) &&
-      al16(storage)) {
+      up.bias == nullptr && gate.cols % 8 == 0 && ld % 8 == 0 && ld < (int64_t(1) << 31) &&
+      al16(gate.c_in) && al16(up.c_in) && al16(out) && al16(storage)) {
     const auto* g = static_cast<const uint4*>(gate.c_in);
     const auto* u = static_cast<const uint4*>(up.c_in);
     auto* st = static_cast<uint4*>(storage);
+    const int c8 = int(gate.cols / 8), l8 = int(ld / 8);
     if (dt == Dt::BF16)
-      step_act_vec_k<true><<<blocks_for(n / 8, 256), 256, 0, g_stream>>>(g, u, n / 8, act, out, st);
+      step_act_vec_k<true>
+          <<<blocks_for(n / 8, 256), 256, 0, g_stream>>>(g, u, n / 8, c8, l8, act, out, st);
     else
       step_act_vec_k<false>
-          <<<blocks_for(n / 8, 256), 256, 0, g_stream>>>(g, u, n / 8, act, out, st);
+          <<<blocks_for(n / 8, 256), 256, 0, g_stream>>>(g, u, n / 8, c8, l8, act, out, st);
   } else {
     step_act_k<<<blocks_for(n, 256), 256, 0, g_stream>>>(gate, up, n, act, dt, out, storage);
   }
@@ -1521,9 +1587,10 @@ void act_mul(const float* g, const float* u, int64_t n, int act, Dt dt, float* o
 
 // A thread per column of one sequence: its positions in order, as pool_state (tools/hidden.cpp)
 // adds them on the host, so that the GPU's pooled state is the host's pooling of the GPU's state
-// bit for bit (IEEE adds and division: nvcc's defaults, no contraction possible here).
+// bit for bit (IEEE adds and division: nvcc's defaults, no contraction possible here). Both pools
+// and the finite flag in one read of the rows (a read per pool read every state twice).
 __global__ void pool_states_k(const float* x, const int64_t* off, const int64_t* len, int64_t H,
-                              bool mean, float* out, unsigned int* nonfinite) {
+                              float* last, float* mean, unsigned int* nonfinite) {
   const int64_t s = blockIdx.y, c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= H) return;
   const float* p = x + off[s] * H + c;
@@ -1531,14 +1598,15 @@ __global__ void pool_states_k(const float* x, const int64_t* off, const int64_t*
   float sum = 0.0f;
   bool bad = false;
   int64_t t = 0;
-  // Eight rows loaded before they are summed (in order): one load in flight per thread left
-  // the copy waiting on memory, 0.26 ms per state of a Qwen3-4B pass.
-  for (; t + 8 <= T; t += 8) {
-    float v[8];
+  // Sixteen rows loaded before they are summed (in order): few loads in flight per thread left
+  // the copy waiting on memory (a batch has some thirty sequences, so some 600 blocks).
+  constexpr int kAhead = 16;
+  for (; t + kAhead <= T; t += kAhead) {
+    float v[kAhead];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = p[(t + u) * H];
+    for (int u = 0; u < kAhead; ++u) v[u] = p[(t + u) * H];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < kAhead; ++u) {
       bad |= !isfinite(v[u]);
       sum = __fadd_rn(sum, v[u]);
     }
@@ -1548,16 +1616,18 @@ __global__ void pool_states_k(const float* x, const int64_t* off, const int64_t*
     bad |= !isfinite(v);
     sum = __fadd_rn(sum, v);
   }
-  out[s * H + c] = mean ? __fdiv_rn(sum, float(T)) : p[(T - 1) * H];
+  if (mean != nullptr) mean[s * H + c] = __fdiv_rn(sum, float(T));
+  if (last != nullptr) last[s * H + c] = p[(T - 1) * H];
   if (bad) atomicOr(&nonfinite[s], 1u);
 }
 
 void pool_states(const float* x, const int64_t* off, const int64_t* len, int64_t seqs, int64_t H,
-                 bool mean, float* out, unsigned int* nonfinite) {
+                 float* last, float* mean, unsigned int* nonfinite) {
   for (int64_t s0 = 0; s0 < seqs; s0 += 65535) {  // gridDim.y's limit
     const dim3 grid(unsigned((H + 127) / 128), unsigned(std::min<int64_t>(65535, seqs - s0)));
-    pool_states_k<<<grid, 128, 0, g_stream>>>(x, off + s0, len + s0, H, mean, out + s0 * H,
-                                              nonfinite + s0);
+    pool_states_k<<<grid, 128, 0, g_stream>>>(
+        x, off + s0, len + s0, H, last != nullptr ? last + s0 * H : nullptr,
+        mean != nullptr ? mean + s0 * H : nullptr, nonfinite + s0);
     check_launch("pool_states");
   }
 }

@@ -38,6 +38,9 @@ struct RoundSegment {
   const float* bias;  // nullable
   float* out;
   int64_t cols;
+  // c_in's row stride in elements, 0 for cols: a column range of one product whose weight joins
+  // several matrices (q/k/v, gate/up). Read by pass_qkv and step_act only.
+  int64_t ld = 0;
 };
 struct RoundSegments {
   RoundSegment seg[3];
@@ -75,11 +78,12 @@ void softcap(float* v, int64_t n, float cap, Dt dt);
 // Statistics of n values: any non-finite, largest finite |value|.
 void site_stats(const float* v, int64_t n, SiteStats* st);
 
-// hidden --pool on the GPU: out[s] = the last row of sequence s (rows [off[s], off[s] + len[s])
-// of x [*, H]) or its mean (an fp32 sum over the rows in order, divided by len[s]);
-// nonfinite[s] |= 1 where any element of the sequence's rows is not finite (zero it first).
+// hidden --pool on the GPU, for each sequence s (rows [off[s], off[s] + len[s]) of x [*, H]):
+// last[s] = its last row, mean[s] = its mean (an fp32 sum over the rows in order, divided by
+// len[s]), either nullable; nonfinite[s] |= 1 where any element of its rows is not finite (zero
+// it first).
 void pool_states(const float* x, const int64_t* off, const int64_t* len, int64_t seqs, int64_t H,
-                 bool mean, float* out, unsigned int* nonfinite);
+                 float* last, float* mean, unsigned int* nonfinite);
 
 // A decode step's input on the GPU: out [T, H] = rows ids[t] of the embedding table [vocab, H]
 // (in the run dtype's storage), times scale rounded to the run dtype where scale != 0 (Gemma).

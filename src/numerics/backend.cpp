@@ -118,6 +118,7 @@ Backend backend_from_environment() {
   b.cuda_profile = env_on("NANSCOPE_CUDA_PROFILE");
   b.cuda_step_streams = env_on("NANSCOPE_CUDA_STREAMS");
   b.cuda_fuse = !env_off("NANSCOPE_CUDA_FUSE");
+  b.cuda_join = !env_off("NANSCOPE_CUDA_JOIN");
   b.cuda_gemv = !env_off("NANSCOPE_CUDA_GEMV");
   b.cuda_flash = !env_off("NANSCOPE_CUDA_FLASH");
   if (const char* e = std::getenv("NANSCOPE_GPU_MEMORY"))

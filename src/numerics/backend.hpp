@@ -52,6 +52,9 @@
 // | NANSCOPE_CUDA_FUSE=0           | cuda_fuse=false   | decode steps and hidden's passes       |
 // |                                |                   | without the fused kernels (same        |
 // |                                |                   | numbers: an A/B of the launches)       |
+// | NANSCOPE_CUDA_JOIN=0           | cuda_join=false   | hidden's passes: q/k/v and gate/up as  |
+// |                                |                   | separate products, not one product of  |
+// |                                |                   | the matrices joined end to end         |
 // | NANSCOPE_CUDA_GEMV=0           | cuda_gemv=false   | a decode step's products of one row by |
 // |                                |                   | cuBLAS instead of the warp-per-row     |
 // |                                |                   | kernel (kernels.cu: gemv)              |
@@ -154,6 +157,7 @@ struct Backend {
   bool cuda_profile = false;       // time per phase of the GPU passes, on stderr at exit
   bool cuda_step_streams = false;  // fused step: k/v beside q, up beside gate (side streams)
   bool cuda_fuse = true;  // fused kernels of decode steps and hidden's passes (qkv, residual + norm)
+  bool cuda_join = true;           // hidden's passes: one product of q/k/v, one of gate/up
   bool cuda_gemv = true;           // a decode step's products by the warp-per-row kernel
   bool cuda_flash = true;          // attention of hidden's passes in one tensor-core kernel
   // --device cuda: bytes of GPU memory the weights may hold (`--gpu-memory`); 0: no cap, every
